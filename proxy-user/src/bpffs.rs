@@ -1,0 +1,109 @@
+//! Where weft keeps pinned maps and links in bpffs, and checks that the place really is bpffs.
+//!
+//! Layout under the pin root (default `/sys/fs/bpf/weft`): `maps/<MAP_NAME>` for maps the programs
+//! declare as pinned, `links/<name>` for attachments that must outlive the agent.
+
+use std::path::{Path, PathBuf};
+
+use crate::{Error, Result};
+
+/// The default pin root.
+pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/weft";
+
+/// `statfs` magic number of bpffs (`BPF_FS_MAGIC` in `linux/magic.h`).
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// The pinning layout below one root directory.
+#[derive(Clone, Debug)]
+pub struct PinLayout {
+    root: PathBuf,
+}
+
+impl PinLayout {
+    /// A layout rooted at `root`. Nothing is created or checked until [`PinLayout::prepare`].
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    /// The root directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Directory of pinned maps.
+    pub fn maps_dir(&self) -> PathBuf {
+        self.root.join("maps")
+    }
+
+    /// Directory of pinned links.
+    pub fn links_dir(&self) -> PathBuf {
+        self.root.join("links")
+    }
+
+    /// Pin path of one map.
+    pub fn map(&self, name: &str) -> PathBuf {
+        self.maps_dir().join(name)
+    }
+
+    /// Pin path of one link.
+    pub fn link(&self, name: &str) -> PathBuf {
+        self.links_dir().join(name)
+    }
+
+    /// Checks that the root is on bpffs and creates the `maps/` and `links/` directories.
+    pub fn prepare(&self) -> Result<()> {
+        check_bpffs(&self.root)?;
+        for dir in [self.maps_dir(), self.links_dir()] {
+            std::fs::create_dir_all(&dir).map_err(|source| Error::Io {
+                op: "creating",
+                path: dir.clone(),
+                source,
+            })?;
+        }
+        Ok(())
+    }
+}
+
+/// Fails unless `path` (or, if it does not exist yet, its nearest existing ancestor) is on bpffs.
+pub fn check_bpffs(path: &Path) -> Result<()> {
+    let existing = path
+        .ancestors()
+        .find(|p| p.exists())
+        .unwrap_or(Path::new("/"));
+    let fs = nix::sys::statfs::statfs(existing).map_err(|e| Error::Io {
+        op: "statfs",
+        path: existing.to_path_buf(),
+        source: e.into(),
+    })?;
+    // The field's integer type differs between libc targets; compare as i64.
+    #[allow(clippy::unnecessary_cast, clippy::cast_lossless)]
+    let magic = fs.filesystem_type().0 as i64;
+    if magic == BPF_FS_MAGIC {
+        Ok(())
+    } else {
+        Err(Error::NotBpffs {
+            path: existing.to_path_buf(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_paths() {
+        let l = PinLayout::new("/sys/fs/bpf/x");
+        assert_eq!(l.map("M"), Path::new("/sys/fs/bpf/x/maps/M"));
+        assert_eq!(
+            l.link("count-3-ingress"),
+            Path::new("/sys/fs/bpf/x/links/count-3-ingress")
+        );
+    }
+
+    #[test]
+    fn a_tmp_dir_is_not_bpffs() {
+        let err = check_bpffs(&std::env::temp_dir()).unwrap_err();
+        assert!(err.to_string().contains("not on a bpf filesystem"), "{err}");
+    }
+}
