@@ -10,9 +10,6 @@ use crate::{Error, Result};
 /// The default pin root.
 pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/weft";
 
-/// `statfs` magic number of bpffs (`BPF_FS_MAGIC` in `linux/magic.h`).
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-
 /// The pinning layout below one root directory.
 #[derive(Clone, Debug)]
 pub struct PinLayout {
@@ -66,24 +63,16 @@ impl PinLayout {
 
 /// Fails unless `path` (or, if it does not exist yet, its nearest existing ancestor) is on bpffs.
 pub fn check_bpffs(path: &Path) -> Result<()> {
-    let existing = path
-        .ancestors()
-        .find(|p| p.exists())
-        .unwrap_or(Path::new("/"));
-    let fs = nix::sys::statfs::statfs(existing).map_err(|e| Error::Io {
-        op: "statfs",
-        path: existing.to_path_buf(),
-        source: e.into(),
-    })?;
-    // The field's integer type differs between libc targets; compare as i64.
-    #[allow(clippy::unnecessary_cast, clippy::cast_lossless)]
-    let magic = fs.filesystem_type().0 as i64;
-    if magic == BPF_FS_MAGIC {
-        Ok(())
-    } else {
-        Err(Error::NotBpffs {
-            path: existing.to_path_buf(),
-        })
+    match weft_netns::bpffs::is_bpffs(path) {
+        Ok((true, _)) => Ok(()),
+        Ok((false, checked)) => Err(Error::NotBpffs {
+            path: checked.to_path_buf(),
+        }),
+        Err(e) => Err(Error::Io {
+            op: "checking",
+            path: path.to_path_buf(),
+            source: std::io::Error::other(e),
+        }),
     }
 }
 

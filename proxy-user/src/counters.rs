@@ -5,7 +5,7 @@
 //! atomically swaps in the current program (an upgrade), and detaching removes the pins and the
 //! interface's counter entries.
 
-use std::{io, path::Path};
+use std::{io, os::fd::AsFd as _, path::Path};
 
 use aya::{
     Ebpf,
@@ -149,6 +149,26 @@ fn remove_pin(path: &Path) -> Result<()> {
     }
 }
 
+/// Detaches the link pinned at `path` synchronously and removes the pin. Missing pins are fine.
+fn unpin_and_detach(path: &Path) -> Result<()> {
+    let fd = match crate::sys::obj_get(path) {
+        Ok(fd) => fd,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(source) => {
+            return Err(Error::Io {
+                op: "opening pinned link",
+                path: path.to_path_buf(),
+                source,
+            });
+        }
+    };
+    // A link whose interface is gone is already detached; that is not an error here.
+    if let Err(e) = crate::sys::link_detach(fd.as_fd()) {
+        tracing::debug!(path = %path.display(), error = %e, "link already detached");
+    }
+    remove_pin(path)
+}
+
 /// Detaches the counters from `ifname` (removes the pinned links) and drops its counter entries.
 /// Idempotent: detaching an interface that does not count succeeds.
 pub fn detach(layout: &PinLayout, ifname: &str) -> Result<()> {
@@ -158,8 +178,9 @@ pub fn detach(layout: &PinLayout, ifname: &str) -> Result<()> {
 /// Like [`detach`], by interface index (works after the interface is gone).
 pub fn detach_index(layout: &PinLayout, index: u32) -> Result<()> {
     for (direction, _, _) in DIRECTIONS {
-        remove_pin(&layout.link(&link_name(index, direction)))?;
+        unpin_and_detach(&layout.link(&link_name(index, direction)))?;
     }
+    // Every program has stopped by now, so nothing re-creates the entries removed below.
     if let Some(mut map) = open_map(layout)? {
         for (direction, _, _) in DIRECTIONS {
             let key = IfaceDirKey {
@@ -196,7 +217,7 @@ pub fn detach_all(layout: &PinLayout) -> Result<()> {
     };
     for entry in entries.flatten() {
         if entry.file_name().to_string_lossy().starts_with("count-") {
-            remove_pin(&entry.path())?;
+            unpin_and_detach(&entry.path())?;
         }
     }
     remove_pin(&layout.map(names::MAP_IFACE_COUNTERS))

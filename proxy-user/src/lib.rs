@@ -10,6 +10,7 @@
 pub mod bpffs;
 pub mod counters;
 pub mod object;
+mod sys;
 
 use std::path::PathBuf;
 

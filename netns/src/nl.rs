@@ -1,0 +1,423 @@
+//! A small async netlink API bound to one network namespace, over `rtnetlink`.
+//!
+//! Every method is one or two netlink requests; "already exists" and "already gone" are reported
+//! to the caller as errors with an errno (see [`crate::Error::errno`]) so callers decide what is
+//! idempotent for them.
+
+use std::{
+    net::{IpAddr, Ipv4Addr},
+    os::fd::AsRawFd as _,
+};
+
+use futures::TryStreamExt as _;
+use ipnet::IpNet;
+use netlink_packet_route::{
+    address::AddressAttribute,
+    link::{InfoData, InfoVeth, LinkAttribute, LinkFlags, LinkInfo as NlLinkInfo, LinkMessage},
+    route::{RouteAddress, RouteAttribute, RouteMessage, RouteScope},
+};
+use rtnetlink::{
+    Handle, LinkBridge, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder,
+};
+
+use crate::{Error, NetNs, Result};
+
+/// What weft needs to know about a link.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LinkInfo {
+    /// Interface index.
+    pub index: u32,
+    /// Interface name.
+    pub name: String,
+    /// Hardware address, when the link has one.
+    pub mac: Option<Vec<u8>>,
+    /// MTU.
+    pub mtu: Option<u32>,
+    /// Administratively up.
+    pub up: bool,
+    /// Link kind ("veth", "bridge", "vxlan", ...), when reported.
+    pub kind: Option<String>,
+    /// Index of the bridge (controller) the link is a port of.
+    pub controller: Option<u32>,
+}
+
+impl LinkInfo {
+    fn from_message(msg: &LinkMessage) -> Self {
+        let mut info = Self {
+            index: msg.header.index,
+            name: String::new(),
+            mac: None,
+            mtu: None,
+            up: msg.header.flags.contains(LinkFlags::Up),
+            kind: None,
+            controller: None,
+        };
+        for attr in &msg.attributes {
+            match attr {
+                LinkAttribute::IfName(n) => info.name.clone_from(n),
+                LinkAttribute::Address(a) => info.mac = Some(a.clone()),
+                LinkAttribute::Mtu(m) => info.mtu = Some(*m),
+                LinkAttribute::Controller(c) => info.controller = Some(*c),
+                LinkAttribute::LinkInfo(infos) => {
+                    for i in infos {
+                        if let NlLinkInfo::Kind(k) = i {
+                            info.kind = Some(k.to_string());
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        info
+    }
+
+    /// The MAC formatted as `aa:bb:cc:dd:ee:ff`.
+    pub fn mac_string(&self) -> Option<String> {
+        self.mac.as_ref().map(|m| {
+            m.iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<Vec<_>>()
+                .join(":")
+        })
+    }
+}
+
+/// An IPv4 route as weft reads it back.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RouteInfo {
+    /// Destination prefix (`0.0.0.0/0` for the default route).
+    pub dst: IpNet,
+    /// Next hop, if any.
+    pub gateway: Option<IpAddr>,
+    /// Output interface index.
+    pub oif: Option<u32>,
+}
+
+/// A netlink connection whose socket lives in one network namespace.
+#[derive(Clone, Debug)]
+pub struct Netlink {
+    handle: Handle,
+}
+
+fn nl_err(op: &'static str, object: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> Error {
+    let object = object.into();
+    move |source| Error::Netlink { op, object, source }
+}
+
+fn is_errno(e: &rtnetlink::Error, errno: i32) -> bool {
+    matches!(e, rtnetlink::Error::NetlinkError(m) if m.code.map(|c| -c.get()) == Some(errno))
+}
+
+const ENODEV: i32 = 19;
+const ENOENT: i32 = 2;
+const ESRCH: i32 = 3;
+const EADDRNOTAVAIL: i32 = 99;
+
+impl Netlink {
+    /// Opens a netlink socket inside `ns`. Must be called within a tokio runtime; the connection
+    /// task is spawned on it.
+    pub async fn connect(ns: &NetNs) -> Result<Self> {
+        let rt = tokio::runtime::Handle::current();
+        let (conn, handle, _) = ns.run(move || {
+            let _guard = rt.enter();
+            rtnetlink::new_connection()
+        })??;
+        tokio::spawn(conn);
+        Ok(Self { handle })
+    }
+
+    /// Opens a netlink socket in the calling thread's namespace.
+    pub async fn connect_current() -> Result<Self> {
+        let (conn, handle, _) = rtnetlink::new_connection()?;
+        tokio::spawn(conn);
+        Ok(Self { handle })
+    }
+
+    /// Looks a link up by name; `None` if there is none.
+    pub async fn link_by_name(&self, name: &str) -> Result<Option<LinkInfo>> {
+        let mut req = std::pin::pin!(
+            self.handle
+                .link()
+                .get()
+                .match_name(name.to_owned())
+                .execute()
+        );
+        match req.try_next().await {
+            Ok(Some(msg)) => Ok(Some(LinkInfo::from_message(&msg))),
+            Ok(None) => Ok(None),
+            Err(e) if is_errno(&e, ENODEV) => Ok(None),
+            Err(e) => Err(nl_err("get link", name)(e)),
+        }
+    }
+
+    /// Looks a link up by index; `None` if there is none.
+    pub async fn link_by_index(&self, index: u32) -> Result<Option<LinkInfo>> {
+        let mut req = std::pin::pin!(self.handle.link().get().match_index(index).execute());
+        match req.try_next().await {
+            Ok(Some(msg)) => Ok(Some(LinkInfo::from_message(&msg))),
+            Ok(None) => Ok(None),
+            Err(e) if is_errno(&e, ENODEV) => Ok(None),
+            Err(e) => Err(nl_err("get link", index.to_string())(e)),
+        }
+    }
+
+    /// All links in the namespace.
+    pub async fn links(&self) -> Result<Vec<LinkInfo>> {
+        let msgs: Vec<LinkMessage> = self
+            .handle
+            .link()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .map_err(nl_err("dump", "links"))?;
+        Ok(msgs.iter().map(LinkInfo::from_message).collect())
+    }
+
+    /// Looks a link up by name and fails if it does not exist.
+    pub async fn require_link(&self, name: &str) -> Result<LinkInfo> {
+        self.link_by_name(name)
+            .await?
+            .ok_or_else(|| Error::NotFound {
+                kind: "interface",
+                name: name.to_owned(),
+            })
+    }
+
+    /// Creates a veth pair `name` (here) ↔ `peer`; the peer is created directly inside `peer_ns`
+    /// when given. Both ends get `mtu` when given.
+    pub async fn add_veth(
+        &self,
+        name: &str,
+        peer: &str,
+        peer_ns: Option<&NetNs>,
+        mtu: Option<u32>,
+    ) -> Result<()> {
+        let mut peer_msg = LinkMessageBuilder::<LinkUnspec>::new().name(peer.to_owned());
+        if let Some(ns) = peer_ns {
+            peer_msg = peer_msg.setns_by_fd(ns.fd().as_raw_fd());
+        }
+        if let Some(mtu) = mtu {
+            peer_msg = peer_msg.mtu(mtu);
+        }
+        let mut builder = LinkVeth::new(name, peer)
+            .set_info_data(InfoData::Veth(InfoVeth::Peer(peer_msg.build())));
+        if let Some(mtu) = mtu {
+            builder = builder.mtu(mtu);
+        }
+        self.handle
+            .link()
+            .add(builder.build())
+            .execute()
+            .await
+            .map_err(nl_err("add veth", name))
+    }
+
+    /// Creates a bridge.
+    pub async fn add_bridge(&self, name: &str, mtu: Option<u32>) -> Result<()> {
+        let mut builder = LinkBridge::new(name);
+        if let Some(mtu) = mtu {
+            builder = builder.mtu(mtu);
+        }
+        self.handle
+            .link()
+            .add(builder.build())
+            .execute()
+            .await
+            .map_err(nl_err("add bridge", name))
+    }
+
+    /// Sets a link administratively up.
+    pub async fn set_up(&self, index: u32) -> Result<()> {
+        let msg = LinkUnspec::new_with_index(index).up().build();
+        self.handle
+            .link()
+            .set(msg)
+            .execute()
+            .await
+            .map_err(nl_err("set up", index.to_string()))
+    }
+
+    /// Makes `index` a port of the bridge `bridge_index`.
+    pub async fn set_controller(&self, index: u32, bridge_index: u32) -> Result<()> {
+        let msg = LinkUnspec::new_with_index(index)
+            .controller(bridge_index)
+            .build();
+        self.handle
+            .link()
+            .set(msg)
+            .execute()
+            .await
+            .map_err(nl_err("set controller of", index.to_string()))
+    }
+
+    /// Deletes a link by index.
+    pub async fn delete_link(&self, index: u32) -> Result<()> {
+        self.handle
+            .link()
+            .del(index)
+            .execute()
+            .await
+            .map_err(nl_err("delete link", index.to_string()))
+    }
+
+    /// Deletes a link by name; succeeds if it does not exist. Returns whether one was deleted.
+    pub async fn delete_link_by_name(&self, name: &str) -> Result<bool> {
+        let Some(link) = self.link_by_name(name).await? else {
+            return Ok(false);
+        };
+        match self.handle.link().del(link.index).execute().await {
+            Ok(()) => Ok(true),
+            Err(e) if is_errno(&e, ENODEV) => Ok(false),
+            Err(e) => Err(nl_err("delete link", name)(e)),
+        }
+    }
+
+    /// Adds an address (with its prefix) to a link.
+    pub async fn add_address(&self, index: u32, addr: IpNet) -> Result<()> {
+        self.handle
+            .address()
+            .add(index, addr.addr(), addr.prefix_len())
+            .execute()
+            .await
+            .map_err(nl_err("add address", format!("{addr} on ifindex {index}")))
+    }
+
+    /// Removes an address from a link; succeeds if it is not there.
+    pub async fn del_address(&self, index: u32, addr: IpNet) -> Result<()> {
+        let msgs: Vec<_> = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .set_address_filter(addr.addr())
+            .execute()
+            .try_collect()
+            .await
+            .map_err(nl_err("get address", addr.to_string()))?;
+        for msg in msgs {
+            match self.handle.address().del(msg).execute().await {
+                Ok(()) => {}
+                Err(e) if is_errno(&e, EADDRNOTAVAIL) => {}
+                Err(e) => return Err(nl_err("delete address", addr.to_string())(e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// The addresses on a link, with prefix lengths.
+    pub async fn addresses(&self, index: u32) -> Result<Vec<IpNet>> {
+        let msgs: Vec<_> = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(nl_err("get addresses of", index.to_string()))?;
+        let mut out = Vec::new();
+        for msg in msgs {
+            for attr in &msg.attributes {
+                if let AddressAttribute::Address(ip) = attr
+                    && let Ok(net) = IpNet::new(*ip, msg.header.prefix_len)
+                {
+                    out.push(net);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn route_v4(dst: IpNet, gateway: Option<Ipv4Addr>, oif: Option<u32>) -> Result<RouteMessage> {
+        let IpNet::V4(dst4) = dst else {
+            return Err(Error::NotFound {
+                kind: "ipv4 route destination",
+                name: dst.to_string(),
+            });
+        };
+        let mut b = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(dst4.addr(), dst4.prefix_len());
+        match gateway {
+            Some(gw) => b = b.gateway(gw),
+            None => b = b.scope(RouteScope::Link),
+        }
+        if let Some(oif) = oif {
+            b = b.output_interface(oif);
+        }
+        Ok(b.build())
+    }
+
+    /// Adds (or, with `replace`, replaces) an IPv4 route in the main table.
+    pub async fn add_route_v4(
+        &self,
+        dst: IpNet,
+        gateway: Option<Ipv4Addr>,
+        oif: Option<u32>,
+        replace: bool,
+    ) -> Result<()> {
+        let msg = Self::route_v4(dst, gateway, oif)?;
+        let req = self.handle.route().add(msg);
+        let req = if replace { req.replace() } else { req };
+        req.execute()
+            .await
+            .map_err(nl_err("add route", dst.to_string()))
+    }
+
+    /// Deletes an IPv4 route; succeeds if it does not exist.
+    pub async fn del_route_v4(
+        &self,
+        dst: IpNet,
+        gateway: Option<Ipv4Addr>,
+        oif: Option<u32>,
+    ) -> Result<()> {
+        let msg = Self::route_v4(dst, gateway, oif)?;
+        match self.handle.route().del(msg).execute().await {
+            Ok(()) => Ok(()),
+            Err(e) if is_errno(&e, ESRCH) || is_errno(&e, ENOENT) => Ok(()),
+            Err(e) => Err(nl_err("delete route", dst.to_string())(e)),
+        }
+    }
+
+    /// The IPv4 routes of the main table.
+    pub async fn routes_v4(&self) -> Result<Vec<RouteInfo>> {
+        let msgs: Vec<RouteMessage> = self
+            .handle
+            .route()
+            .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+            .execute()
+            .try_collect()
+            .await
+            .map_err(nl_err("dump", "ipv4 routes"))?;
+        let mut out = Vec::new();
+        for msg in msgs.iter().filter(|m| m.header.table == 254) {
+            let mut dst = None;
+            let mut gateway = None;
+            let mut oif = None;
+            for attr in &msg.attributes {
+                match attr {
+                    RouteAttribute::Destination(RouteAddress::Inet(a)) => dst = Some(*a),
+                    RouteAttribute::Gateway(RouteAddress::Inet(a)) => {
+                        gateway = Some(IpAddr::V4(*a))
+                    }
+                    RouteAttribute::Oif(i) => oif = Some(*i),
+                    _ => {}
+                }
+            }
+            let dst = dst.unwrap_or(Ipv4Addr::UNSPECIFIED);
+            if let Ok(net) = IpNet::new(IpAddr::V4(dst), msg.header.destination_prefix_length) {
+                out.push(RouteInfo {
+                    dst: net,
+                    gateway,
+                    oif,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// The underlying rtnetlink handle, for requests this API does not wrap.
+    pub fn handle(&self) -> &Handle {
+        &self.handle
+    }
+}

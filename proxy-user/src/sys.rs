@@ -1,0 +1,68 @@
+//! The few bpf(2) commands aya 0.14 does not expose for our use: opening a pinned object as a raw
+//! fd and detaching a link synchronously.
+
+use std::{
+    ffi::CString,
+    os::fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
+    os::unix::ffi::OsStrExt as _,
+    path::Path,
+};
+
+/// Commands from `enum bpf_cmd` (include/uapi/linux/bpf.h).
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_LINK_DETACH: libc::c_long = 34;
+
+/// The `obj_pin`/`obj_get` member of `union bpf_attr`.
+#[repr(C)]
+struct ObjGetAttr {
+    pathname: u64,
+    bpf_fd: u32,
+    file_flags: u32,
+}
+
+/// The `link_detach` member of `union bpf_attr`.
+#[repr(C)]
+struct LinkDetachAttr {
+    link_fd: u32,
+}
+
+fn bpf<T>(cmd: libc::c_long, attr: &T) -> std::io::Result<libc::c_long> {
+    // SAFETY: bpf(2) reads `size_of::<T>()` bytes from `attr`, a valid, initialised repr(C) struct
+    // that lives across the call; the kernel treats the rest of `union bpf_attr` as zero.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            std::ptr::from_ref(attr),
+            size_of::<T>() as libc::c_uint,
+        )
+    };
+    if rc < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
+}
+
+/// Opens the object pinned at `path` (BPF_OBJ_GET).
+pub(crate) fn obj_get(path: &Path) -> std::io::Result<OwnedFd> {
+    let c = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+    let attr = ObjGetAttr {
+        pathname: c.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+    };
+    let fd = bpf(BPF_OBJ_GET, &attr)?;
+    let fd = i32::try_from(fd).map_err(|_| std::io::Error::from_raw_os_error(libc::EBADF))?;
+    // SAFETY: on success BPF_OBJ_GET returns a new file descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Detaches a BPF link now, whoever else holds it (BPF_LINK_DETACH). For tcx the kernel waits for
+/// an RCU grace period, so when this returns no packet is still running the program.
+pub(crate) fn link_detach(link: BorrowedFd<'_>) -> std::io::Result<()> {
+    let link_fd = u32::try_from(link.as_raw_fd())
+        .map_err(|_| std::io::Error::from_raw_os_error(libc::EBADF))?;
+    bpf(BPF_LINK_DETACH, &LinkDetachAttr { link_fd }).map(|_| ())
+}

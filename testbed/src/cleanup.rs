@@ -1,0 +1,118 @@
+//! Removing what the test bed creates: namespaces (and the processes in them), bpffs and scratch
+//! directories, both for the current lab and for leftovers of earlier runs that crashed.
+
+use std::{os::unix::fs::MetadataExt as _, path::Path};
+
+use crate::{NETNS_DIR, PREFIX};
+
+/// Where bpffs is (or gets) mounted.
+pub(crate) const BPFFS: &str = weft_netns::bpffs::BPFFS_MOUNT;
+
+/// The pid embedded in a test bed name (`weft-tb-<pid>-...`).
+fn owner_pid(name: &str) -> Option<i32> {
+    name.strip_prefix(PREFIX)?.split('-').next()?.parse().ok()
+}
+
+fn is_stale(name: &str) -> bool {
+    match owner_pid(name) {
+        Some(pid) => {
+            pid != std::process::id() as i32 && !Path::new(&format!("/proc/{pid}")).exists()
+        }
+        None => false,
+    }
+}
+
+/// Removes namespaces and directories left by test bed runs whose process no longer exists.
+pub(crate) fn remove_stale() {
+    if let Ok(entries) = std::fs::read_dir(NETNS_DIR) {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if is_stale(&name) {
+                tracing::info!(netns = name, "removing stale test namespace");
+                kill_processes_in(&e.path());
+                let _ = weft_netns::NetNs::remove_named(e.path());
+            }
+        }
+    }
+    for dir in [Path::new(BPFFS).to_path_buf(), std::env::temp_dir()] {
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            for e in entries.flatten() {
+                if is_stale(&e.file_name().to_string_lossy()) {
+                    remove_dir(&e.path());
+                }
+            }
+        }
+    }
+}
+
+/// Removes a directory tree, logging instead of failing (cleanup must go on).
+pub(crate) fn remove_dir(dir: &Path) {
+    if let Err(e) = std::fs::remove_dir_all(dir)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        tracing::warn!(dir = %dir.display(), error = %e, "removing test directory");
+    }
+}
+
+/// Kills (SIGKILL) and reaps-by-waiting every process whose network namespace is the one at `ns`.
+pub(crate) fn kill_processes_in(ns: &Path) {
+    let Ok(target) = std::fs::metadata(ns) else {
+        return;
+    };
+    let (dev, ino) = (target.dev(), target.ino());
+    let me = std::process::id() as i32;
+    let mut killed = Vec::new();
+    if let Ok(procs) = std::fs::read_dir("/proc") {
+        for p in procs.flatten() {
+            let Ok(pid) = p.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            if pid == me {
+                continue;
+            }
+            let Ok(m) = std::fs::metadata(p.path().join("ns/net")) else {
+                continue;
+            };
+            if m.dev() == dev && m.ino() == ino {
+                let pid = nix::unistd::Pid::from_raw(pid);
+                if nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).is_ok() {
+                    killed.push(pid);
+                }
+            }
+        }
+    }
+    // Give the kernel a moment to tear them down so the namespace can go away with them.
+    for pid in killed {
+        for _ in 0..100 {
+            if !Path::new(&format!("/proc/{pid}")).exists() {
+                break;
+            }
+            // Our own children stay zombies until reaped.
+            let _ = nix::sys::wait::waitpid(pid, Some(nix::sys::wait::WaitPidFlag::WNOHANG));
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn owner_pid_is_parsed_from_names() {
+        assert_eq!(owner_pid("weft-tb-1234-0-node1"), Some(1234));
+        assert_eq!(owner_pid("weft-tb-x-0"), None);
+        assert_eq!(owner_pid("other-1234"), None);
+    }
+
+    #[test]
+    fn own_and_foreign_names_are_never_stale() {
+        assert!(!is_stale(&format!(
+            "weft-tb-{}-0-node0",
+            std::process::id()
+        )));
+        assert!(!is_stale("cni-1234"));
+        // pid 1 always exists.
+        assert!(!is_stale("weft-tb-1-0-node0"));
+    }
+}
