@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Runs every test tier (unit, privileged, end-to-end) and then checks that nothing the tests create
+# was left behind. Needs root for the privileged tiers (run scripts/setup.sh once first).
+set -euo pipefail
+export PATH="$HOME/.cargo/bin:$PATH"
+cd "$(dirname "$0")/.."
+
+if [ "$(id -u)" != 0 ]; then
+  echo "test: the privileged tests need root (network namespaces, BPF, mounts)" >&2
+  exit 1
+fi
+
+cargo test --workspace --locked "$@"
+
+# Leak check: the test bed names everything weft-tb-<pid>-...
+leaks=$( { ls /run/netns 2>/dev/null; ls /sys/fs/bpf 2>/dev/null; ls "${TMPDIR:-/tmp}" 2>/dev/null; } | grep '^weft-tb-' || true)
+if [ -n "$leaks" ]; then
+  echo "test: objects left behind by the tests:" >&2
+  echo "$leaks" >&2
+  exit 1
+fi
+echo "test: nothing left behind"
