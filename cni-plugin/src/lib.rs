@@ -1,3 +1,16 @@
-//! `weft-cni`: a CNI 1.1 plugin (IPAM, veth + bridge, VXLAN overlay).
+//! `weft-cni`: a CNI 1.1 plugin (also accepting 1.0.0 configs) with built-in IPAM, veth + bridge
+//! pod networking, and the node-level VXLAN overlay.
 //!
-//! **Not implemented yet** (issue 3).
+//! Owns: the CNI protocol (environment, config, results, error codes: [`env`], [`config`],
+//! [`result`], [`error`]), address allocation ([`ipam`]), and wiring pods into a node's network
+//! ([`plugin`]). Does not own: namespace and netlink primitives (`weft-netns`), or deciding which
+//! pods exist (the runtime or weft's node agent calls the plugin).
+
+pub mod config;
+pub mod env;
+pub mod error;
+pub mod ipam;
+pub mod plugin;
+pub mod result;
+
+pub use error::{CniError, Result};

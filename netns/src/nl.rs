@@ -17,7 +17,8 @@ use netlink_packet_route::{
     route::{RouteAddress, RouteAttribute, RouteMessage, RouteScope},
 };
 use rtnetlink::{
-    Handle, LinkBridge, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder,
+    Handle, LinkBridge, LinkBridgePort, LinkMessageBuilder, LinkUnspec, LinkVeth,
+    RouteMessageBuilder,
 };
 
 use crate::{Error, NetNs, Result};
@@ -249,6 +250,41 @@ impl Netlink {
             .execute()
             .await
             .map_err(nl_err("set controller of", index.to_string()))
+    }
+
+    /// Turns hairpin mode on or off for a bridge port (lets a pod reach itself through the
+    /// bridge, e.g. via a service address that resolves back to it).
+    pub async fn set_hairpin(&self, index: u32, on: bool) -> Result<()> {
+        let msg = LinkBridgePort::new(index).hairpin(on).build();
+        self.handle
+            .link()
+            .set_port(msg)
+            .execute()
+            .await
+            .map_err(nl_err("set hairpin on", index.to_string()))
+    }
+
+    /// Sets a link's hardware address. Setting a bridge's MAC explicitly pins it, so it no longer
+    /// changes as ports come and go.
+    pub async fn set_mac(&self, index: u32, mac: Vec<u8>) -> Result<()> {
+        let msg = LinkUnspec::new_with_index(index).address(mac).build();
+        self.handle
+            .link()
+            .set(msg)
+            .execute()
+            .await
+            .map_err(nl_err("set mac of", index.to_string()))
+    }
+
+    /// Sets a link's MTU.
+    pub async fn set_mtu(&self, index: u32, mtu: u32) -> Result<()> {
+        let msg = LinkUnspec::new_with_index(index).mtu(mtu).build();
+        self.handle
+            .link()
+            .set(msg)
+            .execute()
+            .await
+            .map_err(nl_err("set mtu of", index.to_string()))
     }
 
     /// Deletes a link by index.

@@ -1,0 +1,446 @@
+//! Built-in IPAM: a per-network pool of IPv4 addresses and a crash-safe allocation store.
+//!
+//! State lives in `<dataDir>/<network>/state.json`: a map from address to the attachment
+//! (container ID, ifname) holding it, and the last address handed out (allocation goes round-robin
+//! so a freed address is not reused at once). Every change is a read-modify-write under an
+//! exclusive `flock` on `<dataDir>/<network>/lock`, written to a temporary file and renamed over the
+//! old one: a crash at any point leaves either the old or the new state, never a torn one, and
+//! concurrent invocations for different containers serialise only for that short critical section.
+
+use std::{
+    collections::BTreeMap,
+    fs::File,
+    io::Write as _,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
+
+use ipnet::Ipv4Net;
+use nix::fcntl::{Flock, FlockArg};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    config::{Attachment, IpamConf, SubnetSource, check_subnet},
+    error::{CniError, Result, code},
+};
+
+/// The addresses a network may hand out.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Pool {
+    /// The pod subnet.
+    pub subnet: Ipv4Net,
+    /// The gateway (the bridge's address).
+    pub gateway: Ipv4Addr,
+    /// First allocatable address.
+    pub start: Ipv4Addr,
+    /// Last allocatable address.
+    pub end: Ipv4Addr,
+}
+
+impl Pool {
+    /// Builds the pool from the config, reading the pod CIDR file when configured.
+    pub fn from_conf(conf: &IpamConf) -> Result<Self> {
+        let subnet = match &conf.subnet {
+            SubnetSource::Fixed(n) => *n,
+            SubnetSource::File(path) => read_pod_cidr(path)?,
+        };
+        let net = u32::from(subnet.network());
+        let bcast = u32::from(subnet.broadcast());
+        let gateway = conf.gateway.unwrap_or(Ipv4Addr::from(net + 1));
+        let start = conf.range_start.unwrap_or(Ipv4Addr::from(net + 1));
+        let end = conf.range_end.unwrap_or(Ipv4Addr::from(bcast - 1));
+        for (field, ip) in [
+            ("ipam.gateway", gateway),
+            ("ipam.rangeStart", start),
+            ("ipam.rangeEnd", end),
+        ] {
+            if !subnet.contains(&ip) || u32::from(ip) == net || u32::from(ip) == bcast {
+                return Err(CniError::config(
+                    field,
+                    format!("{ip} is not a usable address of {subnet}"),
+                ));
+            }
+        }
+        if u32::from(start) > u32::from(end) {
+            return Err(CniError::config(
+                "ipam.rangeStart",
+                format!("{start} is after rangeEnd {end}"),
+            ));
+        }
+        Ok(Self {
+            subnet,
+            gateway,
+            start,
+            end,
+        })
+    }
+
+    /// Addresses in the range, excluding the gateway.
+    pub fn size(&self) -> u32 {
+        let n = u32::from(self.end) - u32::from(self.start) + 1;
+        if self.contains(self.gateway) {
+            n - 1
+        } else {
+            n
+        }
+    }
+
+    fn contains(&self, ip: Ipv4Addr) -> bool {
+        (u32::from(self.start)..=u32::from(self.end)).contains(&u32::from(ip))
+    }
+
+    fn describe(&self) -> String {
+        format!("{} (range {}-{})", self.subnet, self.start, self.end)
+    }
+}
+
+fn read_pod_cidr(path: &Path) -> Result<Ipv4Net> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(CniError::new(
+                code::TRY_AGAIN,
+                format!("pod CIDR file {} does not exist yet", path.display()),
+            )
+            .with_details("the node agent writes it once the node has a pod CIDR"));
+        }
+        Err(e) => {
+            return Err(CniError::new(
+                code::IO,
+                format!("reading {}: {e}", path.display()),
+            ));
+        }
+    };
+    let net: Ipv4Net = text.trim().parse().map_err(|e| {
+        CniError::config(
+            "ipam.podCIDRFile",
+            format!("{}: {:?}: {e}", path.display(), text.trim()),
+        )
+    })?;
+    check_subnet("ipam.podCIDRFile", net)
+}
+
+/// Who holds an address.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Owner {
+    /// Container ID.
+    #[serde(rename = "containerID")]
+    pub container_id: String,
+    /// Interface name.
+    pub ifname: String,
+}
+
+impl Owner {
+    fn is(&self, container_id: &str, ifname: &str) -> bool {
+        self.container_id == container_id && self.ifname == ifname
+    }
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct State {
+    #[serde(default)]
+    allocations: BTreeMap<Ipv4Addr, Owner>,
+    #[serde(default)]
+    last: Option<Ipv4Addr>,
+}
+
+/// The allocation store of one network.
+#[derive(Clone, Debug)]
+pub struct Store {
+    dir: PathBuf,
+}
+
+fn io_err(what: &str, path: &Path, e: impl std::fmt::Display) -> CniError {
+    CniError::new(code::IO, format!("{what} {}: {e}", path.display()))
+}
+
+impl Store {
+    /// The store of network `network` under `data_dir`, created if missing.
+    pub fn open(data_dir: &Path, network: &str) -> Result<Self> {
+        let dir = data_dir.join(network);
+        std::fs::create_dir_all(&dir).map_err(|e| io_err("creating", &dir, e))?;
+        Ok(Self { dir })
+    }
+
+    fn state_path(&self) -> PathBuf {
+        self.dir.join("state.json")
+    }
+
+    /// Runs `f` on the state under the lock; writes the state back if `f` says it changed it.
+    fn locked<T>(&self, f: impl FnOnce(&mut State) -> Result<(T, bool)>) -> Result<T> {
+        let lock_path = self.dir.join("lock");
+        let file = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| io_err("opening", &lock_path, e))?;
+        let _lock = Flock::lock(file, FlockArg::LockExclusive)
+            .map_err(|(_, e)| io_err("locking", &lock_path, e))?;
+        let path = self.state_path();
+        let mut state: State = match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
+                CniError::new(
+                    code::IO,
+                    format!("corrupt IPAM state {}: {e}", path.display()),
+                )
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => State::default(),
+            Err(e) => return Err(io_err("reading", &path, e)),
+        };
+        let (out, dirty) = f(&mut state)?;
+        if dirty {
+            let tmp = self.dir.join("state.json.tmp");
+            let bytes =
+                serde_json::to_vec(&state).map_err(|e| CniError::internal(e.to_string()))?;
+            let mut w = File::create(&tmp).map_err(|e| io_err("creating", &tmp, e))?;
+            w.write_all(&bytes)
+                .map_err(|e| io_err("writing", &tmp, e))?;
+            drop(w);
+            std::fs::rename(&tmp, &path).map_err(|e| io_err("renaming", &tmp, e))?;
+        }
+        Ok(out)
+    }
+
+    /// Allocates an address for the attachment, or returns the one it already holds.
+    pub fn allocate(&self, pool: &Pool, container_id: &str, ifname: &str) -> Result<Ipv4Addr> {
+        self.locked(|state| {
+            if let Some((ip, _)) = state
+                .allocations
+                .iter()
+                .find(|(_, o)| o.is(container_id, ifname))
+            {
+                return Ok((*ip, false));
+            }
+            let (start, end) = (u32::from(pool.start), u32::from(pool.end));
+            let span = end - start + 1;
+            let first = match state.last {
+                Some(l) if pool.contains(l) => u32::from(l) - start + 1,
+                _ => 0,
+            };
+            for i in 0..span {
+                let ip = Ipv4Addr::from(start + (first + i) % span);
+                if ip != pool.gateway && !state.allocations.contains_key(&ip) {
+                    state.allocations.insert(
+                        ip,
+                        Owner {
+                            container_id: container_id.to_owned(),
+                            ifname: ifname.to_owned(),
+                        },
+                    );
+                    state.last = Some(ip);
+                    return Ok((ip, true));
+                }
+            }
+            let used = state
+                .allocations
+                .keys()
+                .filter(|ip| pool.contains(**ip))
+                .count();
+            Err(CniError::new(
+                code::POOL_EXHAUSTED,
+                format!("no free address in {}", pool.describe()),
+            )
+            .with_details(format!("{used} of {} addresses are allocated", pool.size())))
+        })
+    }
+
+    /// Releases the attachment's address; `None` if it held none (idempotent).
+    pub fn release(&self, container_id: &str, ifname: &str) -> Result<Option<Ipv4Addr>> {
+        self.locked(|state| {
+            let ip = state
+                .allocations
+                .iter()
+                .find(|(_, o)| o.is(container_id, ifname))
+                .map(|(ip, _)| *ip);
+            if let Some(ip) = ip {
+                state.allocations.remove(&ip);
+            }
+            Ok((ip, ip.is_some()))
+        })
+    }
+
+    /// The attachment's address, if it holds one.
+    pub fn lookup(&self, container_id: &str, ifname: &str) -> Result<Option<Ipv4Addr>> {
+        self.locked(|state| {
+            Ok((
+                state
+                    .allocations
+                    .iter()
+                    .find(|(_, o)| o.is(container_id, ifname))
+                    .map(|(ip, _)| *ip),
+                false,
+            ))
+        })
+    }
+
+    /// Releases every address whose attachment is not in `valid`; returns what was released.
+    pub fn gc(&self, valid: &[Attachment]) -> Result<Vec<(Ipv4Addr, Owner)>> {
+        self.locked(|state| {
+            let stale: Vec<(Ipv4Addr, Owner)> = state
+                .allocations
+                .iter()
+                .filter(|(_, o)| !valid.iter().any(|a| o.is(&a.container_id, &a.ifname)))
+                .map(|(ip, o)| (*ip, o.clone()))
+                .collect();
+            for (ip, _) in &stale {
+                state.allocations.remove(ip);
+            }
+            let dirty = !stale.is_empty();
+            Ok((stale, dirty))
+        })
+    }
+
+    /// How many addresses of the pool are free.
+    pub fn free(&self, pool: &Pool) -> Result<u32> {
+        self.locked(|state| {
+            let used = state
+                .allocations
+                .keys()
+                .filter(|ip| pool.contains(**ip) && **ip != pool.gateway)
+                .count();
+            Ok((pool.size().saturating_sub(used as u32), false))
+        })
+    }
+
+    /// Every allocation.
+    pub fn allocations(&self) -> Result<Vec<(Ipv4Addr, Owner)>> {
+        self.locked(|state| {
+            Ok((
+                state
+                    .allocations
+                    .iter()
+                    .map(|(i, o)| (*i, o.clone()))
+                    .collect(),
+                false,
+            ))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool(subnet: &str) -> Pool {
+        Pool::from_conf(&IpamConf {
+            subnet: SubnetSource::Fixed(subnet.parse().unwrap()),
+            range_start: None,
+            range_end: None,
+            gateway: None,
+            routes: vec![],
+            data_dir: PathBuf::new(),
+        })
+        .unwrap()
+    }
+
+    fn store() -> (Store, PathBuf) {
+        let dir = std::env::temp_dir().join(format!(
+            "weft-cni-ipam-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        (Store::open(&dir, "net").unwrap(), dir)
+    }
+
+    #[test]
+    fn allocation_is_unique_round_robin_and_idempotent() {
+        let (s, dir) = store();
+        let p = pool("10.1.0.0/29"); // .1 gateway, .2-.6 usable
+        assert_eq!(p.size(), 5);
+        let a = s.allocate(&p, "a", "eth0").unwrap();
+        assert_eq!(a, Ipv4Addr::new(10, 1, 0, 2));
+        assert_eq!(
+            s.allocate(&p, "a", "eth0").unwrap(),
+            a,
+            "same attachment, same address"
+        );
+        let b = s.allocate(&p, "a", "eth1").unwrap();
+        assert_ne!(a, b);
+        s.release("a", "eth0").unwrap();
+        let c = s.allocate(&p, "c", "eth0").unwrap();
+        assert_ne!(c, a, "a freed address is not reused at once");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn exhaustion_is_a_clear_error_and_release_is_idempotent() {
+        let (s, dir) = store();
+        let p = pool("10.1.0.0/30"); // only .2
+        s.allocate(&p, "a", "eth0").unwrap();
+        assert_eq!(s.free(&p).unwrap(), 0);
+        let e = s.allocate(&p, "b", "eth0").unwrap_err();
+        assert_eq!(e.code, code::POOL_EXHAUSTED);
+        assert!(e.msg.contains("10.1.0.0/30"), "{}", e.msg);
+        assert!(s.release("a", "eth0").unwrap().is_some());
+        assert!(s.release("a", "eth0").unwrap().is_none());
+        assert_eq!(s.free(&p).unwrap(), 1);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn gc_keeps_only_valid_attachments() {
+        let (s, dir) = store();
+        let p = pool("10.1.0.0/24");
+        s.allocate(&p, "a", "eth0").unwrap();
+        s.allocate(&p, "b", "eth0").unwrap();
+        let gone = s
+            .gc(&[Attachment {
+                container_id: "a".into(),
+                ifname: "eth0".into(),
+            }])
+            .unwrap();
+        assert_eq!(gone.len(), 1);
+        assert_eq!(gone[0].1.container_id, "b");
+        assert!(s.lookup("a", "eth0").unwrap().is_some());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn concurrent_allocations_never_collide() {
+        let (s, dir) = store();
+        let p = pool("10.2.0.0/24");
+        let ips: Vec<Ipv4Addr> = std::thread::scope(|sc| {
+            let hs: Vec<_> = (0..32)
+                .map(|i| {
+                    let (s, p) = (s.clone(), p.clone());
+                    sc.spawn(move || s.allocate(&p, &format!("c{i}"), "eth0").unwrap())
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let mut uniq = ips.clone();
+        uniq.sort();
+        uniq.dedup();
+        assert_eq!(uniq.len(), ips.len());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn bad_ranges_are_rejected() {
+        let conf = IpamConf {
+            subnet: SubnetSource::Fixed("10.1.0.0/24".parse().unwrap()),
+            range_start: Some("10.9.0.5".parse().unwrap()),
+            range_end: None,
+            gateway: None,
+            routes: vec![],
+            data_dir: PathBuf::new(),
+        };
+        let e = Pool::from_conf(&conf).unwrap_err();
+        assert!(e.msg.contains("ipam.rangeStart"), "{}", e.msg);
+    }
+
+    #[test]
+    fn a_missing_pod_cidr_file_means_try_again() {
+        let conf = IpamConf {
+            subnet: SubnetSource::File("/nonexistent/pod-cidr".into()),
+            range_start: None,
+            range_end: None,
+            gateway: None,
+            routes: vec![],
+            data_dir: PathBuf::new(),
+        };
+        assert_eq!(Pool::from_conf(&conf).unwrap_err().code, code::TRY_AGAIN);
+    }
+}

@@ -1,0 +1,49 @@
+//! `weft-cni`: the executable a CNI runtime runs. Reads CNI_* variables and the config on stdin,
+//! prints the result or a CNI error as JSON on stdout, and exits non-zero on failure. Logs go to
+//! stderr (quiet unless `WEFT_CNI_LOG` asks for more).
+
+use std::io::Read as _;
+
+use weft_cni::{CniError, config, env::Env, error::code, plugin};
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("WEFT_CNI_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let mut stdin = Vec::new();
+    let outcome = match std::io::stdin().read_to_end(&mut stdin) {
+        Err(e) => Err(CniError::new(code::IO, format!("reading stdin: {e}"))),
+        Ok(_) => Env::from_vars(|k| std::env::var(k).ok()).and_then(|env| {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| CniError::internal(format!("starting runtime: {e}")))
+                .and_then(|rt| rt.block_on(plugin::run(&env, &stdin)))
+        }),
+    };
+    match outcome {
+        Ok(Some(out)) => println!("{out}"),
+        Ok(None) => {}
+        Err(mut e) => {
+            e.cni_version = serde_json::from_slice::<serde_json::Value>(&stdin)
+                .ok()
+                .and_then(|v| {
+                    v.get("cniVersion")
+                        .and_then(|v| v.as_str())
+                        .map(str::to_owned)
+                })
+                .filter(|v| config::SUPPORTED_VERSIONS.contains(&v.as_str()))
+                .or_else(|| Some(config::LATEST_VERSION.to_owned()));
+            println!(
+                "{}",
+                serde_json::to_string(&e)
+                    .unwrap_or_else(|_| format!("{{\"code\":{},\"msg\":\"error\"}}", e.code))
+            );
+            std::process::exit(1);
+        }
+    }
+}

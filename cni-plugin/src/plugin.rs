@@ -1,0 +1,482 @@
+//! The six CNI operations. ADD wires a pod: an address from IPAM, a veth pair whose host end is a
+//! port of the node bridge (the pod's gateway) and whose other end is `CNI_IFNAME` inside the pod,
+//! a default route through the bridge. Any failure after the address was allocated undoes what was
+//! done (host veth, and with it the pod end; the reservation), so a failed ADD leaves nothing.
+
+use std::{
+    net::{IpAddr, Ipv4Addr},
+    path::Path,
+};
+
+use ipnet::{IpNet, Ipv4Net};
+use weft_netns::{LinkInfo, NetNs, Netlink};
+
+use crate::{
+    config::{self, LATEST_VERSION, NetConf, SUPPORTED_VERSIONS},
+    env::{Command, Env},
+    error::{CniError, Result, code},
+    ipam::{Pool, Store},
+    result::{CniResult, Interface, IpConfig, Route},
+};
+
+/// Name of the VXLAN device the overlay agent creates; its MTU is the pod MTU when present.
+pub const VXLAN_DEVICE: &str = "weft-vxlan";
+
+/// Name of the host end of an attachment's veth: `wft` + 12 hex digits of a hash of
+/// (container ID, ifname). Deterministic, so DEL and GC find it without any state.
+pub fn host_veth_name(container_id: &str, ifname: &str) -> String {
+    // FNV-1a, 64 bit.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in container_id.bytes().chain([0]).chain(ifname.bytes()) {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("wft{:012x}", h & 0xffff_ffff_ffff)
+}
+
+const EEXIST: i32 = 17;
+
+/// Runs one invocation. Returns what to print on stdout on success (nothing for DEL, CHECK,
+/// STATUS, GC).
+pub async fn run(env: &Env, stdin: &[u8]) -> Result<Option<String>> {
+    if env.command == Command::Version {
+        return Ok(Some(version(stdin)));
+    }
+    let value = config::decode(stdin)?;
+    let version = config::version_of(&value)?;
+    if matches!(env.command, Command::Status | Command::Gc) && version == "1.0.0" {
+        return Err(CniError::new(
+            code::INCOMPATIBLE_VERSION,
+            format!(
+                "{:?} needs cniVersion 1.1.0 or later, the config has {version}",
+                env.command
+            ),
+        ));
+    }
+    let conf = NetConf::from_value(value)?;
+    match env.command {
+        Command::Add => {
+            let result = add(env, &conf).await?;
+            Ok(Some(
+                serde_json::to_string(&result).map_err(|e| CniError::internal(e.to_string()))?,
+            ))
+        }
+        Command::Del => del(env, &conf).await.map(|()| None),
+        Command::Check => check(env, &conf).await.map(|()| None),
+        Command::Status => status(&conf).map(|()| None),
+        Command::Gc => gc(&conf).await.map(|()| None),
+        Command::Version => unreachable!("handled above"),
+    }
+}
+
+fn version(stdin: &[u8]) -> String {
+    let asked = serde_json::from_slice::<serde_json::Value>(stdin)
+        .ok()
+        .and_then(|v| {
+            v.get("cniVersion")
+                .and_then(|v| v.as_str())
+                .map(str::to_owned)
+        })
+        .filter(|v| SUPPORTED_VERSIONS.contains(&v.as_str()))
+        .unwrap_or_else(|| LATEST_VERSION.to_owned());
+    serde_json::json!({ "cniVersion": asked, "supportedVersions": SUPPORTED_VERSIONS }).to_string()
+}
+
+fn open_netns(path: &Path) -> Result<NetNs> {
+    NetNs::open(path)
+        .map_err(|e| CniError::internal(format!("failed to open netns {}: {e}", path.display())))
+}
+
+async fn add(env: &Env, conf: &NetConf) -> Result<CniResult> {
+    let (cid, ifname) = (env.container_id(), env.ifname());
+    let netns_path = env.netns.as_deref().expect("validated: ADD has CNI_NETNS");
+    let netns = open_netns(netns_path)?;
+    let host_ns = NetNs::current()?;
+    if netns.same_as(&host_ns)? {
+        return Err(CniError::new(
+            code::INVALID_ENV,
+            format!(
+                "CNI_NETNS {} is the plugin's own network namespace",
+                netns_path.display()
+            ),
+        ));
+    }
+    let pool = Pool::from_conf(&conf.ipam)?;
+    let store = Store::open(&conf.ipam.data_dir, &conf.name)?;
+    let hnl = Netlink::connect_current().await?;
+    let cnl = Netlink::connect(&netns).await?;
+    if cnl.link_by_name(ifname).await?.is_some() {
+        return Err(CniError::internal(format!(
+            "interface {ifname} already exists in {}",
+            netns_path.display()
+        )));
+    }
+    let ip = store.allocate(&pool, cid, ifname)?;
+    let host_veth = host_veth_name(cid, ifname);
+    match wire(
+        conf, &pool, ip, &host_veth, ifname, &hnl, &cnl, &netns, netns_path,
+    )
+    .await
+    {
+        Ok(result) => Ok(result),
+        Err(e) => {
+            // Undo: deleting the host end removes the pod end too.
+            if let Err(u) = hnl.delete_link_by_name(&host_veth).await {
+                tracing::warn!(interface = host_veth, error = %u, "undoing failed ADD");
+            }
+            if let Err(u) = store.release(cid, ifname) {
+                tracing::warn!(error = %u, "releasing address after failed ADD");
+            }
+            Err(e)
+        }
+    }
+}
+
+/// The MTU for pods: configured, else the overlay device's, else the default route's interface's.
+async fn pod_mtu(conf: &NetConf, hnl: &Netlink) -> Result<u32> {
+    if let Some(mtu) = conf.mtu {
+        return Ok(mtu);
+    }
+    if let Some(mtu) = hnl.link_by_name(VXLAN_DEVICE).await?.and_then(|l| l.mtu) {
+        return Ok(mtu);
+    }
+    let default_oif = hnl
+        .routes_v4()
+        .await?
+        .into_iter()
+        .find(|r| r.dst.prefix_len() == 0)
+        .and_then(|r| r.oif);
+    if let Some(oif) = default_oif
+        && let Some(mtu) = hnl.link_by_index(oif).await?.and_then(|l| l.mtu)
+    {
+        return Ok(mtu);
+    }
+    Ok(1500)
+}
+
+/// Creates the bridge with the gateway address if missing; returns it, up.
+async fn ensure_bridge(hnl: &Netlink, name: &str, gateway: IpNet, mtu: u32) -> Result<LinkInfo> {
+    let bridge = match hnl.link_by_name(name).await? {
+        Some(b) => b,
+        None => {
+            match hnl.add_bridge(name, Some(mtu)).await {
+                Ok(()) => {
+                    let b = hnl.require_link(name).await?;
+                    // Pin the MAC so it does not change as ports come and go (pods cache it).
+                    if let Some(mac) = b.mac.clone() {
+                        hnl.set_mac(b.index, mac).await?;
+                    }
+                    b
+                }
+                // A concurrent ADD created it first.
+                Err(e) if e.errno() == Some(EEXIST) => hnl.require_link(name).await?,
+                Err(e) => return Err(e.into()),
+            }
+        }
+    };
+    if bridge.kind.as_deref().is_some_and(|k| k != "bridge") {
+        return Err(CniError::config(
+            "bridge",
+            format!("{name} exists and is a {:?}, not a bridge", bridge.kind),
+        ));
+    }
+    match hnl.add_address(bridge.index, gateway).await {
+        Ok(()) => {}
+        Err(e) if e.errno() == Some(EEXIST) => {}
+        Err(e) => return Err(e.into()),
+    }
+    if !bridge.up {
+        hnl.set_up(bridge.index).await?;
+    }
+    Ok(bridge)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn wire(
+    conf: &NetConf,
+    pool: &Pool,
+    ip: Ipv4Addr,
+    host_veth: &str,
+    ifname: &str,
+    hnl: &Netlink,
+    cnl: &Netlink,
+    netns: &NetNs,
+    netns_path: &Path,
+) -> Result<CniResult> {
+    let prefix = pool.subnet.prefix_len();
+    let mtu = pod_mtu(conf, hnl).await?;
+    let gw_net = IpNet::V4(Ipv4Net::new(pool.gateway, prefix).expect("prefix from a valid subnet"));
+    let bridge = ensure_bridge(hnl, &conf.bridge, gw_net, mtu).await?;
+
+    hnl.add_veth(host_veth, ifname, Some(netns), Some(mtu))
+        .await
+        .map_err(|e| {
+            if e.errno() == Some(EEXIST) {
+                CniError::internal(format!(
+                    "host interface {host_veth} already exists: was this attachment added twice?"
+                ))
+            } else {
+                e.into()
+            }
+        })?;
+    let host = hnl.require_link(host_veth).await?;
+    hnl.set_controller(host.index, bridge.index).await?;
+    if conf.hairpin_mode {
+        hnl.set_hairpin(host.index, true).await?;
+    }
+    hnl.set_up(host.index).await?;
+
+    let pod = cnl.require_link(ifname).await?;
+    let addr = IpNet::V4(Ipv4Net::new(ip, prefix).expect("valid prefix"));
+    cnl.add_address(pod.index, addr).await?;
+    cnl.set_up(pod.index).await?;
+    let mut routes = Vec::new();
+    if conf.is_default_gateway {
+        let default = Route {
+            dst: "0.0.0.0/0".parse().expect("valid"),
+            gw: Some(IpAddr::V4(pool.gateway)),
+        };
+        // A pod attached twice keeps its first interface's default route; this attachment then
+        // adds none and does not report one.
+        match cnl
+            .add_route_v4(default.dst, Some(pool.gateway), Some(pod.index), false)
+            .await
+        {
+            Ok(()) => routes.push(default),
+            Err(e) if e.errno() == Some(EEXIST) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    for r in &conf.ipam.routes {
+        let gw = match r.gw.unwrap_or(IpAddr::V4(pool.gateway)) {
+            IpAddr::V4(g) => g,
+            IpAddr::V6(g) => {
+                return Err(CniError::config(
+                    "ipam.routes",
+                    format!("gateway {g}: only IPv4 is supported"),
+                ));
+            }
+        };
+        cnl.add_route_v4(r.dst, Some(gw), Some(pod.index), false)
+            .await?;
+        routes.push(r.clone());
+    }
+    enable_forwarding()?;
+
+    Ok(CniResult {
+        cni_version: conf.cni_version.clone(),
+        interfaces: vec![
+            Interface {
+                name: bridge.name.clone(),
+                mac: bridge.mac_string(),
+                mtu: bridge.mtu,
+                sandbox: None,
+            },
+            Interface {
+                name: host.name.clone(),
+                mac: host.mac_string(),
+                mtu: Some(mtu),
+                sandbox: None,
+            },
+            Interface {
+                name: ifname.to_owned(),
+                mac: pod.mac_string(),
+                mtu: Some(mtu),
+                sandbox: Some(netns_path.display().to_string()),
+            },
+        ],
+        ips: vec![IpConfig {
+            address: addr,
+            gateway: Some(IpAddr::V4(pool.gateway)),
+            interface: Some(2),
+        }],
+        routes,
+        dns: conf.dns.clone(),
+    })
+}
+
+/// Routing between pods and beyond the node needs IPv4 forwarding in the node's namespace.
+fn enable_forwarding() -> Result<()> {
+    const PATH: &str = "/proc/sys/net/ipv4/ip_forward";
+    let on = std::fs::read_to_string(PATH)
+        .map(|s| s.trim() == "1")
+        .unwrap_or(false);
+    if !on {
+        std::fs::write(PATH, "1")
+            .map_err(|e| CniError::new(code::IO, format!("enabling {PATH}: {e}")))?;
+    }
+    Ok(())
+}
+
+async fn del(env: &Env, conf: &NetConf) -> Result<()> {
+    let (cid, ifname) = (env.container_id(), env.ifname());
+    // The reservation goes whatever state the rest is in (D-2).
+    let store = Store::open(&conf.ipam.data_dir, &conf.name)?;
+    store.release(cid, ifname)?;
+    // Deleting the host end removes the pod end with it; the pod side is never touched directly,
+    // so a DEL after an ADD that failed on a taken ifname cannot remove someone else's interface.
+    let hnl = Netlink::connect_current().await?;
+    hnl.delete_link_by_name(&host_veth_name(cid, ifname))
+        .await?;
+    Ok(())
+}
+
+async fn check(env: &Env, conf: &NetConf) -> Result<()> {
+    let (cid, ifname) = (env.container_id(), env.ifname());
+    let netns_path = env
+        .netns
+        .as_deref()
+        .expect("validated: CHECK has CNI_NETNS");
+    let prev = conf.prev_result.clone().ok_or_else(|| {
+        CniError::config("prevResult", "CHECK needs the ADD result as prevResult")
+    })?;
+    let prev: CniResult = serde_path_to_error::deserialize(prev)
+        .map_err(|e| CniError::config(&format!("prevResult.{}", e.path()), e.inner()))?;
+    let sandbox = netns_path.display().to_string();
+    let idx = prev
+        .interfaces
+        .iter()
+        .position(|i| i.name == ifname && i.sandbox.as_deref() == Some(sandbox.as_str()))
+        .ok_or_else(|| {
+            CniError::internal(format!(
+                "prevResult has no interface {ifname} in sandbox {sandbox}"
+            ))
+        })?;
+    let netns = open_netns(netns_path)?;
+    let cnl = Netlink::connect(&netns).await?;
+    let pod = cnl
+        .link_by_name(ifname)
+        .await?
+        .ok_or_else(|| CniError::internal(format!("interface {ifname} not found in {sandbox}")))?;
+    if let Some(mac) = &prev.interfaces[idx].mac
+        && pod.mac_string().as_deref() != Some(mac.as_str())
+    {
+        return Err(CniError::internal(format!(
+            "interface {ifname} has MAC {:?}, prevResult says {mac}",
+            pod.mac_string()
+        )));
+    }
+    if !pod.up {
+        return Err(CniError::internal(format!(
+            "interface {ifname} in {sandbox} is down"
+        )));
+    }
+    let addrs = cnl.addresses(pod.index).await?;
+    let mut pod_ip = None;
+    for ipc in prev.ips.iter().filter(|i| i.interface == Some(idx)) {
+        if !addrs.contains(&ipc.address) {
+            return Err(CniError::internal(format!(
+                "failed to match addr {} on interface {ifname}",
+                ipc.address
+            )));
+        }
+        if let IpAddr::V4(a) = ipc.address.addr() {
+            pod_ip = Some(a);
+        }
+    }
+    let routes = cnl.routes_v4().await?;
+    for r in &prev.routes {
+        let gw = r.gw.or_else(|| prev.ips.first().and_then(|i| i.gateway));
+        if !routes
+            .iter()
+            .any(|have| have.dst == r.dst && (gw.is_none() || have.gateway == gw))
+        {
+            return Err(CniError::internal(format!(
+                "route to {} via {gw:?} is missing in {sandbox}",
+                r.dst
+            )));
+        }
+    }
+    let hnl = Netlink::connect_current().await?;
+    let host_veth = host_veth_name(cid, ifname);
+    let host = hnl
+        .link_by_name(&host_veth)
+        .await?
+        .ok_or_else(|| CniError::internal(format!("host interface {host_veth} not found")))?;
+    let bridge = hnl
+        .link_by_name(&conf.bridge)
+        .await?
+        .ok_or_else(|| CniError::internal(format!("bridge {} not found", conf.bridge)))?;
+    if host.controller != Some(bridge.index) {
+        return Err(CniError::internal(format!(
+            "{host_veth} is not a port of bridge {}",
+            conf.bridge
+        )));
+    }
+    let store = Store::open(&conf.ipam.data_dir, &conf.name)?;
+    let reserved = store.lookup(cid, ifname)?;
+    if reserved.is_none() || (pod_ip.is_some() && reserved != pod_ip) {
+        return Err(CniError::internal(format!(
+            "IPAM reservation for {cid}/{ifname} is {reserved:?}, the pod has {pod_ip:?}"
+        )));
+    }
+    Ok(())
+}
+
+fn status(conf: &NetConf) -> Result<()> {
+    let not_ready = |msg: String| CniError::new(code::NOT_AVAILABLE, msg);
+    let pool =
+        Pool::from_conf(&conf.ipam).map_err(|e| not_ready(format!("not ready: {}", e.msg)))?;
+    let store = Store::open(&conf.ipam.data_dir, &conf.name).map_err(|e| not_ready(e.msg))?;
+    if store.free(&pool)? == 0 {
+        return Err(not_ready(format!("no free address in {}", pool.subnet))
+            .with_details(format!("all {} addresses are allocated", pool.size())));
+    }
+    Ok(())
+}
+
+async fn gc(conf: &NetConf) -> Result<()> {
+    // Without the list the runtime has not said what is valid; removing everything would be wrong.
+    let Some(valid) = &conf.valid_attachments else {
+        return Ok(());
+    };
+    let store = Store::open(&conf.ipam.data_dir, &conf.name)?;
+    let released = store.gc(valid)?;
+    let hnl = Netlink::connect_current().await?;
+    let mut errors = Vec::new();
+    for (ip, owner) in &released {
+        tracing::info!(%ip, container = owner.container_id, ifname = owner.ifname, "gc: released");
+        if let Err(e) = hnl
+            .delete_link_by_name(&host_veth_name(&owner.container_id, &owner.ifname))
+            .await
+        {
+            errors.push(e.to_string());
+        }
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(
+            CniError::internal("gc could not remove every stale interface")
+                .with_details(errors.join("; ")),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_veth_names_fit_and_differ() {
+        let a = host_veth_name("abc", "eth0");
+        assert_eq!(a.len(), 15);
+        assert!(a.starts_with("wft"));
+        assert_eq!(a, host_veth_name("abc", "eth0"));
+        assert_ne!(a, host_veth_name("abc", "eth1"));
+        assert_ne!(a, host_veth_name("ab", "ceth0"));
+    }
+
+    #[test]
+    fn version_echoes_a_supported_request_version() {
+        let v: serde_json::Value =
+            serde_json::from_str(&version(br#"{"cniVersion":"1.0.0"}"#)).unwrap();
+        assert_eq!(v["cniVersion"], "1.0.0");
+        assert_eq!(
+            v["supportedVersions"],
+            serde_json::json!(["1.0.0", "1.1.0"])
+        );
+        let v: serde_json::Value = serde_json::from_str(&version(b"")).unwrap();
+        assert_eq!(v["cniVersion"], "1.1.0");
+    }
+}
