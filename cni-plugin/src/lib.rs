@@ -2,14 +2,15 @@
 //! pod networking, and the node-level VXLAN overlay.
 //!
 //! Owns: the CNI protocol (environment, config, results, error codes: [`env`], [`config`],
-//! [`result`], [`error`]), address allocation ([`ipam`]), and wiring pods into a node's network
-//! ([`plugin`]). Does not own: namespace and netlink primitives (`weft-netns`), or deciding which
+//! [`result`], [`error`]), address allocation ([`ipam`]), wiring pods into a node's network
+//! ([`plugin`]), and the VXLAN overlay between nodes ([`overlay`], run by `weft-overlay`). Does not own: namespace and netlink primitives (`weft-netns`), or deciding which
 //! pods exist (the runtime or weft's node agent calls the plugin).
 
 pub mod config;
 pub mod env;
 pub mod error;
 pub mod ipam;
+pub mod overlay;
 pub mod plugin;
 pub mod result;
 

@@ -12,12 +12,16 @@ use std::{
 use futures::TryStreamExt as _;
 use ipnet::IpNet;
 use netlink_packet_route::{
+    AddressFamily,
     address::AddressAttribute,
     link::{InfoData, InfoVeth, LinkAttribute, LinkFlags, LinkInfo as NlLinkInfo, LinkMessage},
+    neighbour::{
+        NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
+    },
     route::{RouteAddress, RouteAttribute, RouteMessage, RouteScope},
 };
 use rtnetlink::{
-    Handle, LinkBridge, LinkBridgePort, LinkMessageBuilder, LinkUnspec, LinkVeth,
+    Handle, LinkBridge, LinkBridgePort, LinkMessageBuilder, LinkUnspec, LinkVeth, LinkVxlan,
     RouteMessageBuilder,
 };
 
@@ -400,6 +404,35 @@ impl Netlink {
             .map_err(nl_err("add route", dst.to_string()))
     }
 
+    /// Adds or replaces an IPv4 route through `gateway` on `oif` with the `onlink` flag, for a
+    /// next hop that is not in any subnet of the link (a VXLAN peer's VTEP address).
+    pub async fn replace_route_v4_onlink(
+        &self,
+        dst: IpNet,
+        gateway: Ipv4Addr,
+        oif: u32,
+    ) -> Result<()> {
+        let IpNet::V4(d) = dst else {
+            return Err(Error::NotFound {
+                kind: "ipv4 route destination",
+                name: dst.to_string(),
+            });
+        };
+        let msg = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(d.addr(), d.prefix_len())
+            .gateway(gateway)
+            .output_interface(oif)
+            .onlink()
+            .build();
+        self.handle
+            .route()
+            .add(msg)
+            .replace()
+            .execute()
+            .await
+            .map_err(nl_err("replace route", dst.to_string()))
+    }
+
     /// Deletes an IPv4 route; succeeds if it does not exist.
     pub async fn del_route_v4(
         &self,
@@ -450,6 +483,175 @@ impl Netlink {
             }
         }
         Ok(out)
+    }
+
+    /// Creates a VXLAN device bound to `dev_index`, sourcing packets from `local`, with address
+    /// learning off (weft programs FDB and neighbour entries itself).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn add_vxlan(
+        &self,
+        name: &str,
+        vni: u32,
+        local: Ipv4Addr,
+        dev_index: u32,
+        port: u16,
+        mtu: u32,
+        mac: Vec<u8>,
+    ) -> Result<()> {
+        let msg = LinkVxlan::new(name, vni)
+            .local(local)
+            .dev(dev_index)
+            .port(port)
+            .learning(false)
+            .mtu(mtu)
+            .address(mac)
+            .build();
+        self.handle
+            .link()
+            .add(msg)
+            .execute()
+            .await
+            .map_err(nl_err("add vxlan", name))
+    }
+
+    /// Every IPv4 address in the namespace, with the index of its link.
+    pub async fn all_addresses(&self) -> Result<Vec<(u32, IpNet)>> {
+        let msgs: Vec<_> = self
+            .handle
+            .address()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .map_err(nl_err("dump", "addresses"))?;
+        let mut out = Vec::new();
+        for msg in msgs {
+            for attr in &msg.attributes {
+                if let AddressAttribute::Address(ip) = attr
+                    && let Ok(net) = IpNet::new(*ip, msg.header.prefix_len)
+                {
+                    out.push((msg.header.index, net));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Adds or replaces a permanent IPv4 neighbour (ARP) entry on a link.
+    pub async fn replace_neighbour(&self, index: u32, ip: Ipv4Addr, mac: &[u8]) -> Result<()> {
+        self.handle
+            .neighbours()
+            .add(index, IpAddr::V4(ip))
+            .link_layer_address(mac)
+            .replace()
+            .execute()
+            .await
+            .map_err(nl_err("replace neighbour", ip.to_string()))
+    }
+
+    /// Adds or replaces a permanent FDB entry on a VXLAN device: frames for `mac` are sent to
+    /// the underlay address `dst`.
+    pub async fn replace_fdb(&self, index: u32, mac: &[u8], dst: Ipv4Addr) -> Result<()> {
+        self.handle
+            .neighbours()
+            .add_bridge(index, mac)
+            .destination(IpAddr::V4(dst))
+            .flags(NeighbourFlags::Own)
+            .replace()
+            .execute()
+            .await
+            .map_err(nl_err("replace fdb entry", format!("{mac:02x?} -> {dst}")))
+    }
+
+    /// The permanent IPv4 neighbour entries of a link: (address, MAC).
+    pub async fn neighbours(&self, index: u32) -> Result<Vec<(Ipv4Addr, Vec<u8>)>> {
+        let msgs: Vec<NeighbourMessage> = self
+            .handle
+            .neighbours()
+            .get()
+            .set_address_family(AddressFamily::Inet)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(nl_err("dump", "neighbours"))?;
+        Ok(msgs
+            .iter()
+            .filter(|m| m.header.ifindex == index && m.header.state == NeighbourState::Permanent)
+            .filter_map(|m| {
+                let mut ip = None;
+                let mut mac = None;
+                for a in &m.attributes {
+                    match a {
+                        NeighbourAttribute::Destination(NeighbourAddress::Inet(i)) => ip = Some(*i),
+                        NeighbourAttribute::LinkLayerAddress(l) => mac = Some(l.clone()),
+                        _ => {}
+                    }
+                }
+                Some((ip?, mac?))
+            })
+            .collect())
+    }
+
+    /// The FDB entries of a device that point at a remote address: (MAC, destination).
+    pub async fn fdb(&self, index: u32) -> Result<Vec<(Vec<u8>, Ipv4Addr)>> {
+        let msgs: Vec<NeighbourMessage> = self
+            .handle
+            .neighbours()
+            .get()
+            .set_address_family(AddressFamily::Bridge)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(nl_err("dump", "fdb"))?;
+        Ok(msgs
+            .iter()
+            .filter(|m| m.header.ifindex == index)
+            .filter_map(|m| {
+                let mut dst = None;
+                let mut mac = None;
+                for a in &m.attributes {
+                    match a {
+                        NeighbourAttribute::Destination(NeighbourAddress::Inet(i)) => {
+                            dst = Some(*i)
+                        }
+                        // AF_BRIDGE entries carry the IPv4 destination as raw bytes.
+                        NeighbourAttribute::Destination(NeighbourAddress::Other(b)) => {
+                            dst = <[u8; 4]>::try_from(b.as_slice()).ok().map(Ipv4Addr::from);
+                        }
+                        NeighbourAttribute::LinkLayerAddress(l) => mac = Some(l.clone()),
+                        _ => {}
+                    }
+                }
+                Some((mac?, dst?))
+            })
+            .collect())
+    }
+
+    /// Deletes a neighbour entry (IPv4 or FDB, as given by `bridge`); succeeds if it is gone.
+    pub async fn del_neighbour(
+        &self,
+        index: u32,
+        ip: Ipv4Addr,
+        mac: &[u8],
+        bridge: bool,
+    ) -> Result<()> {
+        let mut msg = NeighbourMessage::default();
+        msg.header.ifindex = index;
+        if bridge {
+            msg.header.family = AddressFamily::Bridge;
+            msg.header.flags = NeighbourFlags::Own;
+            msg.attributes
+                .push(NeighbourAttribute::LinkLayerAddress(mac.to_vec()));
+        } else {
+            msg.header.family = AddressFamily::Inet;
+        }
+        msg.attributes
+            .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)));
+        match self.handle.neighbours().del(msg).execute().await {
+            Ok(()) => Ok(()),
+            Err(e) if is_errno(&e, ENOENT) => Ok(()),
+            Err(e) => Err(nl_err("delete neighbour", ip.to_string())(e)),
+        }
     }
 
     /// The underlying rtnetlink handle, for requests this API does not wrap.
