@@ -16,6 +16,9 @@ PACKAGES=(
   iptables        # kube-proxy-style iptables baseline (benchmarks)
   hyperfine       # timing whole commands in benchmarks
   jq              # reading JSON in scripts
+  pkg-config      # finding C libraries at build time
+  libnftnl-dev    # weft-cni's masquerade: nftables over netlink (nftnl crate)
+  libmnl-dev      # netlink socket library under libnftnl
 )
 missing=()
 for p in "${PACKAGES[@]}"; do

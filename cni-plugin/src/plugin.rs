@@ -262,6 +262,12 @@ async fn wire(
         routes.push(r.clone());
     }
     enable_forwarding()?;
+    if conf.ip_masq {
+        let cluster = conf.cluster_cidr.unwrap_or(pool.subnet);
+        if crate::masq::ensure(&conf.name, pool.subnet, cluster)? {
+            tracing::info!(subnet = %pool.subnet, %cluster, "masquerade table written");
+        }
+    }
 
     Ok(CniResult {
         cni_version: conf.cni_version.clone(),
@@ -402,6 +408,16 @@ async fn check(env: &Env, conf: &NetConf) -> Result<()> {
             "{host_veth} is not a port of bridge {}",
             conf.bridge
         )));
+    }
+    if conf.ip_masq {
+        let pool = Pool::from_conf(&conf.ipam)?;
+        let cluster = conf.cluster_cidr.unwrap_or(pool.subnet);
+        if !crate::masq::present(&conf.name, pool.subnet, cluster)? {
+            return Err(CniError::internal(format!(
+                "masquerade table {} is missing",
+                crate::masq::table_name(&conf.name, pool.subnet, cluster)
+            )));
+        }
     }
     let store = Store::open(&conf.ipam.data_dir, &conf.name)?;
     let reserved = store.lookup(cid, ifname)?;
