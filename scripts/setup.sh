@@ -19,6 +19,7 @@ PACKAGES=(
   pkg-config      # finding C libraries at build time
   libnftnl-dev    # weft-cni's masquerade: nftables over netlink (nftnl crate)
   libmnl-dev      # netlink socket library under libnftnl
+  containernetworking-plugins  # reference CNI plugins (bridge, host-local): the CNI benchmark's baseline
 )
 missing=()
 for p in "${PACKAGES[@]}"; do

@@ -391,6 +391,24 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_example_conflist_is_valid() {
+        let text = include_str!("../examples/weft.conflist");
+        let list: serde_json::Value = serde_json::from_str(text).unwrap();
+        for plugin in list["plugins"].as_array().unwrap() {
+            // What a runtime sends: the plugin's config plus the list's version and name.
+            let mut v = plugin.clone();
+            v["cniVersion"] = list["cniVersion"].clone();
+            v["name"] = list["name"].clone();
+            let c = conf(v).unwrap();
+            assert!(c.ip_masq);
+            assert_eq!(
+                c.ipam.subnet,
+                SubnetSource::File("/run/weft/pod-cidr".into())
+            );
+        }
+    }
+
+    #[test]
     fn non_json_is_code_6() {
         assert_eq!(decode(b"not json").unwrap_err().code, code::DECODE);
     }

@@ -66,7 +66,13 @@ fn tables() -> Result<HashSet<String>> {
         if n == 0 {
             break;
         }
-        match mnl::cb_run2(&buffer[..n], seq, portid, nftnl::table::get_tables_cb, &mut found) {
+        match mnl::cb_run2(
+            &buffer[..n],
+            seq,
+            portid,
+            nftnl::table::get_tables_cb,
+            &mut found,
+        ) {
             Ok(mnl::CbResult::Stop) => break,
             Ok(mnl::CbResult::Ok) => {}
             Err(e) => return Err(nl_err("list tables", e)),

@@ -285,26 +285,50 @@ fn traffic_leaving_the_cluster_is_masqueraded() {
     let mut conf0 = c.conf(0);
     conf0["ipMasq"] = json!(true);
     conf0["clusterCIDR"] = json!("10.244.0.0/16");
-    let p0 = c.lab.add_namespace("masq-pod").unwrap().path().to_path_buf();
-    let r0 = add_on(c.lab.node(0), "masq-pod", &p0, "eth0", &conf0).expect_ok().json();
+    let p0 = c
+        .lab
+        .add_namespace("masq-pod")
+        .unwrap()
+        .path()
+        .to_path_buf();
+    let r0 = add_on(c.lab.node(0), "masq-pod", &p0, "eth0", &conf0)
+        .expect_ok()
+        .json();
     let ip1 = c.pod(1, "plain-pod");
 
     let ext = c.lab.host("client").unwrap();
-    let srv = ext.tcp_echo_server("0.0.0.0:7777".parse().unwrap()).unwrap();
+    let srv = ext
+        .tcp_echo_server("0.0.0.0:7777".parse().unwrap())
+        .unwrap();
     let dst = std::net::SocketAddr::from((ext_ip, 7777));
     let pod0 = c.lab.host("masq-pod").unwrap();
     assert_eq!(pod0.tcp_roundtrip(dst, b"out", T).unwrap(), b"out");
     let node0_addr = c.lab.node(0).underlay_addr().unwrap();
-    assert_eq!(srv.peers()[0].ip(), std::net::IpAddr::V4(node0_addr), "the external host sees the node");
+    assert_eq!(
+        srv.peers()[0].ip(),
+        std::net::IpAddr::V4(node0_addr),
+        "the external host sees the node"
+    );
 
     // Without masquerade the reply has no way back to a pod address.
     let pod1 = c.lab.host("plain-pod").unwrap();
-    assert!(pod1.tcp_roundtrip(dst, b"out", Duration::from_secs(1)).is_err());
+    assert!(
+        pod1.tcp_roundtrip(dst, b"out", Duration::from_secs(1))
+            .is_err()
+    );
 
     // Pod-to-pod across nodes keeps the pod's own address, masquerade or not.
-    let inner = pod1.tcp_echo_server("0.0.0.0:7778".parse().unwrap()).unwrap();
-    pod0.tcp_roundtrip(format!("{ip1}:7778").parse().unwrap(), b"in", T).unwrap();
-    let ip0 = r0["ips"][0]["address"].as_str().unwrap().split('/').next().unwrap();
+    let inner = pod1
+        .tcp_echo_server("0.0.0.0:7778".parse().unwrap())
+        .unwrap();
+    pod0.tcp_roundtrip(format!("{ip1}:7778").parse().unwrap(), b"in", T)
+        .unwrap();
+    let ip0 = r0["ips"][0]["address"]
+        .as_str()
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap();
     assert_eq!(inner.peers()[0].ip().to_string(), ip0);
 
     // CHECK sees the masquerade table; without it, CHECK fails.
@@ -319,13 +343,29 @@ fn traffic_leaving_the_cluster_is_masqueraded() {
     ];
     common::exec_on(c.lab.node(0), &vars, chk.to_string().as_bytes()).expect_ok();
     let tables = c.lab.node(0).exec("nft", ["list", "tables"]).unwrap();
-    let table = tables.lines().find(|l| l.contains("weft-weftnet-")).expect("masquerade table").to_owned();
+    let table = tables
+        .lines()
+        .find(|l| l.contains("weft-weftnet-"))
+        .expect("masquerade table")
+        .to_owned();
     let name = table.split_whitespace().last().unwrap().to_owned();
-    c.lab.node(0).exec("nft", ["delete", "table", "ip", &name]).unwrap();
+    c.lab
+        .node(0)
+        .exec("nft", ["delete", "table", "ip", &name])
+        .unwrap();
     let out = common::exec_on(c.lab.node(0), &vars, chk.to_string().as_bytes());
-    assert!(!out.ok && out.msg().contains("masquerade"), "{}", out.stdout);
+    assert!(
+        !out.ok && out.msg().contains("masquerade"),
+        "{}",
+        out.stdout
+    );
     // The next ADD puts it back.
-    let p2 = c.lab.add_namespace("masq-pod2").unwrap().path().to_path_buf();
+    let p2 = c
+        .lab
+        .add_namespace("masq-pod2")
+        .unwrap()
+        .path()
+        .to_path_buf();
     add_on(c.lab.node(0), "masq-pod2", &p2, "eth0", &conf0).expect_ok();
     common::exec_on(c.lab.node(0), &vars, chk.to_string().as_bytes()).expect_ok();
 }

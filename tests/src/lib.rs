@@ -6,19 +6,20 @@
 
 use std::path::PathBuf;
 
-/// Path of a weft binary built by the same `cargo test --workspace` run (next to the test
-/// executable's `deps/` directory). Panics with the command to run if it is missing.
+/// Path of a weft binary from the same build profile as the running executable: beside it (a
+/// benchmark binary) or one level up (a test executable in `deps/`). Panics with the command to
+/// run if it is missing.
 pub fn weft_binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
-    let dir = exe
-        .parent()
-        .and_then(|d| d.parent())
-        .expect("target profile dir");
-    let path = dir.join(name);
-    assert!(
-        path.exists(),
-        "{} is missing: build it first with `cargo build --workspace` (or run `cargo test --workspace`)",
-        path.display()
-    );
-    path
+    let dir = exe.parent().expect("executable directory");
+    let candidates = [
+        dir.join(name),
+        dir.parent().map(|d| d.join(name)).unwrap_or_default(),
+    ];
+    candidates.iter().find(|p| p.is_file()).cloned().unwrap_or_else(|| {
+        panic!(
+            "{name} is missing next to {}: build it first with `cargo build --workspace` in the same profile",
+            exe.display()
+        )
+    })
 }
