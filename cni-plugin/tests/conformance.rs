@@ -400,3 +400,53 @@ fn a_hundred_concurrent_adds_get_unique_addresses() {
     assert!(n.allocations().is_empty());
     assert!(n.host_veths().is_empty());
 }
+
+#[test]
+fn dns_and_cni_args_are_handled() {
+    let mut n = Node::new();
+    let mut c = n.conf();
+    c["dns"] = json!({"nameservers": ["10.96.0.10"], "search": ["svc.cluster.local"]});
+    let p = n.pod("p");
+    let ns = p.to_str().unwrap();
+    // P-9: CNI_ARGS with keys the plugin does not know are tolerated.
+    let out = n.exec(
+        &[
+            ("CNI_COMMAND", "ADD"),
+            ("CNI_CONTAINERID", "c"),
+            ("CNI_NETNS", ns),
+            ("CNI_IFNAME", "eth0"),
+            ("CNI_ARGS", "IgnoreUnknown=1;K8S_POD_NAME=web"),
+        ],
+        &c,
+    );
+    // DNS from the config is in the result.
+    assert_eq!(
+        out.expect_ok().json()["dns"]["nameservers"],
+        json!(["10.96.0.10"])
+    );
+}
+
+#[test]
+fn a_failure_in_the_middle_of_add_undoes_everything() {
+    let mut n = Node::new();
+    let c = n.conf();
+    let p = n.pod("p");
+    // Something that is not a bridge holds the bridge's name: ADD fails after allocating.
+    n.host()
+        .exec(
+            "ip",
+            [
+                "link", "add", "weft0", "type", "veth", "peer", "name", "weft0p",
+            ],
+        )
+        .unwrap();
+    let out = n.add("c", &p, "eth0", &c);
+    assert_eq!(out.code(), 7, "{}", out.stdout);
+    assert!(out.msg().contains("weft0"), "{}", out.msg());
+    assert!(n.allocations().is_empty(), "the reservation was released");
+    assert!(n.host_veths().is_empty());
+    let pod_ns = NetNs::open(&p).unwrap();
+    assert!(!n.links_in(&pod_ns).iter().any(|l| l.name == "eth0"));
+    // D-7: the runtime's DEL after the failed ADD succeeds.
+    n.del("c", Some(&p), "eth0", &c).expect_ok();
+}

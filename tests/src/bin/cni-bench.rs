@@ -223,6 +223,19 @@ fn single(b: &mut Bench, impls: &[Impl], reps: usize) -> Value {
             costs[k][2].push(b.del(which, id, &path));
         }
     }
+    // What starting the plugin costs before it does any work: weft-cni VERSION.
+    let start: Vec<Cost> = (0..reps)
+        .map(|_| {
+            let mut c = b.lab.node(0).command(&b.weft).unwrap();
+            c.env("CNI_COMMAND", "VERSION");
+            timed(|| run(&mut c, b""))
+        })
+        .collect();
+    rows.push(json!({
+        "impl": "process start only (VERSION)",
+        "add_wall_ms": ms(median(start.iter().map(|c| c.wall).collect())),
+        "add_cpu_ms": ms(median(start.iter().map(|c| c.cpu).collect())),
+    }));
     for (k, &which) in impls.iter().enumerate() {
         let m = |v: &Vec<Cost>, f: fn(&Cost) -> Duration| {
             if v.is_empty() {
@@ -515,12 +528,14 @@ fn main() {
         .filter(|i| *i != Impl::Reference || have_ref)
         .collect();
 
+    // The datapath goes first: the ADD/DEL churn below leaves the kernel tearing down veths in
+    // the background for a while, which would depress the rates.
+    eprintln!("cni-bench: datapath, {secs} s per measurement");
+    let dp = datapath(&mut b, secs);
     eprintln!("cni-bench: single-pod ADD/CHECK/DEL x{reps}, interleaved");
     let single = single(&mut b, &impls, reps);
     eprintln!("cni-bench: {pods} pods sequential and 4-way parallel");
     let many: Vec<Value> = impls.iter().map(|&w| many(&mut b, w, pods, 4)).collect();
-    eprintln!("cni-bench: datapath, {secs} s per measurement");
-    let dp = datapath(&mut b, secs);
 
     let f = |v: &Value| v.as_f64().map_or("-".to_owned(), |x| format!("{x:.2}"));
     println!("\n1 pod, median of {reps} (ms)");
