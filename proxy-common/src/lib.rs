@@ -17,6 +17,146 @@ pub mod names {
     pub const PROG_COUNT_EGRESS: &str = "weft_count_egress";
     /// Per-CPU hash map: [`crate::IfaceDirKey`] → [`crate::PacketCounter`].
     pub const MAP_IFACE_COUNTERS: &str = "WEFT_IFACE_COUNTERS";
+    /// Service frontends: [`crate::ServiceKey`] → [`crate::ServiceValue`].
+    pub const MAP_SERVICES: &str = "WEFT_SERVICES";
+    /// Backend slots: [`crate::BackendKey`] → [`crate::Backend`].
+    pub const MAP_BACKENDS: &str = "WEFT_BACKENDS";
+    /// Socket reverse translation (LRU): [`crate::SockRevKey`] → [`crate::SockRevValue`].
+    pub const MAP_SOCK_REVNAT: &str = "WEFT_SOCK_REVNAT";
+    /// Socket-LB program on connect(2) (cgroup/connect4).
+    pub const PROG_CONNECT4: &str = "weft_connect4";
+    /// Socket-LB program on sendmsg(2) for unconnected UDP (cgroup/sendmsg4).
+    pub const PROG_SENDMSG4: &str = "weft_sendmsg4";
+    /// Reverse translation of UDP reply sources (cgroup/recvmsg4).
+    pub const PROG_RECVMSG4: &str = "weft_recvmsg4";
+    /// Reverse translation of getpeername(2) (cgroup/getpeername4).
+    pub const PROG_GETPEERNAME4: &str = "weft_getpeername4";
+}
+
+/// A `u32` stored in network byte order (as addresses are in packets and in `bpf_sock_addr`).
+#[repr(transparent)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Be32(pub u32);
+
+impl Be32 {
+    /// From a host-order value.
+    pub const fn from_host(v: u32) -> Self {
+        Self(v.to_be())
+    }
+    /// To a host-order value.
+    pub const fn to_host(self) -> u32 {
+        u32::from_be(self.0)
+    }
+    /// From IPv4 octets.
+    pub const fn from_octets(o: [u8; 4]) -> Self {
+        Self(u32::from_ne_bytes(o))
+    }
+    /// To IPv4 octets.
+    pub const fn octets(self) -> [u8; 4] {
+        self.0.to_ne_bytes()
+    }
+}
+
+/// A `u16` stored in network byte order (ports).
+#[repr(transparent)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Be16(pub u16);
+
+impl Be16 {
+    /// From a host-order value.
+    pub const fn from_host(v: u16) -> Self {
+        Self(v.to_be())
+    }
+    /// To a host-order value.
+    pub const fn to_host(self) -> u16 {
+        u16::from_be(self.0)
+    }
+}
+
+/// IP protocol numbers used in keys.
+pub mod proto {
+    /// TCP.
+    pub const TCP: u8 = 6;
+    /// UDP.
+    pub const UDP: u8 = 17;
+    /// SCTP.
+    pub const SCTP: u8 = 132;
+}
+
+/// A service frontend: virtual address, port and protocol (ClusterIP, externalIP, ...).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceKey {
+    /// Virtual IPv4 address.
+    pub addr: Be32,
+    /// Service port.
+    pub port: Be16,
+    /// [`proto`] number.
+    pub proto: u8,
+    /// Explicit padding, always zero.
+    pub _pad: u8,
+}
+
+/// What a frontend leads to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceValue {
+    /// Identifier of the backend set ([`BackendKey::service`]).
+    pub id: u32,
+    /// Number of backend slots in use (0: reject new connections at once).
+    pub count: u32,
+    /// `SERVICE_FLAG_*` bits.
+    pub flags: u32,
+    /// Explicit padding, always zero.
+    pub _pad: u32,
+}
+
+/// One backend slot of a service.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BackendKey {
+    /// [`ServiceValue::id`].
+    pub service: u32,
+    /// Slot index, `0..count`.
+    pub slot: u32,
+}
+
+/// A backend address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Backend {
+    /// Backend IPv4 address.
+    pub addr: Be32,
+    /// Backend port.
+    pub port: Be16,
+    /// Explicit padding, always zero.
+    pub _pad: u16,
+}
+
+/// Reverse translation key for a socket: which backend a socket was sent to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SockRevKey {
+    /// Socket cookie.
+    pub cookie: u64,
+    /// Backend address.
+    pub addr: Be32,
+    /// Backend port.
+    pub port: Be16,
+    /// Explicit padding, always zero.
+    pub _pad: u16,
+}
+
+/// The service address a socket's peer must appear as.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockRevValue {
+    /// Service address.
+    pub addr: Be32,
+    /// Service port.
+    pub port: Be16,
+    /// Explicit padding, always zero.
+    pub _pad: u16,
 }
 
 /// Traffic direction as seen from the interface a program is attached to.
@@ -86,6 +226,16 @@ const _: () = {
     assert!(core::mem::offset_of!(IfaceDirKey, direction) == 4);
     assert!(core::mem::size_of::<PacketCounter>() == 16);
     assert!(core::mem::offset_of!(PacketCounter, bytes) == 8);
+    assert!(core::mem::size_of::<ServiceKey>() == 8);
+    assert!(core::mem::offset_of!(ServiceKey, port) == 4);
+    assert!(core::mem::offset_of!(ServiceKey, proto) == 6);
+    assert!(core::mem::size_of::<ServiceValue>() == 16);
+    assert!(core::mem::size_of::<BackendKey>() == 8);
+    assert!(core::mem::size_of::<Backend>() == 8);
+    assert!(core::mem::offset_of!(Backend, port) == 4);
+    assert!(core::mem::size_of::<SockRevKey>() == 16);
+    assert!(core::mem::offset_of!(SockRevKey, addr) == 8);
+    assert!(core::mem::size_of::<SockRevValue>() == 8);
 };
 
 #[cfg(feature = "user")]
@@ -96,6 +246,20 @@ mod pod {
     // SAFETY: PacketCounter is repr(C), Copy, has no padding (two u64 fields, asserted above) and
     // every bit pattern is a valid value.
     unsafe impl aya::Pod for super::PacketCounter {}
+    // SAFETY: every type below is repr(C), Copy, built only of integers with explicit padding
+    // fields (sizes and offsets asserted above), so every bit pattern is valid and none is
+    // uninitialised.
+    unsafe impl aya::Pod for super::ServiceKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ServiceValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::BackendKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Backend {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::SockRevKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::SockRevValue {}
 }
 
 #[cfg(test)]
@@ -108,6 +272,15 @@ mod tests {
             assert_eq!(Direction::from_raw(d as u32), Some(d));
         }
         assert_eq!(Direction::from_raw(7), None);
+    }
+
+    #[test]
+    fn byte_order_is_explicit() {
+        let a = Be32::from_octets([10, 96, 0, 1]);
+        assert_eq!(a.to_host(), 0x0a60_0001);
+        assert_eq!(Be32::from_host(0x0a60_0001), a);
+        assert_eq!(Be16::from_host(80).to_host(), 80);
+        assert_eq!(Be16::from_host(0x1234).0.to_ne_bytes(), [0x12, 0x34]);
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! weft's eBPF programs: the kernel half of `weft-proxy`.
 //!
-//! Owns: code that runs in the kernel (tcx classifiers now; socket-level load balancing and policy
-//! later), split by concern into modules. Does not own: map layouts (in `weft-proxy-common`), loading,
-//! attaching or map programming (in `weft-proxy`, `proxy-user/`).
+//! Owns: code that runs in the kernel, split by concern: `counters` (tcx packet counters), `socklb`
+//! (socket-level service load balancing on cgroup sock_addr hooks); all maps in `maps`. Does not
+//! own: map layouts (in `weft-proxy-common`), loading, attaching or map programming (in
+//! `weft-proxy`, `proxy-user/`).
 //!
 //! The crate only has content when compiled for the BPF target (`proxy-user/build.rs` does that via
 //! `aya-build`); on the host it is an empty binary so `cargo clippy --workspace` still works.
@@ -13,6 +14,8 @@
 mod counters;
 #[cfg(target_arch = "bpf")]
 mod maps;
+#[cfg(target_arch = "bpf")]
+mod socklb;
 
 #[cfg(target_arch = "bpf")]
 #[panic_handler]

@@ -1,9 +1,27 @@
 //! Every map of the datapath, declared in one place. Pinned maps are reused across agent restarts.
 
-use aya_ebpf::{macros::map, maps::PerCpuHashMap};
-use weft_proxy_common::{IfaceDirKey, PacketCounter};
+use aya_ebpf::{
+    macros::map,
+    maps::{HashMap, LruHashMap, PerCpuHashMap},
+};
+use weft_proxy_common::{
+    Backend, BackendKey, IfaceDirKey, PacketCounter, ServiceKey, ServiceValue, SockRevKey,
+    SockRevValue,
+};
 
 /// Packets and bytes per (interface, direction), for every interface a counter program is on.
 #[map(name = "WEFT_IFACE_COUNTERS")]
 pub static WEFT_IFACE_COUNTERS: PerCpuHashMap<IfaceDirKey, PacketCounter> =
     PerCpuHashMap::pinned(4096, 0);
+
+/// Service frontends (virtual address, port, protocol) → backend set. Size is set by the agent.
+#[map(name = "WEFT_SERVICES")]
+pub static WEFT_SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::pinned(65536, 0);
+
+/// (backend set, slot) → backend address. Size is set by the agent.
+#[map(name = "WEFT_BACKENDS")]
+pub static WEFT_BACKENDS: HashMap<BackendKey, Backend> = HashMap::pinned(262_144, 0);
+
+/// (socket, backend) → service address, so replies and getpeername(2) show the service.
+#[map(name = "WEFT_SOCK_REVNAT")]
+pub static WEFT_SOCK_REVNAT: LruHashMap<SockRevKey, SockRevValue> = LruHashMap::pinned(262_144, 0);

@@ -3,7 +3,11 @@
 //! Layout under the pin root (default `/sys/fs/bpf/weft`): `maps/<MAP_NAME>` for maps the programs
 //! declare as pinned, `links/<name>` for attachments that must outlive the agent.
 
-use std::path::{Path, PathBuf};
+use std::{
+    io,
+    os::fd::AsFd as _,
+    path::{Path, PathBuf},
+};
 
 use crate::{Error, Result};
 
@@ -74,6 +78,40 @@ pub fn check_bpffs(path: &Path) -> Result<()> {
             source: std::io::Error::other(e),
         }),
     }
+}
+
+/// Removes a pin; a missing pin is fine.
+pub fn remove_pin(path: &Path) -> Result<()> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(Error::Io {
+            op: "removing",
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+/// Detaches the link pinned at `path` synchronously (BPF_LINK_DETACH: no program is still running
+/// when this returns) and removes the pin. A missing pin is fine.
+pub fn unpin_and_detach(path: &Path) -> Result<()> {
+    let fd = match crate::sys::obj_get(path) {
+        Ok(fd) => fd,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(source) => {
+            return Err(Error::Io {
+                op: "opening pinned link",
+                path: path.to_path_buf(),
+                source,
+            });
+        }
+    };
+    // A link whose interface is gone is already detached; that is not an error here.
+    if let Err(e) = crate::sys::link_detach(fd.as_fd()) {
+        tracing::debug!(path = %path.display(), error = %e, "link already detached");
+    }
+    remove_pin(path)
 }
 
 #[cfg(test)]

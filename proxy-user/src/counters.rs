@@ -5,7 +5,7 @@
 //! atomically swaps in the current program (an upgrade), and detaching removes the pins and the
 //! interface's counter entries.
 
-use std::{io, os::fd::AsFd as _, path::Path};
+use std::io;
 
 use aya::{
     Ebpf,
@@ -19,7 +19,11 @@ use aya::{
 use serde::Serialize;
 use weft_proxy_common::{Direction, IfaceDirKey, PacketCounter, names};
 
-use crate::{Error, Result, bpffs::PinLayout, object};
+use crate::{
+    Error, Result,
+    bpffs::{PinLayout, remove_pin, unpin_and_detach},
+    object,
+};
 
 const DIRECTIONS: [(Direction, TcAttachType, &str); 2] = [
     (
@@ -64,7 +68,7 @@ fn ifindex(ifname: &str) -> Result<u32> {
 /// attaching to an interface that already counts replaces the program in place.
 pub fn attach(layout: &PinLayout, ifname: &str) -> Result<()> {
     let index = ifindex(ifname)?;
-    let mut ebpf = object::load(layout)?;
+    let mut ebpf = object::load(layout, &crate::services::Limits::default())?;
     for (direction, attach_type, prog_name) in DIRECTIONS {
         let prog = classifier(&mut ebpf, prog_name)?;
         let pin_path = layout.link(&link_name(index, direction));
@@ -135,38 +139,6 @@ fn fresh_attach(
         TcAttachOptions::TcxOrder(LinkOrder::default()),
     )
     .map_err(|source| Error::Program { name, source })
-}
-
-fn remove_pin(path: &Path) -> Result<()> {
-    match std::fs::remove_file(path) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(source) => Err(Error::Io {
-            op: "removing",
-            path: path.to_path_buf(),
-            source,
-        }),
-    }
-}
-
-/// Detaches the link pinned at `path` synchronously and removes the pin. Missing pins are fine.
-fn unpin_and_detach(path: &Path) -> Result<()> {
-    let fd = match crate::sys::obj_get(path) {
-        Ok(fd) => fd,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(source) => {
-            return Err(Error::Io {
-                op: "opening pinned link",
-                path: path.to_path_buf(),
-                source,
-            });
-        }
-    };
-    // A link whose interface is gone is already detached; that is not an error here.
-    if let Err(e) = crate::sys::link_detach(fd.as_fd()) {
-        tracing::debug!(path = %path.display(), error = %e, "link already detached");
-    }
-    remove_pin(path)
 }
 
 /// Detaches the counters from `ifname` (removes the pinned links) and drops its counter entries.

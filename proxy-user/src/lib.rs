@@ -4,12 +4,21 @@
 //! time), attaching them (tcx), pinning maps and links in bpffs so traffic survives an agent
 //! restart, and reading and programming the maps.
 //!
-//! What is real today: per-interface packet/byte counters ([`counters`]). Service load balancing
-//! and NetworkPolicy are not implemented yet (issues 4 and 5); nothing here claims to do them.
+//! What is real today: per-interface packet/byte counters ([`counters`]), and socket-level service
+//! load balancing for ClusterIP, externalIPs, LoadBalancer IPs and NodePort-on-node-addresses
+//! ([`socklb`], [`services`]) from Kubernetes objects ([`model`]) read from a directory of
+//! manifests ([`manifests`], [`agent`]). Not yet: TC per-packet NAT (NodePort from outside the
+//! node), Maglev, session affinity, traffic policies, the Kubernetes API source, metrics, and
+//! NetworkPolicy.
 
+pub mod agent;
 pub mod bpffs;
 pub mod counters;
+pub mod manifests;
+pub mod model;
 pub mod object;
+pub mod services;
+pub mod socklb;
 mod sys;
 
 use std::path::PathBuf;
@@ -71,6 +80,16 @@ pub enum Error {
         /// The lookup error.
         #[source]
         source: nix::Error,
+    },
+    /// A map is full.
+    #[error("map {map} is full ({limit} entries); raise {flag}")]
+    Limit {
+        /// Map name.
+        map: &'static str,
+        /// Its size.
+        limit: u32,
+        /// The option that sets it.
+        flag: String,
     },
     /// The object does not contain an expected program or map (a build mismatch).
     #[error("the embedded eBPF object has no {kind} named {name}")]

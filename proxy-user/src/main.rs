@@ -4,7 +4,11 @@ use std::path::PathBuf;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use weft_proxy::{bpffs::PinLayout, counters};
+use weft_proxy::{
+    agent::{self, Agent},
+    bpffs::PinLayout,
+    counters, services, socklb,
+};
 
 #[derive(Debug, Parser)]
 #[command(name = "weft-proxy", version, about = "weft's eBPF datapath agent")]
@@ -18,9 +22,71 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the agent: attach the socket load balancer and program services from manifests.
+    Run(RunArgs),
+    /// List the service frontends and backends as the kernel holds them.
+    Services {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Socket load balancer attachment.
+    #[command(subcommand)]
+    Socklb(SocklbCmd),
+    /// Connect to an address as an application would and report who answered (for debugging
+    /// service routing): prints JSON with the reply, the peer address and the local address.
+    Probe(ProbeArgs),
     /// Per-interface packet and byte counters (tcx programs).
     #[command(subcommand)]
     Counters(CountersCmd),
+}
+
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    /// Directory of Kubernetes YAML (Service, EndpointSlice, Pod, Node), watched for changes.
+    #[arg(long)]
+    manifests: PathBuf,
+    /// This node's name.
+    #[arg(long, env = "WEFT_NODE_NAME")]
+    node_name: String,
+    /// cgroup2 directory to attach the socket load balancer to (default: the cgroup2 root,
+    /// which covers every process on the node).
+    #[arg(long)]
+    cgroup: Option<PathBuf>,
+    /// How often to look at the manifests for changes.
+    #[arg(long, default_value_t = 200)]
+    poll_ms: u64,
+    /// Service map size (frontends), used when the map is created.
+    #[arg(long, default_value_t = 65_536)]
+    max_services: u32,
+    /// Backend map size (slots over all frontends), used when the map is created.
+    #[arg(long, default_value_t = 262_144)]
+    max_backends: u32,
+}
+
+#[derive(Debug, Subcommand)]
+enum SocklbCmd {
+    /// Detach the socket load balancer from a cgroup.
+    Detach {
+        /// cgroup2 directory (default: the cgroup2 root).
+        #[arg(long)]
+        cgroup: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct ProbeArgs {
+    /// tcp or udp.
+    #[arg(value_parser = ["tcp", "udp"])]
+    protocol: String,
+    /// Address to connect to.
+    addr: std::net::SocketAddr,
+    /// What to send.
+    #[arg(long, default_value = "weft-probe")]
+    payload: String,
+    /// Give up after this long.
+    #[arg(long, default_value_t = 2000)]
+    timeout_ms: u64,
 }
 
 #[derive(Debug, Subcommand)]
@@ -58,6 +124,33 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let layout = PinLayout::new(cli.pin_dir);
     match cli.command {
+        Command::Run(args) => run(layout, args)?,
+        Command::Services { json } => {
+            let rows = services::read(&layout)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                println!("{:<28} {:>5}  BACKENDS", "FRONTEND", "ID");
+                for r in rows {
+                    let b = if r.backends.is_empty() {
+                        "(none: refused)".to_owned()
+                    } else {
+                        r.backends.join(" ")
+                    };
+                    println!("{:<28} {:>5}  {b}", r.frontend, r.id);
+                }
+            }
+        }
+        Command::Socklb(SocklbCmd::Detach { cgroup }) => {
+            socklb::detach(&layout, &cgroup_or_root(cgroup)?)?;
+        }
+        Command::Probe(args) => {
+            let out = probe(&args);
+            println!("{}", serde_json::to_string(&out)?);
+            if out.get("error").is_some() {
+                std::process::exit(1);
+            }
+        }
         Command::Counters(CountersCmd::Attach { interfaces }) => {
             for iface in &interfaces {
                 counters::attach(&layout, iface)
@@ -83,4 +176,114 @@ fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+fn cgroup_or_root(cgroup: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    cgroup
+        .or_else(socklb::cgroup2_root)
+        .context("no cgroup2 hierarchy is mounted; pass --cgroup")
+}
+
+fn run(layout: PinLayout, args: RunArgs) -> anyhow::Result<()> {
+    let config = agent::Config {
+        manifests: args.manifests,
+        node_name: args.node_name,
+        cgroup: cgroup_or_root(args.cgroup)?,
+        layout,
+        limits: services::Limits {
+            max_services: args.max_services,
+            max_backends: args.max_backends,
+        },
+    };
+    let mut agent = Agent::start(config.clone()).context("starting the agent")?;
+    tracing::info!(cgroup = %config.cgroup.display(), manifests = %config.manifests.display(), "weft-proxy running");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for sig in [signal_hook_like::SIGTERM, signal_hook_like::SIGINT] {
+        signal_hook_like::register(sig, stop.clone())?;
+    }
+    let mut first = true;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        match agent.sync(first) {
+            Ok(Some(report)) => {
+                for p in &report.problems {
+                    tracing::warn!(problem = %p, "skipped");
+                }
+                for e in &report.errors {
+                    tracing::error!(error = %e, "not programmed");
+                }
+                tracing::info!(
+                    frontends = report.frontends,
+                    added = report.applied.added,
+                    updated = report.applied.updated,
+                    removed = report.applied.removed,
+                    micros = report.micros as u64,
+                    "services synchronised"
+                );
+            }
+            Ok(None) => {}
+            Err(e) => tracing::error!(error = %e, "synchronising services"),
+        }
+        first = false;
+        std::thread::sleep(std::time::Duration::from_millis(args.poll_ms));
+    }
+    tracing::info!("stopping; programs and maps stay pinned and keep serving");
+    Ok(())
+}
+
+/// Minimal SIGTERM/SIGINT handling: set a flag the main loop polls.
+mod signal_hook_like {
+    use std::sync::{Arc, OnceLock, atomic::AtomicBool};
+
+    pub const SIGTERM: i32 = libc::SIGTERM;
+    pub const SIGINT: i32 = libc::SIGINT;
+
+    static FLAG: OnceLock<Arc<AtomicBool>> = OnceLock::new();
+
+    extern "C" fn on_signal(_: libc::c_int) {
+        if let Some(f) = FLAG.get() {
+            f.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    pub fn register(sig: i32, flag: Arc<AtomicBool>) -> std::io::Result<()> {
+        let _ = FLAG.set(flag);
+        let handler = nix::sys::signal::SigHandler::Handler(on_signal);
+        // SAFETY: the handler only performs an atomic store, which is async-signal-safe.
+        unsafe { nix::sys::signal::signal(nix::sys::signal::Signal::try_from(sig)?, handler) }?;
+        Ok(())
+    }
+}
+
+fn probe(args: &ProbeArgs) -> serde_json::Value {
+    use std::io::{Read as _, Write as _};
+    let timeout = std::time::Duration::from_millis(args.timeout_ms);
+    let result = (|| -> std::io::Result<serde_json::Value> {
+        if args.protocol == "tcp" {
+            let mut s = std::net::TcpStream::connect_timeout(&args.addr, timeout)?;
+            // Before any read: once the server closes, there is no peer to ask about.
+            let (peer, local) = (s.peer_addr()?, s.local_addr()?);
+            s.set_read_timeout(Some(timeout))?;
+            s.write_all(args.payload.as_bytes())?;
+            s.shutdown(std::net::Shutdown::Write)?;
+            let mut reply = Vec::new();
+            s.read_to_end(&mut reply)?;
+            Ok(serde_json::json!({
+                "reply": String::from_utf8_lossy(&reply),
+                "peer": peer.to_string(),
+                "local": local.to_string(),
+            }))
+        } else {
+            let s = std::net::UdpSocket::bind("0.0.0.0:0")?;
+            s.set_read_timeout(Some(timeout))?;
+            s.send_to(args.payload.as_bytes(), args.addr)?;
+            let mut buf = vec![0u8; 65536];
+            let (n, from) = s.recv_from(&mut buf)?;
+            Ok(serde_json::json!({
+                "reply": String::from_utf8_lossy(&buf[..n]),
+                "peer": from.to_string(),
+                "local": s.local_addr()?.to_string(),
+            }))
+        }
+    })();
+    result.unwrap_or_else(|e| serde_json::json!({ "error": e.to_string(), "kind": format!("{:?}", e.kind()), "os_error": e.raw_os_error() }))
 }

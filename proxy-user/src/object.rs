@@ -2,17 +2,22 @@
 
 use aya::{Ebpf, EbpfLoader};
 
-use crate::{Result, bpffs::PinLayout};
+use weft_proxy_common::names;
+
+use crate::{Result, bpffs::PinLayout, services::Limits};
 
 /// The compiled kernel programs (ELF for bpfel-unknown-none), produced by `build.rs`.
 pub static EBPF_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/weft-proxy-ebpf"));
 
 /// Loads the object: maps declared as pinned are reused from `layout.maps_dir()` when they exist
-/// (so their contents survive restarts) and pinned there when they do not.
-pub fn load(layout: &PinLayout) -> Result<Ebpf> {
+/// (so their contents survive restarts) and pinned there when they do not. `limits` sizes the
+/// service maps when they are created (existing pinned maps keep their size).
+pub fn load(layout: &PinLayout, limits: &Limits) -> Result<Ebpf> {
     layout.prepare()?;
     Ok(EbpfLoader::new()
         .default_map_pin_directory(layout.maps_dir())
+        .map_max_entries(names::MAP_SERVICES, limits.max_services)
+        .map_max_entries(names::MAP_BACKENDS, limits.max_backends)
         .load(EBPF_OBJECT)?)
 }

@@ -10,6 +10,7 @@ use std::{
 
 /// Commands from `enum bpf_cmd` (include/uapi/linux/bpf.h).
 const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_LINK_UPDATE: libc::c_long = 29;
 const BPF_LINK_DETACH: libc::c_long = 34;
 
 /// The `obj_pin`/`obj_get` member of `union bpf_attr`.
@@ -18,6 +19,15 @@ struct ObjGetAttr {
     pathname: u64,
     bpf_fd: u32,
     file_flags: u32,
+}
+
+/// The `link_update` member of `union bpf_attr`.
+#[repr(C)]
+struct LinkUpdateAttr {
+    link_fd: u32,
+    new_prog_fd: u32,
+    flags: u32,
+    old_prog_fd: u32,
 }
 
 /// The `link_detach` member of `union bpf_attr`.
@@ -65,4 +75,20 @@ pub(crate) fn link_detach(link: BorrowedFd<'_>) -> std::io::Result<()> {
     let link_fd = u32::try_from(link.as_raw_fd())
         .map_err(|_| std::io::Error::from_raw_os_error(libc::EBADF))?;
     bpf(BPF_LINK_DETACH, &LinkDetachAttr { link_fd }).map(|_| ())
+}
+
+fn fd_u32(fd: BorrowedFd<'_>) -> std::io::Result<u32> {
+    u32::try_from(fd.as_raw_fd()).map_err(|_| std::io::Error::from_raw_os_error(libc::EBADF))
+}
+
+/// Atomically replaces the program behind a link (BPF_LINK_UPDATE): no packet or socket call
+/// sees the hook without a program.
+pub(crate) fn link_update(link: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> std::io::Result<()> {
+    let attr = LinkUpdateAttr {
+        link_fd: fd_u32(link)?,
+        new_prog_fd: fd_u32(prog)?,
+        flags: 0,
+        old_prog_fd: 0,
+    };
+    bpf(BPF_LINK_UPDATE, &attr).map(|_| ())
 }

@@ -1,7 +1,10 @@
 //! Removing what the test bed creates: namespaces (and the processes in them), bpffs and scratch
 //! directories, both for the current lab and for leftovers of earlier runs that crashed.
 
-use std::{os::unix::fs::MetadataExt as _, path::Path};
+use std::{
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+};
 
 use crate::{NETNS_DIR, PREFIX};
 
@@ -34,6 +37,15 @@ pub(crate) fn remove_stale() {
             }
         }
     }
+    if let Some(root) = cgroup2_root()
+        && let Ok(entries) = std::fs::read_dir(&root)
+    {
+        for e in entries.flatten() {
+            if is_stale(&e.file_name().to_string_lossy()) {
+                remove_cgroup(&e.path());
+            }
+        }
+    }
     for dir in [Path::new(BPFFS).to_path_buf(), std::env::temp_dir()] {
         if let Ok(entries) = std::fs::read_dir(&dir) {
             for e in entries.flatten() {
@@ -42,6 +54,41 @@ pub(crate) fn remove_stale() {
                 }
             }
         }
+    }
+}
+
+/// The root of the cgroup2 hierarchy (from /proc/mounts).
+pub(crate) fn cgroup2_root() -> Option<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
+    mounts.lines().find_map(|l| {
+        let mut f = l.split_whitespace();
+        let (_, path, fstype) = (f.next()?, f.next()?, f.next()?);
+        (fstype == "cgroup2").then(|| PathBuf::from(path))
+    })
+}
+
+/// Kills every process in a cgroup the lab created and removes it.
+pub(crate) fn remove_cgroup(dir: &Path) {
+    for _ in 0..200 {
+        let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+        let pids: Vec<i32> = procs
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect();
+        if pids.is_empty() {
+            break;
+        }
+        for pid in pids {
+            let pid = nix::unistd::Pid::from_raw(pid);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::wait::waitpid(pid, Some(nix::sys::wait::WaitPidFlag::WNOHANG));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    if let Err(e) = std::fs::remove_dir(dir)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        tracing::warn!(cgroup = %dir.display(), error = %e, "removing test cgroup");
     }
 }
 

@@ -3,6 +3,7 @@
 use std::{
     ffi::OsStr,
     net::Ipv4Addr,
+    os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
     process::{Command, Output},
 };
@@ -72,6 +73,29 @@ impl Host {
     /// A command that runs inside this namespace (network namespace only).
     pub fn command(&self, program: impl AsRef<OsStr>) -> Result<Command> {
         Ok(self.ns.command(program)?)
+    }
+
+    /// A command that runs inside this namespace and inside the cgroup `cgroup` (it joins the
+    /// cgroup before exec, so cgroup BPF programs see all of its sockets).
+    pub fn command_in_cgroup(&self, program: impl AsRef<OsStr>, cgroup: &Path) -> Result<Command> {
+        let mut cmd = self.command(program)?;
+        let procs = std::fs::File::options()
+            .write(true)
+            .open(cgroup.join("cgroup.procs"))
+            .map_err(|source| Error::Io {
+                what: format!("opening {}/cgroup.procs", cgroup.display()),
+                source,
+            })?;
+        // SAFETY: runs in the forked child before exec and only calls write(2) on an fd opened
+        // before the fork, which is async-signal-safe. Writing "0" moves the writing process.
+        unsafe {
+            cmd.pre_exec(move || {
+                nix::unistd::write(&procs, b"0")
+                    .map(|_| ())
+                    .map_err(std::io::Error::from)
+            });
+        }
+        Ok(cmd)
     }
 
     /// Runs a command inside the namespace and returns its output, whatever its exit status.

@@ -83,7 +83,9 @@ pub struct Lab {
     nodes: Vec<Host>,
     others: Vec<Host>,
     dirs: Vec<PathBuf>,
+    cgroups: Vec<PathBuf>,
     next_underlay_host: u8,
+    next_veth: u32,
 }
 
 impl Lab {
@@ -112,7 +114,9 @@ impl Lab {
             nodes: Vec::new(),
             others: Vec::new(),
             dirs: Vec::new(),
+            cgroups: Vec::new(),
             next_underlay_host: 10,
+            next_veth: 0,
         };
         let ns = lab.underlay.ns().try_clone()?;
         lab.bridge_index = lab.block_on(async move {
@@ -231,6 +235,70 @@ impl Lab {
         Ok(dir)
     }
 
+    /// A fresh child cgroup (v2) for this lab's processes, so cgroup BPF programs are attached
+    /// there and never at the root. Removed with the lab, after killing what runs in it.
+    pub fn cgroup(&mut self, label: &str) -> Result<PathBuf> {
+        let root = cleanup::cgroup2_root().ok_or_else(|| Error::Io {
+            what: "finding the cgroup2 hierarchy".into(),
+            source: std::io::Error::from(std::io::ErrorKind::NotFound),
+        })?;
+        let dir = root.join(format!("{}-{label}", self.id));
+        std::fs::create_dir(&dir).map_err(|source| Error::Io {
+            what: format!("creating {}", dir.display()),
+            source,
+        })?;
+        self.cgroups.push(dir.clone());
+        Ok(dir)
+    }
+
+    /// Adds a pod namespace wired to `node` by hand (no CNI plugin): a veth whose pod end is
+    /// `eth0` with `ip/32` and a default route via 169.254.1.1 (the node end's address), and a
+    /// /32 route to the pod on the node. Several pods per node work; addresses are the caller's.
+    pub fn wire_pod(&mut self, node: usize, label: &str, ip: Ipv4Addr) -> Result<&Host> {
+        let host = Host::create(&format!("{}-{label}", self.id), label)?;
+        let node_side = format!("tbv{}", self.next_veth);
+        self.next_veth += 1;
+        let (node_ns, pod_ns) = (self.nodes[node].ns().try_clone()?, host.ns().try_clone()?);
+        self.others.push(host);
+        let gw = Ipv4Addr::new(169, 254, 1, 1);
+        self.block_on(async move {
+            let n = Netlink::connect(&node_ns).await?;
+            n.add_veth(&node_side, "eth0", Some(&pod_ns), None).await?;
+            let h = n.require_link(&node_side).await?;
+            n.add_address(h.index, IpNet::new(gw.into(), 32).expect("valid"))
+                .await?;
+            n.set_up(h.index).await?;
+            n.add_route_v4(
+                IpNet::new(ip.into(), 32).expect("valid"),
+                None,
+                Some(h.index),
+                false,
+            )
+            .await?;
+            let p = Netlink::connect(&pod_ns).await?;
+            let e = p.require_link("eth0").await?;
+            p.add_address(e.index, IpNet::new(ip.into(), 32).expect("valid"))
+                .await?;
+            p.set_up(e.index).await?;
+            p.add_route_v4(
+                IpNet::new(gw.into(), 32).expect("valid"),
+                None,
+                Some(e.index),
+                false,
+            )
+            .await?;
+            p.add_route_v4(
+                "0.0.0.0/0".parse().expect("valid"),
+                Some(gw),
+                Some(e.index),
+                false,
+            )
+            .await?;
+            Ok::<_, Error>(())
+        })?;
+        Ok(self.others.last().expect("just pushed"))
+    }
+
     /// A fresh, unique scratch directory under the system temp dir, removed with the lab.
     pub fn temp_dir(&mut self, label: &str) -> Result<PathBuf> {
         let dir = std::env::temp_dir().join(format!("{}-{label}", self.id));
@@ -249,6 +317,9 @@ impl Drop for Lab {
             host.destroy();
         }
         self.underlay.destroy();
+        for cg in self.cgroups.drain(..) {
+            cleanup::remove_cgroup(&cg);
+        }
         for dir in self.dirs.drain(..) {
             cleanup::remove_dir(&dir);
         }

@@ -8,49 +8,6 @@ use weft_testbed::{Lab, Netlink};
 
 const T: Duration = Duration::from_secs(5);
 
-/// Wires `pod` to `node` by hand: veth `eth0` in the pod with `pod_ip/32`, host side `hveth` with
-/// a /32 route to the pod, default route in the pod through a link-local style gateway.
-fn wire_pod(lab: &Lab, node: usize, pod: &str, pod_ip: &str) {
-    let node_ns = lab.node(node).ns().try_clone().unwrap();
-    let pod_ns = lab.host(pod).unwrap().ns().try_clone().unwrap();
-    let pod_ip: IpNet = pod_ip.parse().unwrap();
-    let gw: std::net::Ipv4Addr = "169.254.1.1".parse().unwrap();
-    lab.block_on(async move {
-        let n = Netlink::connect(&node_ns).await.unwrap();
-        n.add_veth("hveth", "eth0", Some(&pod_ns), None)
-            .await
-            .unwrap();
-        let h = n.require_link("hveth").await.unwrap();
-        n.add_address(h.index, "169.254.1.1/32".parse().unwrap())
-            .await
-            .unwrap();
-        n.set_up(h.index).await.unwrap();
-        n.add_route_v4(
-            IpNet::new(pod_ip.addr(), 32).unwrap(),
-            None,
-            Some(h.index),
-            false,
-        )
-        .await
-        .unwrap();
-        let p = Netlink::connect(&pod_ns).await.unwrap();
-        let e = p.require_link("eth0").await.unwrap();
-        p.add_address(e.index, pod_ip).await.unwrap();
-        p.set_up(e.index).await.unwrap();
-        p.add_route_v4(
-            "169.254.1.1/32".parse().unwrap(),
-            None,
-            Some(e.index),
-            false,
-        )
-        .await
-        .unwrap();
-        p.add_route_v4("0.0.0.0/0".parse().unwrap(), Some(gw), Some(e.index), false)
-            .await
-            .unwrap();
-    });
-}
-
 fn route_to(lab: &Lab, node: usize, cidr: &str, via: std::net::Ipv4Addr) {
     let ns = lab.node(node).ns().try_clone().unwrap();
     let cidr: IpNet = cidr.parse().unwrap();
@@ -65,10 +22,10 @@ fn two_nodes_one_pod_each_talk_across_the_underlay() {
     let mut lab = Lab::new().expect("lab");
     let n0 = lab.add_node().unwrap();
     let n1 = lab.add_node().unwrap();
-    lab.add_namespace("pod-a").unwrap();
-    lab.add_namespace("pod-b").unwrap();
-    wire_pod(&lab, n0, "pod-a", "10.244.0.2/32");
-    wire_pod(&lab, n1, "pod-b", "10.244.1.2/32");
+    lab.wire_pod(n0, "pod-a", "10.244.0.2".parse().unwrap())
+        .unwrap();
+    lab.wire_pod(n1, "pod-b", "10.244.1.2".parse().unwrap())
+        .unwrap();
     let (u0, u1) = (
         lab.node(n0).underlay_addr().unwrap(),
         lab.node(n1).underlay_addr().unwrap(),
@@ -122,10 +79,26 @@ fn dropping_the_lab_removes_every_namespace_and_directory() {
         lab.add_node().unwrap();
         lab.add_external("client").unwrap();
         lab.add_namespace("pod").unwrap();
+        let cg = lab.cgroup("procs").unwrap();
         let dirs = vec![
             lab.bpffs_dir("pins").unwrap(),
             lab.temp_dir("scratch").unwrap(),
+            cg.clone(),
         ];
+        // A process in the lab's cgroup is killed so the cgroup can go.
+        let mut in_cg = lab
+            .node(0)
+            .command_in_cgroup("sleep", &cg)
+            .unwrap()
+            .arg("300")
+            .spawn()
+            .unwrap();
+        let procs = std::fs::read_to_string(cg.join("cgroup.procs")).unwrap();
+        assert_eq!(
+            procs.trim(),
+            in_cg.id().to_string(),
+            "the child joined the cgroup"
+        );
         // A process left running inside a namespace must not keep it alive.
         let mut child = lab
             .node(0)
@@ -152,6 +125,7 @@ fn dropping_the_lab_removes_every_namespace_and_directory() {
         }
         drop(lab);
         let _ = child.wait();
+        let _ = in_cg.wait();
         (names, dirs)
     };
     for p in names.iter().chain(dirs.iter()) {

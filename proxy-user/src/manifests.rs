@@ -1,0 +1,129 @@
+//! Standalone mode's source of desired state: a directory of Kubernetes YAML (Service,
+//! EndpointSlice, Pod, Node, Namespace; other kinds are ignored), one or more documents per file.
+//! A document that does not parse is reported and skipped; the rest still count.
+
+use std::{
+    path::{Path, PathBuf},
+    time::SystemTime,
+};
+
+use serde::Deserialize;
+
+use crate::model::{Objects, Problem};
+
+#[derive(Deserialize)]
+struct TypeMeta {
+    kind: Option<String>,
+}
+
+/// Parses every document of one YAML text into `objects`; `source` names it in problems.
+pub fn parse_into(text: &str, source: &str, objects: &mut Objects, problems: &mut Vec<Problem>) {
+    for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let value = match serde_yaml::Value::deserialize(doc) {
+            Ok(serde_yaml::Value::Null) => continue,
+            Ok(v) => v,
+            Err(e) => {
+                problems.push(Problem {
+                    object: format!("{source} document {}", i + 1),
+                    reason: e.to_string(),
+                });
+                continue;
+            }
+        };
+        let kind = serde_yaml::from_value::<TypeMeta>(value.clone())
+            .ok()
+            .and_then(|t| t.kind);
+        let what = format!(
+            "{source} document {} ({})",
+            i + 1,
+            kind.as_deref().unwrap_or("no kind")
+        );
+        let bad = |e: serde_yaml::Error| Problem {
+            object: what.clone(),
+            reason: e.to_string(),
+        };
+        let res = match kind.as_deref() {
+            Some("Service") => serde_yaml::from_value(value).map(|o| objects.services.push(o)),
+            Some("EndpointSlice") => serde_yaml::from_value(value).map(|o| objects.slices.push(o)),
+            Some("Pod") => serde_yaml::from_value(value).map(|o| objects.pods.push(o)),
+            Some("Node") => serde_yaml::from_value(value).map(|o| objects.nodes.push(o)),
+            _ => Ok(()),
+        };
+        if let Err(e) = res {
+            problems.push(bad(e));
+        }
+    }
+}
+
+/// Parses one YAML text.
+pub fn parse_str(text: &str, source: &str) -> (Objects, Vec<Problem>) {
+    let mut objects = Objects::default();
+    let mut problems = Vec::new();
+    parse_into(text, source, &mut objects, &mut problems);
+    (objects, problems)
+}
+
+fn yaml_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| {
+            p.extension()
+                .is_some_and(|e| e == "yaml" || e == "yml" || e == "json")
+        })
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+/// What the directory looks like now (names, sizes, modification times), to notice changes.
+pub fn fingerprint(dir: &Path) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
+    yaml_files(dir)
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|p| {
+            let m = std::fs::metadata(&p).ok()?;
+            Some((p, m.len(), m.modified().ok()))
+        })
+        .collect()
+}
+
+/// Loads every manifest in `dir`.
+pub fn load_dir(dir: &Path) -> std::io::Result<(Objects, Vec<Problem>)> {
+    let mut objects = Objects::default();
+    let mut problems = Vec::new();
+    for file in yaml_files(dir)? {
+        match std::fs::read_to_string(&file) {
+            Ok(text) => parse_into(
+                &text,
+                &file.display().to_string(),
+                &mut objects,
+                &mut problems,
+            ),
+            Err(e) => problems.push(Problem {
+                object: file.display().to_string(),
+                reason: e.to_string(),
+            }),
+        }
+    }
+    Ok((objects, problems))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn documents_are_sorted_by_kind_and_bad_ones_reported() {
+        let yaml = "apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: {ports: [{port: 80}]}\n---\n\
+                    kind: Pod\nmetadata: {name: p}\n---\nkind: ConfigMap\nmetadata: {name: c}\n---\n\
+                    kind: Service\nspec: {ports: \"not a list\"}\n---\n";
+        let (o, problems) = parse_str(yaml, "f.yaml");
+        assert_eq!((o.services.len(), o.pods.len()), (1, 1));
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(
+            problems[0].object.contains("f.yaml document 4 (Service)"),
+            "{problems:?}"
+        );
+    }
+}

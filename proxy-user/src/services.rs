@@ -1,0 +1,354 @@
+//! Programming the service maps from the desired state, incrementally.
+//!
+//! The kernel holds, per frontend, a [`ServiceValue`] (backend-set id and count) and `count`
+//! [`Backend`] slots. [`ServiceMaps::apply`] diffs the desired state against what it last wrote
+//! (read back from the pinned maps at start, so a restarted agent converges and removes stale
+//! entries) and touches only frontends that changed: the cost of a change is proportional to the
+//! change, not to the number of services. Writes are ordered so a concurrent connect(2) never
+//! reads a slot index at or above the slots written: slots first when growing, count first when
+//! shrinking.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use aya::maps::{HashMap, Map, MapData, MapError};
+use serde::Serialize;
+use weft_proxy_common::{Backend, BackendKey, Be16, Be32, ServiceKey, ServiceValue, names};
+
+use crate::{
+    Error, Result,
+    bpffs::PinLayout,
+    model::{BackendAddr, Desired, Frontend},
+};
+
+/// Map size limits (entries). They apply when the maps are first created.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Frontends.
+    pub max_services: u32,
+    /// Backend slots over all frontends.
+    pub max_backends: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_services: 65_536,
+            max_backends: 262_144,
+        }
+    }
+}
+
+/// What one [`ServiceMaps::apply`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct ApplyReport {
+    /// Frontends added.
+    pub added: usize,
+    /// Frontends whose backends changed.
+    pub updated: usize,
+    /// Frontends removed.
+    pub removed: usize,
+    /// Frontends left as they were.
+    pub unchanged: usize,
+    /// Frontends that could not be written (see the returned errors).
+    pub failed: usize,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Programmed {
+    id: u32,
+    backends: Vec<BackendAddr>,
+}
+
+/// One row of what the kernel holds.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ServiceRow {
+    /// `addr:port/proto`.
+    pub frontend: String,
+    /// Backend set id.
+    pub id: u32,
+    /// `addr:port` of each slot.
+    pub backends: Vec<String>,
+}
+
+/// The service and backend maps, and what is programmed in them.
+#[derive(Debug)]
+pub struct ServiceMaps {
+    services: HashMap<MapData, ServiceKey, ServiceValue>,
+    backends: HashMap<MapData, BackendKey, Backend>,
+    current: BTreeMap<Frontend, Programmed>,
+    limits: Limits,
+}
+
+fn map_err(name: &'static str) -> impl Fn(MapError) -> Error {
+    move |source| Error::Map {
+        name: name.into(),
+        source,
+    }
+}
+
+/// The kernel key of a frontend.
+pub fn service_key(f: &Frontend) -> ServiceKey {
+    ServiceKey {
+        addr: Be32::from_octets(f.addr.octets()),
+        port: Be16::from_host(f.port),
+        proto: f.proto,
+        _pad: 0,
+    }
+}
+
+fn frontend(k: &ServiceKey) -> Frontend {
+    Frontend {
+        addr: k.addr.octets().into(),
+        port: k.port.to_host(),
+        proto: k.proto,
+    }
+}
+
+fn backend(b: &BackendAddr) -> Backend {
+    Backend {
+        addr: Be32::from_octets(b.addr.octets()),
+        port: Be16::from_host(b.port),
+        _pad: 0,
+    }
+}
+
+fn backend_addr(b: &Backend) -> BackendAddr {
+    BackendAddr {
+        addr: b.addr.octets().into(),
+        port: b.port.to_host(),
+    }
+}
+
+fn open_pinned(layout: &PinLayout, name: &'static str) -> Result<MapData> {
+    MapData::from_pin(layout.map(name)).map_err(map_err(name))
+}
+
+impl ServiceMaps {
+    /// Opens the pinned maps under `layout` and reads what they hold; slots that no frontend
+    /// references (left by a crash in the middle of an update) are deleted.
+    pub fn open(layout: &PinLayout, limits: Limits) -> Result<Self> {
+        let services = HashMap::try_from(Map::HashMap(open_pinned(layout, names::MAP_SERVICES)?))
+            .map_err(map_err(names::MAP_SERVICES))?;
+        let backends = HashMap::try_from(Map::HashMap(open_pinned(layout, names::MAP_BACKENDS)?))
+            .map_err(map_err(names::MAP_BACKENDS))?;
+        let mut me = Self {
+            services,
+            backends,
+            current: BTreeMap::new(),
+            limits,
+        };
+        me.read_back()?;
+        Ok(me)
+    }
+
+    fn read_back(&mut self) -> Result<()> {
+        let mut by_id: BTreeMap<u32, (Frontend, u32)> = BTreeMap::new();
+        for item in self.services.iter() {
+            let (k, v) = item.map_err(map_err(names::MAP_SERVICES))?;
+            by_id.insert(v.id, (frontend(&k), v.count));
+        }
+        let mut slots: BTreeMap<u32, BTreeMap<u32, Backend>> = BTreeMap::new();
+        let mut stale = Vec::new();
+        for item in self.backends.iter() {
+            let (k, b) = item.map_err(map_err(names::MAP_BACKENDS))?;
+            match by_id.get(&k.service) {
+                Some((_, count)) if k.slot < *count => {
+                    slots.entry(k.service).or_default().insert(k.slot, b);
+                }
+                _ => stale.push(k),
+            }
+        }
+        for k in stale {
+            let _ = self.backends.remove(&k);
+        }
+        for (id, (f, count)) in by_id {
+            let got = slots.remove(&id).unwrap_or_default();
+            let mut backends: Vec<BackendAddr> = got.values().map(backend_addr).collect();
+            backends.sort();
+            if backends.len() != count as usize {
+                // A torn update: force a rewrite by recording nothing for it.
+                backends.clear();
+            }
+            self.current.insert(f, Programmed { id, backends });
+        }
+        Ok(())
+    }
+
+    fn free_id(&self) -> u32 {
+        let used: BTreeSet<u32> = self.current.values().map(|p| p.id).collect();
+        (1..).find(|i| !used.contains(i)).expect("ids are plenty")
+    }
+
+    fn write_slots(&mut self, id: u32, backends: &[BackendAddr]) -> Result<()> {
+        for (slot, b) in backends.iter().enumerate() {
+            self.backends
+                .insert(
+                    BackendKey {
+                        service: id,
+                        slot: slot as u32,
+                    },
+                    backend(b),
+                    0,
+                )
+                .map_err(|e| {
+                    limit_error(
+                        e,
+                        names::MAP_BACKENDS,
+                        "--max-backends",
+                        self.limits.max_backends,
+                    )
+                })?;
+        }
+        Ok(())
+    }
+
+    fn delete_slots(&mut self, id: u32, from: usize, to: usize) {
+        for slot in from..to {
+            let _ = self.backends.remove(&BackendKey {
+                service: id,
+                slot: slot as u32,
+            });
+        }
+    }
+
+    fn set_service(&mut self, f: &Frontend, id: u32, count: usize) -> Result<()> {
+        let v = ServiceValue {
+            id,
+            count: count as u32,
+            flags: 0,
+            _pad: 0,
+        };
+        self.services.insert(service_key(f), v, 0).map_err(|e| {
+            limit_error(
+                e,
+                names::MAP_SERVICES,
+                "--max-services",
+                self.limits.max_services,
+            )
+        })
+    }
+
+    /// Brings the maps to `desired`. Frontends that fail (a full map) are reported; the others are
+    /// still applied.
+    pub fn apply(&mut self, desired: &Desired) -> (ApplyReport, Vec<Error>) {
+        let mut report = ApplyReport::default();
+        let mut errors = Vec::new();
+        let gone: Vec<Frontend> = self
+            .current
+            .keys()
+            .filter(|f| !desired.contains_key(f))
+            .copied()
+            .collect();
+        for f in gone {
+            let p = self.current.remove(&f).expect("listed");
+            let _ = self.services.remove(&service_key(&f));
+            self.delete_slots(p.id, 0, p.backends.len());
+            report.removed += 1;
+        }
+        for (f, want) in desired {
+            match self.current.get(f).cloned() {
+                Some(p) if p.backends == want.backends => report.unchanged += 1,
+                Some(p) => {
+                    let (old, new) = (p.backends.len(), want.backends.len());
+                    let res = if new >= old {
+                        self.write_slots(p.id, &want.backends)
+                            .and_then(|()| self.set_service(f, p.id, new))
+                    } else {
+                        self.set_service(f, p.id, new)
+                            .and_then(|()| self.write_slots(p.id, &want.backends))
+                    };
+                    match res {
+                        Ok(()) => {
+                            self.delete_slots(p.id, new, old);
+                            self.current.insert(
+                                *f,
+                                Programmed {
+                                    id: p.id,
+                                    backends: want.backends.clone(),
+                                },
+                            );
+                            report.updated += 1;
+                        }
+                        Err(e) => {
+                            errors.push(e);
+                            report.failed += 1;
+                        }
+                    }
+                }
+                None => {
+                    let id = self.free_id();
+                    let res = self
+                        .write_slots(id, &want.backends)
+                        .and_then(|()| self.set_service(f, id, want.backends.len()));
+                    match res {
+                        Ok(()) => {
+                            self.current.insert(
+                                *f,
+                                Programmed {
+                                    id,
+                                    backends: want.backends.clone(),
+                                },
+                            );
+                            report.added += 1;
+                        }
+                        Err(e) => {
+                            self.delete_slots(id, 0, want.backends.len());
+                            errors.push(e);
+                            report.failed += 1;
+                        }
+                    }
+                }
+            }
+        }
+        (report, errors)
+    }
+
+    /// Number of frontends programmed.
+    pub fn len(&self) -> usize {
+        self.current.len()
+    }
+
+    /// Whether nothing is programmed.
+    pub fn is_empty(&self) -> bool {
+        self.current.is_empty()
+    }
+
+    /// Number of backend slots programmed.
+    pub fn backend_count(&self) -> usize {
+        self.current.values().map(|p| p.backends.len()).sum()
+    }
+}
+
+fn limit_error(e: MapError, name: &'static str, flag: &str, limit: u32) -> Error {
+    let full =
+        matches!(&e, MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::E2BIG));
+    if full {
+        Error::Limit {
+            map: name,
+            limit,
+            flag: flag.to_owned(),
+        }
+    } else {
+        Error::Map {
+            name: name.into(),
+            source: e,
+        }
+    }
+}
+
+/// Reads what the kernel holds, for `weft-proxy services`.
+pub fn read(layout: &PinLayout) -> Result<Vec<ServiceRow>> {
+    if !layout.map(names::MAP_SERVICES).exists() {
+        return Ok(Vec::new());
+    }
+    let maps = ServiceMaps::open(layout, Limits::default())?;
+    Ok(maps
+        .current
+        .iter()
+        .map(|(f, p)| ServiceRow {
+            frontend: f.to_string(),
+            id: p.id,
+            backends: p.backends.iter().map(ToString::to_string).collect(),
+        })
+        .collect())
+}

@@ -1,0 +1,125 @@
+//! Attaching the socket-level load balancer to a cgroup (v2): connect4, sendmsg4, recvmsg4 and
+//! getpeername4, every link pinned so the programs keep working while the agent is down. When the
+//! agent starts again and a pinned link exists, the freshly loaded program replaces the old one
+//! atomically (BPF_LINK_UPDATE), so an upgrade never leaves the hook empty.
+//!
+//! In a cluster the cgroup is the root of the cgroup2 hierarchy, covering every pod and the node
+//! itself; tests use a child cgroup they create.
+
+use std::{
+    os::{fd::AsFd as _, unix::fs::MetadataExt as _},
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf,
+    programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink},
+};
+use weft_proxy_common::names;
+
+use crate::{
+    Error, Result,
+    bpffs::{PinLayout, unpin_and_detach},
+};
+
+const HOOKS: [(&str, &str); 4] = [
+    (names::PROG_CONNECT4, "connect4"),
+    (names::PROG_SENDMSG4, "sendmsg4"),
+    (names::PROG_RECVMSG4, "recvmsg4"),
+    (names::PROG_GETPEERNAME4, "getpeername4"),
+];
+
+/// The root of the cgroup2 hierarchy on this machine (from /proc/mounts).
+pub fn cgroup2_root() -> Option<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
+    mounts.lines().find_map(|l| {
+        let mut f = l.split_whitespace();
+        let (_, path, fstype) = (f.next()?, f.next()?, f.next()?);
+        (fstype == "cgroup2").then(|| PathBuf::from(path))
+    })
+}
+
+fn link_names(cgroup: &Path) -> Result<Vec<(&'static str, String)>> {
+    let ino = std::fs::metadata(cgroup)
+        .map_err(|source| Error::Io {
+            op: "reading",
+            path: cgroup.to_path_buf(),
+            source,
+        })?
+        .ino();
+    Ok(HOOKS
+        .iter()
+        .map(|(prog, hook)| (*prog, format!("socklb-{ino}-{hook}")))
+        .collect())
+}
+
+/// Attaches (or upgrades in place) the four programs on `cgroup`.
+pub fn attach(ebpf: &mut Ebpf, layout: &PinLayout, cgroup: &Path) -> Result<()> {
+    let cg = std::fs::File::open(cgroup).map_err(|source| Error::Io {
+        op: "opening cgroup",
+        path: cgroup.to_path_buf(),
+        source,
+    })?;
+    for (prog_name, link_name) in link_names(cgroup)? {
+        let prog: &mut CgroupSockAddr = ebpf
+            .program_mut(prog_name)
+            .ok_or(Error::Missing {
+                kind: "program",
+                name: prog_name,
+            })?
+            .try_into()
+            .map_err(|source| Error::Program {
+                name: prog_name,
+                source,
+            })?;
+        prog.load().map_err(|source| Error::Program {
+            name: prog_name,
+            source,
+        })?;
+        let pin = layout.link(&link_name);
+        if let Ok(link) = crate::sys::obj_get(&pin) {
+            let fd = prog.fd().map_err(|source| Error::Program {
+                name: prog_name,
+                source,
+            })?;
+            match crate::sys::link_update(link.as_fd(), fd.as_fd()) {
+                Ok(()) => {
+                    tracing::info!(program = prog_name, cgroup = %cgroup.display(), "upgraded in place");
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(program = prog_name, error = %e, "pinned link unusable; attaching afresh");
+                    unpin_and_detach(&pin)?;
+                }
+            }
+        }
+        let id = prog
+            .attach(&cg, CgroupAttachMode::Single)
+            .map_err(|source| Error::Program {
+                name: prog_name,
+                source,
+            })?;
+        let link = prog.take_link(id).map_err(|source| Error::Program {
+            name: prog_name,
+            source,
+        })?;
+        let link = FdLink::try_from(link).map_err(|e| Error::Link {
+            path: pin.clone(),
+            message: e.to_string(),
+        })?;
+        link.pin(&pin).map_err(|e| Error::Link {
+            path: pin.clone(),
+            message: e.to_string(),
+        })?;
+        tracing::info!(program = prog_name, cgroup = %cgroup.display(), "attached");
+    }
+    Ok(())
+}
+
+/// Detaches the four programs from `cgroup` and removes their pins. Idempotent.
+pub fn detach(layout: &PinLayout, cgroup: &Path) -> Result<()> {
+    for (_, link_name) in link_names(cgroup)? {
+        unpin_and_detach(&layout.link(&link_name))?;
+    }
+    Ok(())
+}
