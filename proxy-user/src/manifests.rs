@@ -16,10 +16,29 @@ struct TypeMeta {
     kind: Option<String>,
 }
 
+/// Splits a YAML stream into its documents at `---` markers (a marker at column 0 always starts
+/// a document), so a syntax error in one document cannot affect the others. serde_yaml's own
+/// multi-document reader cannot resume after a syntax error.
+fn documents(text: &str) -> Vec<&str> {
+    let mut docs = Vec::new();
+    let mut start = 0;
+    let mut offset = 0;
+    for line in text.split_inclusive('\n') {
+        let l = line.trim_end();
+        if l == "---" || l.starts_with("--- ") || l == "..." {
+            docs.push(&text[start..offset]);
+            start = offset + line.len();
+        }
+        offset += line.len();
+    }
+    docs.push(&text[start..]);
+    docs
+}
+
 /// Parses every document of one YAML text into `objects`; `source` names it in problems.
 pub fn parse_into(text: &str, source: &str, objects: &mut Objects, problems: &mut Vec<Problem>) {
-    for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
-        let value = match serde_yaml::Value::deserialize(doc) {
+    for (i, doc) in documents(text).into_iter().enumerate() {
+        let value: serde_yaml::Value = match serde_yaml::from_str(doc) {
             Ok(serde_yaml::Value::Null) => continue,
             Ok(v) => v,
             Err(e) => {
@@ -38,10 +57,6 @@ pub fn parse_into(text: &str, source: &str, objects: &mut Objects, problems: &mu
             i + 1,
             kind.as_deref().unwrap_or("no kind")
         );
-        let bad = |e: serde_yaml::Error| Problem {
-            object: what.clone(),
-            reason: e.to_string(),
-        };
         let res = match kind.as_deref() {
             Some("Service") => serde_yaml::from_value(value).map(|o| objects.services.push(o)),
             Some("EndpointSlice") => serde_yaml::from_value(value).map(|o| objects.slices.push(o)),
@@ -50,7 +65,10 @@ pub fn parse_into(text: &str, source: &str, objects: &mut Objects, problems: &mu
             _ => Ok(()),
         };
         if let Err(e) = res {
-            problems.push(bad(e));
+            problems.push(Problem {
+                object: what,
+                reason: e.to_string(),
+            });
         }
     }
 }
@@ -125,5 +143,16 @@ mod tests {
             problems[0].object.contains("f.yaml document 4 (Service)"),
             "{problems:?}"
         );
+    }
+}
+
+#[cfg(test)]
+mod syntax_error_tests {
+    #[test]
+    fn a_syntax_error_ends_the_file_without_looping() {
+        let yaml = "kind: Pod\nmetadata: {name: p}\n---\n: not yaml [\n---\nkind: Pod\nmetadata: {name: q}\n";
+        let (o, problems) = super::parse_str(yaml, "f.yaml");
+        assert_eq!(o.pods.len(), 2, "documents after a broken one still count");
+        assert_eq!(problems.len(), 1, "{problems:?}");
     }
 }

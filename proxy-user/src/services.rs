@@ -338,7 +338,11 @@ fn limit_error(e: MapError, name: &'static str, flag: &str, limit: u32) -> Error
 
 /// Reads what the kernel holds, for `weft-proxy services`.
 pub fn read(layout: &PinLayout) -> Result<Vec<ServiceRow>> {
-    if !layout.map(names::MAP_SERVICES).exists() {
+    // Nothing programmed yet (or the agent is still creating its maps).
+    if ![names::MAP_SERVICES, names::MAP_BACKENDS]
+        .iter()
+        .all(|m| layout.map(m).exists())
+    {
         return Ok(Vec::new());
     }
     let maps = ServiceMaps::open(layout, Limits::default())?;

@@ -1,0 +1,356 @@
+//! Privileged: socket-level service load balancing against the real kernel. Pods are namespaces
+//! on a test-bed node; their processes run in a cgroup the test creates, where `weft-proxy run`
+//! attaches its programs; services come from a manifests directory.
+
+use std::{
+    collections::BTreeMap,
+    path::PathBuf,
+    process::{Child, Output},
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+use weft_testbed::{Host, Lab, TcpServer, UdpServer};
+
+const BIN: &str = env!("CARGO_BIN_EXE_weft-proxy");
+
+fn pod_yaml(name: &str, ip: &str, ready: bool) -> String {
+    format!(
+        "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: default, labels: {{app: web}}}}\n\
+         spec: {{containers: [{{name: c, image: x, ports: [{{name: http, containerPort: 8080}}]}}]}}\n\
+         status: {{podIP: {ip}, conditions: [{{type: Ready, status: \"{}\"}}]}}\n",
+        if ready { "True" } else { "False" }
+    )
+}
+
+const SERVICES: &str = "\
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: default}
+spec: {clusterIP: 10.96.0.10, selector: {app: web}, ports: [{name: http, port: 80, targetPort: http}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: empty, namespace: default}
+spec: {clusterIP: 10.96.0.99, selector: {app: nothing}, ports: [{port: 80}]}
+";
+
+const DNS: &str = "\
+apiVersion: v1
+kind: Service
+metadata: {name: dns, namespace: default}
+spec: {clusterIP: 10.96.0.53, ports: [{name: dns, port: 53, protocol: UDP, targetPort: 5353}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: dns-1, namespace: default, labels: {kubernetes.io/service-name: dns}}
+addressType: IPv4
+ports: [{name: dns, port: 5353, protocol: UDP}]
+endpoints: [{addresses: [10.244.0.3]}]
+";
+
+struct Env {
+    lab: Lab,
+    pin: PathBuf,
+    cgroup: PathBuf,
+    manifests: PathBuf,
+    agent: Option<Child>,
+    _servers: (TcpServer, TcpServer, UdpServer),
+}
+
+impl Env {
+    fn new() -> Self {
+        let mut lab = Lab::new().unwrap();
+        let node = lab.add_node().unwrap();
+        for (label, ip) in [
+            ("client", "10.244.0.2"),
+            ("be1", "10.244.0.3"),
+            ("be2", "10.244.0.4"),
+        ] {
+            lab.wire_pod(node, label, ip.parse().unwrap()).unwrap();
+        }
+        let any = |p| format!("0.0.0.0:{p}").parse().unwrap();
+        let servers = (
+            lab.host("be1").unwrap().tcp_echo_server(any(8080)).unwrap(),
+            lab.host("be2").unwrap().tcp_echo_server(any(8080)).unwrap(),
+            lab.host("be1").unwrap().udp_echo_server(any(5353)).unwrap(),
+        );
+        let pin = lab.bpffs_dir("proxy").unwrap();
+        let cgroup = lab.cgroup("pods").unwrap();
+        let manifests = lab.temp_dir("manifests").unwrap();
+        let env = Self {
+            lab,
+            pin,
+            cgroup,
+            manifests,
+            agent: None,
+            _servers: servers,
+        };
+        env.write_pods(true);
+        std::fs::write(env.manifests.join("services.yaml"), SERVICES).unwrap();
+        std::fs::write(env.manifests.join("dns.yaml"), DNS).unwrap();
+        env
+    }
+
+    fn write_pods(&self, be2_ready: bool) {
+        let pods = pod_yaml("be1", "10.244.0.3", true) + &pod_yaml("be2", "10.244.0.4", be2_ready);
+        std::fs::write(self.manifests.join("pods.yaml"), pods).unwrap();
+    }
+
+    fn node(&self) -> &Host {
+        self.lab.node(0)
+    }
+
+    fn start_agent(&mut self) {
+        let child = self
+            .node()
+            .command(BIN)
+            .unwrap()
+            .arg("--pin-dir")
+            .arg(&self.pin)
+            .args([
+                "run",
+                "--node-name",
+                "node0",
+                "--poll-ms",
+                "50",
+                "--manifests",
+            ])
+            .arg(&self.manifests)
+            .arg("--cgroup")
+            .arg(&self.cgroup)
+            .spawn()
+            .unwrap();
+        self.agent = Some(child);
+    }
+
+    fn stop_agent(&mut self) {
+        if let Some(mut c) = self.agent.take() {
+            nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            )
+            .unwrap();
+            let status = c.wait().unwrap();
+            assert!(status.success(), "agent exited with {status}");
+        }
+    }
+
+    fn services(&self) -> BTreeMap<String, Vec<String>> {
+        let out = self
+            .node()
+            .command(BIN)
+            .unwrap()
+            .arg("--pin-dir")
+            .arg(&self.pin)
+            .args(["services", "--json"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let rows: Value = serde_json::from_slice(&out.stdout).unwrap();
+        rows.as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                let b = r["backends"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|b| b.as_str().unwrap().to_owned())
+                    .collect();
+                (r["frontend"].as_str().unwrap().to_owned(), b)
+            })
+            .collect()
+    }
+
+    /// Waits until the kernel's view matches `want` (frontend → number of backends).
+    fn wait_for(&self, want: &[(&str, usize)]) {
+        let start = Instant::now();
+        loop {
+            let have = self.services();
+            let got: Vec<(String, usize)> =
+                have.iter().map(|(k, v)| (k.clone(), v.len())).collect();
+            let want: Vec<(String, usize)> =
+                want.iter().map(|(k, n)| ((*k).to_owned(), *n)).collect();
+            if got == want {
+                return;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "services {got:?}, want {want:?}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// `weft-proxy probe` from the client pod, inside the pods' cgroup.
+    fn probe_from_client(&self, proto: &str, addr: &str) -> Value {
+        self.probe(self.lab.host("client").unwrap(), proto, addr)
+    }
+
+    /// `weft-proxy probe` from `host`, inside the pods' cgroup.
+    fn probe(&self, host: &Host, proto: &str, addr: &str) -> Value {
+        let out: Output = host
+            .command_in_cgroup(BIN, &self.cgroup)
+            .unwrap()
+            .args(["probe", proto, addr, "--timeout-ms", "2000"])
+            .output()
+            .unwrap();
+        serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("probe output ({e}): {out:?}"))
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.agent.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = self.node().command(BIN).map(|mut c| {
+            c.arg("--pin-dir")
+                .arg(&self.pin)
+                .args(["socklb", "detach", "--cgroup"])
+                .arg(&self.cgroup)
+                .output()
+        });
+    }
+}
+
+const ALL: [(&str, usize); 3] = [
+    ("10.96.0.10:80/tcp", 2),
+    ("10.96.0.53:53/udp", 1),
+    ("10.96.0.99:80/tcp", 0),
+];
+
+#[test]
+fn cluster_ip_tcp_and_udp_from_a_pod_and_from_the_node() {
+    let mut env = Env::new();
+    env.start_agent();
+    env.wait_for(&ALL);
+    let client = env.lab.host("client").unwrap();
+
+    // TCP: every connection lands on a backend, the application sees the service as its peer,
+    // and the backend sees the pod's own address (no NAT anywhere).
+    for _ in 0..30 {
+        let r = env.probe(client, "tcp", "10.96.0.10:80");
+        assert_eq!(r["reply"], "weft-probe", "{r}");
+        assert_eq!(
+            r["peer"], "10.96.0.10:80",
+            "getpeername shows the service: {r}"
+        );
+    }
+    let (hits1, hits2) = (env._servers.0.peers(), env._servers.1.peers());
+    assert_eq!(hits1.len() + hits2.len(), 30);
+    assert!(
+        !hits1.is_empty() && !hits2.is_empty(),
+        "both backends get connections: {} / {}",
+        hits1.len(),
+        hits2.len()
+    );
+    assert!(
+        hits1
+            .iter()
+            .chain(&hits2)
+            .all(|p| p.ip().to_string() == "10.244.0.2")
+    );
+
+    // UDP: the reply appears to come from the service address.
+    let r = env.probe(client, "udp", "10.96.0.53:53");
+    assert_eq!(r["reply"], "weft-probe", "{r}");
+    assert_eq!(r["peer"], "10.96.0.53:53", "{r}");
+
+    // From the node itself.
+    let r = env.probe(env.node(), "tcp", "10.96.0.10:80");
+    assert_eq!(r["reply"], "weft-probe", "{r}");
+
+    // No endpoints: refused at once, not a hang.
+    let t0 = Instant::now();
+    let r = env.probe(client, "tcp", "10.96.0.99:80");
+    assert_eq!(r["os_error"], 1, "EPERM: {r}");
+    assert!(t0.elapsed() < Duration::from_secs(1));
+
+    // A process outside the cgroup is not load-balanced.
+    let out = client
+        .command(BIN)
+        .unwrap()
+        .args(["probe", "tcp", "10.96.0.10:80", "--timeout-ms", "300"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    env.stop_agent();
+}
+
+#[test]
+fn backend_changes_restart_and_stale_entries() {
+    let mut env = Env::new();
+    env.start_agent();
+    env.wait_for(&ALL);
+
+    // be2 stops being ready: new connections go to be1 only.
+    env.write_pods(false);
+    env.wait_for(&[
+        ("10.96.0.10:80/tcp", 1),
+        ("10.96.0.53:53/udp", 1),
+        ("10.96.0.99:80/tcp", 0),
+    ]);
+    let before = env._servers.1.peers().len();
+    for _ in 0..15 {
+        assert_eq!(
+            env.probe_from_client("tcp", "10.96.0.10:80")["reply"],
+            "weft-probe"
+        );
+    }
+    assert_eq!(
+        env._servers.1.peers().len(),
+        before,
+        "no new connection reached the unready backend"
+    );
+
+    // The agent stops: the pinned programs and maps keep serving.
+    env.stop_agent();
+    for _ in 0..5 {
+        assert_eq!(
+            env.probe_from_client("tcp", "10.96.0.10:80")["reply"],
+            "weft-probe"
+        );
+    }
+    // While it is down, the DNS service goes away and be2 comes back.
+    std::fs::remove_file(env.manifests.join("dns.yaml")).unwrap();
+    env.write_pods(true);
+    // On start it reconciles: the stale frontend is removed, the backend is added.
+    env.start_agent();
+    env.wait_for(&[("10.96.0.10:80/tcp", 2), ("10.96.0.99:80/tcp", 0)]);
+    let r = env.probe_from_client("udp", "10.96.0.53:53");
+    assert!(
+        r.get("error").is_some(),
+        "the removed service no longer answers: {r}"
+    );
+    assert_eq!(
+        env.probe_from_client("tcp", "10.96.0.10:80")["reply"],
+        "weft-probe"
+    );
+    env.stop_agent();
+}
+
+#[test]
+fn bad_manifests_do_not_disturb_good_services() {
+    let mut env = Env::new();
+    std::fs::write(
+        env.manifests.join("broken.yaml"),
+        "apiVersion: v1\nkind: Service\nmetadata: {name: bad}\nspec: {clusterIP: 10.96.0.999, ports: [{port: 80}]}\n---\n\
+         kind: Service\nspec: {ports: 7}\n---\n: not yaml [\n",
+    )
+    .unwrap();
+    env.start_agent();
+    env.wait_for(&ALL);
+    assert_eq!(
+        env.probe(env.lab.host("client").unwrap(), "tcp", "10.96.0.10:80")["reply"],
+        "weft-probe"
+    );
+    env.stop_agent();
+}
