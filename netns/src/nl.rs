@@ -235,12 +235,16 @@ impl Netlink {
     /// Sets a link administratively up.
     pub async fn set_up(&self, index: u32) -> Result<()> {
         let msg = LinkUnspec::new_with_index(index).up().build();
+        self.set_link("set up", index, msg).await
+    }
+
+    async fn set_link(&self, op: &'static str, index: u32, msg: LinkMessage) -> Result<()> {
         self.handle
             .link()
             .set(msg)
             .execute()
             .await
-            .map_err(nl_err("set up", index.to_string()))
+            .map_err(nl_err(op, index.to_string()))
     }
 
     /// Makes `index` a port of the bridge `bridge_index`.
@@ -248,12 +252,7 @@ impl Netlink {
         let msg = LinkUnspec::new_with_index(index)
             .controller(bridge_index)
             .build();
-        self.handle
-            .link()
-            .set(msg)
-            .execute()
-            .await
-            .map_err(nl_err("set controller of", index.to_string()))
+        self.set_link("set controller of", index, msg).await
     }
 
     /// Turns hairpin mode on or off for a bridge port (lets a pod reach itself through the
@@ -272,23 +271,13 @@ impl Netlink {
     /// changes as ports come and go.
     pub async fn set_mac(&self, index: u32, mac: Vec<u8>) -> Result<()> {
         let msg = LinkUnspec::new_with_index(index).address(mac).build();
-        self.handle
-            .link()
-            .set(msg)
-            .execute()
-            .await
-            .map_err(nl_err("set mac of", index.to_string()))
+        self.set_link("set mac of", index, msg).await
     }
 
     /// Sets a link's MTU.
     pub async fn set_mtu(&self, index: u32, mtu: u32) -> Result<()> {
         let msg = LinkUnspec::new_with_index(index).mtu(mtu).build();
-        self.handle
-            .link()
-            .set(msg)
-            .execute()
-            .await
-            .map_err(nl_err("set mtu of", index.to_string()))
+        self.set_link("set mtu of", index, msg).await
     }
 
     /// Deletes a link by index.

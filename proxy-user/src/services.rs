@@ -76,6 +76,8 @@ pub struct ServiceMaps {
     services: HashMap<MapData, ServiceKey, ServiceValue>,
     backends: HashMap<MapData, BackendKey, Backend>,
     current: BTreeMap<Frontend, Programmed>,
+    /// Backend-set ids in use, kept alongside `current` so allocating one is O(log n).
+    ids: BTreeSet<u32>,
     limits: Limits,
 }
 
@@ -135,6 +137,7 @@ impl ServiceMaps {
             services,
             backends,
             current: BTreeMap::new(),
+            ids: BTreeSet::new(),
             limits,
         };
         me.read_back()?;
@@ -170,13 +173,20 @@ impl ServiceMaps {
                 backends.clear();
             }
             self.current.insert(f, Programmed { id, backends });
+            self.ids.insert(id);
         }
         Ok(())
     }
 
+    /// The lowest free id above the highest in use, or a gap when ids run out (never in practice).
     fn free_id(&self) -> u32 {
-        let used: BTreeSet<u32> = self.current.values().map(|p| p.id).collect();
-        (1..).find(|i| !used.contains(i)).expect("ids are plenty")
+        match self.ids.last() {
+            None => 1,
+            Some(&max) if max < u32::MAX => max + 1,
+            Some(_) => (1..)
+                .find(|i| !self.ids.contains(i))
+                .expect("ids are plenty"),
+        }
     }
 
     fn write_slots(&mut self, id: u32, backends: &[BackendAddr]) -> Result<()> {
@@ -241,6 +251,7 @@ impl ServiceMaps {
             .collect();
         for f in gone {
             let p = self.current.remove(&f).expect("listed");
+            self.ids.remove(&p.id);
             let _ = self.services.remove(&service_key(&f));
             self.delete_slots(p.id, 0, p.backends.len());
             report.removed += 1;
@@ -289,6 +300,7 @@ impl ServiceMaps {
                                     backends: want.backends.clone(),
                                 },
                             );
+                            self.ids.insert(id);
                             report.added += 1;
                         }
                         Err(e) => {

@@ -23,3 +23,41 @@ pub fn weft_binary(name: &str) -> PathBuf {
         )
     })
 }
+
+/// Command-line flags of the benchmark binaries: `--name value` pairs and bare switches.
+#[derive(Debug)]
+pub struct BenchArgs(Vec<String>);
+
+impl BenchArgs {
+    /// The process's arguments.
+    pub fn from_env() -> Self {
+        Self(std::env::args().collect())
+    }
+
+    /// The value after `--name`, if given.
+    pub fn value(&self, name: &str) -> Option<String> {
+        self.0
+            .iter()
+            .position(|a| a == name)
+            .and_then(|i| self.0.get(i + 1))
+            .cloned()
+    }
+
+    /// Whether the switch `--name` is present.
+    pub fn has(&self, name: &str) -> bool {
+        self.0.iter().any(|a| a == name)
+    }
+
+    /// The parsed value of `--name`, or `default`; panics naming the flag on a bad value.
+    pub fn parsed<T: std::str::FromStr>(&self, name: &str, default: T) -> T {
+        self.value(name).map_or(default, |v| {
+            v.parse()
+                .unwrap_or_else(|_| panic!("bad value for {name}: {v}"))
+        })
+    }
+
+    /// All arguments.
+    pub fn all(&self) -> &[String] {
+        &self.0
+    }
+}

@@ -480,22 +480,12 @@ fn datapath(b: &mut Bench, secs: u32) -> Value {
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let flag = |name: &str| {
-        args.iter()
-            .position(|a| a == name)
-            .and_then(|i| args.get(i + 1))
-            .cloned()
-    };
-    let quick = args.iter().any(|a| a == "--quick");
-    let reps: usize =
-        flag("--reps").map_or(if quick { 5 } else { 30 }, |v| v.parse().expect("--reps N"));
-    let pods: usize = flag("--pods").map_or(if quick { 20 } else { 100 }, |v| {
-        v.parse().expect("--pods N")
-    });
+    let args = weft_tests::BenchArgs::from_env();
+    let quick = args.has("--quick");
+    let reps: usize = args.parsed("--reps", if quick { 5 } else { 30 });
+    let pods: usize = args.parsed("--pods", if quick { 20 } else { 100 });
     let secs: u32 = if quick { 1 } else { 3 };
-    let json_path =
-        flag("--json").map_or_else(|| PathBuf::from("target/bench/cni.json"), PathBuf::from);
+    let json_path: PathBuf = args.parsed("--json", PathBuf::from("target/bench/cni.json"));
 
     let mut lab = Lab::new().expect("the benchmark needs root");
     for _ in 0..4 {

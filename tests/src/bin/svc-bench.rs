@@ -1,0 +1,534 @@
+//! `svc-bench`: what a service hop costs, at 1, 1,000 and 10,000 services, measured side by side
+//! and interleaved in one run:
+//!
+//! * **direct**: the client connects to the backend pod's address (the floor);
+//! * **weft socket LB**: `weft-proxy`'s cgroup programs, maps programmed with the same code the
+//!   agent uses;
+//! * **iptables**: kube-proxy-style rules (KUBE-SERVICES → KUBE-SVC → KUBE-SEP DNAT) in the node,
+//!   loaded with iptables-restore (Debian's iptables, nf_tables backend);
+//! * **nftables**: kube-proxy-style nftables (a verdict map to one chain per service, DNAT), loaded
+//!   with nft -f.
+//!
+//! The client always connects to the *last* service programmed (the worst case for a linear rule
+//! walk). Figures: new connections per second (connect, 1-byte request, 1-byte reply, close) and
+//! 1-byte request/response per second on one connection, each as a ratio to direct; and the time
+//! to program all services and to add and remove one more. Prints a table, writes JSON and an SVG
+//! plot (`--out DIR`, default `target/bench`).
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use serde_json::{Value, json};
+use weft_proxy::{
+    bpffs::PinLayout,
+    model::{BackendAddr, Desired, Frontend, FrontendState},
+    services::{Limits, ServiceMaps},
+};
+use weft_testbed::{Host, Lab};
+
+const BACKEND: &str = "10.244.0.3";
+const BACKEND_PORT: u16 = 8080;
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Mode {
+    Direct,
+    Weft,
+    Iptables,
+    Nftables,
+}
+
+const MODES: [Mode; 4] = [Mode::Direct, Mode::Weft, Mode::Iptables, Mode::Nftables];
+
+impl Mode {
+    fn label(self) -> &'static str {
+        match self {
+            Self::Direct => "direct (floor)",
+            Self::Weft => "weft socket LB",
+            Self::Iptables => "iptables (kube-proxy)",
+            Self::Nftables => "nftables (kube-proxy)",
+        }
+    }
+
+    /// The i-th virtual address of this mode (each mode has its own range).
+    fn vip(self, i: usize) -> Ipv4Addr {
+        let base: u32 = match self {
+            Self::Weft => u32::from(Ipv4Addr::new(10, 96, 0, 0)),
+            Self::Iptables => u32::from(Ipv4Addr::new(10, 97, 0, 0)),
+            _ => u32::from(Ipv4Addr::new(10, 98, 0, 0)),
+        };
+        Ipv4Addr::from(base + 1 + i as u32)
+    }
+}
+
+// ---------- the client, run as a subprocess inside the pod's namespace and cgroup ----------
+
+fn set_linger_zero(s: &TcpStream) {
+    let l = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: setsockopt reads `size_of::<linger>()` bytes from a valid linger that outlives
+    // the call, on a socket fd the stream owns.
+    unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(s),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            std::ptr::from_ref(&l).cast(),
+            size_of::<libc::linger>() as libc::socklen_t,
+        );
+    }
+}
+
+/// `svc-bench client conn|rr ADDR SECS`: prints `{"rate":…,"errors":…}`.
+fn client_main(args: &[String]) {
+    let (mode, addr, secs) = (
+        &args[2],
+        args[3].parse::<SocketAddr>().unwrap(),
+        args[4].parse::<f64>().unwrap(),
+    );
+    let dur = Duration::from_secs_f64(secs);
+    let (mut n, mut errors) = (0u64, 0u64);
+    let t0 = Instant::now();
+    let mut b = [1u8; 1];
+    if mode == "conn" {
+        while t0.elapsed() < dur {
+            let ok = (|| -> std::io::Result<()> {
+                let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
+                s.set_nodelay(true)?;
+                s.write_all(&b)?;
+                s.read_exact(&mut b)?;
+                // Close with RST: no TIME_WAIT, so the rate is not limited by ports.
+                set_linger_zero(&s);
+                Ok(())
+            })();
+            if ok.is_ok() { n += 1 } else { errors += 1 }
+        }
+    } else {
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1)).unwrap();
+        s.set_nodelay(true).unwrap();
+        while t0.elapsed() < dur {
+            s.write_all(&b).unwrap();
+            s.read_exact(&mut b).unwrap();
+            n += 1;
+        }
+    }
+    println!(
+        "{}",
+        json!({"rate": n as f64 / t0.elapsed().as_secs_f64(), "errors": errors})
+    );
+}
+
+// ---------- the server: answers every byte with a byte, until the peer goes ----------
+
+/// Four threads accept and serve connections inline (no thread per connection, which would cap
+/// the connection rate below what the network path allows); the client uses at most one
+/// connection at a time.
+fn serve(host: &Host) {
+    let l = host
+        .run(|| TcpListener::bind(("0.0.0.0", BACKEND_PORT)))
+        .unwrap()
+        .unwrap();
+    for _ in 0..4 {
+        let l = l.try_clone().unwrap();
+        std::thread::spawn(move || {
+            for conn in l.incoming() {
+                let Ok(mut s) = conn else { continue };
+                let _ = s.set_nodelay(true);
+                let mut b = [0u8; 1];
+                while s.read_exact(&mut b).is_ok() && s.write_all(&b).is_ok() {}
+            }
+        });
+    }
+}
+
+// ---------- programming each mode ----------
+
+fn run_cmd(host: &Host, program: &str, args: &[&str], stdin: &str) -> Duration {
+    let t0 = Instant::now();
+    let mut child = host
+        .command(program)
+        .unwrap()
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{program} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    t0.elapsed()
+}
+
+fn ipt_service(i: usize, add: bool) -> String {
+    let vip = Mode::Iptables.vip(i);
+    if add {
+        format!(
+            ":KUBE-SVC-{i} - [0:0]\n:KUBE-SEP-{i} - [0:0]\n\
+             -A KUBE-SERVICES -d {vip}/32 -p tcp -m tcp --dport 80 -j KUBE-SVC-{i}\n\
+             -A KUBE-SVC-{i} -j KUBE-SEP-{i}\n\
+             -A KUBE-SEP-{i} -p tcp -m tcp -j DNAT --to-destination {BACKEND}:{BACKEND_PORT}\n"
+        )
+    } else {
+        format!(
+            "-D KUBE-SERVICES -d {vip}/32 -p tcp -m tcp --dport 80 -j KUBE-SVC-{i}\n\
+             -F KUBE-SVC-{i}\n-F KUBE-SEP-{i}\n-X KUBE-SVC-{i}\n-X KUBE-SEP-{i}\n"
+        )
+    }
+}
+
+fn nft_chain(i: usize) -> String {
+    format!("chain s{i} {{ ip protocol tcp dnat to {BACKEND}:{BACKEND_PORT}; }}\n")
+}
+
+fn nft_element(i: usize) -> String {
+    format!("{} . tcp . 80 : goto s{i}", Mode::Nftables.vip(i))
+}
+
+struct Programmer {
+    maps: ServiceMaps,
+    desired: Desired,
+}
+
+fn weft_frontend(i: usize) -> Frontend {
+    Frontend {
+        addr: Mode::Weft.vip(i),
+        port: 80,
+        proto: 6,
+    }
+}
+
+fn weft_state() -> FrontendState {
+    FrontendState {
+        service: "bench".into(),
+        backends: vec![BackendAddr {
+            addr: BACKEND.parse().unwrap(),
+            port: BACKEND_PORT,
+        }],
+    }
+}
+
+/// Programs `s` services in `mode`; returns (all, add one, remove one).
+fn program(
+    node: &Host,
+    p: &mut Programmer,
+    mode: Mode,
+    s: usize,
+) -> Option<(Duration, Duration, Duration)> {
+    match mode {
+        Mode::Direct => None,
+        Mode::Weft => {
+            p.desired = (0..s).map(|i| (weft_frontend(i), weft_state())).collect();
+            let t0 = Instant::now();
+            let (_, errs) = p.maps.apply(&p.desired);
+            let all = t0.elapsed();
+            assert!(errs.is_empty(), "{errs:?}");
+            let mut plus = p.desired.clone();
+            plus.insert(weft_frontend(s), weft_state());
+            let t0 = Instant::now();
+            p.maps.apply(&plus);
+            let add = t0.elapsed();
+            let t0 = Instant::now();
+            p.maps.apply(&p.desired);
+            Some((all, add, t0.elapsed()))
+        }
+        Mode::Iptables => {
+            let mut f = String::from(
+                "*nat\n:PREROUTING ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:KUBE-SERVICES - [0:0]\n",
+            );
+            f.push_str("-A PREROUTING -j KUBE-SERVICES\n-A OUTPUT -j KUBE-SERVICES\n");
+            for i in 0..s {
+                f.push_str(&ipt_service(i, true));
+            }
+            f.push_str("COMMIT\n");
+            let all = run_cmd(node, "iptables-restore", &[], &f);
+            let add = run_cmd(
+                node,
+                "iptables-restore",
+                &["--noflush"],
+                &format!("*nat\n{}COMMIT\n", ipt_service(s, true)),
+            );
+            let del = run_cmd(
+                node,
+                "iptables-restore",
+                &["--noflush"],
+                &format!("*nat\n{}COMMIT\n", ipt_service(s, false)),
+            );
+            Some((all, add, del))
+        }
+        Mode::Nftables => {
+            let mut f = String::from("table ip kp\ndelete table ip kp\ntable ip kp {\n");
+            for i in 0..s {
+                f.push_str(&nft_chain(i));
+            }
+            let elems: Vec<String> = (0..s).map(nft_element).collect();
+            f.push_str("map svc { type ipv4_addr . inet_proto . inet_service : verdict\n");
+            if !elems.is_empty() {
+                f.push_str(&format!("elements = {{ {} }}\n", elems.join(",\n")));
+            }
+            f.push_str("}\nchain pre { type nat hook prerouting priority dstnat; ip daddr . meta l4proto . th dport vmap @svc; }\n}\n");
+            let all = run_cmd(node, "nft", &["-f", "-"], &f);
+            let add = run_cmd(
+                node,
+                "nft",
+                &["-f", "-"],
+                &format!(
+                    "add {}add element ip kp svc {{ {} }}\n",
+                    nft_chain(s).replacen("chain", "chain ip kp", 1),
+                    nft_element(s)
+                ),
+            );
+            let del = run_cmd(
+                node,
+                "nft",
+                &["-f", "-"],
+                &format!(
+                    "delete element ip kp svc {{ {} . tcp . 80 }}\ndelete chain ip kp s{s}\n",
+                    Mode::Nftables.vip(s)
+                ),
+            );
+            Some((all, add, del))
+        }
+    }
+}
+
+// ---------- measurement ----------
+
+fn measure(client: &Host, cgroup: &Path, kind: &str, dst: SocketAddr, secs: f64) -> (f64, u64) {
+    let exe = std::env::current_exe().unwrap();
+    let out = client
+        .command_in_cgroup(&exe, cgroup)
+        .unwrap()
+        .args(["client", kind, &dst.to_string(), &secs.to_string()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "client: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    (v["rate"].as_f64().unwrap(), v["errors"].as_u64().unwrap())
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn svg(results: &[Value], path: &Path) {
+    let (w, h, l, b) = (640.0, 360.0, 60.0, 40.0);
+    let counts: Vec<f64> = results
+        .iter()
+        .map(|r| r["services"].as_f64().unwrap())
+        .collect();
+    let xmax = counts.iter().cloned().fold(1.0, f64::max).log10().max(1.0);
+    let x = |s: f64| l + (s.max(1.0).log10() / xmax) * (w - l - 20.0);
+    let y = |r: f64| h - b - (r.min(1.2) / 1.2) * (h - b - 20.0);
+    let mut out = format!(
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">"#
+    );
+    out.push_str(&format!(r#"<text x="{l}" y="14">new connections/s through a service, ratio to direct (higher is better)</text>"#));
+    for t in [0.0, 0.25, 0.5, 0.75, 1.0] {
+        out.push_str(&format!(r##"<line x1="{l}" x2="{}" y1="{y0}" y2="{y0}" stroke="#ddd"/><text x="8" y="{y0}">{t:.2}</text>"##, w - 20.0, y0 = y(t)));
+    }
+    for s in &counts {
+        out.push_str(&format!(
+            r#"<text x="{}" y="{}">{s}</text>"#,
+            x(*s) - 10.0,
+            h - 15.0
+        ));
+    }
+    for (k, (mode, color)) in [
+        ("weft socket LB", "#1b9e77"),
+        ("iptables (kube-proxy)", "#d95f02"),
+        ("nftables (kube-proxy)", "#7570b3"),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let pts: Vec<String> = results
+            .iter()
+            .filter_map(|r| {
+                let row = r["modes"].as_array()?.iter().find(|m| m["mode"] == *mode)?;
+                Some(format!(
+                    "{:.1},{:.1}",
+                    x(r["services"].as_f64()?),
+                    y(row["conn_ratio"].as_f64()?)
+                ))
+            })
+            .collect();
+        out.push_str(&format!(
+            r#"<polyline fill="none" stroke="{color}" stroke-width="2" points="{}"/>"#,
+            pts.join(" ")
+        ));
+        out.push_str(&format!(
+            r#"<text x="{}" y="{}" fill="{color}">{mode}</text>"#,
+            w - 200.0,
+            40.0 + 16.0 * k as f64
+        ));
+    }
+    out.push_str("</svg>\n");
+    std::fs::write(path, out).unwrap();
+}
+
+fn main() {
+    let args = weft_tests::BenchArgs::from_env();
+    if args.all().get(1).map(String::as_str) == Some("client") {
+        return client_main(args.all());
+    }
+    let quick = args.has("--quick");
+    let counts: Vec<usize> = args
+        .value("--services")
+        .unwrap_or_else(|| {
+            if quick {
+                "1,1000".into()
+            } else {
+                "1,1000,10000".into()
+            }
+        })
+        .split(',')
+        .map(|s| s.parse().expect("--services 1,1000,10000"))
+        .collect();
+    let rounds: usize = args.parsed("--rounds", if quick { 1 } else { 3 });
+    let secs: f64 = args.parsed("--secs", if quick { 0.5 } else { 1.0 });
+    let out_dir: PathBuf = args.parsed("--out", PathBuf::from("target/bench"));
+
+    let mut lab = Lab::new().expect("the benchmark needs root");
+    let node = lab.add_node().unwrap();
+    lab.wire_pod(node, "client", "10.244.0.2".parse().unwrap())
+        .unwrap();
+    lab.wire_pod(node, "backend", BACKEND.parse().unwrap())
+        .unwrap();
+    // Keep this namespace's conntrack footprint small (entries count against the host's limit).
+    lab.node(node)
+        .sysctl("net/netfilter/nf_conntrack_tcp_timeout_close", "1")
+        .unwrap();
+    serve(lab.host("backend").unwrap());
+    let cgroup = lab.cgroup("bench").unwrap();
+    let layout = PinLayout::new(lab.bpffs_dir("svc-bench").unwrap());
+    let limits = Limits {
+        max_services: 65_536,
+        max_backends: 65_536,
+    };
+    let mut ebpf = weft_proxy::object::load(&layout, &limits).unwrap();
+    weft_proxy::socklb::attach(&mut ebpf, &layout, &cgroup).unwrap();
+    drop(ebpf);
+    let mut p = Programmer {
+        maps: ServiceMaps::open(&layout, limits).unwrap(),
+        desired: Desired::new(),
+    };
+    let node_host = lab.node(node);
+    let client = lab.host("client").unwrap();
+
+    let mut results = Vec::new();
+    for &s in &counts {
+        eprintln!("svc-bench: {s} services per mode: programming");
+        let prog: Vec<Option<(Duration, Duration, Duration)>> = MODES
+            .iter()
+            .map(|&mode| program(node_host, &mut p, mode, s))
+            .collect();
+        eprintln!(
+            "svc-bench: {s} services: measuring, {rounds} round(s) of {secs} s per mode and figure"
+        );
+        let mut conn: Vec<Vec<f64>> = vec![Vec::new(); MODES.len()];
+        let mut rr: Vec<Vec<f64>> = vec![Vec::new(); MODES.len()];
+        let mut errors = vec![0u64; MODES.len()];
+        for _ in 0..rounds {
+            for (k, mode) in MODES.iter().enumerate() {
+                let dst = match mode {
+                    Mode::Direct => {
+                        SocketAddr::from((BACKEND.parse::<Ipv4Addr>().unwrap(), BACKEND_PORT))
+                    }
+                    m => SocketAddr::from((m.vip(s - 1), 80)),
+                };
+                let (c, e) = measure(client, &cgroup, "conn", dst, secs);
+                conn[k].push(c);
+                errors[k] += e;
+                rr[k].push(measure(client, &cgroup, "rr", dst, secs).0);
+            }
+        }
+        let (dc, dr) = (median(conn[0].clone()), median(rr[0].clone()));
+        let modes: Vec<Value> = MODES
+            .iter()
+            .enumerate()
+            .map(|(k, mode)| {
+                let (c, r) = (median(conn[k].clone()), median(rr[k].clone()));
+                let pr = prog[k];
+                json!({
+                    "mode": mode.label(), "conn_per_s": c, "conn_ratio": c / dc, "rr_per_s": r, "rr_ratio": r / dr,
+                    "errors": errors[k],
+                    "program_all_ms": pr.map(|p| p.0.as_secs_f64() * 1e3),
+                    "add_one_ms": pr.map(|p| p.1.as_secs_f64() * 1e3),
+                    "remove_one_ms": pr.map(|p| p.2.as_secs_f64() * 1e3),
+                })
+            })
+            .collect();
+        results.push(json!({"services": s, "modes": modes}));
+        // Empty every mode before the next size.
+        p.maps.apply(&Desired::new());
+        run_cmd(node_host, "iptables-restore", &[], "*nat\nCOMMIT\n");
+        run_cmd(
+            node_host,
+            "nft",
+            &["-f", "-"],
+            "table ip kp\ndelete table ip kp\n",
+        );
+    }
+
+    let f = |v: &Value, d: usize| v.as_f64().map_or("-".to_owned(), |x| format!("{x:.d$}"));
+    println!(
+        "\nservice routing, client -> last of S services -> one backend pod ({rounds} x {secs} s, medians)"
+    );
+    println!(
+        "{:>6}  {:<24} {:>10} {:>7} {:>9} {:>7} {:>11} {:>9} {:>9}",
+        "S", "mode", "new conn/s", "ratio", "RR/s", "ratio", "program ms", "add 1 ms", "del 1 ms"
+    );
+    for r in &results {
+        for m in r["modes"].as_array().unwrap() {
+            println!(
+                "{:>6}  {:<24} {:>10} {:>7} {:>9} {:>7} {:>11} {:>9} {:>9}",
+                r["services"],
+                m["mode"].as_str().unwrap(),
+                f(&m["conn_per_s"], 0),
+                f(&m["conn_ratio"], 2),
+                f(&m["rr_per_s"], 0),
+                f(&m["rr_ratio"], 2),
+                f(&m["program_all_ms"], 1),
+                f(&m["add_one_ms"], 2),
+                f(&m["remove_one_ms"], 2)
+            );
+        }
+    }
+    std::fs::create_dir_all(&out_dir).unwrap();
+    let report = json!({"rounds": rounds, "secs": secs, "results": results});
+    std::fs::write(
+        out_dir.join("svc.json"),
+        serde_json::to_string_pretty(&report).unwrap(),
+    )
+    .unwrap();
+    svg(
+        report["results"].as_array().unwrap(),
+        &out_dir.join("svc.svg"),
+    );
+    println!(
+        "\nJSON: {}\nplot: {}",
+        out_dir.join("svc.json").display(),
+        out_dir.join("svc.svg").display()
+    );
+}
