@@ -118,7 +118,7 @@ async fn add(env: &Env, conf: &NetConf) -> Result<CniResult> {
     )
     .await
     {
-        Ok(result) => Ok(result),
+        Ok(result) => chain(conf, result),
         Err(e) => {
             // Undo: deleting the host end removes the pod end too.
             if let Err(u) = hnl.delete_link_by_name(&host_veth).await {
@@ -130,6 +130,27 @@ async fn add(env: &Env, conf: &NetConf) -> Result<CniResult> {
             Err(e)
         }
     }
+}
+
+/// When weft-cni runs after another plugin in a chain, its result extends the previous one
+/// the earlier interfaces, addresses and routes stay, ours follow with their interface
+/// indices shifted.
+fn chain(conf: &NetConf, mut ours: CniResult) -> Result<CniResult> {
+    let Some(prev) = conf.prev_result.clone() else {
+        return Ok(ours);
+    };
+    let mut prev: CniResult = serde_path_to_error::deserialize(prev)
+        .map_err(|e| CniError::config(&format!("prevResult.{}", e.path()), e.inner()))?;
+    let shift = prev.interfaces.len();
+    for ip in &mut ours.ips {
+        ip.interface = ip.interface.map(|i| i + shift);
+    }
+    prev.cni_version = ours.cni_version;
+    prev.interfaces.append(&mut ours.interfaces);
+    prev.ips.append(&mut ours.ips);
+    prev.routes.append(&mut ours.routes);
+    prev.dns = ours.dns.or(prev.dns);
+    Ok(prev)
 }
 
 /// The MTU for pods: configured, else the overlay device's, else the default route's interface's.

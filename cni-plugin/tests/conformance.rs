@@ -450,3 +450,70 @@ fn a_failure_in_the_middle_of_add_undoes_everything() {
     // D-7: the runtime's DEL after the failed ADD succeeds.
     n.del("c", Some(&p), "eth0", &c).expect_ok();
 }
+
+#[test]
+fn a_previous_result_is_passed_through() {
+    let mut n = Node::new();
+    let p = n.pod("chained");
+    // an earlier plugin in the chain produced an interface and an address.
+    let mut c = n.conf();
+    c["prevResult"] = json!({
+        "cniVersion": "1.1.0",
+        "interfaces": [{"name": "net1", "sandbox": p.to_str().unwrap()}],
+        "ips": [{"address": "192.0.2.5/24", "interface": 0}],
+        "routes": [{"dst": "198.51.100.0/24"}]
+    });
+    let r = n.add("c", &p, "eth0", &c).expect_ok().json();
+    let names: Vec<&str> = r["interfaces"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        vec![
+            "net1",
+            "weft0",
+            weft_cni::plugin::host_veth_name("c", "eth0").as_str(),
+            "eth0"
+        ]
+    );
+    assert_eq!(r["ips"][0]["address"], "192.0.2.5/24");
+    assert_eq!(
+        r["ips"][1]["interface"], 3,
+        "our address points at our pod interface"
+    );
+    assert_eq!(r["routes"][0]["dst"], "198.51.100.0/24");
+}
+
+#[test]
+fn each_missing_variable_is_named() {
+    let mut n = Node::new();
+    let c = n.conf();
+    let p = n.pod("p");
+    let ns = p.to_str().unwrap();
+    // P-11: leave out each required variable of ADD, CHECK and DEL in turn.
+    for cmd in ["ADD", "CHECK", "DEL"] {
+        let all = [
+            ("CNI_CONTAINERID", "c"),
+            ("CNI_NETNS", ns),
+            ("CNI_IFNAME", "eth0"),
+        ];
+        for skip in 0..all.len() {
+            if cmd == "DEL" && all[skip].0 == "CNI_NETNS" {
+                continue; // optional for DEL (D-4)
+            }
+            let mut vars = vec![("CNI_COMMAND", cmd)];
+            vars.extend(
+                all.iter()
+                    .enumerate()
+                    .filter(|(i, _)| *i != skip)
+                    .map(|(_, v)| *v),
+            );
+            let out = n.exec(&vars, &c);
+            assert_eq!(out.code(), 4, "{cmd} without {}", all[skip].0);
+            assert!(out.msg().contains(all[skip].0), "{cmd}: {}", out.msg());
+        }
+    }
+}

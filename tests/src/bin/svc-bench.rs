@@ -307,6 +307,28 @@ fn program(
     }
 }
 
+/// Removes a mode's services.
+fn clear(node: &Host, p: &mut Programmer, mode: Mode) {
+    match mode {
+        Mode::Direct => {}
+        Mode::Weft => {
+            let (_, errs) = p.maps.apply(&Desired::new());
+            assert!(errs.is_empty(), "{errs:?}");
+        }
+        Mode::Iptables => {
+            run_cmd(node, "iptables-restore", &[], "*nat\nCOMMIT\n");
+        }
+        Mode::Nftables => {
+            run_cmd(
+                node,
+                "nft",
+                &["-f", "-"],
+                "table ip kp\ndelete table ip kp\n",
+            );
+        }
+    }
+}
+
 // ---------- measurement ----------
 
 fn measure(client: &Host, cgroup: &Path, kind: &str, dst: SocketAddr, secs: f64) -> (f64, u64) {
@@ -338,7 +360,7 @@ fn svg(results: &[Value], path: &Path) {
         .map(|r| r["services"].as_f64().unwrap())
         .collect();
     let xmax = counts.iter().cloned().fold(1.0, f64::max).log10().max(1.0);
-    let x = |s: f64| l + (s.max(1.0).log10() / xmax) * (w - l - 20.0);
+    let x = |s: f64| l + (s.max(1.0).log10() / xmax) * (w - l - 60.0);
     let y = |r: f64| h - b - (r.min(1.2) / 1.2) * (h - b - 20.0);
     let mut out = format!(
         r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">"#
@@ -379,8 +401,8 @@ fn svg(results: &[Value], path: &Path) {
         ));
         out.push_str(&format!(
             r#"<text x="{}" y="{}" fill="{color}">{mode}</text>"#,
-            w - 200.0,
-            40.0 + 16.0 * k as f64
+            l + 10.0,
+            h - b - 60.0 + 16.0 * k as f64
         ));
     }
     out.push_str("</svg>\n");
@@ -391,6 +413,14 @@ fn main() {
     let args = weft_tests::BenchArgs::from_env();
     if args.all().get(1).map(String::as_str) == Some("client") {
         return client_main(args.all());
+    }
+    if let Some(json_path) = args.value("--replot") {
+        // Redraw the plot from an earlier run's JSON without measuring again.
+        let report: Value = serde_json::from_slice(&std::fs::read(&json_path).unwrap()).unwrap();
+        let svg_path = Path::new(&json_path).with_extension("svg");
+        svg(report["results"].as_array().unwrap(), &svg_path);
+        println!("plot: {}", svg_path.display());
+        return;
     }
     let quick = args.has("--quick");
     let counts: Vec<usize> = args
@@ -438,19 +468,20 @@ fn main() {
 
     let mut results = Vec::new();
     for &s in &counts {
-        eprintln!("svc-bench: {s} services per mode: programming");
-        let prog: Vec<Option<(Duration, Duration, Duration)>> = MODES
-            .iter()
-            .map(|&mode| program(node_host, &mut p, mode, s))
-            .collect();
-        eprintln!(
-            "svc-bench: {s} services: measuring, {rounds} round(s) of {secs} s per mode and figure"
-        );
+        // Each mode is measured with only its own rules loaded: iptables' KUBE-SERVICES chain is
+        // walked by every new connection through the node, service or not, so loading all modes
+        // at once would tax the others. Rounds interleave the modes; each round reprograms.
+        eprintln!("svc-bench: {s} services: {rounds} round(s) of {secs} s per mode and figure");
+        let mut prog: Vec<Option<(Duration, Duration, Duration)>> = vec![None; MODES.len()];
         let mut conn: Vec<Vec<f64>> = vec![Vec::new(); MODES.len()];
         let mut rr: Vec<Vec<f64>> = vec![Vec::new(); MODES.len()];
         let mut errors = vec![0u64; MODES.len()];
-        for _ in 0..rounds {
-            for (k, mode) in MODES.iter().enumerate() {
+        for round in 0..rounds {
+            for (k, &mode) in MODES.iter().enumerate() {
+                let took = program(node_host, &mut p, mode, s);
+                if round == 0 {
+                    prog[k] = took;
+                }
                 let dst = match mode {
                     Mode::Direct => {
                         SocketAddr::from((BACKEND.parse::<Ipv4Addr>().unwrap(), BACKEND_PORT))
@@ -461,6 +492,7 @@ fn main() {
                 conn[k].push(c);
                 errors[k] += e;
                 rr[k].push(measure(client, &cgroup, "rr", dst, secs).0);
+                clear(node_host, &mut p, mode);
             }
         }
         let (dc, dr) = (median(conn[0].clone()), median(rr[0].clone()));
@@ -480,15 +512,6 @@ fn main() {
             })
             .collect();
         results.push(json!({"services": s, "modes": modes}));
-        // Empty every mode before the next size.
-        p.maps.apply(&Desired::new());
-        run_cmd(node_host, "iptables-restore", &[], "*nat\nCOMMIT\n");
-        run_cmd(
-            node_host,
-            "nft",
-            &["-f", "-"],
-            "table ip kp\ndelete table ip kp\n",
-        );
     }
 
     let f = |v: &Value, d: usize| v.as_f64().map_or("-".to_owned(), |x| format!("{x:.d$}"));
