@@ -23,6 +23,16 @@ pub mod names {
     pub const MAP_BACKENDS: &str = "WEFT_BACKENDS";
     /// Socket reverse translation (LRU): [`crate::SockRevKey`] → [`crate::SockRevValue`].
     pub const MAP_SOCK_REVNAT: &str = "WEFT_SOCK_REVNAT";
+    /// Per-packet flow table of the TC path (LRU): [`crate::FlowKey`] (client → frontend) →
+    /// [`crate::Backend`] chosen for the flow.
+    pub const MAP_CT: &str = "WEFT_CT";
+    /// Reverse translation of the TC path (LRU): [`crate::FlowKey`] (backend → client) → the
+    /// frontend address replies must come from.
+    pub const MAP_REVNAT: &str = "WEFT_REVNAT";
+    /// TC program translating frontend → backend on a node's external interface (tcx ingress).
+    pub const PROG_NODEPORT_INGRESS: &str = "weft_nodeport_ingress";
+    /// TC program translating backend → frontend on replies leaving that interface (tcx egress).
+    pub const PROG_NODEPORT_EGRESS: &str = "weft_nodeport_egress";
     /// Socket-LB program on connect(2) (cgroup/connect4).
     pub const PROG_CONNECT4: &str = "weft_connect4";
     /// Socket-LB program on sendmsg(2) for unconnected UDP (cgroup/sendmsg4).
@@ -147,6 +157,24 @@ pub struct SockRevKey {
     pub _pad: u16,
 }
 
+/// A flow as the TC path sees it: source and destination address and port, protocol.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    /// Source address.
+    pub src: Be32,
+    /// Destination address.
+    pub dst: Be32,
+    /// Source port.
+    pub sport: Be16,
+    /// Destination port.
+    pub dport: Be16,
+    /// [`proto`] number.
+    pub proto: u8,
+    /// Explicit padding, always zero.
+    pub _pad: [u8; 3],
+}
+
 /// The service address a socket's peer must appear as.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -236,6 +264,9 @@ const _: () = {
     assert!(core::mem::size_of::<SockRevKey>() == 16);
     assert!(core::mem::offset_of!(SockRevKey, addr) == 8);
     assert!(core::mem::size_of::<SockRevValue>() == 8);
+    assert!(core::mem::size_of::<FlowKey>() == 16);
+    assert!(core::mem::offset_of!(FlowKey, sport) == 8);
+    assert!(core::mem::offset_of!(FlowKey, proto) == 12);
 };
 
 #[cfg(feature = "user")]
@@ -260,6 +291,8 @@ mod pod {
     unsafe impl aya::Pod for super::SockRevKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::SockRevValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::FlowKey {}
 }
 
 #[cfg(test)]

@@ -1,7 +1,8 @@
 //! weft's eBPF programs: the kernel half of `weft-proxy`.
 //!
 //! Owns: code that runs in the kernel, split by concern: `counters` (tcx packet counters), `socklb`
-//! (socket-level service load balancing on cgroup sock_addr hooks); all maps in `maps`. Does not
+//! (socket-level service load balancing on cgroup sock_addr hooks), `nodeport` (per-packet
+//! translation at TC for traffic from outside the node); all maps in `maps`. Does not
 //! own: map layouts (in `weft-proxy-common`), loading, attaching or map programming (in
 //! `weft-proxy`, `proxy-user/`).
 //!
@@ -14,6 +15,8 @@
 mod counters;
 #[cfg(target_arch = "bpf")]
 mod maps;
+#[cfg(target_arch = "bpf")]
+mod nodeport;
 #[cfg(target_arch = "bpf")]
 mod socklb;
 

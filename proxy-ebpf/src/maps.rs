@@ -5,7 +5,7 @@ use aya_ebpf::{
     maps::{HashMap, LruHashMap, PerCpuHashMap},
 };
 use weft_proxy_common::{
-    Backend, BackendKey, IfaceDirKey, PacketCounter, ServiceKey, ServiceValue, SockRevKey,
+    Backend, BackendKey, FlowKey, IfaceDirKey, PacketCounter, ServiceKey, ServiceValue, SockRevKey,
     SockRevValue,
 };
 
@@ -25,3 +25,12 @@ pub static WEFT_BACKENDS: HashMap<BackendKey, Backend> = HashMap::pinned(262_144
 /// (socket, backend) → service address, so replies and getpeername(2) show the service.
 #[map(name = "WEFT_SOCK_REVNAT")]
 pub static WEFT_SOCK_REVNAT: LruHashMap<SockRevKey, SockRevValue> = LruHashMap::pinned(262_144, 0);
+
+/// TC path: (client → frontend) flow → the backend chosen for it, so every packet of a flow goes
+/// to the same backend.
+#[map(name = "WEFT_CT")]
+pub static WEFT_CT: LruHashMap<FlowKey, Backend> = LruHashMap::pinned(262_144, 0);
+
+/// TC path: (backend → client) flow → the frontend address replies are rewritten to.
+#[map(name = "WEFT_REVNAT")]
+pub static WEFT_REVNAT: LruHashMap<FlowKey, SockRevValue> = LruHashMap::pinned(262_144, 0);

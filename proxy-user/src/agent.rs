@@ -3,14 +3,16 @@
 
 use std::path::PathBuf;
 
+use aya::programs::TcAttachType;
 use serde::Serialize;
+use weft_proxy_common::names;
 
 use crate::{
     Error, Result,
     bpffs::PinLayout,
     manifests, model,
     services::{ApplyReport, Limits, ServiceMaps},
-    socklb,
+    socklb, tcx,
 };
 
 /// What the agent serves and where.
@@ -26,6 +28,9 @@ pub struct Config {
     pub layout: PinLayout,
     /// Map sizes.
     pub limits: Limits,
+    /// External interfaces on which NodePort/externalIP traffic from outside the node is
+    /// translated per packet (tcx).
+    pub nodeport_ifaces: Vec<String>,
 }
 
 /// One synchronisation.
@@ -57,6 +62,21 @@ impl Agent {
     pub fn start(config: Config) -> Result<Self> {
         let mut ebpf = crate::object::load(&config.layout, &config.limits)?;
         socklb::attach(&mut ebpf, &config.layout, &config.cgroup)?;
+        for iface in &config.nodeport_ifaces {
+            let index = tcx::ifindex(iface)?;
+            for (attach_type, prog, dir) in [
+                (
+                    TcAttachType::Ingress,
+                    names::PROG_NODEPORT_INGRESS,
+                    "ingress",
+                ),
+                (TcAttachType::Egress, names::PROG_NODEPORT_EGRESS, "egress"),
+            ] {
+                let pin = config.layout.link(&format!("nodeport-{index}-{dir}"));
+                tcx::attach_pinned(&mut ebpf, prog, iface, attach_type, &pin)?;
+            }
+            tracing::info!(interface = iface, "per-packet service translation attached");
+        }
         // The links and maps are pinned; the loader object is no longer needed.
         drop(ebpf);
         let maps = ServiceMaps::open(&config.layout, config.limits)?;

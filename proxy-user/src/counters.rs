@@ -8,13 +8,8 @@
 use std::io;
 
 use aya::{
-    Ebpf,
     maps::{MapData, PerCpuHashMap},
-    programs::{
-        LinkOrder, SchedClassifier, TcAttachType,
-        links::{FdLink, PinnedLink},
-        tc::{SchedClassifierLink, TcAttachOptions},
-    },
+    programs::TcAttachType,
 };
 use serde::Serialize;
 use weft_proxy_common::{Direction, IfaceDirKey, PacketCounter, names};
@@ -22,7 +17,7 @@ use weft_proxy_common::{Direction, IfaceDirKey, PacketCounter, names};
 use crate::{
     Error, Result,
     bpffs::{PinLayout, remove_pin, unpin_and_detach},
-    object,
+    object, tcx,
 };
 
 const DIRECTIONS: [(Direction, TcAttachType, &str); 2] = [
@@ -57,52 +52,14 @@ fn link_name(ifindex: u32, direction: Direction) -> String {
     format!("count-{ifindex}-{}", direction.as_str())
 }
 
-fn ifindex(ifname: &str) -> Result<u32> {
-    nix::net::if_::if_nametoindex(ifname).map_err(|source| Error::NoSuchInterface {
-        name: ifname.to_owned(),
-        source,
-    })
-}
-
 /// Attaches the counting programs to both directions of `ifname` and pins the links. Idempotent:
 /// attaching to an interface that already counts replaces the program in place.
 pub fn attach(layout: &PinLayout, ifname: &str) -> Result<()> {
-    let index = ifindex(ifname)?;
+    let index = tcx::ifindex(ifname)?;
     let mut ebpf = object::load(layout, &crate::services::Limits::default())?;
     for (direction, attach_type, prog_name) in DIRECTIONS {
-        let prog = classifier(&mut ebpf, prog_name)?;
-        let pin_path = layout.link(&link_name(index, direction));
-        let link_id = match PinnedLink::from_pin(&pin_path) {
-            // Already attached: atomically swap the program behind the existing link.
-            Ok(old) => {
-                let old =
-                    SchedClassifierLink::try_from(FdLink::from(old)).map_err(|e| Error::Link {
-                        path: pin_path.clone(),
-                        message: e.to_string(),
-                    })?;
-                match prog.attach_to_link(old) {
-                    Ok(id) => id,
-                    // The interface behind the old link is gone; start over.
-                    Err(_) => fresh_attach(prog, prog_name, ifname, attach_type)?,
-                }
-            }
-            Err(_) => fresh_attach(prog, prog_name, ifname, attach_type)?,
-        };
-        let link = prog.take_link(link_id).map_err(|source| Error::Program {
-            name: prog_name,
-            source,
-        })?;
-        let link = FdLink::try_from(link).map_err(|e| Error::Link {
-            path: pin_path.clone(),
-            message: e.to_string(),
-        })?;
-        remove_pin(&pin_path)?;
-        let pinned = link.pin(&pin_path).map_err(|e| Error::Link {
-            path: pin_path.clone(),
-            message: e.to_string(),
-        })?;
-        // Dropping the pinned handle closes our fd; the pin keeps the attachment alive.
-        drop(pinned);
+        let pin = layout.link(&link_name(index, direction));
+        tcx::attach_pinned(&mut ebpf, prog_name, ifname, attach_type, &pin)?;
         tracing::info!(
             interface = ifname,
             ifindex = index,
@@ -113,38 +70,10 @@ pub fn attach(layout: &PinLayout, ifname: &str) -> Result<()> {
     Ok(())
 }
 
-fn classifier<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut SchedClassifier> {
-    let prog: &mut SchedClassifier = ebpf
-        .program_mut(name)
-        .ok_or(Error::Missing {
-            kind: "program",
-            name,
-        })?
-        .try_into()
-        .map_err(|source| Error::Program { name, source })?;
-    prog.load()
-        .map_err(|source| Error::Program { name, source })?;
-    Ok(prog)
-}
-
-fn fresh_attach(
-    prog: &mut SchedClassifier,
-    name: &'static str,
-    ifname: &str,
-    attach_type: TcAttachType,
-) -> Result<aya::programs::tc::SchedClassifierLinkId> {
-    prog.attach_with_options(
-        ifname,
-        attach_type,
-        TcAttachOptions::TcxOrder(LinkOrder::default()),
-    )
-    .map_err(|source| Error::Program { name, source })
-}
-
 /// Detaches the counters from `ifname` (removes the pinned links) and drops its counter entries.
 /// Idempotent: detaching an interface that does not count succeeds.
 pub fn detach(layout: &PinLayout, ifname: &str) -> Result<()> {
-    detach_index(layout, ifindex(ifname)?)
+    detach_index(layout, tcx::ifindex(ifname)?)
 }
 
 /// Like [`detach`], by interface index (works after the interface is gone).

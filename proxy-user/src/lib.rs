@@ -20,6 +20,7 @@ pub mod object;
 pub mod services;
 pub mod socklb;
 mod sys;
+pub mod tcx;
 
 use std::path::PathBuf;
 

@@ -62,6 +62,10 @@ struct RunArgs {
     /// Backend map size (slots over all frontends), used when the map is created.
     #[arg(long, default_value_t = 262_144)]
     max_backends: u32,
+    /// External interface on which NodePort, externalIP and LoadBalancer traffic from outside
+    /// the node is translated per packet (repeatable).
+    #[arg(long = "nodeport-iface")]
+    nodeport_ifaces: Vec<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -194,6 +198,7 @@ fn run(layout: PinLayout, args: RunArgs) -> anyhow::Result<()> {
             max_services: args.max_services,
             max_backends: args.max_backends,
         },
+        nodeport_ifaces: args.nodeport_ifaces,
     };
     let mut agent = Agent::start(config.clone()).context("starting the agent")?;
     tracing::info!(cgroup = %config.cgroup.display(), manifests = %config.manifests.display(), "weft-proxy running");

@@ -4,6 +4,7 @@
 
 use std::{
     collections::BTreeMap,
+    net::SocketAddr,
     path::PathBuf,
     process::{Child, Output},
     time::{Duration, Instant},
@@ -55,7 +56,7 @@ struct Env {
     cgroup: PathBuf,
     manifests: PathBuf,
     agent: Option<Child>,
-    _servers: (TcpServer, TcpServer, UdpServer),
+    _servers: (TcpServer, TcpServer, UdpServer, UdpServer),
 }
 
 impl Env {
@@ -74,7 +75,9 @@ impl Env {
             lab.host("be1").unwrap().tcp_echo_server(any(8080)).unwrap(),
             lab.host("be2").unwrap().tcp_echo_server(any(8080)).unwrap(),
             lab.host("be1").unwrap().udp_echo_server(any(5353)).unwrap(),
+            lab.host("be2").unwrap().udp_echo_server(any(5353)).unwrap(),
         );
+        lab.add_external("ext").unwrap();
         let pin = lab.bpffs_dir("proxy").unwrap();
         let cgroup = lab.cgroup("pods").unwrap();
         let manifests = lab.temp_dir("manifests").unwrap();
@@ -119,6 +122,7 @@ impl Env {
             .arg(&self.manifests)
             .arg("--cgroup")
             .arg(&self.cgroup)
+            .args(["--nodeport-iface", "eth0"])
             .spawn()
             .unwrap();
         self.agent = Some(child);
@@ -165,6 +169,18 @@ impl Env {
                 (r["frontend"].as_str().unwrap().to_owned(), b)
             })
             .collect()
+    }
+
+    /// Waits until the kernel holds `frontend` with `n` backends.
+    fn wait_for_frontend(&self, frontend: &str, n: usize) {
+        let start = Instant::now();
+        while self.services().get(frontend).map(Vec::len) != Some(n) {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "{frontend} never got {n} backends"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// Waits until the kernel's view matches `want` (frontend → number of backends).
@@ -351,6 +367,81 @@ fn bad_manifests_do_not_disturb_good_services() {
     assert_eq!(
         env.probe(env.lab.host("client").unwrap(), "tcp", "10.96.0.10:80")["reply"],
         "weft-probe"
+    );
+    env.stop_agent();
+}
+
+#[test]
+fn nodeport_from_outside_the_node_keeps_the_client_address() {
+    let mut env = Env::new();
+    let node_ip = env.lab.node(0).underlay_addr().unwrap();
+    std::fs::write(
+        env.manifests.join("nodeport.yaml"),
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: np, namespace: default}}\n\
+             spec: {{type: NodePort, clusterIP: 10.96.0.30, selector: {{app: web}}, ports: [\
+             {{name: http, port: 80, targetPort: http, nodePort: 30080}},\
+             {{name: dns, port: 53, protocol: UDP, targetPort: 5353, nodePort: 30053}}]}}\n---\n\
+             apiVersion: v1\nkind: Node\nmetadata: {{name: node0}}\n\
+             status: {{addresses: [{{type: InternalIP, address: {node_ip}}}]}}\n"
+        ),
+    )
+    .unwrap();
+    env.start_agent();
+    env.wait_for_frontend(&format!("{node_ip}:30080/tcp"), 2);
+    env.wait_for_frontend(&format!("{node_ip}:30053/udp"), 2);
+    let ext = env.lab.host("ext").unwrap();
+    let ext_ip = ext.underlay_addr().unwrap();
+    let (before1, before2) = (env._servers.0.peers().len(), env._servers.1.peers().len());
+
+    // TCP from outside: several connections, each with a payload bigger than a window, so every
+    // packet of a flow must keep going to the same backend.
+    let payload: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
+    for _ in 0..16 {
+        let got = ext
+            .tcp_roundtrip(
+                SocketAddr::from((node_ip, 30080)),
+                &payload,
+                Duration::from_secs(5),
+            )
+            .unwrap();
+        assert!(got == payload, "echo differs ({} bytes)", got.len());
+    }
+    let hits1: Vec<_> = env._servers.0.peers()[before1..].to_vec();
+    let hits2: Vec<_> = env._servers.1.peers()[before2..].to_vec();
+    assert_eq!(hits1.len() + hits2.len(), 16);
+    assert!(
+        !hits1.is_empty() && !hits2.is_empty(),
+        "both backends: {} / {}",
+        hits1.len(),
+        hits2.len()
+    );
+    // The backends see the external client's own address (no SNAT).
+    assert!(
+        hits1
+            .iter()
+            .chain(&hits2)
+            .all(|p| p.ip() == std::net::IpAddr::V4(ext_ip))
+    );
+
+    // UDP from outside: the reply comes back from the node's address and port.
+    let got = ext
+        .udp_roundtrip(
+            SocketAddr::from((node_ip, 30053)),
+            b"query",
+            Duration::from_secs(2),
+        )
+        .unwrap();
+    assert_eq!(got, b"query");
+
+    // A port that is no service passes through untouched (nothing listens: refused).
+    assert!(
+        ext.tcp_roundtrip(
+            SocketAddr::from((node_ip, 30999)),
+            b"x",
+            Duration::from_secs(1)
+        )
+        .is_err()
     );
     env.stop_agent();
 }

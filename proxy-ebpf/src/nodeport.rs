@@ -1,0 +1,188 @@
+//! Per-packet service translation at TC, for traffic that socket-level load balancing never sees:
+//! connections from outside the node to a NodePort, externalIP or LoadBalancer address.
+//!
+//! Ingress on the node's external interface: a packet to a frontend gets a backend (the same one
+//! for every packet of the flow, kept in `WEFT_CT`) and is DNATed to it; the kernel then routes it
+//! to the pod. Egress on the same interface: a reply from that backend to the client is SNATed
+//! back to the frontend address (`WEFT_REVNAT`). The client address is preserved end to end, as
+//! with `externalTrafficPolicy: Local`; only local backends are reachable this way so far.
+//! Programs return `TC_ACT_UNSPEC` for anything that is not theirs, so later tcx programs run.
+
+use aya_ebpf::{
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_SHOT, TC_ACT_UNSPEC},
+    helpers::bpf_get_prandom_u32,
+    macros::classifier,
+    programs::TcContext,
+};
+use weft_proxy_common::{
+    Backend, BackendKey, Be16, Be32, FlowKey, ServiceKey, SockRevValue, proto,
+};
+
+use crate::maps::{WEFT_BACKENDS, WEFT_CT, WEFT_REVNAT, WEFT_SERVICES};
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+/// Offsets inside the IPv4 header.
+const IP_PROTO: usize = 9;
+const IP_CSUM: usize = 10;
+const IP_SRC: usize = 12;
+const IP_DST: usize = 16;
+/// Offsets of the checksum inside TCP and UDP headers.
+const TCP_CSUM: usize = 16;
+const UDP_CSUM: usize = 6;
+
+/// The parsed headers of one IPv4 TCP/UDP packet.
+struct Packet {
+    flow: FlowKey,
+    /// Offset of the L4 header.
+    l4: usize,
+}
+
+#[inline(always)]
+fn parse(ctx: &TcContext) -> Option<Packet> {
+    let ethertype: u16 = ctx.load::<u16>(12).ok()?;
+    if u16::from_be(ethertype) != ETH_P_IP {
+        return None;
+    }
+    let vihl: u8 = ctx.load(ETH_HLEN).ok()?;
+    let ihl = usize::from(vihl & 0x0f) * 4;
+    if ihl < 20 {
+        return None;
+    }
+    let frag: u16 = ctx.load(ETH_HLEN + 6).ok()?;
+    // Only unfragmented packets (or first fragments) carry ports.
+    if u16::from_be(frag) & 0x1fff != 0 {
+        return None;
+    }
+    let protocol: u8 = ctx.load(ETH_HLEN + IP_PROTO).ok()?;
+    if protocol != proto::TCP && protocol != proto::UDP {
+        return None;
+    }
+    let l4 = ETH_HLEN + ihl;
+    Some(Packet {
+        flow: FlowKey {
+            src: Be32(ctx.load(ETH_HLEN + IP_SRC).ok()?),
+            dst: Be32(ctx.load(ETH_HLEN + IP_DST).ok()?),
+            sport: Be16(ctx.load(l4).ok()?),
+            dport: Be16(ctx.load(l4 + 2).ok()?),
+            proto: protocol,
+            _pad: [0; 3],
+        },
+        l4,
+    })
+}
+
+/// Rewrites one address (source or destination) and its port, fixing the IPv4 and L4 checksums.
+#[inline(always)]
+fn rewrite(ctx: &TcContext, p: &Packet, dst: bool, addr: Be32, port: Be16) -> Result<(), i64> {
+    let (addr_off, port_off) = if dst { (IP_DST, 2) } else { (IP_SRC, 0) };
+    let (old_addr, old_port) = if dst {
+        (p.flow.dst, p.flow.dport)
+    } else {
+        (p.flow.src, p.flow.sport)
+    };
+    let (csum_off, mangled) = if p.flow.proto == proto::TCP {
+        (p.l4 + TCP_CSUM, 0)
+    } else {
+        // A zero UDP checksum means "none" and must stay zero.
+        (p.l4 + UDP_CSUM, u64::from(BPF_F_MARK_MANGLED_0))
+    };
+    ctx.l4_csum_replace(
+        csum_off,
+        u64::from(old_addr.0),
+        u64::from(addr.0),
+        u64::from(BPF_F_PSEUDO_HDR) | mangled | 4,
+    )?;
+    ctx.l3_csum_replace(
+        ETH_HLEN + IP_CSUM,
+        u64::from(old_addr.0),
+        u64::from(addr.0),
+        4,
+    )?;
+    ctx.store(ETH_HLEN + addr_off, &addr.0, 0)?;
+    ctx.l4_csum_replace(
+        csum_off,
+        u64::from(old_port.0),
+        u64::from(port.0),
+        mangled | 2,
+    )?;
+    ctx.store(p.l4 + port_off, &port.0, 0)?;
+    Ok(())
+}
+
+#[classifier]
+pub fn weft_nodeport_ingress(ctx: TcContext) -> i32 {
+    let Some(p) = parse(&ctx) else {
+        return TC_ACT_UNSPEC;
+    };
+    let key = ServiceKey {
+        addr: p.flow.dst,
+        port: p.flow.dport,
+        proto: p.flow.proto,
+        _pad: 0,
+    };
+    // SAFETY: read-only lookup of plain integers.
+    let Some(svc) = (unsafe { WEFT_SERVICES.get(&key) }) else {
+        return TC_ACT_UNSPEC;
+    };
+    // SAFETY: as above.
+    let backend: Backend = match unsafe { WEFT_CT.get(&p.flow) } {
+        Some(b) => *b,
+        None => {
+            if svc.count == 0 {
+                return TC_ACT_SHOT as i32;
+            }
+            // SAFETY: a helper without arguments.
+            let slot = unsafe { bpf_get_prandom_u32() } % svc.count;
+            // SAFETY: read-only lookup.
+            let Some(b) = (unsafe {
+                WEFT_BACKENDS.get(&BackendKey {
+                    service: svc.id,
+                    slot,
+                })
+            }) else {
+                return TC_ACT_SHOT as i32;
+            };
+            let b = *b;
+            let _ = WEFT_CT.insert(&p.flow, &b, 0);
+            let reply = FlowKey {
+                src: b.addr,
+                dst: p.flow.src,
+                sport: b.port,
+                dport: p.flow.sport,
+                proto: p.flow.proto,
+                _pad: [0; 3],
+            };
+            let _ = WEFT_REVNAT.insert(
+                &reply,
+                &SockRevValue {
+                    addr: p.flow.dst,
+                    port: p.flow.dport,
+                    _pad: 0,
+                },
+                0,
+            );
+            b
+        }
+    };
+    if rewrite(&ctx, &p, true, backend.addr, backend.port).is_err() {
+        return TC_ACT_SHOT as i32;
+    }
+    TC_ACT_UNSPEC
+}
+
+#[classifier]
+pub fn weft_nodeport_egress(ctx: TcContext) -> i32 {
+    let Some(p) = parse(&ctx) else {
+        return TC_ACT_UNSPEC;
+    };
+    // SAFETY: read-only lookup of plain integers.
+    let Some(front) = (unsafe { WEFT_REVNAT.get(&p.flow) }) else {
+        return TC_ACT_UNSPEC;
+    };
+    let front = *front;
+    if rewrite(&ctx, &p, false, front.addr, front.port).is_err() {
+        return TC_ACT_SHOT as i32;
+    }
+    TC_ACT_UNSPEC
+}

@@ -1,0 +1,87 @@
+//! Attaching classifier programs with tcx and pinning the links, so they outlive the agent.
+//! Attaching again swaps the program behind an existing pinned link atomically (an upgrade).
+
+use std::path::Path;
+
+use aya::{
+    Ebpf,
+    programs::{
+        LinkOrder, SchedClassifier, TcAttachType,
+        links::{FdLink, PinnedLink},
+        tc::{SchedClassifierLink, SchedClassifierLinkId, TcAttachOptions},
+    },
+};
+
+use crate::{Error, Result, bpffs::remove_pin};
+
+/// The index of an interface in this network namespace.
+pub fn ifindex(ifname: &str) -> Result<u32> {
+    nix::net::if_::if_nametoindex(ifname).map_err(|source| Error::NoSuchInterface {
+        name: ifname.to_owned(),
+        source,
+    })
+}
+
+fn classifier<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut SchedClassifier> {
+    let prog: &mut SchedClassifier = ebpf
+        .program_mut(name)
+        .ok_or(Error::Missing {
+            kind: "program",
+            name,
+        })?
+        .try_into()
+        .map_err(|source| Error::Program { name, source })?;
+    prog.load()
+        .map_err(|source| Error::Program { name, source })?;
+    Ok(prog)
+}
+
+fn fresh_attach(
+    prog: &mut SchedClassifier,
+    name: &'static str,
+    ifname: &str,
+    attach_type: TcAttachType,
+) -> Result<SchedClassifierLinkId> {
+    prog.attach_with_options(
+        ifname,
+        attach_type,
+        TcAttachOptions::TcxOrder(LinkOrder::default()),
+    )
+    .map_err(|source| Error::Program { name, source })
+}
+
+/// Attaches `prog_name` to `ifname` in direction `attach_type` and pins the link at `pin`.
+pub fn attach_pinned(
+    ebpf: &mut Ebpf,
+    prog_name: &'static str,
+    ifname: &str,
+    attach_type: TcAttachType,
+    pin: &Path,
+) -> Result<()> {
+    let prog = classifier(ebpf, prog_name)?;
+    let link_err = |e: &dyn std::fmt::Display| Error::Link {
+        path: pin.to_path_buf(),
+        message: e.to_string(),
+    };
+    let link_id = match PinnedLink::from_pin(pin) {
+        // Already attached: atomically swap the program behind the existing link.
+        Ok(old) => {
+            let old = SchedClassifierLink::try_from(FdLink::from(old)).map_err(|e| link_err(&e))?;
+            match prog.attach_to_link(old) {
+                Ok(id) => id,
+                // The interface behind the old link is gone; start over.
+                Err(_) => fresh_attach(prog, prog_name, ifname, attach_type)?,
+            }
+        }
+        Err(_) => fresh_attach(prog, prog_name, ifname, attach_type)?,
+    };
+    let link = prog.take_link(link_id).map_err(|source| Error::Program {
+        name: prog_name,
+        source,
+    })?;
+    let link = FdLink::try_from(link).map_err(|e| link_err(&e))?;
+    remove_pin(pin)?;
+    // The pin keeps the attachment alive once our handle is dropped.
+    drop(link.pin(pin).map_err(|e| link_err(&e))?);
+    Ok(())
+}
