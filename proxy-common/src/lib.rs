@@ -33,6 +33,8 @@ pub mod names {
     pub const PROG_NODEPORT_INGRESS: &str = "weft_nodeport_ingress";
     /// TC program translating backend → frontend on replies leaving that interface (tcx egress).
     pub const PROG_NODEPORT_EGRESS: &str = "weft_nodeport_egress";
+    /// Session affinity (LRU): [`crate::AffinityKey`] → [`crate::AffinityValue`].
+    pub const MAP_AFFINITY: &str = "WEFT_AFFINITY";
     /// Socket-LB program on connect(2) (cgroup/connect4).
     pub const PROG_CONNECT4: &str = "weft_connect4";
     /// Socket-LB program on sendmsg(2) for unconnected UDP (cgroup/sendmsg4).
@@ -117,8 +119,41 @@ pub struct ServiceValue {
     pub count: u32,
     /// `SERVICE_FLAG_*` bits.
     pub flags: u32,
+    /// With [`SERVICE_FLAG_AFFINITY`]: how long a client stays with its backend, in seconds.
+    pub affinity_timeout: u32,
+}
+
+/// `sessionAffinity: ClientIP`: a client keeps its backend for `affinity_timeout` seconds.
+pub const SERVICE_FLAG_AFFINITY: u32 = 1;
+
+/// Who a client is for session affinity: a pod (its network namespace cookie, for socket-level
+/// load balancing) or an address (for the TC path), per backend set.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct AffinityKey {
+    /// Netns cookie, or an IPv4 address in network byte order widened to u64 with bit 63 set.
+    pub client: u64,
+    /// [`ServiceValue::id`].
+    pub service: u32,
     /// Explicit padding, always zero.
     pub _pad: u32,
+}
+
+/// Tag that marks [`AffinityKey::client`] as an address rather than a netns cookie.
+pub const AFFINITY_CLIENT_ADDR: u64 = 1 << 63;
+
+/// The backend a client is pinned to, and when it last used it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AffinityValue {
+    /// The slot the backend was in when chosen.
+    pub slot: u32,
+    /// Explicit padding, always zero.
+    pub _pad: u32,
+    /// The backend.
+    pub backend: Backend,
+    /// `bpf_ktime_get_ns()` of the last use.
+    pub last_used_ns: u64,
 }
 
 /// One backend slot of a service.
@@ -265,6 +300,11 @@ const _: () = {
     assert!(core::mem::offset_of!(SockRevKey, addr) == 8);
     assert!(core::mem::size_of::<SockRevValue>() == 8);
     assert!(core::mem::size_of::<FlowKey>() == 16);
+    assert!(core::mem::offset_of!(ServiceValue, affinity_timeout) == 12);
+    assert!(core::mem::size_of::<AffinityKey>() == 16);
+    assert!(core::mem::size_of::<AffinityValue>() == 24);
+    assert!(core::mem::offset_of!(AffinityValue, backend) == 8);
+    assert!(core::mem::offset_of!(AffinityValue, last_used_ns) == 16);
     assert!(core::mem::offset_of!(FlowKey, sport) == 8);
     assert!(core::mem::offset_of!(FlowKey, proto) == 12);
 };
@@ -293,6 +333,10 @@ mod pod {
     unsafe impl aya::Pod for super::SockRevValue {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::FlowKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::AffinityKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::AffinityValue {}
 }
 
 #[cfg(test)]

@@ -5,8 +5,8 @@ use aya_ebpf::{
     maps::{HashMap, LruHashMap, PerCpuHashMap},
 };
 use weft_proxy_common::{
-    Backend, BackendKey, FlowKey, IfaceDirKey, PacketCounter, ServiceKey, ServiceValue, SockRevKey,
-    SockRevValue,
+    AffinityKey, AffinityValue, Backend, BackendKey, FlowKey, IfaceDirKey, PacketCounter,
+    ServiceKey, ServiceValue, SockRevKey, SockRevValue,
 };
 
 /// Packets and bytes per (interface, direction), for every interface a counter program is on.
@@ -34,3 +34,7 @@ pub static WEFT_CT: LruHashMap<FlowKey, Backend> = LruHashMap::pinned(262_144, 0
 /// TC path: (backend → client) flow → the frontend address replies are rewritten to.
 #[map(name = "WEFT_REVNAT")]
 pub static WEFT_REVNAT: LruHashMap<FlowKey, SockRevValue> = LruHashMap::pinned(262_144, 0);
+
+/// Session affinity: (client, backend set) → the backend the client keeps while it is fresh.
+#[map(name = "WEFT_AFFINITY")]
+pub static WEFT_AFFINITY: LruHashMap<AffinityKey, AffinityValue> = LruHashMap::pinned(262_144, 0);

@@ -10,15 +10,17 @@
 
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_SHOT, TC_ACT_UNSPEC},
-    helpers::bpf_get_prandom_u32,
     macros::classifier,
     programs::TcContext,
 };
 use weft_proxy_common::{
-    Backend, BackendKey, Be16, Be32, FlowKey, ServiceKey, SockRevValue, proto,
+    AFFINITY_CLIENT_ADDR, Backend, Be16, Be32, FlowKey, ServiceKey, SockRevValue, proto,
 };
 
-use crate::maps::{WEFT_BACKENDS, WEFT_CT, WEFT_REVNAT, WEFT_SERVICES};
+use crate::{
+    lb,
+    maps::{WEFT_CT, WEFT_REVNAT, WEFT_SERVICES},
+};
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -132,18 +134,10 @@ pub fn weft_nodeport_ingress(ctx: TcContext) -> i32 {
             if svc.count == 0 {
                 return TC_ACT_SHOT as i32;
             }
-            // SAFETY: a helper without arguments.
-            let slot = unsafe { bpf_get_prandom_u32() } % svc.count;
-            // SAFETY: read-only lookup.
-            let Some(b) = (unsafe {
-                WEFT_BACKENDS.get(&BackendKey {
-                    service: svc.id,
-                    slot,
-                })
-            }) else {
+            let client = AFFINITY_CLIENT_ADDR | u64::from(p.flow.src.0);
+            let Some(b) = lb::pick(svc, client) else {
                 return TC_ACT_SHOT as i32;
             };
-            let b = *b;
             let _ = WEFT_CT.insert(&p.flow, &b, 0);
             let reply = FlowKey {
                 src: b.addr,

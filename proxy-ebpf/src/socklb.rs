@@ -8,13 +8,16 @@
 //! letting it hang.
 
 use aya_ebpf::{
-    helpers::{bpf_get_prandom_u32, bpf_get_socket_cookie},
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
-use weft_proxy_common::{BackendKey, Be16, Be32, ServiceKey, SockRevKey, SockRevValue};
+use weft_proxy_common::{Be16, Be32, ServiceKey, SockRevKey, SockRevValue};
 
-use crate::maps::{WEFT_BACKENDS, WEFT_SERVICES, WEFT_SOCK_REVNAT};
+use crate::{
+    lb,
+    maps::{WEFT_SERVICES, WEFT_SOCK_REVNAT},
+};
 
 const ALLOW: i32 = 1;
 const REJECT: i32 = 0;
@@ -62,15 +65,10 @@ fn translate(ctx: &SockAddrContext) -> i32 {
     if svc.count == 0 {
         return REJECT;
     }
-    // SAFETY: a helper with no arguments.
-    let slot = unsafe { bpf_get_prandom_u32() } % svc.count;
-    // SAFETY: as above.
-    let Some(backend) = (unsafe {
-        WEFT_BACKENDS.get(&BackendKey {
-            service: svc.id,
-            slot,
-        })
-    }) else {
+    // The pod (its network namespace) is the client for session affinity.
+    // SAFETY: the context is a bpf_sock_addr, for which the helper is allowed.
+    let netns = unsafe { bpf_get_netns_cookie(sa.cast()) };
+    let Some(backend) = lb::pick(svc, netns) else {
         // The agent is between writing the count and the slots: refuse rather than misroute.
         return REJECT;
     };

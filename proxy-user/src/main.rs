@@ -203,8 +203,8 @@ fn run(layout: PinLayout, args: RunArgs) -> anyhow::Result<()> {
     let mut agent = Agent::start(config.clone()).context("starting the agent")?;
     tracing::info!(cgroup = %config.cgroup.display(), manifests = %config.manifests.display(), "weft-proxy running");
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    for sig in [signal_hook_like::SIGTERM, signal_hook_like::SIGINT] {
-        signal_hook_like::register(sig, stop.clone())?;
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(sig, stop.clone())?;
     }
     let mut first = true;
     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
@@ -233,30 +233,6 @@ fn run(layout: PinLayout, args: RunArgs) -> anyhow::Result<()> {
     }
     tracing::info!("stopping; programs and maps stay pinned and keep serving");
     Ok(())
-}
-
-/// Minimal SIGTERM/SIGINT handling: set a flag the main loop polls.
-mod signal_hook_like {
-    use std::sync::{Arc, OnceLock, atomic::AtomicBool};
-
-    pub const SIGTERM: i32 = libc::SIGTERM;
-    pub const SIGINT: i32 = libc::SIGINT;
-
-    static FLAG: OnceLock<Arc<AtomicBool>> = OnceLock::new();
-
-    extern "C" fn on_signal(_: libc::c_int) {
-        if let Some(f) = FLAG.get() {
-            f.store(true, std::sync::atomic::Ordering::Relaxed);
-        }
-    }
-
-    pub fn register(sig: i32, flag: Arc<AtomicBool>) -> std::io::Result<()> {
-        let _ = FLAG.set(flag);
-        let handler = nix::sys::signal::SigHandler::Handler(on_signal);
-        // SAFETY: the handler only performs an atomic store, which is async-signal-safe.
-        unsafe { nix::sys::signal::signal(nix::sys::signal::Signal::try_from(sig)?, handler) }?;
-        Ok(())
-    }
 }
 
 fn probe(args: &ProbeArgs) -> serde_json::Value {

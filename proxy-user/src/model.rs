@@ -71,6 +71,8 @@ pub struct FrontendState {
     pub service: String,
     /// Ready backends, sorted (an empty set refuses connections).
     pub backends: Vec<BackendAddr>,
+    /// `sessionAffinity: ClientIP`: seconds a client keeps its backend.
+    pub affinity_timeout: Option<u32>,
 }
 
 /// The whole desired state.
@@ -286,6 +288,15 @@ pub fn desired(objects: &Objects, node_name: &str) -> (Desired, Vec<Problem>) {
             problems.push(problem(reason));
             continue;
         }
+        let affinity = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
+            spec.session_affinity_config
+                .as_ref()
+                .and_then(|c| c.client_ip.as_ref())
+                .and_then(|c| c.timeout_seconds)
+                .and_then(|t| u32::try_from(t).ok())
+                .filter(|t| *t > 0)
+                .unwrap_or(10_800)
+        });
         for sp in spec.ports.iter().flatten() {
             let (Some(port), Some(p)) = (port_u16(sp.port), proto_of(sp.protocol.as_deref()))
             else {
@@ -301,6 +312,7 @@ pub fn desired(objects: &Objects, node_name: &str) -> (Desired, Vec<Problem>) {
                     sp.name.as_deref().unwrap_or(&sp.port.to_string())
                 ),
                 backends: backends(objects, svc, sp),
+                affinity_timeout: affinity,
             };
             for addr in &vips {
                 out.insert(
@@ -435,6 +447,26 @@ endpoints:
             }]
                 .backends
                 .is_empty()
+        );
+    }
+
+    #[test]
+    fn session_affinity_and_its_timeout() {
+        let yaml = "kind: Service\nmetadata: {name: a}\nspec: {clusterIP: 10.96.0.40, sessionAffinity: ClientIP,\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 60}}, ports: [{port: 80}]}\n---\n\
+                    kind: Service\nmetadata: {name: b}\nspec: {clusterIP: 10.96.0.41, sessionAffinity: ClientIP, ports: [{port: 80}]}\n---\n\
+                    kind: Service\nmetadata: {name: c}\nspec: {clusterIP: 10.96.0.42, ports: [{port: 80}]}\n";
+        let (d, _) = desired(&objs(yaml), "n1");
+        let t = |a: &str| {
+            d[&Frontend {
+                addr: a.parse().unwrap(),
+                port: 80,
+                proto: proto::TCP,
+            }]
+                .affinity_timeout
+        };
+        assert_eq!(
+            (t("10.96.0.40"), t("10.96.0.41"), t("10.96.0.42")),
+            (Some(60), Some(10_800), None)
         );
     }
 

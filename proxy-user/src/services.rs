@@ -12,7 +12,9 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use aya::maps::{HashMap, Map, MapData, MapError};
 use serde::Serialize;
-use weft_proxy_common::{Backend, BackendKey, Be16, Be32, ServiceKey, ServiceValue, names};
+use weft_proxy_common::{
+    Backend, BackendKey, Be16, Be32, SERVICE_FLAG_AFFINITY, ServiceKey, ServiceValue, names,
+};
 
 use crate::{
     Error, Result,
@@ -57,6 +59,7 @@ pub struct ApplyReport {
 struct Programmed {
     id: u32,
     backends: Vec<BackendAddr>,
+    affinity_timeout: Option<u32>,
 }
 
 /// One row of what the kernel holds.
@@ -145,17 +148,18 @@ impl ServiceMaps {
     }
 
     fn read_back(&mut self) -> Result<()> {
-        let mut by_id: BTreeMap<u32, (Frontend, u32)> = BTreeMap::new();
+        let mut by_id: BTreeMap<u32, (Frontend, u32, Option<u32>)> = BTreeMap::new();
         for item in self.services.iter() {
             let (k, v) = item.map_err(map_err(names::MAP_SERVICES))?;
-            by_id.insert(v.id, (frontend(&k), v.count));
+            let affinity = (v.flags & SERVICE_FLAG_AFFINITY != 0).then_some(v.affinity_timeout);
+            by_id.insert(v.id, (frontend(&k), v.count, affinity));
         }
         let mut slots: BTreeMap<u32, BTreeMap<u32, Backend>> = BTreeMap::new();
         let mut stale = Vec::new();
         for item in self.backends.iter() {
             let (k, b) = item.map_err(map_err(names::MAP_BACKENDS))?;
             match by_id.get(&k.service) {
-                Some((_, count)) if k.slot < *count => {
+                Some((_, count, _)) if k.slot < *count => {
                     slots.entry(k.service).or_default().insert(k.slot, b);
                 }
                 _ => stale.push(k),
@@ -164,7 +168,7 @@ impl ServiceMaps {
         for k in stale {
             let _ = self.backends.remove(&k);
         }
-        for (id, (f, count)) in by_id {
+        for (id, (f, count, affinity_timeout)) in by_id {
             let got = slots.remove(&id).unwrap_or_default();
             let mut backends: Vec<BackendAddr> = got.values().map(backend_addr).collect();
             backends.sort();
@@ -172,7 +176,14 @@ impl ServiceMaps {
                 // A torn update: force a rewrite by recording nothing for it.
                 backends.clear();
             }
-            self.current.insert(f, Programmed { id, backends });
+            self.current.insert(
+                f,
+                Programmed {
+                    id,
+                    backends,
+                    affinity_timeout,
+                },
+            );
             self.ids.insert(id);
         }
         Ok(())
@@ -221,12 +232,22 @@ impl ServiceMaps {
         }
     }
 
-    fn set_service(&mut self, f: &Frontend, id: u32, count: usize) -> Result<()> {
+    fn set_service(
+        &mut self,
+        f: &Frontend,
+        id: u32,
+        count: usize,
+        affinity: Option<u32>,
+    ) -> Result<()> {
         let v = ServiceValue {
             id,
             count: count as u32,
-            flags: 0,
-            _pad: 0,
+            flags: if affinity.is_some() {
+                SERVICE_FLAG_AFFINITY
+            } else {
+                0
+            },
+            affinity_timeout: affinity.unwrap_or(0),
         };
         self.services.insert(service_key(f), v, 0).map_err(|e| {
             limit_error(
@@ -258,14 +279,19 @@ impl ServiceMaps {
         }
         for (f, want) in desired {
             match self.current.get(f).cloned() {
-                Some(p) if p.backends == want.backends => report.unchanged += 1,
+                Some(p)
+                    if p.backends == want.backends
+                        && p.affinity_timeout == want.affinity_timeout =>
+                {
+                    report.unchanged += 1
+                }
                 Some(p) => {
                     let (old, new) = (p.backends.len(), want.backends.len());
                     let res = if new >= old {
                         self.write_slots(p.id, &want.backends)
-                            .and_then(|()| self.set_service(f, p.id, new))
+                            .and_then(|()| self.set_service(f, p.id, new, want.affinity_timeout))
                     } else {
-                        self.set_service(f, p.id, new)
+                        self.set_service(f, p.id, new, want.affinity_timeout)
                             .and_then(|()| self.write_slots(p.id, &want.backends))
                     };
                     match res {
@@ -276,6 +302,7 @@ impl ServiceMaps {
                                 Programmed {
                                     id: p.id,
                                     backends: want.backends.clone(),
+                                    affinity_timeout: want.affinity_timeout,
                                 },
                             );
                             report.updated += 1;
@@ -288,9 +315,9 @@ impl ServiceMaps {
                 }
                 None => {
                     let id = self.free_id();
-                    let res = self
-                        .write_slots(id, &want.backends)
-                        .and_then(|()| self.set_service(f, id, want.backends.len()));
+                    let res = self.write_slots(id, &want.backends).and_then(|()| {
+                        self.set_service(f, id, want.backends.len(), want.affinity_timeout)
+                    });
                     match res {
                         Ok(()) => {
                             self.current.insert(
@@ -298,6 +325,7 @@ impl ServiceMaps {
                                 Programmed {
                                     id,
                                     backends: want.backends.clone(),
+                                    affinity_timeout: want.affinity_timeout,
                                 },
                             );
                             self.ids.insert(id);

@@ -445,3 +445,61 @@ fn nodeport_from_outside_the_node_keeps_the_client_address() {
     );
     env.stop_agent();
 }
+
+#[test]
+fn session_affinity_keeps_each_client_on_one_backend() {
+    let mut env = Env::new();
+    let node_ip = env.lab.node(0).underlay_addr().unwrap();
+    std::fs::write(
+        env.manifests.join("sticky.yaml"),
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: sticky, namespace: default}}\n\
+             spec: {{type: NodePort, clusterIP: 10.96.0.60, selector: {{app: web}}, sessionAffinity: ClientIP,\n\
+             \x20 sessionAffinityConfig: {{clientIP: {{timeoutSeconds: 300}}}},\n\
+             \x20 ports: [{{name: http, port: 80, targetPort: http, nodePort: 30060}}]}}\n---\n\
+             apiVersion: v1\nkind: Node\nmetadata: {{name: node0}}\n\
+             status: {{addresses: [{{type: InternalIP, address: {node_ip}}}]}}\n"
+        ),
+    )
+    .unwrap();
+    env.start_agent();
+    env.wait_for_frontend("10.96.0.60:80/tcp", 2);
+    env.wait_for_frontend(&format!("{node_ip}:30060/tcp"), 2);
+    let hits = |env: &Env| (env._servers.0.peers().len(), env._servers.1.peers().len());
+
+    // A pod (socket LB: the client is the pod's network namespace).
+    let before = hits(&env);
+    for _ in 0..12 {
+        assert_eq!(
+            env.probe_from_client("tcp", "10.96.0.60:80")["reply"],
+            "weft-probe"
+        );
+    }
+    let after = hits(&env);
+    let (d1, d2) = (after.0 - before.0, after.1 - before.1);
+    assert!(
+        (d1, d2) == (12, 0) || (d1, d2) == (0, 12),
+        "a pod stays on one backend: {d1} / {d2}"
+    );
+
+    // An external client (TC path: the client is its address).
+    let ext = env.lab.host("ext").unwrap();
+    let before = hits(&env);
+    for _ in 0..12 {
+        let got = ext
+            .tcp_roundtrip(
+                SocketAddr::from((node_ip, 30060)),
+                b"hi",
+                Duration::from_secs(2),
+            )
+            .unwrap();
+        assert_eq!(got, b"hi");
+    }
+    let after = hits(&env);
+    let (d1, d2) = (after.0 - before.0, after.1 - before.1);
+    assert!(
+        (d1, d2) == (12, 0) || (d1, d2) == (0, 12),
+        "an external client stays on one backend: {d1} / {d2}"
+    );
+    env.stop_agent();
+}

@@ -220,6 +220,7 @@ fn weft_state() -> FrontendState {
             addr: BACKEND.parse().unwrap(),
             port: BACKEND_PORT,
         }],
+        affinity_timeout: None,
     }
 }
 

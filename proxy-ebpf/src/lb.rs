@@ -1,0 +1,66 @@
+//! Backend selection shared by the socket and TC paths: a random slot, or the backend a client is
+//! pinned to when the service has `sessionAffinity: ClientIP` and the pin is still fresh and
+//! still valid (its slot holds the same backend).
+
+use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns};
+use weft_proxy_common::{
+    AffinityKey, AffinityValue, Backend, BackendKey, SERVICE_FLAG_AFFINITY, ServiceValue,
+};
+
+use crate::maps::{WEFT_AFFINITY, WEFT_BACKENDS};
+
+/// Picks a backend for `client` (a netns cookie, or a tagged address) of a service with at
+/// least one backend. `None` when the agent is between writing the count and the slots.
+#[inline(always)]
+pub fn pick(svc: &ServiceValue, client: u64) -> Option<Backend> {
+    let affinity = svc.flags & SERVICE_FLAG_AFFINITY != 0;
+    let key = AffinityKey {
+        client,
+        service: svc.id,
+        _pad: 0,
+    };
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if affinity {
+        // SAFETY: read-only lookup of plain integers.
+        if let Some(pin) = unsafe { WEFT_AFFINITY.get(&key) } {
+            let fresh = now.saturating_sub(pin.last_used_ns)
+                < u64::from(svc.affinity_timeout) * 1_000_000_000;
+            // SAFETY: as above.
+            let same = unsafe {
+                WEFT_BACKENDS.get(&BackendKey {
+                    service: svc.id,
+                    slot: pin.slot,
+                })
+            }
+            .is_some_and(|b| *b == pin.backend);
+            if fresh && same && pin.slot < svc.count {
+                let v = AffinityValue {
+                    last_used_ns: now,
+                    ..*pin
+                };
+                let _ = WEFT_AFFINITY.insert(&key, &v, 0);
+                return Some(v.backend);
+            }
+        }
+    }
+    // SAFETY: a helper without arguments.
+    let slot = unsafe { bpf_get_prandom_u32() } % svc.count;
+    // SAFETY: read-only lookup.
+    let backend = *unsafe {
+        WEFT_BACKENDS.get(&BackendKey {
+            service: svc.id,
+            slot,
+        })
+    }?;
+    if affinity {
+        let v = AffinityValue {
+            slot,
+            _pad: 0,
+            backend,
+            last_used_ns: now,
+        };
+        let _ = WEFT_AFFINITY.insert(&key, &v, 0);
+    }
+    Some(backend)
+}
