@@ -33,6 +33,8 @@ pub mod names {
     pub const PROG_NODEPORT_INGRESS: &str = "weft_nodeport_ingress";
     /// TC program translating backend → frontend on replies leaving that interface (tcx egress).
     pub const PROG_NODEPORT_EGRESS: &str = "weft_nodeport_egress";
+    /// Per-CPU array of drop counters, indexed by [`crate::DropReason`].
+    pub const MAP_DROPS: &str = "WEFT_DROPS";
     /// Session affinity (LRU): [`crate::AffinityKey`] → [`crate::AffinityValue`].
     pub const MAP_AFFINITY: &str = "WEFT_AFFINITY";
     /// Socket-LB program on connect(2) (cgroup/connect4).
@@ -121,6 +123,32 @@ pub struct ServiceValue {
     pub flags: u32,
     /// With [`SERVICE_FLAG_AFFINITY`]: how long a client stays with its backend, in seconds.
     pub affinity_timeout: u32,
+}
+
+/// Why the datapath refused a connection or dropped a packet (index into the drops map).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DropReason {
+    /// The service has no ready backend.
+    NoEndpoints = 0,
+    /// A backend slot was missing (the agent was between writes).
+    BackendRace = 1,
+    /// Rewriting the packet failed.
+    RewriteFailed = 2,
+}
+
+impl DropReason {
+    /// Every reason, in index order.
+    pub const ALL: [Self; 3] = [Self::NoEndpoints, Self::BackendRace, Self::RewriteFailed];
+
+    /// The label shown in metrics.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::NoEndpoints => "no_endpoints",
+            Self::BackendRace => "backend_race",
+            Self::RewriteFailed => "rewrite_failed",
+        }
+    }
 }
 
 /// `sessionAffinity: ClientIP`: a client keeps its backend for `affinity_timeout` seconds.

@@ -2,7 +2,7 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuHashMap},
+    maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
 use weft_proxy_common::{
     AffinityKey, AffinityValue, Backend, BackendKey, FlowKey, IfaceDirKey, PacketCounter,
@@ -38,3 +38,16 @@ pub static WEFT_REVNAT: LruHashMap<FlowKey, SockRevValue> = LruHashMap::pinned(2
 /// Session affinity: (client, backend set) → the backend the client keeps while it is fresh.
 #[map(name = "WEFT_AFFINITY")]
 pub static WEFT_AFFINITY: LruHashMap<AffinityKey, AffinityValue> = LruHashMap::pinned(262_144, 0);
+
+/// Drops and refusals by reason (`weft_proxy_common::DropReason`), per CPU.
+#[map(name = "WEFT_DROPS")]
+pub static WEFT_DROPS: PerCpuArray<u64> = PerCpuArray::pinned(4, 0);
+
+/// Counts one drop or refusal.
+#[inline(always)]
+pub fn count_drop(reason: weft_proxy_common::DropReason) {
+    if let Some(c) = WEFT_DROPS.get_ptr_mut(reason as u32) {
+        // SAFETY: a per-CPU slot only this CPU writes while the program runs.
+        unsafe { *c += 1 };
+    }
+}

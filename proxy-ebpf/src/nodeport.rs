@@ -14,12 +14,12 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use weft_proxy_common::{
-    AFFINITY_CLIENT_ADDR, Backend, Be16, Be32, FlowKey, ServiceKey, SockRevValue, proto,
+    AFFINITY_CLIENT_ADDR, Backend, Be16, Be32, DropReason, FlowKey, ServiceKey, SockRevValue, proto,
 };
 
 use crate::{
     lb,
-    maps::{WEFT_CT, WEFT_REVNAT, WEFT_SERVICES},
+    maps::{WEFT_CT, WEFT_REVNAT, WEFT_SERVICES, count_drop},
 };
 
 const ETH_HLEN: usize = 14;
@@ -132,10 +132,12 @@ pub fn weft_nodeport_ingress(ctx: TcContext) -> i32 {
         Some(b) => *b,
         None => {
             if svc.count == 0 {
+                count_drop(DropReason::NoEndpoints);
                 return TC_ACT_SHOT as i32;
             }
             let client = AFFINITY_CLIENT_ADDR | u64::from(p.flow.src.0);
             let Some(b) = lb::pick(svc, client) else {
+                count_drop(DropReason::BackendRace);
                 return TC_ACT_SHOT as i32;
             };
             let _ = WEFT_CT.insert(&p.flow, &b, 0);
@@ -160,6 +162,7 @@ pub fn weft_nodeport_ingress(ctx: TcContext) -> i32 {
         }
     };
     if rewrite(&ctx, &p, true, backend.addr, backend.port).is_err() {
+        count_drop(DropReason::RewriteFailed);
         return TC_ACT_SHOT as i32;
     }
     TC_ACT_UNSPEC
@@ -176,6 +179,7 @@ pub fn weft_nodeport_egress(ctx: TcContext) -> i32 {
     };
     let front = *front;
     if rewrite(&ctx, &p, false, front.addr, front.port).is_err() {
+        count_drop(DropReason::RewriteFailed);
         return TC_ACT_SHOT as i32;
     }
     TC_ACT_UNSPEC

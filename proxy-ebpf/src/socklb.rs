@@ -12,11 +12,11 @@ use aya_ebpf::{
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
-use weft_proxy_common::{Be16, Be32, ServiceKey, SockRevKey, SockRevValue};
+use weft_proxy_common::{Be16, Be32, DropReason, ServiceKey, SockRevKey, SockRevValue};
 
 use crate::{
     lb,
-    maps::{WEFT_SERVICES, WEFT_SOCK_REVNAT},
+    maps::{WEFT_SERVICES, WEFT_SOCK_REVNAT, count_drop},
 };
 
 const ALLOW: i32 = 1;
@@ -63,6 +63,7 @@ fn translate(ctx: &SockAddrContext) -> i32 {
         return ALLOW;
     };
     if svc.count == 0 {
+        count_drop(DropReason::NoEndpoints);
         return REJECT;
     }
     // The pod (its network namespace) is the client for session affinity.
@@ -70,6 +71,7 @@ fn translate(ctx: &SockAddrContext) -> i32 {
     let netns = unsafe { bpf_get_netns_cookie(sa.cast()) };
     let Some(backend) = lb::pick(svc, netns) else {
         // The agent is between writing the count and the slots: refuse rather than misroute.
+        count_drop(DropReason::BackendRace);
         return REJECT;
     };
     // SAFETY: writing user_ip4/user_port is what connect4/sendmsg4 programs may do.

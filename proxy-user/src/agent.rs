@@ -87,6 +87,11 @@ impl Agent {
         })
     }
 
+    /// Frontends and backend slots programmed.
+    pub fn totals(&self) -> (usize, usize) {
+        (self.maps.len(), self.maps.backend_count())
+    }
+
     /// Re-reads the manifests if they changed (or `force`) and programs the difference.
     pub fn sync(&mut self, force: bool) -> Result<Option<SyncReport>> {
         let seen = manifests::fingerprint(&self.config.manifests);

@@ -15,6 +15,7 @@ pub mod agent;
 pub mod bpffs;
 pub mod counters;
 pub mod manifests;
+pub mod metrics;
 pub mod model;
 pub mod object;
 pub mod services;

@@ -62,6 +62,9 @@ struct RunArgs {
     /// Backend map size (slots over all frontends), used when the map is created.
     #[arg(long, default_value_t = 262_144)]
     max_backends: u32,
+    /// Where to serve Prometheus metrics (`GET /metrics`); `off` to disable.
+    #[arg(long, default_value = "127.0.0.1:9402")]
+    metrics_addr: String,
     /// External interface on which NodePort, externalIP and LoadBalancer traffic from outside
     /// the node is translated per packet (repeatable).
     #[arg(long = "nodeport-iface")]
@@ -201,6 +204,12 @@ fn run(layout: PinLayout, args: RunArgs) -> anyhow::Result<()> {
         nodeport_ifaces: args.nodeport_ifaces,
     };
     let mut agent = Agent::start(config.clone()).context("starting the agent")?;
+    let metrics = std::sync::Arc::new(weft_proxy::metrics::Metrics::new(config.layout.clone()));
+    if args.metrics_addr != "off" {
+        let addr = args.metrics_addr.parse().context("--metrics-addr")?;
+        let bound = metrics.serve(addr)?;
+        tracing::info!(%bound, "serving metrics");
+    }
     tracing::info!(cgroup = %config.cgroup.display(), manifests = %config.manifests.display(), "weft-proxy running");
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
@@ -210,6 +219,8 @@ fn run(layout: PinLayout, args: RunArgs) -> anyhow::Result<()> {
     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
         match agent.sync(first) {
             Ok(Some(report)) => {
+                let (services, backends) = agent.totals();
+                metrics.record_sync(&report, services, backends);
                 for p in &report.problems {
                     tracing::warn!(problem = %p, "skipped");
                 }
@@ -226,7 +237,10 @@ fn run(layout: PinLayout, args: RunArgs) -> anyhow::Result<()> {
                 );
             }
             Ok(None) => {}
-            Err(e) => tracing::error!(error = %e, "synchronising services"),
+            Err(e) => {
+                metrics.record_failure();
+                tracing::error!(error = %e, "synchronising services");
+            }
         }
         first = false;
         std::thread::sleep(std::time::Duration::from_millis(args.poll_ms));
