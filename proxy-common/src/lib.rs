@@ -123,6 +123,11 @@ pub struct ServiceValue {
     pub flags: u32,
     /// With [`SERVICE_FLAG_AFFINITY`]: how long a client stays with its backend, in seconds.
     pub affinity_timeout: u32,
+    /// Backends on this node: slots `0..local_count` (local backends come first). The TC path,
+    /// which cannot yet reach remote backends, chooses among these only.
+    pub local_count: u32,
+    /// Explicit padding, always zero.
+    pub _pad: u32,
 }
 
 /// Why the datapath refused a connection or dropped a packet (index into the drops map).
@@ -320,7 +325,6 @@ const _: () = {
     assert!(core::mem::size_of::<ServiceKey>() == 8);
     assert!(core::mem::offset_of!(ServiceKey, port) == 4);
     assert!(core::mem::offset_of!(ServiceKey, proto) == 6);
-    assert!(core::mem::size_of::<ServiceValue>() == 16);
     assert!(core::mem::size_of::<BackendKey>() == 8);
     assert!(core::mem::size_of::<Backend>() == 8);
     assert!(core::mem::offset_of!(Backend, port) == 4);
@@ -329,6 +333,8 @@ const _: () = {
     assert!(core::mem::size_of::<SockRevValue>() == 8);
     assert!(core::mem::size_of::<FlowKey>() == 16);
     assert!(core::mem::offset_of!(ServiceValue, affinity_timeout) == 12);
+    assert!(core::mem::size_of::<ServiceValue>() == 24);
+    assert!(core::mem::offset_of!(ServiceValue, local_count) == 16);
     assert!(core::mem::size_of::<AffinityKey>() == 16);
     assert!(core::mem::size_of::<AffinityValue>() == 24);
     assert!(core::mem::offset_of!(AffinityValue, backend) == 8);

@@ -9,10 +9,11 @@ use weft_proxy_common::{
 
 use crate::maps::{WEFT_AFFINITY, WEFT_BACKENDS};
 
-/// Picks a backend for `client` (a netns cookie, or a tagged address) of a service with at
-/// least one backend. `None` when the agent is between writing the count and the slots.
+/// Picks a backend among slots `0..n` (`n` > 0: all backends, or the local ones) for `client` (a
+/// netns cookie, or a tagged address). `None` when the agent is between writing the count and
+/// the slots.
 #[inline(always)]
-pub fn pick(svc: &ServiceValue, client: u64) -> Option<Backend> {
+pub fn pick(svc: &ServiceValue, n: u32, client: u64) -> Option<Backend> {
     let affinity = svc.flags & SERVICE_FLAG_AFFINITY != 0;
     let key = AffinityKey {
         client,
@@ -34,7 +35,7 @@ pub fn pick(svc: &ServiceValue, client: u64) -> Option<Backend> {
                 })
             }
             .is_some_and(|b| *b == pin.backend);
-            if fresh && same && pin.slot < svc.count {
+            if fresh && same && pin.slot < n {
                 let v = AffinityValue {
                     last_used_ns: now,
                     ..*pin
@@ -45,7 +46,7 @@ pub fn pick(svc: &ServiceValue, client: u64) -> Option<Backend> {
         }
     }
     // SAFETY: a helper without arguments.
-    let slot = unsafe { bpf_get_prandom_u32() } % svc.count;
+    let slot = unsafe { bpf_get_prandom_u32() } % n;
     // SAFETY: read-only lookup.
     let backend = *unsafe {
         WEFT_BACKENDS.get(&BackendKey {

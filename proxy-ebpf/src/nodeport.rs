@@ -131,12 +131,13 @@ pub fn weft_nodeport_ingress(ctx: TcContext) -> i32 {
     let backend: Backend = match unsafe { WEFT_CT.get(&p.flow) } {
         Some(b) => *b,
         None => {
-            if svc.count == 0 {
+            // Only local backends are reachable from here (no SNAT for remote ones yet).
+            if svc.local_count == 0 {
                 count_drop(DropReason::NoEndpoints);
                 return TC_ACT_SHOT as i32;
             }
             let client = AFFINITY_CLIENT_ADDR | u64::from(p.flow.src.0);
-            let Some(b) = lb::pick(svc, client) else {
+            let Some(b) = lb::pick(svc, svc.local_count, client) else {
                 count_drop(DropReason::BackendRace);
                 return TC_ACT_SHOT as i32;
             };

@@ -137,14 +137,17 @@ fn main() -> anyhow::Result<()> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
-                println!("{:<28} {:>5}  BACKENDS", "FRONTEND", "ID");
+                println!(
+                    "{:<28} {:>5} {:>5}  BACKENDS (local first)",
+                    "FRONTEND", "ID", "LOCAL"
+                );
                 for r in rows {
                     let b = if r.backends.is_empty() {
                         "(none: refused)".to_owned()
                     } else {
                         r.backends.join(" ")
                     };
-                    println!("{:<28} {:>5}  {b}", r.frontend, r.id);
+                    println!("{:<28} {:>5} {:>5}  {b}", r.frontend, r.id, r.local);
                 }
             }
         }

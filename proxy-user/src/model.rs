@@ -69,8 +69,11 @@ impl std::fmt::Display for BackendAddr {
 pub struct FrontendState {
     /// `namespace/name:port` of the service port.
     pub service: String,
-    /// Ready backends, sorted (an empty set refuses connections).
+    /// Ready backends, those on this node first, each group sorted (an empty set refuses
+    /// connections).
     pub backends: Vec<BackendAddr>,
+    /// How many of `backends` are on this node (the TC path uses only these).
+    pub local_count: usize,
     /// `sessionAffinity: ClientIP`: seconds a client keeps its backend.
     pub affinity_timeout: Option<u32>,
 }
@@ -170,8 +173,13 @@ fn target_port(sp: &ServicePort, pod: Option<&Pod>) -> Option<u16> {
 }
 
 /// Ready backends of one service port, from its EndpointSlices, else from the pods its selector
-/// matches.
-fn backends(objects: &Objects, svc: &Service, sp: &ServicePort) -> Vec<BackendAddr> {
+/// matches; local ones (on `node`) first, and how many are local.
+fn backends(
+    objects: &Objects,
+    svc: &Service,
+    sp: &ServicePort,
+    node: &str,
+) -> (Vec<BackendAddr>, usize) {
     let ns = svc.metadata.namespace.as_deref().unwrap_or("default");
     let name = svc.metadata.name.as_deref().unwrap_or("");
     let slices: Vec<&EndpointSlice> = objects
@@ -207,17 +215,18 @@ fn backends(objects: &Objects, svc: &Service, sp: &ServicePort) -> Vec<BackendAd
                 if !ready {
                     continue;
                 }
+                let remote = ep.node_name.as_deref() != Some(node);
                 for a in &ep.addresses {
                     if let Ok(addr) = a.parse() {
-                        out.insert(BackendAddr { addr, port });
+                        out.insert((remote, BackendAddr { addr, port }));
                     }
                 }
             }
         }
-        return out.into_iter().collect();
+        return split_local(out);
     }
     let Some(selector) = svc.spec.as_ref().and_then(|s| s.selector.as_ref()) else {
-        return Vec::new();
+        return (Vec::new(), 0);
     };
     for pod in objects
         .pods
@@ -228,10 +237,17 @@ fn backends(objects: &Objects, svc: &Service, sp: &ServicePort) -> Vec<BackendAd
             && pod_ready(pod)
             && let (Some(addr), Some(port)) = (pod_ip(pod), target_port(sp, Some(pod)))
         {
-            out.insert(BackendAddr { addr, port });
+            let remote = pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) != Some(node);
+            out.insert((remote, BackendAddr { addr, port }));
         }
     }
-    out.into_iter().collect()
+    split_local(out)
+}
+
+/// Orders backends local first (the set is keyed `(remote, addr)`) and counts the local ones.
+fn split_local(set: BTreeSet<(bool, BackendAddr)>) -> (Vec<BackendAddr>, usize) {
+    let local = set.iter().filter(|(remote, _)| !remote).count();
+    (set.into_iter().map(|(_, b)| b).collect(), local)
 }
 
 /// Computes every frontend this node must serve and its backends.
@@ -253,23 +269,27 @@ pub fn desired(objects: &Objects, node_name: &str) -> (Desired, Vec<Problem>) {
         if ty == "ExternalName" {
             continue;
         }
-        let mut vips: Vec<Ipv4Addr> = Vec::new();
+        // Cluster IPs follow internalTrafficPolicy; external addresses (externalIPs, load balancer
+        // ingress, NodePorts) follow externalTrafficPolicy.
+        let mut vips: Vec<(Ipv4Addr, bool)> = Vec::new();
         let mut bad = None;
         let cluster_ips: Vec<&String> = match (&spec.cluster_ips, &spec.cluster_ip) {
             (Some(ips), _) if !ips.is_empty() => ips.iter().collect(),
             (_, Some(ip)) => vec![ip],
             _ => vec![],
         };
-        for ip in cluster_ips
+        let n_cluster = cluster_ips.len();
+        for (i, ip) in cluster_ips
             .iter()
             .copied()
             .chain(spec.external_ips.iter().flatten())
+            .enumerate()
         {
             if ip == "None" {
                 continue; // headless: no virtual address
             }
             match ip.parse::<std::net::IpAddr>() {
-                Ok(std::net::IpAddr::V4(a)) => vips.push(a),
+                Ok(std::net::IpAddr::V4(a)) => vips.push((a, i >= n_cluster)),
                 Ok(std::net::IpAddr::V6(_)) => {} // IPv6 frontends are not served yet
                 Err(_) => bad = Some(format!("invalid address {ip:?}")),
             }
@@ -281,7 +301,7 @@ pub fn desired(objects: &Objects, node_name: &str) -> (Desired, Vec<Problem>) {
             .flat_map(|lb| lb.ingress.iter().flatten())
         {
             if let Some(Ok(std::net::IpAddr::V4(a))) = ing.ip.as_ref().map(|i| i.parse()) {
-                vips.push(a);
+                vips.push((a, true));
             }
         }
         if let Some(reason) = bad {
@@ -306,22 +326,39 @@ pub fn desired(objects: &Objects, node_name: &str) -> (Desired, Vec<Problem>) {
                 )));
                 continue;
             };
+            let (all, local_count) = backends(objects, svc, sp, node_name);
             let state = FrontendState {
                 service: format!(
                     "{id}:{}",
                     sp.name.as_deref().unwrap_or(&sp.port.to_string())
                 ),
-                backends: backends(objects, svc, sp),
+                backends: all,
+                local_count,
                 affinity_timeout: affinity,
             };
-            for addr in &vips {
+            let local_only = FrontendState {
+                backends: state.backends[..local_count].to_vec(),
+                ..state.clone()
+            };
+            let internal = if spec.internal_traffic_policy.as_deref() == Some("Local") {
+                &local_only
+            } else {
+                &state
+            };
+            let external = if spec.external_traffic_policy.as_deref() == Some("Local") {
+                &local_only
+            } else {
+                &state
+            };
+            for (addr, is_external) in &vips {
+                let s = if *is_external { external } else { internal };
                 out.insert(
                     Frontend {
                         addr: *addr,
                         port,
                         proto: p,
                     },
-                    state.clone(),
+                    s.clone(),
                 );
             }
             if matches!(ty, "NodePort" | "LoadBalancer")
@@ -334,7 +371,7 @@ pub fn desired(objects: &Objects, node_name: &str) -> (Desired, Vec<Problem>) {
                             port: np,
                             proto: p,
                         },
-                        state.clone(),
+                        external.clone(),
                     );
                 }
             }

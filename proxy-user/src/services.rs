@@ -19,7 +19,7 @@ use weft_proxy_common::{
 use crate::{
     Error, Result,
     bpffs::PinLayout,
-    model::{BackendAddr, Desired, Frontend},
+    model::{BackendAddr, Desired, Frontend, FrontendState},
 };
 
 /// Map size limits (entries). They apply when the maps are first created.
@@ -59,7 +59,16 @@ pub struct ApplyReport {
 struct Programmed {
     id: u32,
     backends: Vec<BackendAddr>,
+    local_count: usize,
     affinity_timeout: Option<u32>,
+}
+
+impl Programmed {
+    fn matches(&self, want: &FrontendState) -> bool {
+        self.backends == want.backends
+            && self.local_count == want.local_count
+            && self.affinity_timeout == want.affinity_timeout
+    }
 }
 
 /// One row of what the kernel holds.
@@ -71,6 +80,8 @@ pub struct ServiceRow {
     pub id: u32,
     /// `addr:port` of each slot.
     pub backends: Vec<String>,
+    /// How many of them (the first ones) are on this node.
+    pub local: usize,
 }
 
 /// The service and backend maps, and what is programmed in them.
@@ -148,18 +159,18 @@ impl ServiceMaps {
     }
 
     fn read_back(&mut self) -> Result<()> {
-        let mut by_id: BTreeMap<u32, (Frontend, u32, Option<u32>)> = BTreeMap::new();
+        let mut by_id: BTreeMap<u32, (Frontend, u32, Option<u32>, u32)> = BTreeMap::new();
         for item in self.services.iter() {
             let (k, v) = item.map_err(map_err(names::MAP_SERVICES))?;
             let affinity = (v.flags & SERVICE_FLAG_AFFINITY != 0).then_some(v.affinity_timeout);
-            by_id.insert(v.id, (frontend(&k), v.count, affinity));
+            by_id.insert(v.id, (frontend(&k), v.count, affinity, v.local_count));
         }
         let mut slots: BTreeMap<u32, BTreeMap<u32, Backend>> = BTreeMap::new();
         let mut stale = Vec::new();
         for item in self.backends.iter() {
             let (k, b) = item.map_err(map_err(names::MAP_BACKENDS))?;
             match by_id.get(&k.service) {
-                Some((_, count, _)) if k.slot < *count => {
+                Some((_, count, _, _)) if k.slot < *count => {
                     slots.entry(k.service).or_default().insert(k.slot, b);
                 }
                 _ => stale.push(k),
@@ -168,19 +179,21 @@ impl ServiceMaps {
         for k in stale {
             let _ = self.backends.remove(&k);
         }
-        for (id, (f, count, affinity_timeout)) in by_id {
+        for (id, (f, count, affinity_timeout, local_count)) in by_id {
             let got = slots.remove(&id).unwrap_or_default();
+            // Slot order is meaningful (local backends first): keep it.
             let mut backends: Vec<BackendAddr> = got.values().map(backend_addr).collect();
-            backends.sort();
             if backends.len() != count as usize {
                 // A torn update: force a rewrite by recording nothing for it.
                 backends.clear();
             }
+            let local_count = local_count as usize;
             self.current.insert(
                 f,
                 Programmed {
                     id,
                     backends,
+                    local_count,
                     affinity_timeout,
                 },
             );
@@ -232,22 +245,18 @@ impl ServiceMaps {
         }
     }
 
-    fn set_service(
-        &mut self,
-        f: &Frontend,
-        id: u32,
-        count: usize,
-        affinity: Option<u32>,
-    ) -> Result<()> {
+    fn set_service(&mut self, f: &Frontend, id: u32, want: &FrontendState) -> Result<()> {
         let v = ServiceValue {
             id,
-            count: count as u32,
-            flags: if affinity.is_some() {
+            count: want.backends.len() as u32,
+            flags: if want.affinity_timeout.is_some() {
                 SERVICE_FLAG_AFFINITY
             } else {
                 0
             },
-            affinity_timeout: affinity.unwrap_or(0),
+            affinity_timeout: want.affinity_timeout.unwrap_or(0),
+            local_count: want.local_count as u32,
+            _pad: 0,
         };
         self.services.insert(service_key(f), v, 0).map_err(|e| {
             limit_error(
@@ -279,19 +288,14 @@ impl ServiceMaps {
         }
         for (f, want) in desired {
             match self.current.get(f).cloned() {
-                Some(p)
-                    if p.backends == want.backends
-                        && p.affinity_timeout == want.affinity_timeout =>
-                {
-                    report.unchanged += 1
-                }
+                Some(p) if p.matches(want) => report.unchanged += 1,
                 Some(p) => {
                     let (old, new) = (p.backends.len(), want.backends.len());
                     let res = if new >= old {
                         self.write_slots(p.id, &want.backends)
-                            .and_then(|()| self.set_service(f, p.id, new, want.affinity_timeout))
+                            .and_then(|()| self.set_service(f, p.id, want))
                     } else {
-                        self.set_service(f, p.id, new, want.affinity_timeout)
+                        self.set_service(f, p.id, want)
                             .and_then(|()| self.write_slots(p.id, &want.backends))
                     };
                     match res {
@@ -302,6 +306,7 @@ impl ServiceMaps {
                                 Programmed {
                                     id: p.id,
                                     backends: want.backends.clone(),
+                                    local_count: want.local_count,
                                     affinity_timeout: want.affinity_timeout,
                                 },
                             );
@@ -315,9 +320,9 @@ impl ServiceMaps {
                 }
                 None => {
                     let id = self.free_id();
-                    let res = self.write_slots(id, &want.backends).and_then(|()| {
-                        self.set_service(f, id, want.backends.len(), want.affinity_timeout)
-                    });
+                    let res = self
+                        .write_slots(id, &want.backends)
+                        .and_then(|()| self.set_service(f, id, want));
                     match res {
                         Ok(()) => {
                             self.current.insert(
@@ -325,6 +330,7 @@ impl ServiceMaps {
                                 Programmed {
                                     id,
                                     backends: want.backends.clone(),
+                                    local_count: want.local_count,
                                     affinity_timeout: want.affinity_timeout,
                                 },
                             );
@@ -393,6 +399,7 @@ pub fn read(layout: &PinLayout) -> Result<Vec<ServiceRow>> {
             frontend: f.to_string(),
             id: p.id,
             backends: p.backends.iter().map(ToString::to_string).collect(),
+            local: p.local_count,
         })
         .collect())
 }

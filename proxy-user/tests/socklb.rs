@@ -16,9 +16,13 @@ use weft_testbed::{Host, Lab, TcpServer, UdpServer};
 const BIN: &str = env!("CARGO_BIN_EXE_weft-proxy");
 
 fn pod_yaml(name: &str, ip: &str, ready: bool) -> String {
+    pod_on("node0", name, ip, ready)
+}
+
+fn pod_on(node: &str, name: &str, ip: &str, ready: bool) -> String {
     format!(
         "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: default, labels: {{app: web}}}}\n\
-         spec: {{containers: [{{name: c, image: x, ports: [{{name: http, containerPort: 8080}}]}}]}}\n\
+         spec: {{nodeName: {node}, containers: [{{name: c, image: x, ports: [{{name: http, containerPort: 8080}}]}}]}}\n\
          status: {{podIP: {ip}, conditions: [{{type: Ready, status: \"{}\"}}]}}\n",
         if ready { "True" } else { "False" }
     )
@@ -169,6 +173,24 @@ impl Env {
                 (r["frontend"].as_str().unwrap().to_owned(), b)
             })
             .collect()
+    }
+
+    /// How many backends of `frontend` the kernel holds as local.
+    fn local_backends(&self, frontend: &str) -> Option<u64> {
+        let out = self
+            .node()
+            .command(BIN)
+            .unwrap()
+            .arg("--pin-dir")
+            .arg(&self.pin)
+            .args(["services", "--json"])
+            .output()
+            .unwrap();
+        let rows: Value = serde_json::from_slice(&out.stdout).ok()?;
+        rows.as_array()?
+            .iter()
+            .find(|r| r["frontend"] == frontend)?["local"]
+            .as_u64()
     }
 
     /// Waits until the kernel holds `frontend` with `n` backends.
@@ -527,6 +549,89 @@ fn session_affinity_keeps_each_client_on_one_backend() {
     assert!(
         (d1, d2) == (12, 0) || (d1, d2) == (0, 12),
         "an external client stays on one backend: {d1} / {d2}"
+    );
+    env.stop_agent();
+}
+
+#[test]
+fn traffic_policies_choose_local_backends() {
+    let mut env = Env::new();
+    let node_ip = env.lab.node(0).underlay_addr().unwrap();
+    // be2 is declared to run on another node.
+    let pods = pod_yaml("be1", "10.244.0.3", true) + &pod_on("node1", "be2", "10.244.0.4", true);
+    std::fs::write(env.manifests.join("pods.yaml"), pods).unwrap();
+    let svc = |name: &str, extra: &str| {
+        format!(
+            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\n\
+             spec: {{selector: {{app: web}}, {extra}}}\n"
+        )
+    };
+    let manifests = svc(
+        "itp",
+        "clusterIP: 10.96.0.70, internalTrafficPolicy: Local, ports: [{name: http, port: 80, targetPort: http}]",
+    ) + &svc(
+        "etp",
+        "type: NodePort, clusterIP: 10.96.0.71, ports: [{name: http, port: 80, targetPort: http, nodePort: 30071}]",
+    ) + &svc(
+        "etpl",
+        "type: NodePort, clusterIP: 10.96.0.72, externalTrafficPolicy: Local, ports: [{name: http, port: 80, targetPort: http, nodePort: 30072}]",
+    ) + &format!(
+        "---\napiVersion: v1\nkind: Node\nmetadata: {{name: node0}}\nstatus: {{addresses: [{{type: InternalIP, address: {node_ip}}}]}}\n"
+    );
+    std::fs::write(env.manifests.join("policies.yaml"), manifests).unwrap();
+    env.start_agent();
+    env.wait_for_frontend("10.96.0.70:80/tcp", 1);
+    env.wait_for_frontend(&format!("{node_ip}:30071/tcp"), 2);
+    env.wait_for_frontend(&format!("{node_ip}:30072/tcp"), 1);
+    let spread = |env: &Env, f: &dyn Fn()| {
+        let hits = || (env._servers.0.peers().len(), env._servers.1.peers().len());
+        let before = hits();
+        for _ in 0..16 {
+            f();
+        }
+        let after = hits();
+        (after.0 - before.0, after.1 - before.1)
+    };
+    let pod = |addr: String| assert_eq!(env.probe_from_client("tcp", &addr)["reply"], "weft-probe");
+    let ext = env.lab.host("ext").unwrap();
+    let outside = |port: u16| {
+        let got = ext
+            .tcp_roundtrip(
+                SocketAddr::from((node_ip, port)),
+                b"x",
+                Duration::from_secs(2),
+            )
+            .unwrap();
+        assert_eq!(got, b"x");
+    };
+
+    // internalTrafficPolicy: Local: the cluster IP reaches only this node's backend.
+    assert_eq!(spread(&env, &|| pod("10.96.0.70:80".into())), (16, 0));
+    // externalTrafficPolicy: Cluster, from a pod: every backend.
+    let (a, b) = spread(&env, &|| pod(format!("{node_ip}:30071")));
+    assert!(a > 0 && b > 0, "both backends: {a} / {b}");
+    // externalTrafficPolicy: Local, from a pod: only the local backend.
+    assert_eq!(spread(&env, &|| pod(format!("{node_ip}:30072"))), (16, 0));
+    // From outside (TC path), only local backends are reachable, whatever the policy.
+    assert_eq!(spread(&env, &|| outside(30071)), (16, 0));
+    assert_eq!(spread(&env, &|| outside(30072)), (16, 0));
+
+    // be2 is now declared on this node: the same backends, but both local. The TC path must see
+    // the change even though the backend set did not change.
+    let pods = pod_yaml("be1", "10.244.0.3", true) + &pod_yaml("be2", "10.244.0.4", true);
+    std::fs::write(env.manifests.join("pods.yaml"), pods).unwrap();
+    let start = Instant::now();
+    while env.local_backends(&format!("{node_ip}:30071/tcp")) != Some(2) {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "local count never reached 2"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (a, b) = spread(&env, &|| outside(30071));
+    assert!(
+        a > 0 && b > 0,
+        "from outside, both local backends now: {a} / {b}"
     );
     env.stop_agent();
 }

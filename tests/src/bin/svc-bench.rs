@@ -220,6 +220,7 @@ fn weft_state() -> FrontendState {
             addr: BACKEND.parse().unwrap(),
             port: BACKEND_PORT,
         }],
+        local_count: 1,
         affinity_timeout: None,
     }
 }
