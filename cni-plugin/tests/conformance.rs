@@ -339,7 +339,10 @@ fn check_detects_a_lost_reservation() {
     let p = n.pod("p");
     let r = n.add("c", &p, "eth0", &c).expect_ok().json();
     // K-4: the IPAM reservation disappeared.
-    std::fs::write(n.data_dir.join("weftnet/state.json"), "{}").unwrap();
+    weft_cni::ipam::Store::open(&n.data_dir, "weftnet")
+        .unwrap()
+        .release("c", "eth0")
+        .unwrap();
     let out = n.check("c", &p, "eth0", &c, &r);
     assert!(!out.ok && out.msg().contains("IPAM"), "{}", out.stdout);
 }

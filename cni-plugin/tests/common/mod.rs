@@ -156,21 +156,15 @@ impl Node {
         self.exec(&vars, &c)
     }
 
-    /// The IPAM state file's allocations: (address, containerID).
+    /// The IPAM store's allocations: (address, containerID).
     pub fn allocations(&self) -> Vec<(String, String)> {
-        let path = self.data_dir.join("weftnet/state.json");
-        let Ok(bytes) = std::fs::read(&path) else {
-            return vec![];
-        };
-        let v: Value = serde_json::from_slice(&bytes).unwrap();
-        v["allocations"]
-            .as_object()
-            .map(|m| {
-                m.iter()
-                    .map(|(ip, o)| (ip.clone(), o["containerID"].as_str().unwrap().to_owned()))
-                    .collect()
-            })
-            .unwrap_or_default()
+        weft_cni::ipam::Store::open(&self.data_dir, "weftnet")
+            .unwrap()
+            .allocations()
+            .unwrap()
+            .into_iter()
+            .map(|(ip, o)| (ip.to_string(), o.container_id))
+            .collect()
     }
 
     /// Names of the links in a namespace.
