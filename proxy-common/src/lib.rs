@@ -24,7 +24,7 @@ pub mod names {
     /// Socket reverse translation (LRU): [`crate::SockRevKey`] → [`crate::SockRevValue`].
     pub const MAP_SOCK_REVNAT: &str = "WEFT_SOCK_REVNAT";
     /// Per-packet flow table of the TC path (LRU): [`crate::FlowKey`] (client → frontend) →
-    /// [`crate::Backend`] chosen for the flow.
+    /// [`crate::FlowTarget`] chosen for the flow.
     pub const MAP_CT: &str = "WEFT_CT";
     /// Reverse translation of the TC path (LRU): [`crate::FlowKey`] (backend → client) → the
     /// frontend address replies must come from.
@@ -35,6 +35,8 @@ pub mod names {
     pub const PROG_NODEPORT_EGRESS: &str = "weft_nodeport_egress";
     /// Per-CPU array of drop counters, indexed by [`crate::DropReason`].
     pub const MAP_DROPS: &str = "WEFT_DROPS";
+    /// Maglev tables: [`crate::MaglevKey`] → [`crate::FlowTarget`] (backend and its slot).
+    pub const MAP_MAGLEV: &str = "WEFT_MAGLEV";
     /// Session affinity (LRU): [`crate::AffinityKey`] → [`crate::AffinityValue`].
     pub const MAP_AFFINITY: &str = "WEFT_AFFINITY";
     /// Socket-LB program on connect(2) (cgroup/connect4).
@@ -156,6 +158,22 @@ impl DropReason {
     }
 }
 
+/// Entries in each Maglev table (prime). A flow's hash modulo this picks the entry.
+pub const MAGLEV_TABLE_SIZE: u32 = 4093;
+
+/// Backends are chosen by Maglev consistent hashing of the flow (TC path), not at random.
+pub const SERVICE_FLAG_MAGLEV: u32 = 2;
+
+/// One entry of a service's Maglev table.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MaglevKey {
+    /// [`ServiceValue::id`].
+    pub service: u32,
+    /// Entry index, `0..MAGLEV_TABLE_SIZE`.
+    pub index: u32,
+}
+
 /// `sessionAffinity: ClientIP`: a client keeps its backend for `affinity_timeout` seconds.
 pub const SERVICE_FLAG_AFFINITY: u32 = 1;
 
@@ -241,6 +259,19 @@ pub struct FlowKey {
     pub proto: u8,
     /// Explicit padding, always zero.
     pub _pad: [u8; 3],
+}
+
+/// Where a TC-path flow goes: the backend and where it was found, so the choice can be checked
+/// against the current slots.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowTarget {
+    /// The backend.
+    pub backend: Backend,
+    /// [`ServiceValue::id`] of the frontend at the time.
+    pub service: u32,
+    /// The slot the backend was in.
+    pub slot: u32,
 }
 
 /// The service address a socket's peer must appear as.
@@ -332,6 +363,9 @@ const _: () = {
     assert!(core::mem::offset_of!(SockRevKey, addr) == 8);
     assert!(core::mem::size_of::<SockRevValue>() == 8);
     assert!(core::mem::size_of::<FlowKey>() == 16);
+    assert!(core::mem::size_of::<FlowTarget>() == 16);
+    assert!(core::mem::size_of::<MaglevKey>() == 8);
+    assert!(core::mem::offset_of!(FlowTarget, service) == 8);
     assert!(core::mem::offset_of!(ServiceValue, affinity_timeout) == 12);
     assert!(core::mem::size_of::<ServiceValue>() == 24);
     assert!(core::mem::offset_of!(ServiceValue, local_count) == 16);
@@ -367,6 +401,10 @@ mod pod {
     unsafe impl aya::Pod for super::SockRevValue {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::FlowKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::FlowTarget {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::MaglevKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::AffinityKey {}
     // SAFETY: as above.

@@ -13,7 +13,7 @@ use crate::maps::{WEFT_AFFINITY, WEFT_BACKENDS};
 /// netns cookie, or a tagged address). `None` when the agent is between writing the count and
 /// the slots.
 #[inline(always)]
-pub fn pick(svc: &ServiceValue, n: u32, client: u64) -> Option<Backend> {
+pub fn pick(svc: &ServiceValue, n: u32, client: u64) -> Option<(Backend, u32)> {
     let affinity = svc.flags & SERVICE_FLAG_AFFINITY != 0;
     let key = AffinityKey {
         client,
@@ -41,7 +41,7 @@ pub fn pick(svc: &ServiceValue, n: u32, client: u64) -> Option<Backend> {
                     ..*pin
                 };
                 let _ = WEFT_AFFINITY.insert(&key, &v, 0);
-                return Some(v.backend);
+                return Some((v.backend, v.slot));
             }
         }
     }
@@ -63,5 +63,14 @@ pub fn pick(svc: &ServiceValue, n: u32, client: u64) -> Option<Backend> {
         };
         let _ = WEFT_AFFINITY.insert(&key, &v, 0);
     }
-    Some(backend)
+    Some((backend, slot))
+}
+
+/// Whether `slot` of backend set `service` still holds `backend` (and is below `n`).
+#[inline(always)]
+pub fn still_valid(svc: &ServiceValue, n: u32, service: u32, slot: u32, backend: &Backend) -> bool {
+    // SAFETY: read-only lookup of plain integers.
+    svc.id == service
+        && slot < n
+        && unsafe { WEFT_BACKENDS.get(&BackendKey { service, slot }) }.is_some_and(|b| b == backend)
 }

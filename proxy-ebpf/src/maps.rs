@@ -5,8 +5,8 @@ use aya_ebpf::{
     maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
 use weft_proxy_common::{
-    AffinityKey, AffinityValue, Backend, BackendKey, FlowKey, IfaceDirKey, PacketCounter,
-    ServiceKey, ServiceValue, SockRevKey, SockRevValue,
+    AffinityKey, AffinityValue, Backend, BackendKey, FlowKey, FlowTarget, IfaceDirKey,
+    PacketCounter, ServiceKey, ServiceValue, SockRevKey, SockRevValue,
 };
 
 /// Packets and bytes per (interface, direction), for every interface a counter program is on.
@@ -29,7 +29,7 @@ pub static WEFT_SOCK_REVNAT: LruHashMap<SockRevKey, SockRevValue> = LruHashMap::
 /// TC path: (client → frontend) flow → the backend chosen for it, so every packet of a flow goes
 /// to the same backend.
 #[map(name = "WEFT_CT")]
-pub static WEFT_CT: LruHashMap<FlowKey, Backend> = LruHashMap::pinned(262_144, 0);
+pub static WEFT_CT: LruHashMap<FlowKey, FlowTarget> = LruHashMap::pinned(262_144, 0);
 
 /// TC path: (backend → client) flow → the frontend address replies are rewritten to.
 #[map(name = "WEFT_REVNAT")]

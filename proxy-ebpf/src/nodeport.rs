@@ -14,7 +14,8 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use weft_proxy_common::{
-    AFFINITY_CLIENT_ADDR, Backend, Be16, Be32, DropReason, FlowKey, ServiceKey, SockRevValue, proto,
+    AFFINITY_CLIENT_ADDR, Be16, Be32, DropReason, FlowKey, FlowTarget, ServiceKey, SockRevValue,
+    proto,
 };
 
 use crate::{
@@ -32,12 +33,18 @@ const IP_DST: usize = 16;
 /// Offsets of the checksum inside TCP and UDP headers.
 const TCP_CSUM: usize = 16;
 const UDP_CSUM: usize = 6;
+/// Offset of the flags byte in the TCP header, and the flags used.
+const TCP_FLAGS: usize = 13;
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
 
 /// The parsed headers of one IPv4 TCP/UDP packet.
 struct Packet {
     flow: FlowKey,
     /// Offset of the L4 header.
     l4: usize,
+    /// A UDP datagram, or a TCP segment that opens a connection (SYN without ACK).
+    new_or_udp: bool,
 }
 
 #[inline(always)]
@@ -61,6 +68,10 @@ fn parse(ctx: &TcContext) -> Option<Packet> {
         return None;
     }
     let l4 = ETH_HLEN + ihl;
+    let new_or_udp = protocol == proto::UDP || {
+        let flags: u8 = ctx.load(l4 + TCP_FLAGS).ok()?;
+        flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+    };
     Some(Packet {
         flow: FlowKey {
             src: Be32(ctx.load(ETH_HLEN + IP_SRC).ok()?),
@@ -71,6 +82,7 @@ fn parse(ctx: &TcContext) -> Option<Packet> {
             _pad: [0; 3],
         },
         l4,
+        new_or_udp,
     })
 }
 
@@ -128,20 +140,37 @@ pub fn weft_nodeport_ingress(ctx: TcContext) -> i32 {
         return TC_ACT_UNSPEC;
     };
     // SAFETY: as above.
-    let backend: Backend = match unsafe { WEFT_CT.get(&p.flow) } {
-        Some(b) => *b,
-        None => {
+    let known = unsafe { WEFT_CT.get(&p.flow) }.copied();
+    let backend = match known {
+        // A packet of an established TCP connection keeps its backend, even one that is now
+        // terminating. A new connection reusing the 5-tuple, and UDP, keep it only while its slot
+        // still holds it; otherwise they choose again (UDP flows move off removed backends).
+        Some(t)
+            if !p.new_or_udp
+                || lb::still_valid(svc, svc.local_count, t.service, t.slot, &t.backend) =>
+        {
+            t.backend
+        }
+        _ => {
             // Only local backends are reachable from here (no SNAT for remote ones yet).
             if svc.local_count == 0 {
                 count_drop(DropReason::NoEndpoints);
                 return TC_ACT_SHOT as i32;
             }
             let client = AFFINITY_CLIENT_ADDR | u64::from(p.flow.src.0);
-            let Some(b) = lb::pick(svc, svc.local_count, client) else {
+            let Some((b, slot)) = lb::pick(svc, svc.local_count, client) else {
                 count_drop(DropReason::BackendRace);
                 return TC_ACT_SHOT as i32;
             };
-            let _ = WEFT_CT.insert(&p.flow, &b, 0);
+            let _ = WEFT_CT.insert(
+                &p.flow,
+                &FlowTarget {
+                    backend: b,
+                    service: svc.id,
+                    slot,
+                },
+                0,
+            );
             let reply = FlowKey {
                 src: b.addr,
                 dst: p.flow.src,
@@ -150,15 +179,12 @@ pub fn weft_nodeport_ingress(ctx: TcContext) -> i32 {
                 proto: p.flow.proto,
                 _pad: [0; 3],
             };
-            let _ = WEFT_REVNAT.insert(
-                &reply,
-                &SockRevValue {
-                    addr: p.flow.dst,
-                    port: p.flow.dport,
-                    _pad: 0,
-                },
-                0,
-            );
+            let front = SockRevValue {
+                addr: p.flow.dst,
+                port: p.flow.dport,
+                _pad: 0,
+            };
+            let _ = WEFT_REVNAT.insert(&reply, &front, 0);
             b
         }
     };

@@ -69,7 +69,7 @@ fn translate(ctx: &SockAddrContext) -> i32 {
     // The pod (its network namespace) is the client for session affinity.
     // SAFETY: the context is a bpf_sock_addr, for which the helper is allowed.
     let netns = unsafe { bpf_get_netns_cookie(sa.cast()) };
-    let Some(backend) = lb::pick(svc, svc.count, netns) else {
+    let Some((backend, _)) = lb::pick(svc, svc.count, netns) else {
         // The agent is between writing the count and the slots: refuse rather than misroute.
         count_drop(DropReason::BackendRace);
         return REJECT;

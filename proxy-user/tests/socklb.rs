@@ -100,7 +100,12 @@ impl Env {
     }
 
     fn write_pods(&self, be2_ready: bool) {
-        let pods = pod_yaml("be1", "10.244.0.3", true) + &pod_yaml("be2", "10.244.0.4", be2_ready);
+        self.write_pods_ready(true, be2_ready);
+    }
+
+    fn write_pods_ready(&self, be1_ready: bool, be2_ready: bool) {
+        let pods =
+            pod_yaml("be1", "10.244.0.3", be1_ready) + &pod_yaml("be2", "10.244.0.4", be2_ready);
         std::fs::write(self.manifests.join("pods.yaml"), pods).unwrap();
     }
 
@@ -633,5 +638,96 @@ fn traffic_policies_choose_local_backends() {
         a > 0 && b > 0,
         "from outside, both local backends now: {a} / {b}"
     );
+    env.stop_agent();
+}
+
+#[test]
+fn tc_flows_follow_endpoint_changes() {
+    let mut env = Env::new();
+    let node_ip = env.lab.node(0).underlay_addr().unwrap();
+    // Two UDP servers of this test's own, one per backend, so one can really go away.
+    let any = |p| format!("0.0.0.0:{p}").parse().unwrap();
+    let mut udp1 = Some(
+        env.lab
+            .host("be1")
+            .unwrap()
+            .udp_echo_server(any(5454))
+            .unwrap(),
+    );
+    let mut udp2 = Some(
+        env.lab
+            .host("be2")
+            .unwrap()
+            .udp_echo_server(any(5454))
+            .unwrap(),
+    );
+    std::fs::write(
+        env.manifests.join("flows.yaml"),
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: flows, namespace: default}}\n\
+             spec: {{type: NodePort, clusterIP: 10.96.0.80, selector: {{app: web}}, ports: [\
+             {{name: http, port: 80, targetPort: http, nodePort: 30080}},\
+             {{name: u, port: 54, protocol: UDP, targetPort: 5454, nodePort: 30054}}]}}\n---\n\
+             apiVersion: v1\nkind: Node\nmetadata: {{name: node0}}\n\
+             status: {{addresses: [{{type: InternalIP, address: {node_ip}}}]}}\n"
+        ),
+    )
+    .unwrap();
+    env.start_agent();
+    env.wait_for_frontend(&format!("{node_ip}:30054/udp"), 2);
+    let ext = env.lab.host("ext").unwrap();
+
+    // UDP: one flow (fixed source port) lands on a backend; that backend goes away (server stopped,
+    // pod no longer ready); the same flow moves to the other backend instead of blackholing.
+    let sock = ext
+        .run(|| std::net::UdpSocket::bind("0.0.0.0:40123"))
+        .unwrap()
+        .unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let dst = SocketAddr::from((node_ip, 30054));
+    let ask = || {
+        let mut buf = [0u8; 64];
+        sock.send_to(b"q", dst).unwrap();
+        sock.recv_from(&mut buf).map(|(n, _)| n)
+    };
+    assert_eq!(ask().unwrap(), 1);
+    let on_be1 = !udp1.as_ref().unwrap().peers().is_empty();
+    if on_be1 {
+        udp1.take();
+        env.write_pods_ready(false, true);
+    } else {
+        udp2.take();
+        env.write_pods_ready(true, false);
+    }
+    env.wait_for_frontend(&format!("{node_ip}:30054/udp"), 1);
+    assert_eq!(ask().expect("the flow moved to the remaining backend"), 1);
+    let survivor = if on_be1 { udp2.as_ref() } else { udp1.as_ref() }.unwrap();
+    assert!(!survivor.peers().is_empty());
+
+    // TCP: a connection established from outside keeps working when its backend becomes
+    // terminating (not ready): established flows keep their backend.
+    env.write_pods_ready(true, true);
+    env.wait_for_frontend(&format!("{node_ip}:30080/tcp"), 2);
+    let mut conn = ext
+        .run(|| {
+            std::net::TcpStream::connect_timeout(
+                &SocketAddr::from((node_ip, 30080)),
+                Duration::from_secs(2),
+            )
+        })
+        .unwrap()
+        .unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let echo = |c: &mut std::net::TcpStream| {
+        use std::io::{Read as _, Write as _};
+        let mut b = [0u8; 5];
+        c.write_all(b"hello").unwrap();
+        c.read_exact(&mut b).unwrap();
+        assert_eq!(&b, b"hello");
+    };
+    echo(&mut conn);
+    env.write_pods_ready(false, false);
+    env.wait_for_frontend(&format!("{node_ip}:30080/tcp"), 0);
+    echo(&mut conn);
     env.stop_agent();
 }
