@@ -74,3 +74,19 @@ pub fn still_valid(svc: &ServiceValue, n: u32, service: u32, slot: u32, backend:
         && slot < n
         && unsafe { WEFT_BACKENDS.get(&BackendKey { service, slot }) }.is_some_and(|b| b == backend)
 }
+
+/// A hash of a flow for Maglev: source address and port, destination port and protocol. The
+/// destination address is left out because a NodePort's differs on every node, and every node
+/// must pick the same backend for a flow.
+#[inline(always)]
+pub fn flow_hash(f: &weft_proxy_common::FlowKey) -> u32 {
+    let mut h = f.src.0
+        ^ ((u32::from(f.sport.0) << 16) | u32::from(f.dport.0)).rotate_left(7)
+        ^ (u32::from(f.proto) << 24);
+    // murmur3's finaliser.
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^ (h >> 16)
+}

@@ -5,7 +5,7 @@ use aya_ebpf::{
     maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
 use weft_proxy_common::{
-    AffinityKey, AffinityValue, Backend, BackendKey, FlowKey, FlowTarget, IfaceDirKey,
+    AffinityKey, AffinityValue, Backend, BackendKey, FlowKey, FlowTarget, IfaceDirKey, MaglevKey,
     PacketCounter, ServiceKey, ServiceValue, SockRevKey, SockRevValue,
 };
 
@@ -51,3 +51,7 @@ pub fn count_drop(reason: weft_proxy_common::DropReason) {
         unsafe { *c += 1 };
     }
 }
+
+/// Maglev tables of services that use them: (backend set, entry) → backend and its slot.
+#[map(name = "WEFT_MAGLEV")]
+pub static WEFT_MAGLEV: HashMap<MaglevKey, FlowTarget> = HashMap::pinned(262_144, 0);

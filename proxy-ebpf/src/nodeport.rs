@@ -14,13 +14,13 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use weft_proxy_common::{
-    AFFINITY_CLIENT_ADDR, Be16, Be32, DropReason, FlowKey, FlowTarget, ServiceKey, SockRevValue,
-    proto,
+    AFFINITY_CLIENT_ADDR, Be16, Be32, DropReason, FlowKey, FlowTarget, MAGLEV_TABLE_SIZE,
+    MaglevKey, SERVICE_FLAG_AFFINITY, SERVICE_FLAG_MAGLEV, ServiceKey, SockRevValue, proto,
 };
 
 use crate::{
     lb,
-    maps::{WEFT_CT, WEFT_REVNAT, WEFT_SERVICES, count_drop},
+    maps::{WEFT_CT, WEFT_MAGLEV, WEFT_REVNAT, WEFT_SERVICES, count_drop},
 };
 
 const ETH_HLEN: usize = 14;
@@ -158,7 +158,22 @@ pub fn weft_nodeport_ingress(ctx: TcContext) -> i32 {
                 return TC_ACT_SHOT as i32;
             }
             let client = AFFINITY_CLIENT_ADDR | u64::from(p.flow.src.0);
-            let Some((b, slot)) = lb::pick(svc, svc.local_count, client) else {
+            let maglev =
+                svc.flags & SERVICE_FLAG_MAGLEV != 0 && svc.flags & SERVICE_FLAG_AFFINITY == 0;
+            let chosen = if maglev {
+                let index = lb::flow_hash(&p.flow) % MAGLEV_TABLE_SIZE;
+                // SAFETY: read-only lookup of plain integers.
+                unsafe {
+                    WEFT_MAGLEV.get(&MaglevKey {
+                        service: svc.id,
+                        index,
+                    })
+                }
+                .map(|t| (t.backend, t.slot))
+            } else {
+                lb::pick(svc, svc.local_count, client)
+            };
+            let Some((b, slot)) = chosen else {
                 count_drop(DropReason::BackendRace);
                 return TC_ACT_SHOT as i32;
             };

@@ -33,6 +33,9 @@ enum Command {
     /// Socket load balancer attachment.
     #[command(subcommand)]
     Socklb(SocklbCmd),
+    /// The TC path's flow table.
+    #[command(subcommand)]
+    Flows(FlowsCmd),
     /// Connect to an address as an application would and report who answered (for debugging
     /// service routing): prints JSON with the reply, the peer address and the local address.
     Probe(ProbeArgs),
@@ -79,6 +82,12 @@ enum SocklbCmd {
         #[arg(long)]
         cgroup: Option<PathBuf>,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum FlowsCmd {
+    /// Forget every flow (like `conntrack -F`); each chooses its backend again.
+    Flush,
 }
 
 #[derive(Debug, clap::Args)]
@@ -150,6 +159,10 @@ fn main() -> anyhow::Result<()> {
                     println!("{:<28} {:>5} {:>5}  {b}", r.frontend, r.id, r.local);
                 }
             }
+        }
+        Command::Flows(FlowsCmd::Flush) => {
+            let n = services::flush_flows(&layout)?;
+            println!("{n} flows forgotten");
         }
         Command::Socklb(SocklbCmd::Detach { cgroup }) => {
             socklb::detach(&layout, &cgroup_or_root(cgroup)?)?;

@@ -76,7 +76,13 @@ pub struct FrontendState {
     pub local_count: usize,
     /// `sessionAffinity: ClientIP`: seconds a client keeps its backend.
     pub affinity_timeout: Option<u32>,
+    /// Annotation `weft.io/lb-algorithm: maglev`: the TC path chooses backends by Maglev
+    /// consistent hashing of the flow instead of at random.
+    pub maglev: bool,
 }
+
+/// The annotation that selects the backend selection algorithm of a service.
+pub const LB_ALGORITHM_ANNOTATION: &str = "weft.io/lb-algorithm";
 
 /// The whole desired state.
 pub type Desired = BTreeMap<Frontend, FrontendState>;
@@ -317,6 +323,12 @@ pub fn desired(objects: &Objects, node_name: &str) -> (Desired, Vec<Problem>) {
                 .filter(|t| *t > 0)
                 .unwrap_or(10_800)
         });
+        let maglev = svc
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(LB_ALGORITHM_ANNOTATION))
+            .is_some_and(|v| v == "maglev");
         for sp in spec.ports.iter().flatten() {
             let (Some(port), Some(p)) = (port_u16(sp.port), proto_of(sp.protocol.as_deref()))
             else {
@@ -335,6 +347,7 @@ pub fn desired(objects: &Objects, node_name: &str) -> (Desired, Vec<Problem>) {
                 backends: all,
                 local_count,
                 affinity_timeout: affinity,
+                maglev,
             };
             let local_only = FrontendState {
                 backends: state.backends[..local_count].to_vec(),
@@ -505,6 +518,23 @@ endpoints:
             (t("10.96.0.40"), t("10.96.0.41"), t("10.96.0.42")),
             (Some(60), Some(10_800), None)
         );
+    }
+
+    #[test]
+    fn the_maglev_annotation_is_read() {
+        let yaml = "kind: Service\nmetadata: {name: a, annotations: {weft.io/lb-algorithm: maglev}}\n\
+                    spec: {clusterIP: 10.96.0.50, ports: [{port: 80}]}\n---\n\
+                    kind: Service\nmetadata: {name: b}\nspec: {clusterIP: 10.96.0.51, ports: [{port: 80}]}\n";
+        let (d, _) = desired(&objs(yaml), "n1");
+        let m = |a: &str| {
+            d[&Frontend {
+                addr: a.parse().unwrap(),
+                port: 80,
+                proto: proto::TCP,
+            }]
+                .maglev
+        };
+        assert!(m("10.96.0.50") && !m("10.96.0.51"));
     }
 
     #[test]

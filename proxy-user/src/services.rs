@@ -13,7 +13,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use aya::maps::{HashMap, Map, MapData, MapError};
 use serde::Serialize;
 use weft_proxy_common::{
-    Backend, BackendKey, Be16, Be32, SERVICE_FLAG_AFFINITY, ServiceKey, ServiceValue, names,
+    Backend, BackendKey, Be16, Be32, FlowTarget, MaglevKey, SERVICE_FLAG_AFFINITY,
+    SERVICE_FLAG_MAGLEV, ServiceKey, ServiceValue, names,
 };
 
 use crate::{
@@ -61,6 +62,9 @@ struct Programmed {
     backends: Vec<BackendAddr>,
     local_count: usize,
     affinity_timeout: Option<u32>,
+    maglev: bool,
+    /// The Maglev table written for it (backend indices), empty when none or unknown.
+    table: Vec<u32>,
 }
 
 impl Programmed {
@@ -68,6 +72,18 @@ impl Programmed {
         self.backends == want.backends
             && self.local_count == want.local_count
             && self.affinity_timeout == want.affinity_timeout
+            && self.maglev == want.maglev
+    }
+
+    fn from_want(id: u32, want: &FrontendState, table: Vec<u32>) -> Self {
+        Self {
+            id,
+            backends: want.backends.clone(),
+            local_count: want.local_count,
+            affinity_timeout: want.affinity_timeout,
+            maglev: want.maglev,
+            table,
+        }
     }
 }
 
@@ -89,6 +105,7 @@ pub struct ServiceRow {
 pub struct ServiceMaps {
     services: HashMap<MapData, ServiceKey, ServiceValue>,
     backends: HashMap<MapData, BackendKey, Backend>,
+    maglev: HashMap<MapData, MaglevKey, FlowTarget>,
     current: BTreeMap<Frontend, Programmed>,
     /// Backend-set ids in use, kept alongside `current` so allocating one is O(log n).
     ids: BTreeSet<u32>,
@@ -147,9 +164,12 @@ impl ServiceMaps {
             .map_err(map_err(names::MAP_SERVICES))?;
         let backends = HashMap::try_from(Map::HashMap(open_pinned(layout, names::MAP_BACKENDS)?))
             .map_err(map_err(names::MAP_BACKENDS))?;
+        let maglev = HashMap::try_from(Map::HashMap(open_pinned(layout, names::MAP_MAGLEV)?))
+            .map_err(map_err(names::MAP_MAGLEV))?;
         let mut me = Self {
             services,
             backends,
+            maglev,
             current: BTreeMap::new(),
             ids: BTreeSet::new(),
             limits,
@@ -160,9 +180,11 @@ impl ServiceMaps {
 
     fn read_back(&mut self) -> Result<()> {
         let mut by_id: BTreeMap<u32, (Frontend, u32, Option<u32>, u32)> = BTreeMap::new();
+        let mut maglev_ids: BTreeMap<u32, bool> = BTreeMap::new();
         for item in self.services.iter() {
             let (k, v) = item.map_err(map_err(names::MAP_SERVICES))?;
             let affinity = (v.flags & SERVICE_FLAG_AFFINITY != 0).then_some(v.affinity_timeout);
+            maglev_ids.insert(v.id, v.flags & SERVICE_FLAG_MAGLEV != 0);
             by_id.insert(v.id, (frontend(&k), v.count, affinity, v.local_count));
         }
         let mut slots: BTreeMap<u32, BTreeMap<u32, Backend>> = BTreeMap::new();
@@ -195,6 +217,9 @@ impl ServiceMaps {
                     backends,
                     local_count,
                     affinity_timeout,
+                    maglev: maglev_ids.get(&id).copied().unwrap_or(false),
+                    // Unknown until rewritten: the next change writes the whole table.
+                    table: Vec::new(),
                 },
             );
             self.ids.insert(id);
@@ -245,15 +270,63 @@ impl ServiceMaps {
         }
     }
 
+    /// Writes the Maglev table of a frontend that uses one (over its local backends, which the
+    /// TC path serves), changing only entries that differ from what `old` wrote; removes the
+    /// table of one that no longer does. Returns the table now in the map.
+    fn write_table(&mut self, id: u32, want: &FrontendState, old: &Programmed) -> Result<Vec<u32>> {
+        let local = &want.backends[..want.local_count];
+        let table = if want.maglev {
+            let names: Vec<String> = local.iter().map(ToString::to_string).collect();
+            crate::maglev::table(&names, crate::maglev::TABLE_SIZE)
+        } else {
+            Vec::new()
+        };
+        if table.is_empty() {
+            if old.maglev {
+                self.delete_table(id);
+            }
+            return Ok(table);
+        }
+        for (index, &slot) in table.iter().enumerate() {
+            let before = old
+                .table
+                .get(index)
+                .map(|&s| (s, old.backends.get(s as usize)));
+            if before == Some((slot, local.get(slot as usize))) {
+                continue;
+            }
+            let key = MaglevKey {
+                service: id,
+                index: index as u32,
+            };
+            let value = FlowTarget {
+                backend: backend(&local[slot as usize]),
+                service: id,
+                slot,
+            };
+            self.maglev.insert(key, value, 0).map_err(|e| {
+                limit_error(
+                    e,
+                    names::MAP_MAGLEV,
+                    "fewer Maglev services (64 fit)",
+                    262_144,
+                )
+            })?;
+        }
+        Ok(table)
+    }
+
+    fn delete_table(&mut self, id: u32) {
+        for index in 0..crate::maglev::TABLE_SIZE {
+            let _ = self.maglev.remove(&MaglevKey { service: id, index });
+        }
+    }
+
     fn set_service(&mut self, f: &Frontend, id: u32, want: &FrontendState) -> Result<()> {
         let v = ServiceValue {
             id,
             count: want.backends.len() as u32,
-            flags: if want.affinity_timeout.is_some() {
-                SERVICE_FLAG_AFFINITY
-            } else {
-                0
-            },
+            flags: service_flags(want),
             affinity_timeout: want.affinity_timeout.unwrap_or(0),
             local_count: want.local_count as u32,
             _pad: 0,
@@ -284,6 +357,9 @@ impl ServiceMaps {
             self.ids.remove(&p.id);
             let _ = self.services.remove(&service_key(&f));
             self.delete_slots(p.id, 0, p.backends.len());
+            if p.maglev {
+                self.delete_table(p.id);
+            }
             report.removed += 1;
         }
         for (f, want) in desired {
@@ -293,23 +369,18 @@ impl ServiceMaps {
                     let (old, new) = (p.backends.len(), want.backends.len());
                     let res = if new >= old {
                         self.write_slots(p.id, &want.backends)
-                            .and_then(|()| self.set_service(f, p.id, want))
+                            .and_then(|()| self.write_table(p.id, want, &p))
+                            .and_then(|t| self.set_service(f, p.id, want).map(|()| t))
                     } else {
                         self.set_service(f, p.id, want)
                             .and_then(|()| self.write_slots(p.id, &want.backends))
+                            .and_then(|()| self.write_table(p.id, want, &p))
                     };
                     match res {
-                        Ok(()) => {
+                        Ok(table) => {
                             self.delete_slots(p.id, new, old);
-                            self.current.insert(
-                                *f,
-                                Programmed {
-                                    id: p.id,
-                                    backends: want.backends.clone(),
-                                    local_count: want.local_count,
-                                    affinity_timeout: want.affinity_timeout,
-                                },
-                            );
+                            self.current
+                                .insert(*f, Programmed::from_want(p.id, want, table));
                             report.updated += 1;
                         }
                         Err(e) => {
@@ -320,20 +391,22 @@ impl ServiceMaps {
                 }
                 None => {
                     let id = self.free_id();
+                    let none = Programmed::from_want(
+                        id,
+                        &FrontendState {
+                            maglev: false,
+                            ..want.clone()
+                        },
+                        Vec::new(),
+                    );
                     let res = self
                         .write_slots(id, &want.backends)
-                        .and_then(|()| self.set_service(f, id, want));
+                        .and_then(|()| self.write_table(id, want, &none))
+                        .and_then(|t| self.set_service(f, id, want).map(|()| t));
                     match res {
-                        Ok(()) => {
-                            self.current.insert(
-                                *f,
-                                Programmed {
-                                    id,
-                                    backends: want.backends.clone(),
-                                    local_count: want.local_count,
-                                    affinity_timeout: want.affinity_timeout,
-                                },
-                            );
+                        Ok(table) => {
+                            self.current
+                                .insert(*f, Programmed::from_want(id, want, table));
                             self.ids.insert(id);
                             report.added += 1;
                         }
@@ -382,13 +455,25 @@ fn limit_error(e: MapError, name: &'static str, flag: &str, limit: u32) -> Error
     }
 }
 
+/// The `SERVICE_FLAG_*` bits of a frontend.
+fn service_flags(want: &FrontendState) -> u32 {
+    let mut flags = 0;
+    if want.affinity_timeout.is_some() {
+        flags |= SERVICE_FLAG_AFFINITY;
+    }
+    if want.maglev {
+        flags |= SERVICE_FLAG_MAGLEV;
+    }
+    flags
+}
+
+/// Every map [`ServiceMaps::open`] opens.
+const MAPS_OPENED: [&str; 3] = [names::MAP_SERVICES, names::MAP_BACKENDS, names::MAP_MAGLEV];
+
 /// Reads what the kernel holds, for `weft-proxy services`.
 pub fn read(layout: &PinLayout) -> Result<Vec<ServiceRow>> {
     // Nothing programmed yet (or the agent is still creating its maps).
-    if ![names::MAP_SERVICES, names::MAP_BACKENDS]
-        .iter()
-        .all(|m| layout.map(m).exists())
-    {
+    if !MAPS_OPENED.iter().all(|m| layout.map(m).exists()) {
         return Ok(Vec::new());
     }
     let maps = ServiceMaps::open(layout, Limits::default())?;
@@ -402,4 +487,26 @@ pub fn read(layout: &PinLayout) -> Result<Vec<ServiceRow>> {
             local: p.local_count,
         })
         .collect())
+}
+
+/// Forgets every TC-path flow, like `conntrack -F`: each flow chooses its backend again on its
+/// next packet. Returns how many flows were forgotten.
+pub fn flush_flows(layout: &PinLayout) -> Result<usize> {
+    use weft_proxy_common::{FlowKey, SockRevValue};
+    let ct: HashMap<MapData, FlowKey, FlowTarget> =
+        HashMap::try_from(Map::LruHashMap(open_pinned(layout, names::MAP_CT)?))
+            .map_err(map_err(names::MAP_CT))?;
+    let mut rev: HashMap<MapData, FlowKey, SockRevValue> =
+        HashMap::try_from(Map::LruHashMap(open_pinned(layout, names::MAP_REVNAT)?))
+            .map_err(map_err(names::MAP_REVNAT))?;
+    let keys: Vec<FlowKey> = ct.keys().filter_map(std::result::Result::ok).collect();
+    let mut ct = ct;
+    for k in &keys {
+        let _ = ct.remove(k);
+    }
+    let rkeys: Vec<FlowKey> = rev.keys().filter_map(std::result::Result::ok).collect();
+    for k in &rkeys {
+        let _ = rev.remove(k);
+    }
+    Ok(keys.len())
 }

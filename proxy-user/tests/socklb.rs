@@ -203,8 +203,9 @@ impl Env {
         let start = Instant::now();
         while self.services().get(frontend).map(Vec::len) != Some(n) {
             assert!(
-                start.elapsed() < Duration::from_secs(10),
-                "{frontend} never got {n} backends"
+                start.elapsed() < Duration::from_secs(30),
+                "{frontend} never got {n} backends; the kernel holds {:?}",
+                self.services()
             );
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -223,7 +224,7 @@ impl Env {
                 return;
             }
             assert!(
-                start.elapsed() < Duration::from_secs(10),
+                start.elapsed() < Duration::from_secs(30),
                 "services {got:?}, want {want:?}"
             );
             std::thread::sleep(Duration::from_millis(50));
@@ -628,7 +629,7 @@ fn traffic_policies_choose_local_backends() {
     let start = Instant::now();
     while env.local_backends(&format!("{node_ip}:30071/tcp")) != Some(2) {
         assert!(
-            start.elapsed() < Duration::from_secs(10),
+            start.elapsed() < Duration::from_secs(30),
             "local count never reached 2"
         );
         std::thread::sleep(Duration::from_millis(50));
@@ -729,5 +730,113 @@ fn tc_flows_follow_endpoint_changes() {
     env.write_pods_ready(false, false);
     env.wait_for_frontend(&format!("{node_ip}:30080/tcp"), 0);
     echo(&mut conn);
+    env.stop_agent();
+}
+
+#[test]
+fn maglev_keeps_flows_on_their_backends() {
+    let mut env = Env::new();
+    let node_ip = env.lab.node(0).underlay_addr().unwrap();
+    env.lab
+        .wire_pod(0, "be3", "10.244.0.5".parse().unwrap())
+        .unwrap();
+    let any = |p| format!("0.0.0.0:{p}").parse().unwrap();
+    let servers: Vec<UdpServer> = ["be1", "be2", "be3"]
+        .iter()
+        .map(|b| env.lab.host(b).unwrap().udp_echo_server(any(5454)).unwrap())
+        .collect();
+    let svc = |name: &str, port: u16, annotation: &str| {
+        format!(
+            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default{annotation}}}\n\
+             spec: {{type: NodePort, clusterIP: 10.96.1.{}, selector: {{app: web}}, \
+             ports: [{{name: u, port: 54, protocol: UDP, targetPort: 5454, nodePort: {port}}}]}}\n",
+            port % 100
+        )
+    };
+    let manifests = svc("mg", 30055, ", annotations: {weft.io/lb-algorithm: maglev}")
+        + &svc("rnd", 30056, "")
+        + &format!(
+            "---\napiVersion: v1\nkind: Node\nmetadata: {{name: node0}}\nstatus: {{addresses: [{{type: InternalIP, address: {node_ip}}}]}}\n"
+        );
+    std::fs::write(env.manifests.join("maglev.yaml"), manifests).unwrap();
+    env.start_agent();
+    env.wait_for_frontend(&format!("{node_ip}:30055/udp"), 2);
+    env.wait_for_frontend(&format!("{node_ip}:30056/udp"), 2);
+
+    let ext = env.lab.host("ext").unwrap();
+    let socks: Vec<std::net::UdpSocket> = (0..24)
+        .map(|i| {
+            let s = ext
+                .run(|| std::net::UdpSocket::bind(("0.0.0.0", 42000 + i)))
+                .unwrap()
+                .unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            s
+        })
+        .collect();
+    // One datagram per flow; returns which server (0, 1, 2) each source port reached.
+    let round = |port: u16| -> BTreeMap<u16, usize> {
+        let before: Vec<usize> = servers.iter().map(|s| s.peers().len()).collect();
+        let mut buf = [0u8; 16];
+        for s in &socks {
+            s.send_to(b"q", SocketAddr::from((node_ip, port))).unwrap();
+            s.recv_from(&mut buf).unwrap();
+        }
+        let mut out = BTreeMap::new();
+        for (k, server) in servers.iter().enumerate() {
+            for p in &server.peers()[before[k]..] {
+                out.insert(p.port(), k);
+            }
+        }
+        assert_eq!(out.len(), socks.len());
+        out
+    };
+    let flush = || {
+        let out = env
+            .node()
+            .command(BIN)
+            .unwrap()
+            .arg("--pin-dir")
+            .arg(&env.pin)
+            .args(["flows", "flush"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+
+    let maglev1 = round(30055);
+    let random1 = round(30056);
+    flush();
+    // Flow state lost: Maglev sends every flow where it went before; random choice does not.
+    assert_eq!(round(30055), maglev1);
+    assert_ne!(
+        round(30056),
+        random1,
+        "random choice should move some of 24 flows"
+    );
+
+    // A third backend joins: Maglev moves only about a third of the flows (to it).
+    std::fs::write(
+        env.manifests.join("be3.yaml"),
+        pod_yaml("be3", "10.244.0.5", true),
+    )
+    .unwrap();
+    env.wait_for_frontend(&format!("{node_ip}:30055/udp"), 3);
+    flush();
+    let maglev3 = round(30055);
+    let kept = maglev1
+        .iter()
+        .filter(|(port, b)| maglev3.get(port) == Some(b))
+        .count();
+    let moved_elsewhere = maglev1
+        .iter()
+        .filter(|(port, b)| maglev3[port] != **b && maglev3[port] != 2)
+        .count();
+    assert!(kept >= 12, "Maglev kept only {kept} of 24 flows");
+    assert_eq!(moved_elsewhere, 0, "flows only move to the new backend");
     env.stop_agent();
 }

@@ -222,6 +222,7 @@ fn weft_state() -> FrontendState {
         }],
         local_count: 1,
         affinity_timeout: None,
+        maglev: false,
     }
 }
 
