@@ -552,52 +552,24 @@ impl Netlink {
             .map_err(nl_err("replace fdb entry", format!("{mac:02x?} -> {dst}")))
     }
 
-    /// The permanent IPv4 neighbour entries of a link: (address, MAC).
-    pub async fn neighbours(&self, index: u32) -> Result<Vec<(Ipv4Addr, Vec<u8>)>> {
+    /// Dumps the neighbour table of one family: (ifindex, state, IPv4 destination, MAC).
+    async fn neighbour_dump(
+        &self,
+        family: AddressFamily,
+    ) -> Result<Vec<(u32, NeighbourState, Option<Ipv4Addr>, Option<Vec<u8>>)>> {
         let msgs: Vec<NeighbourMessage> = self
             .handle
             .neighbours()
             .get()
-            .set_address_family(AddressFamily::Inet)
+            .set_address_family(family)
             .execute()
             .try_collect()
             .await
             .map_err(nl_err("dump", "neighbours"))?;
         Ok(msgs
             .iter()
-            .filter(|m| m.header.ifindex == index && m.header.state == NeighbourState::Permanent)
-            .filter_map(|m| {
-                let mut ip = None;
-                let mut mac = None;
-                for a in &m.attributes {
-                    match a {
-                        NeighbourAttribute::Destination(NeighbourAddress::Inet(i)) => ip = Some(*i),
-                        NeighbourAttribute::LinkLayerAddress(l) => mac = Some(l.clone()),
-                        _ => {}
-                    }
-                }
-                Some((ip?, mac?))
-            })
-            .collect())
-    }
-
-    /// The FDB entries of a device that point at a remote address: (MAC, destination).
-    pub async fn fdb(&self, index: u32) -> Result<Vec<(Vec<u8>, Ipv4Addr)>> {
-        let msgs: Vec<NeighbourMessage> = self
-            .handle
-            .neighbours()
-            .get()
-            .set_address_family(AddressFamily::Bridge)
-            .execute()
-            .try_collect()
-            .await
-            .map_err(nl_err("dump", "fdb"))?;
-        Ok(msgs
-            .iter()
-            .filter(|m| m.header.ifindex == index)
-            .filter_map(|m| {
-                let mut dst = None;
-                let mut mac = None;
+            .map(|m| {
+                let (mut dst, mut mac) = (None, None);
                 for a in &m.attributes {
                     match a {
                         NeighbourAttribute::Destination(NeighbourAddress::Inet(i)) => {
@@ -611,8 +583,30 @@ impl Netlink {
                         _ => {}
                     }
                 }
-                Some((mac?, dst?))
+                (m.header.ifindex, m.header.state, dst, mac)
             })
+            .collect())
+    }
+
+    /// The permanent IPv4 neighbour entries of a link: (address, MAC).
+    pub async fn neighbours(&self, index: u32) -> Result<Vec<(Ipv4Addr, Vec<u8>)>> {
+        Ok(self
+            .neighbour_dump(AddressFamily::Inet)
+            .await?
+            .into_iter()
+            .filter(|(i, state, _, _)| *i == index && *state == NeighbourState::Permanent)
+            .filter_map(|(_, _, ip, mac)| Some((ip?, mac?)))
+            .collect())
+    }
+
+    /// The FDB entries of a device that point at a remote address: (MAC, destination).
+    pub async fn fdb(&self, index: u32) -> Result<Vec<(Vec<u8>, Ipv4Addr)>> {
+        Ok(self
+            .neighbour_dump(AddressFamily::Bridge)
+            .await?
+            .into_iter()
+            .filter(|(i, _, _, _)| *i == index)
+            .filter_map(|(_, _, dst, mac)| Some((mac?, dst?)))
             .collect())
     }
 

@@ -160,6 +160,16 @@ impl ServiceMaps {
     /// Opens the pinned maps under `layout` and reads what they hold; slots that no frontend
     /// references (left by a crash in the middle of an update) are deleted.
     pub fn open(layout: &PinLayout, limits: Limits) -> Result<Self> {
+        Self::open_inner(layout, limits, true)
+    }
+
+    /// Opens the maps to look at them only: nothing is written, not even stale slots removed
+    /// (the agent may be in the middle of an update, with slots written ahead of the count).
+    pub fn open_read_only(layout: &PinLayout) -> Result<Self> {
+        Self::open_inner(layout, Limits::default(), false)
+    }
+
+    fn open_inner(layout: &PinLayout, limits: Limits, clean_stale: bool) -> Result<Self> {
         let services = HashMap::try_from(Map::HashMap(open_pinned(layout, names::MAP_SERVICES)?))
             .map_err(map_err(names::MAP_SERVICES))?;
         let backends = HashMap::try_from(Map::HashMap(open_pinned(layout, names::MAP_BACKENDS)?))
@@ -174,11 +184,11 @@ impl ServiceMaps {
             ids: BTreeSet::new(),
             limits,
         };
-        me.read_back()?;
+        me.read_back(clean_stale)?;
         Ok(me)
     }
 
-    fn read_back(&mut self) -> Result<()> {
+    fn read_back(&mut self, clean_stale: bool) -> Result<()> {
         let mut by_id: BTreeMap<u32, (Frontend, u32, Option<u32>, u32)> = BTreeMap::new();
         let mut maglev_ids: BTreeMap<u32, bool> = BTreeMap::new();
         for item in self.services.iter() {
@@ -198,7 +208,7 @@ impl ServiceMaps {
                 _ => stale.push(k),
             }
         }
-        for k in stale {
+        for k in stale.into_iter().filter(|_| clean_stale) {
             let _ = self.backends.remove(&k);
         }
         for (id, (f, count, affinity_timeout, local_count)) in by_id {
@@ -476,7 +486,7 @@ pub fn read(layout: &PinLayout) -> Result<Vec<ServiceRow>> {
     if !MAPS_OPENED.iter().all(|m| layout.map(m).exists()) {
         return Ok(Vec::new());
     }
-    let maps = ServiceMaps::open(layout, Limits::default())?;
+    let maps = ServiceMaps::open_read_only(layout)?;
     Ok(maps
         .current
         .iter()

@@ -28,6 +28,14 @@ fn pod_on(node: &str, name: &str, ip: &str, ready: bool) -> String {
     )
 }
 
+/// The Node object of the test node, with its underlay address (for NodePort frontends).
+fn node_yaml(ip: std::net::Ipv4Addr) -> String {
+    format!(
+        "\n---\napiVersion: v1\nkind: Node\nmetadata: {{name: node0}}\n\
+         status: {{addresses: [{{type: InternalIP, address: {ip}}}]}}\n"
+    )
+}
+
 const SERVICES: &str = "\
 apiVersion: v1
 kind: Service
@@ -198,10 +206,22 @@ impl Env {
             .as_u64()
     }
 
+    /// Panics at once if the agent has exited (instead of waiting for a timeout).
+    fn assert_agent_alive(&self) {
+        if let Some(c) = &self.agent {
+            let alive = std::path::Path::new(&format!("/proc/{}", c.id())).exists()
+                && !std::fs::read_to_string(format!("/proc/{}/stat", c.id()))
+                    .unwrap_or_default()
+                    .contains(") Z ");
+            assert!(alive, "the agent exited; see its log above");
+        }
+    }
+
     /// Waits until the kernel holds `frontend` with `n` backends.
     fn wait_for_frontend(&self, frontend: &str, n: usize) {
         let start = Instant::now();
         while self.services().get(frontend).map(Vec::len) != Some(n) {
+            self.assert_agent_alive();
             assert!(
                 start.elapsed() < Duration::from_secs(30),
                 "{frontend} never got {n} backends; the kernel holds {:?}",
@@ -223,6 +243,7 @@ impl Env {
             if got == want {
                 return;
             }
+            self.assert_agent_alive();
             assert!(
                 start.elapsed() < Duration::from_secs(30),
                 "services {got:?}, want {want:?}"
@@ -316,7 +337,8 @@ fn cluster_ip_tcp_and_udp_from_a_pod_and_from_the_node() {
     let t0 = Instant::now();
     let r = env.probe(client, "tcp", "10.96.0.99:80");
     assert_eq!(r["os_error"], 1, "EPERM: {r}");
-    assert!(t0.elapsed() < Duration::from_secs(1));
+    // A hang would last the probe's 2 s timeout.
+    assert!(t0.elapsed() < Duration::from_millis(1500));
 
     // Metrics: what is programmed, the refusal above by reason, and programming latency.
     let text = String::from_utf8(
@@ -432,14 +454,12 @@ fn nodeport_from_outside_the_node_keeps_the_client_address() {
     let node_ip = env.lab.node(0).underlay_addr().unwrap();
     std::fs::write(
         env.manifests.join("nodeport.yaml"),
-        format!(
-            "apiVersion: v1\nkind: Service\nmetadata: {{name: np, namespace: default}}\n\
-             spec: {{type: NodePort, clusterIP: 10.96.0.30, selector: {{app: web}}, ports: [\
-             {{name: http, port: 80, targetPort: http, nodePort: 30080}},\
-             {{name: dns, port: 53, protocol: UDP, targetPort: 5353, nodePort: 30053}}]}}\n---\n\
-             apiVersion: v1\nkind: Node\nmetadata: {{name: node0}}\n\
-             status: {{addresses: [{{type: InternalIP, address: {node_ip}}}]}}\n"
-        ),
+        String::from(
+            "apiVersion: v1\nkind: Service\nmetadata: {name: np, namespace: default}\n\
+             spec: {type: NodePort, clusterIP: 10.96.0.30, selector: {app: web}, ports: [\
+             {name: http, port: 80, targetPort: http, nodePort: 30080},\
+             {name: dns, port: 53, protocol: UDP, targetPort: 5353, nodePort: 30053}]}\n",
+        ) + &node_yaml(node_ip),
     )
     .unwrap();
     env.start_agent();
@@ -507,14 +527,12 @@ fn session_affinity_keeps_each_client_on_one_backend() {
     let node_ip = env.lab.node(0).underlay_addr().unwrap();
     std::fs::write(
         env.manifests.join("sticky.yaml"),
-        format!(
-            "apiVersion: v1\nkind: Service\nmetadata: {{name: sticky, namespace: default}}\n\
-             spec: {{type: NodePort, clusterIP: 10.96.0.60, selector: {{app: web}}, sessionAffinity: ClientIP,\n\
-             \x20 sessionAffinityConfig: {{clientIP: {{timeoutSeconds: 300}}}},\n\
-             \x20 ports: [{{name: http, port: 80, targetPort: http, nodePort: 30060}}]}}\n---\n\
-             apiVersion: v1\nkind: Node\nmetadata: {{name: node0}}\n\
-             status: {{addresses: [{{type: InternalIP, address: {node_ip}}}]}}\n"
-        ),
+        String::from(
+            "apiVersion: v1\nkind: Service\nmetadata: {name: sticky, namespace: default}\n\
+             spec: {type: NodePort, clusterIP: 10.96.0.60, selector: {app: web}, sessionAffinity: ClientIP,\n\
+             \x20 sessionAffinityConfig: {clientIP: {timeoutSeconds: 300}},\n\
+             \x20 ports: [{name: http, port: 80, targetPort: http, nodePort: 30060}]}\n"
+        ) + &node_yaml(node_ip),
     )
     .unwrap();
     env.start_agent();
@@ -581,9 +599,7 @@ fn traffic_policies_choose_local_backends() {
     ) + &svc(
         "etpl",
         "type: NodePort, clusterIP: 10.96.0.72, externalTrafficPolicy: Local, ports: [{name: http, port: 80, targetPort: http, nodePort: 30072}]",
-    ) + &format!(
-        "---\napiVersion: v1\nkind: Node\nmetadata: {{name: node0}}\nstatus: {{addresses: [{{type: InternalIP, address: {node_ip}}}]}}\n"
-    );
+    ) + &node_yaml(node_ip);
     std::fs::write(env.manifests.join("policies.yaml"), manifests).unwrap();
     env.start_agent();
     env.wait_for_frontend("10.96.0.70:80/tcp", 1);
@@ -664,14 +680,12 @@ fn tc_flows_follow_endpoint_changes() {
     );
     std::fs::write(
         env.manifests.join("flows.yaml"),
-        format!(
-            "apiVersion: v1\nkind: Service\nmetadata: {{name: flows, namespace: default}}\n\
-             spec: {{type: NodePort, clusterIP: 10.96.0.80, selector: {{app: web}}, ports: [\
-             {{name: http, port: 80, targetPort: http, nodePort: 30080}},\
-             {{name: u, port: 54, protocol: UDP, targetPort: 5454, nodePort: 30054}}]}}\n---\n\
-             apiVersion: v1\nkind: Node\nmetadata: {{name: node0}}\n\
-             status: {{addresses: [{{type: InternalIP, address: {node_ip}}}]}}\n"
-        ),
+        String::from(
+            "apiVersion: v1\nkind: Service\nmetadata: {name: flows, namespace: default}\n\
+             spec: {type: NodePort, clusterIP: 10.96.0.80, selector: {app: web}, ports: [\
+             {name: http, port: 80, targetPort: http, nodePort: 30080},\
+             {name: u, port: 54, protocol: UDP, targetPort: 5454, nodePort: 30054}]}\n",
+        ) + &node_yaml(node_ip),
     )
     .unwrap();
     env.start_agent();
@@ -755,9 +769,7 @@ fn maglev_keeps_flows_on_their_backends() {
     };
     let manifests = svc("mg", 30055, ", annotations: {weft.io/lb-algorithm: maglev}")
         + &svc("rnd", 30056, "")
-        + &format!(
-            "---\napiVersion: v1\nkind: Node\nmetadata: {{name: node0}}\nstatus: {{addresses: [{{type: InternalIP, address: {node_ip}}}]}}\n"
-        );
+        + &node_yaml(node_ip);
     std::fs::write(env.manifests.join("maglev.yaml"), manifests).unwrap();
     env.start_agent();
     env.wait_for_frontend(&format!("{node_ip}:30055/udp"), 2);
