@@ -1,41 +1,138 @@
 #!/usr/bin/env bash
-# weft's main job for now: set up, build, and show what works today on this machine.
-# Builds two network namespaces joined by a veth pair (never touching the root namespace), attaches
-# weft-proxy's eBPF packet counters to one end, sends real traffic, prints the kernel's counts, and
-# removes everything again. This command becomes `weft up` once the control plane exists.
+# weft's main job for now: set up, build, and run a small two-node cluster made of network
+# namespaces on this machine (never touching the machine's own namespace, routes or firewall):
+#   * weft-overlay programs a VXLAN overlay between the two nodes;
+#   * weft-cni wires three pods (a web server on each node, a client on node 1);
+#   * weft-proxy serves a ClusterIP Service for the web pods with socket-level load balancing and
+#     a NodePort that an external host reaches through the TC path;
+# then prints what answered and what the kernel holds, and removes everything.
+# This command becomes `weft up` once the control plane exists.
 set -euo pipefail
 export PATH="$HOME/.cargo/bin:$PATH"
 cd "$(dirname "$0")/.."
 
 bash scripts/setup.sh
-cargo build --release --locked -p weft-proxy
-PROXY="$PWD/target/release/weft-proxy"
+cargo build --release --locked -p weft-proxy -p weft-cni
+BIN="$PWD/target/release"
 
 ID="weft-demo-$$"
-A="$ID-a"; B="$ID-b"; PIN="/sys/fs/bpf/$ID"
+DIR="$(mktemp -d "/tmp/$ID.XXXX")"
+PIN="/sys/fs/bpf/$ID"
+CG_ROOT="$(awk '$3 == "cgroup2" { print $2; exit }' /proc/self/mounts)"
+CG="$CG_ROOT/$ID"
+NS=(lab node1 node2 web1 web2 client ext)
+AGENT=""
+
 cleanup() {
-  "$PROXY" --pin-dir "$PIN" counters detach --all >/dev/null 2>&1 || true
-  rm -rf "$PIN"
-  ip netns del "$A" 2>/dev/null || true
-  ip netns del "$B" 2>/dev/null || true
+  [ -n "$AGENT" ] && kill "$AGENT" 2>/dev/null && wait "$AGENT" 2>/dev/null || true
+  for n in "${NS[@]}"; do
+    for pid in $(ip netns pids "$ID-$n" 2>/dev/null); do kill -9 "$pid" 2>/dev/null || true; done
+  done
+  if [ -d "$CG" ]; then
+    for pid in $(cat "$CG/cgroup.procs" 2>/dev/null); do kill -9 "$pid" 2>/dev/null || true; done
+    sleep 0.2; rmdir "$CG" 2>/dev/null || true
+  fi
+  rm -rf "$PIN" "$DIR"
+  for n in "${NS[@]}"; do ip netns del "$ID-$n" 2>/dev/null || true; done
 }
 trap cleanup EXIT
 
-ip netns add "$A"; ip netns add "$B"
-ip -n "$A" link add v0 type veth peer name v1 netns "$B"
-ip -n "$A" addr add 10.9.0.1/30 dev v0; ip -n "$A" link set v0 up; ip -n "$A" link set lo up
-ip -n "$B" addr add 10.9.0.2/30 dev v1; ip -n "$B" link set v1 up; ip -n "$B" link set lo up
-# nsenter changes only the network namespace, so /sys/fs/bpf stays visible.
-in_a() { nsenter --net="/run/netns/$A" "$@"; }
+in_ns() { local n="$1"; shift; nsenter --net="/run/netns/$ID-$n" "$@"; }
+say() { printf '\n== %s\n' "$*"; }
 
-echo "== attaching weft-proxy's tcx counters to v0 in namespace $A"
-in_a "$PROXY" --pin-dir "$PIN" counters attach v0
-echo "== sending traffic: 10 pings and 1 s of iperf3 from $A to $B"
-in_a ping -c 10 -i 0.05 -q 10.9.0.2 | tail -2
-nsenter --net="/run/netns/$B" iperf3 -s -1 -B 10.9.0.2 >/dev/null &
-sleep 0.3
-in_a iperf3 -c 10.9.0.2 -t 1 | grep -E 'sender|receiver'
-wait
-echo "== counters as the kernel holds them (the loader exited; the pinned links kept counting)"
-in_a "$PROXY" --pin-dir "$PIN" counters show
-echo "== cleaning up"
+say "underlay: a bridge in a lab namespace; two nodes and an external host on it"
+for n in "${NS[@]}"; do ip netns add "$ID-$n"; ip -n "$ID-$n" link set lo up; done
+ip -n "$ID-lab" link add br0 type bridge; ip -n "$ID-lab" link set br0 up
+i=11
+for n in node1 node2 ext; do
+  ip -n "$ID-lab" link add "u-$n" type veth peer name eth0 netns "$ID-$n"
+  ip -n "$ID-lab" link set "u-$n" master br0; ip -n "$ID-lab" link set "u-$n" up
+  ip -n "$ID-$n" addr add "10.200.0.$i/24" dev eth0; ip -n "$ID-$n" link set eth0 up
+  i=$((i + 1))
+done
+NODE1=10.200.0.11
+
+say "weft-overlay: VXLAN between the nodes"
+cat > "$DIR/nodes.json" <<EOF
+[{"name": "node1", "address": "10.200.0.11", "podCIDR": "10.244.1.0/24"},
+ {"name": "node2", "address": "10.200.0.12", "podCIDR": "10.244.2.0/24"}]
+EOF
+for n in node1 node2; do
+  in_ns "$n" "$BIN/weft-overlay" --nodes "$DIR/nodes.json" --node-name "$n" --once \
+    --pod-cidr-file "$DIR/$n/pod-cidr" 2>/dev/null
+done
+in_ns node1 ip route show dev weft-vxlan
+
+say "weft-cni: three pods"
+pod_ip() { # node pod
+  local conf="{\"cniVersion\":\"1.1.0\",\"name\":\"demo\",\"type\":\"weft-cni\",\"ipMasq\":true,
+    \"clusterCIDR\":\"10.244.0.0/16\",\"ipam\":{\"podCIDRFile\":\"$DIR/$1/pod-cidr\",\"dataDir\":\"$DIR/$1/ipam\"}}"
+  echo "$conf" | CNI_COMMAND=ADD CNI_CONTAINERID="$2" CNI_NETNS="/run/netns/$ID-$2" CNI_IFNAME=eth0 \
+    in_ns "$1" "$BIN/weft-cni" | jq -r '.ips[0].address | split("/")[0]'
+}
+WEB1=$(pod_ip node1 web1); WEB2=$(pod_ip node2 web2); CLIENT=$(pod_ip node1 client)
+echo "web1 $WEB1 (node1)   web2 $WEB2 (node2)   client $CLIENT (node1)"
+for w in web1 web2; do
+  mkdir -p "$DIR/www-$w"; echo "hello from $w" > "$DIR/www-$w/index.html"
+  in_ns "$w" /usr/bin/python3 -m http.server 8080 --directory "$DIR/www-$w" >/dev/null 2>&1 &
+done
+for w in web1 web2; do
+  for _ in $(seq 1 100); do in_ns "$w" ss -ltnH | grep -q ':8080 ' && break; sleep 0.1; done
+done
+
+say "weft-proxy on node1: a ClusterIP Service and a NodePort for the web pods"
+mkdir -p "$DIR/manifests" "$CG"
+cat > "$DIR/manifests/web.yaml" <<EOF
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: default}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.10
+  selector: {app: web}
+  ports: [{name: http, port: 80, targetPort: http, nodePort: 30080}]
+---
+apiVersion: v1
+kind: Node
+metadata: {name: node1}
+status: {addresses: [{type: InternalIP, address: $NODE1}]}
+EOF
+for p in "web1 $WEB1 node1" "web2 $WEB2 node2"; do
+  set -- $p
+  cat >> "$DIR/manifests/web.yaml" <<EOF
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: $1, namespace: default, labels: {app: web}}
+spec: {nodeName: $3, containers: [{name: web, image: demo, ports: [{name: http, containerPort: 8080}]}]}
+status: {podIP: $2, conditions: [{type: Ready, status: "True"}]}
+EOF
+done
+in_ns node1 "$BIN/weft-proxy" --pin-dir "$PIN" run --manifests "$DIR/manifests" --node-name node1 \
+  --cgroup "$CG" --nodeport-iface eth0 2>/dev/null &
+AGENT=$!
+for _ in $(seq 1 100); do
+  in_ns node1 "$BIN/weft-proxy" --pin-dir "$PIN" services 2>/dev/null | grep -q "10.96.0.10:80/tcp.*10.244" && break
+  sleep 0.1
+done
+in_ns node1 "$BIN/weft-proxy" --pin-dir "$PIN" services
+
+# What a probe printed: the peer the application saw and the page that answered, or the error.
+SHOW='if .error then "error: " + .error else "peer " + .peer + " -> " + ((.reply | split("\n") | map(select(startswith("hello"))) | .[0]) // .reply) end'
+
+say "the client pod (in the pods' cgroup) asks the ClusterIP 6 times"
+for _ in 1 2 3 4 5 6; do
+  in_ns client sh -c "echo 0 > '$CG/cgroup.procs'; exec '$BIN/weft-proxy' probe tcp 10.96.0.10:80 \
+    --payload 'GET /index.html HTTP/1.0
+' " | jq -r "$SHOW"
+done
+
+say "the external host asks the NodePort $NODE1:30080 (TC path: this node's backend, client address kept)"
+in_ns ext "$BIN/weft-proxy" probe tcp "$NODE1:30080" --payload 'GET /index.html HTTP/1.0
+' | jq -r "$SHOW"
+
+say "kernel drop counters and programming latency (Prometheus, 127.0.0.1:9402 in node1)"
+in_ns node1 /usr/bin/python3 -c "import urllib.request as u; print(u.urlopen('http://127.0.0.1:9402/metrics').read().decode())" \
+  | grep -E '^weft_proxy_(services|backends|drops_total|network_programming_duration_seconds_count)'
+
+say "cleaning up"

@@ -16,6 +16,7 @@ PACKAGES=(
   iptables        # kube-proxy-style iptables baseline (benchmarks)
   hyperfine       # timing whole commands in benchmarks
   jq              # reading JSON in scripts
+  python3         # the demo's web servers and metrics fetch
   pkg-config      # finding C libraries at build time
   libnftnl-dev    # weft-cni's masquerade: nftables over netlink (nftnl crate)
   libmnl-dev      # netlink socket library under libnftnl
