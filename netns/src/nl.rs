@@ -210,12 +210,16 @@ impl Netlink {
         if let Some(mtu) = mtu {
             builder = builder.mtu(mtu);
         }
+        self.add_link("add veth", name, builder.build()).await
+    }
+
+    async fn add_link(&self, op: &'static str, name: &str, msg: LinkMessage) -> Result<()> {
         self.handle
             .link()
-            .add(builder.build())
+            .add(msg)
             .execute()
             .await
-            .map_err(nl_err("add veth", name))
+            .map_err(nl_err(op, name))
     }
 
     /// Creates a bridge.
@@ -224,12 +228,7 @@ impl Netlink {
         if let Some(mtu) = mtu {
             builder = builder.mtu(mtu);
         }
-        self.handle
-            .link()
-            .add(builder.build())
-            .execute()
-            .await
-            .map_err(nl_err("add bridge", name))
+        self.add_link("add bridge", name, builder.build()).await
     }
 
     /// Sets a link administratively up.
@@ -495,12 +494,7 @@ impl Netlink {
             .mtu(mtu)
             .address(mac)
             .build();
-        self.handle
-            .link()
-            .add(msg)
-            .execute()
-            .await
-            .map_err(nl_err("add vxlan", name))
+        self.add_link("add vxlan", name, msg).await
     }
 
     /// Every IPv4 address in the namespace, with the index of its link.

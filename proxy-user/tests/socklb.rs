@@ -157,16 +157,20 @@ impl Env {
         }
     }
 
-    fn services(&self) -> BTreeMap<String, Vec<String>> {
-        let out = self
-            .node()
+    /// Runs `weft-proxy --pin-dir PIN ARGS` in the node's namespace.
+    fn proxy(&self, args: &[&str]) -> Output {
+        self.node()
             .command(BIN)
             .unwrap()
             .arg("--pin-dir")
             .arg(&self.pin)
-            .args(["services", "--json"])
+            .args(args)
             .output()
-            .unwrap();
+            .unwrap()
+    }
+
+    fn services(&self) -> BTreeMap<String, Vec<String>> {
+        let out = self.proxy(&["services", "--json"]);
         assert!(
             out.status.success(),
             "{}",
@@ -190,15 +194,7 @@ impl Env {
 
     /// How many backends of `frontend` the kernel holds as local.
     fn local_backends(&self, frontend: &str) -> Option<u64> {
-        let out = self
-            .node()
-            .command(BIN)
-            .unwrap()
-            .arg("--pin-dir")
-            .arg(&self.pin)
-            .args(["services", "--json"])
-            .output()
-            .unwrap();
+        let out = self.proxy(&["services", "--json"]);
         let rows: Value = serde_json::from_slice(&out.stdout).ok()?;
         rows.as_array()?
             .iter()
@@ -804,15 +800,7 @@ fn maglev_keeps_flows_on_their_backends() {
         out
     };
     let flush = || {
-        let out = env
-            .node()
-            .command(BIN)
-            .unwrap()
-            .arg("--pin-dir")
-            .arg(&env.pin)
-            .args(["flows", "flush"])
-            .output()
-            .unwrap();
+        let out = env.proxy(&["flows", "flush"]);
         assert!(
             out.status.success(),
             "{}",
