@@ -157,6 +157,17 @@ impl Env {
         }
     }
 
+    /// Writes `yaml` into the manifests directory as `file`, followed by the test node's Node
+    /// object (so NodePort frontends get the node's address).
+    fn write_with_node(&self, file: &str, yaml: &str) {
+        let ip = self.lab.node(0).underlay_addr().unwrap();
+        std::fs::write(
+            self.manifests.join(file),
+            format!("{yaml}{}", node_yaml(ip)),
+        )
+        .unwrap();
+    }
+
     /// Runs `weft-proxy --pin-dir PIN ARGS` in the node's namespace.
     fn proxy(&self, args: &[&str]) -> Output {
         self.node()
@@ -448,16 +459,13 @@ fn bad_manifests_do_not_disturb_good_services() {
 fn nodeport_from_outside_the_node_keeps_the_client_address() {
     let mut env = Env::new();
     let node_ip = env.lab.node(0).underlay_addr().unwrap();
-    std::fs::write(
-        env.manifests.join("nodeport.yaml"),
-        String::from(
-            "apiVersion: v1\nkind: Service\nmetadata: {name: np, namespace: default}\n\
+    env.write_with_node(
+        "nodeport.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: np, namespace: default}\n\
              spec: {type: NodePort, clusterIP: 10.96.0.30, selector: {app: web}, ports: [\
              {name: http, port: 80, targetPort: http, nodePort: 30080},\
              {name: dns, port: 53, protocol: UDP, targetPort: 5353, nodePort: 30053}]}\n",
-        ) + &node_yaml(node_ip),
-    )
-    .unwrap();
+    );
     env.start_agent();
     env.wait_for_frontend(&format!("{node_ip}:30080/tcp"), 2);
     env.wait_for_frontend(&format!("{node_ip}:30053/udp"), 2);
@@ -521,16 +529,13 @@ fn nodeport_from_outside_the_node_keeps_the_client_address() {
 fn session_affinity_keeps_each_client_on_one_backend() {
     let mut env = Env::new();
     let node_ip = env.lab.node(0).underlay_addr().unwrap();
-    std::fs::write(
-        env.manifests.join("sticky.yaml"),
-        String::from(
+    env.write_with_node(
+        "sticky.yaml",
             "apiVersion: v1\nkind: Service\nmetadata: {name: sticky, namespace: default}\n\
              spec: {type: NodePort, clusterIP: 10.96.0.60, selector: {app: web}, sessionAffinity: ClientIP,\n\
              \x20 sessionAffinityConfig: {clientIP: {timeoutSeconds: 300}},\n\
              \x20 ports: [{name: http, port: 80, targetPort: http, nodePort: 30060}]}\n"
-        ) + &node_yaml(node_ip),
-    )
-    .unwrap();
+    );
     env.start_agent();
     env.wait_for_frontend("10.96.0.60:80/tcp", 2);
     env.wait_for_frontend(&format!("{node_ip}:30060/tcp"), 2);
@@ -595,8 +600,8 @@ fn traffic_policies_choose_local_backends() {
     ) + &svc(
         "etpl",
         "type: NodePort, clusterIP: 10.96.0.72, externalTrafficPolicy: Local, ports: [{name: http, port: 80, targetPort: http, nodePort: 30072}]",
-    ) + &node_yaml(node_ip);
-    std::fs::write(env.manifests.join("policies.yaml"), manifests).unwrap();
+    );
+    env.write_with_node("policies.yaml", &manifests);
     env.start_agent();
     env.wait_for_frontend("10.96.0.70:80/tcp", 1);
     env.wait_for_frontend(&format!("{node_ip}:30071/tcp"), 2);
@@ -674,16 +679,13 @@ fn tc_flows_follow_endpoint_changes() {
             .udp_echo_server(any(5454))
             .unwrap(),
     );
-    std::fs::write(
-        env.manifests.join("flows.yaml"),
-        String::from(
-            "apiVersion: v1\nkind: Service\nmetadata: {name: flows, namespace: default}\n\
+    env.write_with_node(
+        "flows.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: flows, namespace: default}\n\
              spec: {type: NodePort, clusterIP: 10.96.0.80, selector: {app: web}, ports: [\
              {name: http, port: 80, targetPort: http, nodePort: 30080},\
              {name: u, port: 54, protocol: UDP, targetPort: 5454, nodePort: 30054}]}\n",
-        ) + &node_yaml(node_ip),
-    )
-    .unwrap();
+    );
     env.start_agent();
     env.wait_for_frontend(&format!("{node_ip}:30054/udp"), 2);
     let ext = env.lab.host("ext").unwrap();
@@ -763,10 +765,9 @@ fn maglev_keeps_flows_on_their_backends() {
             port % 100
         )
     };
-    let manifests = svc("mg", 30055, ", annotations: {weft.io/lb-algorithm: maglev}")
-        + &svc("rnd", 30056, "")
-        + &node_yaml(node_ip);
-    std::fs::write(env.manifests.join("maglev.yaml"), manifests).unwrap();
+    let manifests =
+        svc("mg", 30055, ", annotations: {weft.io/lb-algorithm: maglev}") + &svc("rnd", 30056, "");
+    env.write_with_node("maglev.yaml", &manifests);
     env.start_agent();
     env.wait_for_frontend(&format!("{node_ip}:30055/udp"), 2);
     env.wait_for_frontend(&format!("{node_ip}:30056/udp"), 2);
