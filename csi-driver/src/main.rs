@@ -1,0 +1,119 @@
+//! `weft-csi`: serves the CSI Identity, Controller and Node services on a unix socket.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use weft_csi::local::LocalBackend;
+use weft_csi::mounts::SysMounter;
+use weft_csi::service::{Driver, Roles};
+
+/// weft's CSI driver for local persistent volumes.
+#[derive(Debug, Parser)]
+#[command(name = "weft-csi", version)]
+struct Args {
+    /// CSI endpoint: unix:///path/to/csi.sock.
+    #[arg(long, env = "CSI_ENDPOINT")]
+    endpoint: String,
+    /// This node's name (NodeGetInfo and the topology of local volumes).
+    #[arg(long, env = "NODE_ID")]
+    node_id: String,
+    /// Where volumes, snapshots and their records live.
+    #[arg(long, default_value = "/var/lib/weft-csi")]
+    state_dir: PathBuf,
+    /// Services to serve: controller, node, or both (the default).
+    #[arg(long, value_delimiter = ',', default_value = "controller,node")]
+    roles: Vec<String>,
+    /// Bytes the local pool may hand out (suffixes K, M, G, T, Ki, Mi, Gi, Ti); default: the size
+    /// of the filesystem holding --state-dir.
+    #[arg(long)]
+    capacity: Option<String>,
+}
+
+fn parse_size(s: &str) -> anyhow::Result<u64> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().with_context(|| format!("size {s:?}"))?;
+    let mult: u64 = match unit {
+        "" => 1,
+        "K" => 1000,
+        "M" => 1000_u64.pow(2),
+        "G" => 1000_u64.pow(3),
+        "T" => 1000_u64.pow(4),
+        "Ki" => 1 << 10,
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        "Ti" => 1 << 40,
+        other => bail!("size {s:?}: unknown unit {other:?}"),
+    };
+    n.checked_mul(mult)
+        .with_context(|| format!("size {s:?} overflows"))
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let mut roles = Roles {
+        controller: false,
+        node: false,
+    };
+    for r in &args.roles {
+        match r.as_str() {
+            "controller" => roles.controller = true,
+            "node" => roles.node = true,
+            other => bail!("--roles: unknown role {other:?} (controller, node)"),
+        }
+    }
+    if args.node_id.is_empty() {
+        bail!("--node-id must not be empty");
+    }
+    let socket = weft_csi::server::socket_path(&args.endpoint)?;
+    std::fs::create_dir_all(&args.state_dir)
+        .with_context(|| format!("create {}", args.state_dir.display()))?;
+    let pool = match &args.capacity {
+        Some(s) => parse_size(s)?,
+        None => weft_csi::fs::usage(&args.state_dir)?.total,
+    };
+    let local = LocalBackend::open(&args.state_dir, pool, Arc::new(SysMounter))
+        .with_context(|| format!("open state in {}", args.state_dir.display()))?;
+    let driver = Driver::new(args.node_id.clone(), local, roles);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("start runtime")?;
+    rt.block_on(async move {
+        let shutdown = async {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("SIGTERM handler");
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            tracing::info!("shutting down");
+        };
+        weft_csi::server::serve(driver, &socket, shutdown).await
+    })?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_size("4Gi").unwrap(), 4 << 30);
+        assert_eq!(parse_size("10M").unwrap(), 10_000_000);
+        assert_eq!(parse_size("123").unwrap(), 123);
+        assert!(parse_size("4Gb").is_err());
+        assert!(parse_size("x").is_err());
+    }
+}
