@@ -46,6 +46,17 @@ pub(crate) fn remove_stale() {
             }
         }
     }
+    for (dev, backing) in loop_devices() {
+        let name = backing
+            .strip_prefix(std::env::temp_dir())
+            .ok()
+            .and_then(|p| p.components().next())
+            .map(|c| c.as_os_str().to_string_lossy().into_owned());
+        if name.is_some_and(|n| is_stale(&n)) {
+            tracing::info!(device = %dev.display(), "detaching stale test loop device");
+            detach_loop(&dev);
+        }
+    }
     for dir in [Path::new(BPFFS).to_path_buf(), std::env::temp_dir()] {
         if let Ok(entries) = std::fs::read_dir(&dir) {
             for e in entries.flatten() {
@@ -92,6 +103,40 @@ pub(crate) fn remove_cgroup(dir: &Path) {
     }
 }
 
+/// Every attached loop device with its backing file (from sysfs).
+pub(crate) fn loop_devices() -> Vec<(PathBuf, PathBuf)> {
+    let Ok(entries) = std::fs::read_dir("/sys/block") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if !name.starts_with("loop") {
+                return None;
+            }
+            let backing = std::fs::read_to_string(e.path().join("loop/backing_file")).ok()?;
+            let backing = backing.trim_end().trim_end_matches(" (deleted)");
+            Some((PathBuf::from("/dev").join(name), PathBuf::from(backing)))
+        })
+        .collect()
+}
+
+/// Detaches a loop device (with util-linux `losetup`), logging on failure.
+pub(crate) fn detach_loop(dev: &Path) {
+    match std::process::Command::new("losetup")
+        .arg("-d")
+        .arg(dev)
+        .output()
+    {
+        Ok(o) if o.status.success() => {}
+        Ok(o) => {
+            tracing::warn!(device = %dev.display(), stderr = %String::from_utf8_lossy(&o.stderr), "detaching loop device")
+        }
+        Err(e) => tracing::warn!(device = %dev.display(), error = %e, "running losetup"),
+    }
+}
+
 /// Removes a directory tree, logging instead of failing (cleanup must go on).
 pub(crate) fn remove_dir(dir: &Path) {
     if let Err(e) = std::fs::remove_dir_all(dir)
@@ -103,6 +148,11 @@ pub(crate) fn remove_dir(dir: &Path) {
 
 /// Kills (SIGKILL) and reaps-by-waiting every process whose network namespace is the one at `ns`.
 pub(crate) fn kill_processes_in(ns: &Path) {
+    kill_processes_in_ns(ns, "net")
+}
+
+/// Kills every process whose namespace of `kind` (`net`, `mnt`, ...) is the one at `ns`.
+pub(crate) fn kill_processes_in_ns(ns: &Path, kind: &str) {
     let Ok(target) = std::fs::metadata(ns) else {
         return;
     };
@@ -117,7 +167,7 @@ pub(crate) fn kill_processes_in(ns: &Path) {
             if pid == me {
                 continue;
             }
-            let Ok(m) = std::fs::metadata(p.path().join("ns/net")) else {
+            let Ok(m) = std::fs::metadata(p.path().join("ns").join(kind)) else {
                 continue;
             };
             if m.dev() == dev && m.ino() == ino {

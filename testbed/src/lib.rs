@@ -14,9 +14,11 @@
 
 mod cleanup;
 mod host;
+mod storage;
 mod traffic;
 
 pub use host::Host;
+pub use storage::MountSandbox;
 pub use traffic::{TcpServer, UdpServer};
 pub use weft_netns::{NetNs, Netlink};
 

@@ -1,0 +1,273 @@
+//! A running `weft-csi` inside a private mount namespace, with CSI clients on its socket.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use tonic::transport::{Channel, Endpoint, Uri};
+use weft_csi::csi;
+use weft_csi::csi::volume_capability::access_mode::Mode;
+use weft_csi::csi::volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume};
+use weft_testbed::MountSandbox;
+
+pub type Identity = csi::identity_client::IdentityClient<Channel>;
+pub type Controller = csi::controller_client::ControllerClient<Channel>;
+pub type Node = csi::node_client::NodeClient<Channel>;
+
+pub const NODE: &str = "node-a";
+pub const MIB: i64 = 1 << 20;
+
+/// The driver under test.
+pub struct Driver {
+    pub sandbox: MountSandbox,
+    pub rt: tokio::runtime::Runtime,
+    child: Option<Child>,
+    pub capacity: u64,
+    pub identity: Identity,
+    pub controller: Controller,
+    pub node: Node,
+}
+
+impl Driver {
+    pub fn start(label: &str, capacity: u64) -> Driver {
+        let sandbox = MountSandbox::new(label).expect("mount sandbox (run the tests as root)");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let (child, channel) = launch(&sandbox, &rt, capacity);
+        Driver {
+            sandbox,
+            rt,
+            child: Some(child),
+            capacity,
+            identity: Identity::new(channel.clone()),
+            controller: Controller::new(channel.clone()),
+            node: Node::new(channel),
+        }
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.sandbox.dir().join("csi.sock")
+    }
+
+    pub fn state(&self) -> PathBuf {
+        self.sandbox.dir().join("state")
+    }
+
+    /// A path for staging or publishing.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.sandbox.dir().join("mnt").join(name)
+    }
+
+    /// Kills the driver (as a crash would: SIGKILL, socket left behind) and starts it again.
+    pub fn crash_and_restart(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+        assert!(self.socket().exists(), "a killed driver leaves its socket");
+        let (child, channel) = launch(&self.sandbox, &self.rt, self.capacity);
+        self.child = Some(child);
+        self.identity = Identity::new(channel.clone());
+        self.controller = Controller::new(channel.clone());
+        self.node = Node::new(channel);
+    }
+
+    /// Runs a shell script inside the driver's mount namespace; returns (success, stdout+stderr).
+    pub fn sh(&self, script: &str) -> (bool, String) {
+        let out = self.sandbox.sh(script).unwrap();
+        let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.push_str(&String::from_utf8_lossy(&out.stderr));
+        (out.status.success(), text)
+    }
+
+    pub fn block<F: std::future::Future>(&self, f: F) -> F::Output {
+        self.rt.block_on(f)
+    }
+
+    /// Asserts that no mount and no loop device of this driver remains.
+    pub fn assert_nothing_attached(&self) {
+        assert_eq!(self.sandbox.mounts(), Vec::<PathBuf>::new(), "mounts left");
+        assert_eq!(
+            self.sandbox.loop_devices(),
+            Vec::<PathBuf>::new(),
+            "loop devices left"
+        );
+    }
+
+    pub fn create(&mut self, name: &str, bytes: i64, cap: csi::VolumeCapability) -> csi::Volume {
+        let req = create_request(name, bytes, cap);
+        let mut c = self.controller.clone();
+        self.block(c.create_volume(req))
+            .unwrap_or_else(|e| panic!("create {name}: {e}"))
+            .into_inner()
+            .volume
+            .unwrap()
+    }
+
+    pub fn stage(&mut self, id: &str, cap: csi::VolumeCapability) -> PathBuf {
+        let staging = self.path(&format!("staging-{id}"));
+        std::fs::create_dir_all(&staging).unwrap();
+        let mut n = self.node.clone();
+        self.block(n.node_stage_volume(csi::NodeStageVolumeRequest {
+            volume_id: id.into(),
+            staging_target_path: staging.to_string_lossy().into(),
+            volume_capability: Some(cap),
+            ..Default::default()
+        }))
+        .unwrap_or_else(|e| panic!("stage {id}: {e}"));
+        staging
+    }
+
+    pub fn publish(
+        &mut self,
+        id: &str,
+        staging: &Path,
+        target: &str,
+        cap: csi::VolumeCapability,
+        readonly: bool,
+    ) -> Result<PathBuf, tonic::Status> {
+        let target = self.path(target);
+        let mut n = self.node.clone();
+        self.block(n.node_publish_volume(csi::NodePublishVolumeRequest {
+            volume_id: id.into(),
+            staging_target_path: staging.to_string_lossy().into(),
+            target_path: target.to_string_lossy().into(),
+            volume_capability: Some(cap),
+            readonly,
+            ..Default::default()
+        }))?;
+        Ok(target)
+    }
+
+    pub fn unpublish(&mut self, id: &str, target: &Path) -> Result<(), tonic::Status> {
+        let mut n = self.node.clone();
+        self.block(n.node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
+            volume_id: id.into(),
+            target_path: target.to_string_lossy().into(),
+        }))
+        .map(|_| ())
+    }
+
+    pub fn unstage(&mut self, id: &str, staging: &Path) -> Result<(), tonic::Status> {
+        let mut n = self.node.clone();
+        self.block(n.node_unstage_volume(csi::NodeUnstageVolumeRequest {
+            volume_id: id.into(),
+            staging_target_path: staging.to_string_lossy().into(),
+        }))
+        .map(|_| ())
+    }
+
+    pub fn delete(&mut self, id: &str) -> Result<(), tonic::Status> {
+        let mut c = self.controller.clone();
+        self.block(c.delete_volume(csi::DeleteVolumeRequest {
+            volume_id: id.into(),
+            ..Default::default()
+        }))
+        .map(|_| ())
+    }
+
+    pub fn available(&mut self) -> i64 {
+        let mut c = self.controller.clone();
+        self.block(c.get_capacity(csi::GetCapacityRequest::default()))
+            .unwrap()
+            .into_inner()
+            .available_capacity
+    }
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn launch(sandbox: &MountSandbox, rt: &tokio::runtime::Runtime, capacity: u64) -> (Child, Channel) {
+    let socket = sandbox.dir().join("csi.sock");
+    let child = sandbox
+        .command(env!("CARGO_BIN_EXE_weft-csi"))
+        .arg("--endpoint")
+        .arg(format!("unix://{}", socket.display()))
+        .args(["--node-id", NODE, "--capacity", &capacity.to_string()])
+        .arg("--state-dir")
+        .arg(sandbox.dir().join("state"))
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("start weft-csi");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let channel = loop {
+        // The socket may still be the stale one of a killed driver; retry until the new one answers.
+        let path = socket.clone();
+        let attempt = rt.block_on(async move {
+            let ch = Endpoint::try_from("http://[::]:50051")
+                .unwrap()
+                .connect_with_connector(tower::service_fn(move |_: Uri| {
+                    tokio::net::UnixStream::connect(path.clone())
+                }))
+                .await?;
+            let mut id = Identity::new(ch.clone());
+            id.probe(csi::ProbeRequest {})
+                .await
+                .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)?;
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(ch)
+        });
+        match attempt {
+            Ok(ch) => break ch,
+            Err(e) if Instant::now() > deadline => panic!("weft-csi did not come up: {e}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    };
+    (child, channel)
+}
+
+pub fn mount_cap(fs: &str) -> csi::VolumeCapability {
+    csi::VolumeCapability {
+        access_mode: Some(AccessMode {
+            mode: Mode::SingleNodeWriter as i32,
+        }),
+        access_type: Some(AccessType::Mount(MountVolume {
+            fs_type: fs.into(),
+            ..Default::default()
+        })),
+    }
+}
+
+pub fn block_cap() -> csi::VolumeCapability {
+    csi::VolumeCapability {
+        access_mode: Some(AccessMode {
+            mode: Mode::SingleNodeWriter as i32,
+        }),
+        access_type: Some(AccessType::Block(BlockVolume {})),
+    }
+}
+
+pub fn create_request(
+    name: &str,
+    bytes: i64,
+    cap: csi::VolumeCapability,
+) -> csi::CreateVolumeRequest {
+    csi::CreateVolumeRequest {
+        name: name.into(),
+        capacity_range: Some(csi::CapacityRange {
+            required_bytes: bytes,
+            limit_bytes: 0,
+        }),
+        volume_capabilities: vec![cap],
+        ..Default::default()
+    }
+}
+
+/// The gRPC code of a failed call, with its message for assertion output.
+pub fn code<T: std::fmt::Debug>(r: Result<T, tonic::Status>) -> (tonic::Code, String) {
+    match r {
+        Ok(v) => panic!("expected an error, got {v:?}"),
+        Err(s) => (s.code(), s.message().to_string()),
+    }
+}
