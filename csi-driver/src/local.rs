@@ -355,6 +355,13 @@ impl LocalBackend {
                     .map_or(String::new(), |f| format!(" of {}", f.name()))
             )));
         }
+        if req.limit != 0 && src_bytes > req.limit {
+            return Err(Error::OutOfRange(format!(
+                "capacity_range: the content source holds {src_bytes} bytes, more than \
+                 limit_bytes {}",
+                req.limit
+            )));
+        }
         let fs = src_fs.or(req.fs);
         let min = fs.map_or(ALIGN, FsType::min_bytes).max(src_bytes);
         let size = choose_size(req.required.max(src_bytes), req.limit, min)?;
