@@ -168,8 +168,8 @@ pub fn choose_size(required: u64, limit: u64, min: u64) -> Result<u64> {
     }
     if size < floor {
         return Err(Error::OutOfRange(format!(
-            "capacity_range: no size in MiB steps between {floor} and {limit} bytes \
-             (the smallest volume this backend makes is {min} bytes)"
+            "capacity_range: no size in MiB steps between {floor} bytes and limit_bytes \
+             {limit} (the smallest volume of this kind is {min} bytes)"
         )));
     }
     Ok(size)

@@ -426,3 +426,384 @@ fn snapshots_and_clones_hold_their_point_in_time() {
     d.assert_nothing_attached();
     assert_eq!(d.available(), 2 << 30);
 }
+
+#[test]
+fn listing_pages_and_state_survive_a_crash() {
+    let mut d = Driver::start("csi-restart", 2 << 30);
+    let mut ids: Vec<String> = (0..5)
+        .map(|i| {
+            d.create(&format!("pvc-{i}"), 8 * MIB, mount_cap("ext4"))
+                .volume_id
+        })
+        .collect();
+    ids.sort();
+    let list_all = |d: &mut Driver| {
+        let mut c = d.controller.clone();
+        let mut seen = Vec::new();
+        let mut token = String::new();
+        let mut pages = 0;
+        loop {
+            let r = d
+                .block(c.list_volumes(csi::ListVolumesRequest {
+                    max_entries: 2,
+                    starting_token: token.clone(),
+                }))
+                .unwrap()
+                .into_inner();
+            assert!(r.entries.len() <= 2);
+            pages += 1;
+            for e in r.entries {
+                assert!(!e.status.unwrap().volume_condition.unwrap().abnormal);
+                seen.push(e.volume.unwrap().volume_id);
+            }
+            if r.next_token.is_empty() {
+                break;
+            }
+            token = r.next_token;
+        }
+        (seen, pages)
+    };
+    let (seen, pages) = list_all(&mut d);
+    assert_eq!(seen, ids);
+    assert_eq!(pages, 3);
+    let mut c = d.controller.clone();
+    let (code_, msg) = code(d.block(c.list_volumes(csi::ListVolumesRequest {
+        max_entries: 2,
+        starting_token: "no-such-token".into(),
+    })));
+    assert_eq!(code_, Code::Aborted, "{msg}");
+
+    // One volume staged when the driver dies; an interrupted create left work in tmp/.
+    let staging = d.stage(&ids[0], mount_cap("ext4"));
+    let leftover = d.state().join("local/tmp/local-deadbeef.1.2");
+    std::fs::create_dir_all(&leftover).unwrap();
+    std::fs::write(leftover.join("disk.img"), b"partial").unwrap();
+    let available = d.available();
+    d.crash_and_restart();
+
+    assert!(!leftover.exists(), "interrupted work is swept at start");
+    let (seen, _) = list_all(&mut d);
+    assert_eq!(seen, ids, "volumes survive the restart");
+    assert_eq!(
+        d.available(),
+        available,
+        "capacity accounting survives the restart"
+    );
+    // The staged volume is still staged and is recognised as such.
+    d.stage(&ids[0], mount_cap("ext4"));
+    d.unstage(&ids[0], &staging).unwrap();
+    for id in &ids {
+        d.delete(id).unwrap();
+    }
+    d.assert_nothing_attached();
+}
+
+#[test]
+fn bad_requests_get_the_codes_the_spec_names() {
+    let mut d = Driver::start("csi-bad", 1 << 30);
+    let mut c = d.controller.clone();
+    let mut n = d.node.clone();
+    let vol = d.create("pvc-ok", 8 * MIB, mount_cap("ext4")).volume_id;
+    let unknown = "local-00000000000000000000000000000000".to_string();
+    let hostile = "../../../../etc".to_string();
+    let staging = d.path("stage");
+    let target = d.path("target");
+    let s = |p: &std::path::Path| p.to_string_lossy().into_owned();
+
+    let mut no_name = create_request("", 8 * MIB, mount_cap("ext4"));
+    no_name.name.clear();
+    let mut no_caps = create_request("x", 8 * MIB, mount_cap("ext4"));
+    no_caps.volume_capabilities.clear();
+    let mut multi = create_request("x", 8 * MIB, mount_cap("ext4"));
+    multi.volume_capabilities[0].access_mode = Some(csi::volume_capability::AccessMode {
+        mode: csi::volume_capability::access_mode::Mode::MultiNodeMultiWriter as i32,
+    });
+    let mut bad_fs = create_request("x", 8 * MIB, mount_cap("ntfs"));
+    bad_fs.name = "x2".into();
+    let mut bad_param = create_request("x", 8 * MIB, mount_cap("ext4"));
+    bad_param.parameters.insert("fstype".into(), "ext4".into());
+    let mut inverted = create_request("x", 8 * MIB, mount_cap("ext4"));
+    inverted.capacity_range = Some(csi::CapacityRange {
+        required_bytes: 8 * MIB,
+        limit_bytes: 4 * MIB,
+    });
+    let mut xfs_tiny = create_request("x", 8 * MIB, mount_cap("xfs"));
+    xfs_tiny.capacity_range = Some(csi::CapacityRange {
+        required_bytes: 0,
+        limit_bytes: 64 * MIB,
+    });
+    let mut elsewhere = create_request("x", 8 * MIB, mount_cap("ext4"));
+    elsewhere.accessibility_requirements = Some(csi::TopologyRequirement {
+        requisite: vec![csi::Topology {
+            segments: [("topology.weft.io/node".to_string(), "node-b".to_string())].into(),
+        }],
+        preferred: vec![],
+    });
+    let mut missing_source = create_request("x", 8 * MIB, mount_cap("ext4"));
+    missing_source.volume_content_source = Some(csi::VolumeContentSource {
+        r#type: Some(csi::volume_content_source::Type::Snapshot(
+            csi::volume_content_source::SnapshotSource {
+                snapshot_id: "snap-00000000000000000000000000000000".into(),
+            },
+        )),
+    });
+    for (req, want, needle) in [
+        (no_name, Code::InvalidArgument, "name"),
+        (no_caps, Code::InvalidArgument, "volume_capabilities"),
+        (multi, Code::InvalidArgument, "access_mode"),
+        (bad_fs, Code::InvalidArgument, "fs_type"),
+        (bad_param, Code::InvalidArgument, "fstype"),
+        (inverted, Code::InvalidArgument, "limit_bytes"),
+        (xfs_tiny, Code::OutOfRange, "limit_bytes"),
+        (elsewhere, Code::ResourceExhausted, "requisite"),
+        (missing_source, Code::NotFound, "snapshot"),
+    ] {
+        let (got, msg) = code(d.block(c.create_volume(req)));
+        assert_eq!(got, want, "{msg}");
+        assert!(msg.contains(needle), "{msg:?} should name {needle}");
+    }
+
+    // Required fields, one RPC at a time.
+    let checks: Vec<(Result<(), tonic::Status>, &str)> = vec![
+        (
+            d.block(c.delete_volume(csi::DeleteVolumeRequest::default()))
+                .map(drop),
+            "volume_id",
+        ),
+        (
+            d.block(
+                c.controller_expand_volume(csi::ControllerExpandVolumeRequest {
+                    volume_id: vol.clone(),
+                    ..Default::default()
+                }),
+            )
+            .map(drop),
+            "capacity_range",
+        ),
+        (
+            d.block(c.create_snapshot(csi::CreateSnapshotRequest {
+                name: "s".into(),
+                ..Default::default()
+            }))
+            .map(drop),
+            "source_volume_id",
+        ),
+        (
+            d.block(
+                c.validate_volume_capabilities(csi::ValidateVolumeCapabilitiesRequest {
+                    volume_id: vol.clone(),
+                    ..Default::default()
+                }),
+            )
+            .map(drop),
+            "volume_capabilities",
+        ),
+        (
+            d.block(n.node_stage_volume(csi::NodeStageVolumeRequest {
+                volume_id: vol.clone(),
+                volume_capability: Some(mount_cap("ext4")),
+                ..Default::default()
+            }))
+            .map(drop),
+            "staging_target_path",
+        ),
+        (
+            d.block(n.node_stage_volume(csi::NodeStageVolumeRequest {
+                volume_id: vol.clone(),
+                staging_target_path: s(&staging),
+                ..Default::default()
+            }))
+            .map(drop),
+            "volume_capability",
+        ),
+        (
+            d.block(n.node_publish_volume(csi::NodePublishVolumeRequest {
+                volume_id: vol.clone(),
+                staging_target_path: s(&staging),
+                volume_capability: Some(mount_cap("ext4")),
+                ..Default::default()
+            }))
+            .map(drop),
+            "target_path",
+        ),
+        (
+            d.block(n.node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
+                volume_id: vol.clone(),
+                ..Default::default()
+            }))
+            .map(drop),
+            "target_path",
+        ),
+        (
+            d.block(n.node_get_volume_stats(csi::NodeGetVolumeStatsRequest {
+                volume_id: vol.clone(),
+                ..Default::default()
+            }))
+            .map(drop),
+            "volume_path",
+        ),
+        (
+            d.block(n.node_expand_volume(csi::NodeExpandVolumeRequest {
+                volume_id: vol.clone(),
+                ..Default::default()
+            }))
+            .map(drop),
+            "volume_path",
+        ),
+    ];
+    for (r, field) in checks {
+        let (got, msg) = code(r);
+        assert_eq!(got, Code::InvalidArgument, "{msg}");
+        assert!(msg.contains(field), "{msg:?} should name {field}");
+    }
+
+    // Unknown and hostile IDs: NOT_FOUND where the spec says so, success for deletes.
+    for id in [&unknown, &hostile] {
+        let (got, msg) = code(
+            d.block(n.node_stage_volume(csi::NodeStageVolumeRequest {
+                volume_id: id.clone(),
+                staging_target_path: s(&staging),
+                volume_capability: Some(mount_cap("ext4")),
+                ..Default::default()
+            }))
+            .map(drop),
+        );
+        assert_eq!(got, Code::NotFound, "{msg}");
+        let (got, msg) = code(
+            d.block(
+                c.controller_expand_volume(csi::ControllerExpandVolumeRequest {
+                    volume_id: id.clone(),
+                    capacity_range: Some(csi::CapacityRange {
+                        required_bytes: 16 * MIB,
+                        limit_bytes: 0,
+                    }),
+                    ..Default::default()
+                }),
+            )
+            .map(drop),
+        );
+        assert_eq!(got, Code::NotFound, "{msg}");
+        let (got, msg) = code(
+            d.block(
+                c.validate_volume_capabilities(csi::ValidateVolumeCapabilitiesRequest {
+                    volume_id: id.clone(),
+                    volume_capabilities: vec![mount_cap("ext4")],
+                    ..Default::default()
+                }),
+            )
+            .map(drop),
+        );
+        assert_eq!(got, Code::NotFound, "{msg}");
+        d.delete(id).unwrap();
+        d.block(c.delete_snapshot(csi::DeleteSnapshotRequest {
+            snapshot_id: id.clone(),
+            ..Default::default()
+        }))
+        .unwrap();
+    }
+    assert!(std::path::Path::new("/etc/passwd").exists());
+
+    // Publishing before staging is a precondition failure; a wrong filesystem is refused.
+    let (got, msg) = code(d.publish(&vol, &staging, "target", mount_cap("ext4"), false));
+    assert_eq!(got, Code::FailedPrecondition, "{msg}");
+    let (got, msg) = code(
+        d.block(n.node_stage_volume(csi::NodeStageVolumeRequest {
+            volume_id: vol.clone(),
+            staging_target_path: s(&staging),
+            volume_capability: Some(mount_cap("xfs")),
+            ..Default::default()
+        }))
+        .map(drop),
+    );
+    assert_eq!(got, Code::InvalidArgument, "{msg}");
+    assert!(!target.exists());
+
+    // ValidateVolumeCapabilities confirms what fits and explains what does not.
+    let ok = d
+        .block(
+            c.validate_volume_capabilities(csi::ValidateVolumeCapabilitiesRequest {
+                volume_id: vol.clone(),
+                volume_capabilities: vec![mount_cap("ext4")],
+                ..Default::default()
+            }),
+        )
+        .unwrap()
+        .into_inner();
+    assert!(ok.confirmed.is_some());
+    let no = d
+        .block(
+            c.validate_volume_capabilities(csi::ValidateVolumeCapabilitiesRequest {
+                volume_id: vol.clone(),
+                volume_capabilities: vec![mount_cap("xfs")],
+                ..Default::default()
+            }),
+        )
+        .unwrap()
+        .into_inner();
+    assert!(
+        no.confirmed.is_none() && no.message.contains("ext4"),
+        "{no:?}"
+    );
+
+    // A second driver on the same socket is refused; the first keeps serving.
+    let out = d
+        .sandbox
+        .command(env!("CARGO_BIN_EXE_weft-csi"))
+        .arg("--endpoint")
+        .arg(format!("unix://{}", d.socket().display()))
+        .args(["--node-id", NODE, "--state-dir"])
+        .arg(d.sandbox.dir().join("state2"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("another process is serving"));
+    d.delete(&vol).unwrap();
+    d.assert_nothing_attached();
+}
+
+#[test]
+fn many_volumes_are_provisioned_concurrently() {
+    let d = Driver::start("csi-many", 8 << 30);
+    let c = d.controller.clone();
+    let started = std::time::Instant::now();
+    let results = d.block(async {
+        let mut set = tokio::task::JoinSet::new();
+        for i in 0..24 {
+            let mut c = c.clone();
+            set.spawn(async move {
+                c.create_volume(create_request(
+                    &format!("pvc-{i}"),
+                    64 * MIB,
+                    mount_cap("ext4"),
+                ))
+                .await
+            });
+        }
+        set.join_all().await
+    });
+    let elapsed = started.elapsed();
+    for r in &results {
+        assert!(r.is_ok(), "{r:?}");
+    }
+    // The same name twice at once: one wins, the other is ABORTED or returns the same volume.
+    let (a, b) = d.block(async {
+        let mut c1 = c.clone();
+        let mut c2 = c.clone();
+        tokio::join!(
+            c1.create_volume(create_request("pvc-race", 64 * MIB, mount_cap("xfs"))),
+            c2.create_volume(create_request("pvc-race", 64 * MIB, mount_cap("xfs")))
+        )
+    });
+    let a_ok = a
+        .as_ref()
+        .map(|r| r.get_ref().volume.as_ref().unwrap().volume_id.clone());
+    let b_ok = b
+        .as_ref()
+        .map(|r| r.get_ref().volume.as_ref().unwrap().volume_id.clone());
+    match (&a_ok, &b_ok) {
+        (Ok(x), Ok(y)) => assert_eq!(x, y),
+        (Ok(_), Err(e)) | (Err(e), Ok(_)) => assert_eq!(e.code(), Code::Aborted, "{e}"),
+        (Err(x), Err(y)) => panic!("both failed: {x} / {y}"),
+    }
+    eprintln!("24 concurrent creates took {elapsed:?}");
+}

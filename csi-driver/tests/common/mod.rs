@@ -1,6 +1,8 @@
 //! A running `weft-csi` inside a private mount namespace, with CSI clients on its socket.
 
 #![allow(dead_code)]
+// Test helpers hand back the gRPC status itself so assertions can read its code and message.
+#![allow(clippy::result_large_err)]
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
