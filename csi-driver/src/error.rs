@@ -27,6 +27,9 @@ pub enum Error {
     /// Another operation on the same volume or name is in flight (`ABORTED`).
     #[error("{0}")]
     Aborted(String),
+    /// A server the volume lives on did not answer in time (`UNAVAILABLE`).
+    #[error("{0}")]
+    Unavailable(String),
     /// A system call or tool failed.
     #[error("{context}: {source}")]
     Io {
@@ -60,6 +63,7 @@ impl Error {
             Error::ResourceExhausted(_) => tonic::Code::ResourceExhausted,
             Error::FailedPrecondition(_) => tonic::Code::FailedPrecondition,
             Error::Aborted(_) => tonic::Code::Aborted,
+            Error::Unavailable(_) => tonic::Code::Unavailable,
             Error::Io { .. } | Error::Tool(_) => tonic::Code::Internal,
         }
     }

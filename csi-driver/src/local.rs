@@ -696,18 +696,9 @@ impl LocalBackend {
 
     /// NodeUnstageVolume: unmounts `staging` and detaches the volume's devices that nothing holds.
     pub fn unstage(&self, id: &str, staging: &Path) -> Result<()> {
-        let known = self.volume(id)?.is_some();
-        let mut did = false;
-        while self.mounter.mounted_at(staging)?.is_some() {
-            self.mounter.unmount(staging)?;
-            did = true;
-        }
-        if !known {
-            return if did {
-                Ok(())
-            } else {
-                Err(Error::NotFound(format!("volume {id} not found")))
-            };
+        unmount_all(&*self.mounter, staging)?;
+        if self.volume(id)?.is_none() {
+            return Ok(());
         }
         let mounts = self.mounter.list()?;
         for (dev, number) in self.devices(id)? {
@@ -735,30 +726,26 @@ impl LocalBackend {
                 staging.display()
             ))
         };
-        type IsOurs = Box<dyn Fn(&crate::mounts::MountEntry) -> bool>;
-        let (source, is_ours): (PathBuf, IsOurs) = match access {
-            Access::Block => {
-                let (dev, _) = devices.first().ok_or_else(not_staged)?;
-                let file_name = dev.file_name().map(PathBuf::from).unwrap_or_default();
-                let root = Path::new("/").join(file_name);
-                (dev.clone(), Box::new(move |m| m.root == root))
+        if let Access::Mount { .. } = access {
+            if rec.fs.is_none() {
+                return Err(Error::InvalidArgument(format!(
+                    "volume_capability: volume {id} was created for block access"
+                )));
             }
-            Access::Mount { .. } => {
-                if rec.fs.is_none() {
-                    return Err(Error::InvalidArgument(format!(
-                        "volume_capability: volume {id} was created for block access"
-                    )));
-                }
-                let staged = self.mounter.mounted_at(staging)?.ok_or_else(not_staged)?;
-                if !devices.iter().any(|(_, n)| *n == staged.device) {
-                    return Err(not_staged());
-                }
-                let number = staged.device;
-                (staging.to_path_buf(), Box::new(move |m| m.device == number))
+            let staged = self.mounter.mounted_at(staging)?.ok_or_else(not_staged)?;
+            if !devices.iter().any(|(_, n)| *n == staged.device) {
+                return Err(not_staged());
             }
-        };
+            let number = staged.device;
+            return bind_dir(&*self.mounter, staging, target, read_only, &|m| {
+                m.device == number
+            });
+        }
+        let (dev, _) = devices.first().ok_or_else(not_staged)?;
+        // A bind of a device node shows up as that node's path inside devtmpfs.
+        let root = Path::new("/").join(dev.file_name().unwrap_or_default());
         if let Some(m) = self.mounter.mounted_at(target)? {
-            if is_ours(&m) && m.read_only == read_only {
+            if m.root == root && m.read_only == read_only {
                 return Ok(());
             }
             return Err(Error::AlreadyExists(format!(
@@ -766,43 +753,23 @@ impl LocalBackend {
                 target.display()
             )));
         }
-        match access {
-            Access::Block => {
-                if let Some(parent) = target.parent() {
-                    std::fs::create_dir_all(parent)
-                        .map_err(Error::io(format!("create {}", parent.display())))?;
-                }
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .truncate(false)
-                    .write(true)
-                    .open(target)
-                    .map_err(Error::io(format!("create {}", target.display())))?;
-            }
-            Access::Mount { .. } => std::fs::create_dir_all(target)
-                .map_err(Error::io(format!("create {}", target.display())))?,
+        if let Some(parent) = target.parent() {
+            std::fs::create_dir_all(parent)
+                .map_err(Error::io(format!("create {}", parent.display())))?;
         }
-        self.mounter.bind(&source, target, read_only)
+        std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(target)
+            .map_err(Error::io(format!("create {}", target.display())))?;
+        self.mounter.bind(dev, target, read_only)
     }
 
-    /// NodeUnpublishVolume: unmounts and removes `target`.
-    pub fn unpublish(&self, id: &str, target: &Path) -> Result<()> {
-        let mut did = false;
-        while self.mounter.mounted_at(target)?.is_some() {
-            self.mounter.unmount(target)?;
-            did = true;
-        }
-        match std::fs::symlink_metadata(target) {
-            Ok(m) if m.is_dir() => std::fs::remove_dir(target),
-            Ok(_) => std::fs::remove_file(target),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(e),
-        }
-        .map_err(Error::io(format!("remove {}", target.display())))?;
-        if !did && self.volume(id)?.is_none() {
-            return Err(Error::NotFound(format!("volume {id} not found")));
-        }
-        Ok(())
+    /// NodeUnpublishVolume: unmounts and removes `target`. Nothing there is success, whatever the
+    /// volume (the node cannot always know volumes it did not stage, such as NFS ones).
+    pub fn unpublish(&self, target: &Path) -> Result<()> {
+        unpublish(&*self.mounter, target)
     }
 
     /// NodeGetVolumeStats.
@@ -872,6 +839,48 @@ impl LocalBackend {
         }
         Ok(rec.capacity_bytes)
     }
+}
+
+/// Unmounts everything stacked on `path`.
+pub fn unmount_all(mounter: &dyn Mounter, path: &Path) -> Result<()> {
+    while mounter.mounted_at(path)?.is_some() {
+        mounter.unmount(path)?;
+    }
+    Ok(())
+}
+
+/// Unmounts and removes a publish target; a target that is not there is fine.
+pub fn unpublish(mounter: &dyn Mounter, target: &Path) -> Result<()> {
+    unmount_all(mounter, target)?;
+    match std::fs::symlink_metadata(target) {
+        Ok(m) if m.is_dir() => std::fs::remove_dir(target),
+        Ok(_) => std::fs::remove_file(target),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+    .map_err(Error::io(format!("remove {}", target.display())))
+}
+
+/// Binds `source` onto `target` (a directory) unless the same is already there; a different
+/// mount, or the same one with the other read-only setting, is `ALREADY_EXISTS`.
+pub fn bind_dir(
+    mounter: &dyn Mounter,
+    source: &Path,
+    target: &Path,
+    read_only: bool,
+    is_same: &dyn Fn(&crate::mounts::MountEntry) -> bool,
+) -> Result<()> {
+    if let Some(m) = mounter.mounted_at(target)? {
+        if is_same(&m) && m.read_only == read_only {
+            return Ok(());
+        }
+        return Err(Error::AlreadyExists(format!(
+            "target_path {} is already published with different settings",
+            target.display()
+        )));
+    }
+    std::fs::create_dir_all(target).map_err(Error::io(format!("create {}", target.display())))?;
+    mounter.bind(source, target, read_only)
 }
 
 fn remove_tree(path: &Path) -> Result<()> {

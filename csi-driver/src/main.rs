@@ -5,11 +5,13 @@ use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use clap::Parser;
+use std::time::Duration;
 use weft_csi::local::LocalBackend;
-use weft_csi::mounts::SysMounter;
+use weft_csi::mounts::{Mounter, SysMounter};
+use weft_csi::nfs::{LocalExportMounter, NfsBackend};
 use weft_csi::service::{Driver, Roles};
 
-/// weft's CSI driver for local persistent volumes.
+/// weft's CSI driver for local and NFS persistent volumes.
 #[derive(Debug, Parser)]
 #[command(name = "weft-csi", version)]
 struct Args {
@@ -29,6 +31,14 @@ struct Args {
     /// of the filesystem holding --state-dir.
     #[arg(long)]
     capacity: Option<String>,
+    /// Seconds an NFS server gets to answer (controller calls and the node's mount).
+    #[arg(long, default_value_t = 10)]
+    nfs_timeout: u64,
+    /// SERVER:/SHARE=DIR: on a node whose kernel has no NFS client and where DIR is the directory
+    /// that SERVER exports as SHARE, serve that export's volumes by binding DIR's subdirectories
+    /// instead of mounting over NFS. Repeatable.
+    #[arg(long = "nfs-local-export", value_name = "SERVER:/SHARE=DIR")]
+    nfs_local_exports: Vec<String>,
 }
 
 fn parse_size(s: &str) -> anyhow::Result<u64> {
@@ -83,7 +93,28 @@ fn main() -> anyhow::Result<()> {
     };
     let local = LocalBackend::open(&args.state_dir, pool, Arc::new(SysMounter))
         .with_context(|| format!("open state in {}", args.state_dir.display()))?;
-    let driver = Driver::new(args.node_id.clone(), local, roles);
+    let nfs = NfsBackend::open(&args.state_dir, Duration::from_secs(args.nfs_timeout))?;
+    let mut exports = Vec::new();
+    for e in &args.nfs_local_exports {
+        let (export, dir) = e
+            .split_once('=')
+            .filter(|(x, d)| x.contains(":/") && d.starts_with('/'))
+            .with_context(|| format!("--nfs-local-export {e:?}: expected SERVER:/SHARE=/DIR"))?;
+        exports.push((export.to_string(), PathBuf::from(dir)));
+    }
+    let nfs_mounter: Arc<dyn Mounter> = if exports.is_empty() {
+        Arc::new(SysMounter)
+    } else {
+        Arc::new(LocalExportMounter::new(Arc::new(SysMounter), exports))
+    };
+    let driver = Driver::new(
+        args.node_id.clone(),
+        local,
+        nfs,
+        nfs_mounter,
+        Duration::from_secs(args.nfs_timeout),
+        roles,
+    );
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

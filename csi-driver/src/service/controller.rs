@@ -8,11 +8,12 @@ use csi::controller_service_capability::rpc::Type as Rpc;
 use csi::volume_content_source::{SnapshotSource, Type as SourceType, VolumeSource};
 use tonic::{Request, Response, Status};
 
-use super::{Driver, TOPOLOGY_KEY, accesses, page, required};
+use super::{Backend, Driver, TOPOLOGY_KEY, accesses, page, required};
 use crate::error::Error;
 use crate::fs::FsType;
 use crate::ids::{self, Kind};
 use crate::local::{Access, CreateRequest, SnapshotRecord, Source, VolumeRecord};
+use crate::nfs::{self, NfsVolume};
 
 /// Controller: creates, deletes, lists, snapshots and expands volumes.
 #[derive(Debug, Clone)]
@@ -106,6 +107,67 @@ impl ControllerService {
         }
     }
 
+    fn nfs_volume_message(v: &NfsVolume) -> csi::Volume {
+        csi::Volume {
+            capacity_bytes: v.capacity_bytes as i64,
+            volume_id: v.id.clone(),
+            volume_context: v.context(),
+            content_source: None,
+            // Reachable from every node.
+            accessible_topology: vec![],
+        }
+    }
+
+    async fn create_nfs(
+        &self,
+        r: csi::CreateVolumeRequest,
+    ) -> Result<Response<csi::CreateVolumeResponse>, Status> {
+        accesses(&r.volume_capabilities, "volume_capabilities", Backend::Nfs)?;
+        if r.volume_content_source.is_some() {
+            return Err(Error::InvalidArgument(
+                "volume_content_source: nfs volumes cannot be made from snapshots or volumes"
+                    .into(),
+            )
+            .into());
+        }
+        let (required_bytes, limit) = range(r.capacity_range.as_ref())?;
+        let capacity = if required_bytes > 0 {
+            required_bytes
+        } else {
+            limit
+        };
+        let planned = nfs::plan(&r.name, &r.parameters, capacity)?;
+        let id = planned.id.clone();
+        let vol = self.0.run_async(&id, self.0.nfs.create(planned)).await?;
+        tracing::info!(volume = %vol.id, name = %vol.name, dir = %vol.sub_dir, "created nfs volume");
+        Ok(Response::new(csi::CreateVolumeResponse {
+            volume: Some(Self::nfs_volume_message(&vol)),
+        }))
+    }
+
+    /// Whether capabilities fit a local volume.
+    fn local_verdict(vol: &VolumeRecord, caps: &[csi::VolumeCapability]) -> Result<(), Error> {
+        for a in accesses(caps, "volume_capabilities", Backend::Local)? {
+            if let Access::Mount { fs, .. } = a {
+                match vol.fs {
+                    None => {
+                        return Err(Error::InvalidArgument(
+                            "the volume is a block volume with no filesystem".into(),
+                        ));
+                    }
+                    Some(have) if fs.is_some_and(|f| f != have) => {
+                        return Err(Error::InvalidArgument(format!(
+                            "the volume carries {}",
+                            have.name()
+                        )));
+                    }
+                    Some(_) => {}
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Whether a topology requirement lets the volume live on this node.
     fn topology_allows(&self, req: Option<&csi::TopologyRequirement>) -> bool {
         let Some(req) = req else { return true };
@@ -125,9 +187,16 @@ fn check_parameters(params: &HashMap<String, String>) -> Result<Option<FsType>, 
     for (k, v) in params {
         match k.as_str() {
             PARAM_BACKEND if v == "local" => {}
+            PARAM_BACKEND if v == "nfs" => {
+                return Err(Error::InvalidArgument(
+                    "parameters.backend: nfs exports have no capacity this driver tracks; \
+                     GetCapacity is for local volumes"
+                        .into(),
+                ));
+            }
             PARAM_BACKEND => {
                 return Err(Error::InvalidArgument(format!(
-                    "parameters.backend: {v:?} is not a backend of this driver (local)"
+                    "parameters.backend: {v:?} is not a backend of this driver (local, nfs)"
                 )));
             }
             PARAM_FS_TYPE => {
@@ -140,7 +209,7 @@ fn check_parameters(params: &HashMap<String, String>) -> Result<Option<FsType>, 
             k if k.starts_with(PROVISIONER_PREFIX) => {}
             k => {
                 return Err(Error::InvalidArgument(format!(
-                    "parameters: unknown parameter {k:?} (known: backend, fsType)"
+                    "parameters: unknown parameter {k:?} for the local backend (known: backend, fsType)"
                 )));
             }
         }
@@ -156,7 +225,14 @@ impl csi::controller_server::Controller for ControllerService {
     ) -> Result<Response<csi::CreateVolumeResponse>, Status> {
         let r = request.into_inner();
         let name = required(&r.name, "name")?.to_string();
-        let access = accesses(&r.volume_capabilities, "volume_capabilities")?;
+        if r.parameters.get(PARAM_BACKEND).is_some_and(|b| b == "nfs") {
+            return self.create_nfs(r).await;
+        }
+        let access = accesses(
+            &r.volume_capabilities,
+            "volume_capabilities",
+            Backend::Local,
+        )?;
         let param_fs = check_parameters(&r.parameters)?;
         let (required_bytes, limit) = range(r.capacity_range.as_ref())?;
         let source = content_source(&r.volume_content_source)?;
@@ -204,6 +280,10 @@ impl csi::controller_server::Controller for ControllerService {
     ) -> Result<Response<csi::DeleteVolumeResponse>, Status> {
         let id = required(&request.get_ref().volume_id, "volume_id")?.to_string();
         let key = id.clone();
+        if Backend::of(&id, &HashMap::new()) == Backend::Nfs {
+            self.0.run_async(&key, self.0.nfs.delete(&id)).await?;
+            return Ok(Response::new(csi::DeleteVolumeResponse {}));
+        }
         self.0.run(&key, move |l| l.delete_volume(&id)).await?;
         Ok(Response::new(csi::DeleteVolumeResponse {}))
     }
@@ -236,29 +316,15 @@ impl csi::controller_server::Controller for ControllerService {
             return Err(Error::InvalidArgument("volume_capabilities is required".into()).into());
         }
         let key = id.clone();
-        let vol = self.0.query(move |l| l.volume(&id)).await?;
-        let vol = vol.ok_or_else(|| Error::NotFound(format!("volume {key} not found")))?;
-        let verdict = accesses(&r.volume_capabilities, "volume_capabilities").and_then(|acc| {
-            for a in acc {
-                if let Access::Mount { fs, .. } = a {
-                    match vol.fs {
-                        None => {
-                            return Err(Error::InvalidArgument(
-                                "the volume is a block volume with no filesystem".into(),
-                            ));
-                        }
-                        Some(have) if fs.is_some_and(|f| f != have) => {
-                            return Err(Error::InvalidArgument(format!(
-                                "the volume carries {}",
-                                have.name()
-                            )));
-                        }
-                        Some(_) => {}
-                    }
-                }
-            }
-            Ok(())
-        });
+        let not_found = || Error::NotFound(format!("volume {key} not found"));
+        let verdict = if Backend::of(&id, &HashMap::new()) == Backend::Nfs {
+            self.0.nfs.volume(&id)?.ok_or_else(not_found)?;
+            accesses(&r.volume_capabilities, "volume_capabilities", Backend::Nfs).map(drop)
+        } else {
+            let vol = self.0.query(move |l| l.volume(&id)).await?;
+            let vol = vol.ok_or_else(not_found)?;
+            Self::local_verdict(&vol, &r.volume_capabilities)
+        };
         let response = match verdict {
             Ok(()) => csi::ValidateVolumeCapabilitiesResponse {
                 confirmed: Some(csi::validate_volume_capabilities_response::Confirmed {
@@ -282,9 +348,8 @@ impl csi::controller_server::Controller for ControllerService {
         request: Request<csi::ListVolumesRequest>,
     ) -> Result<Response<csi::ListVolumesResponse>, Status> {
         let r = request.into_inner();
-        let all = self.0.query(|l| l.list_volumes()).await?;
-        let (items, next_token) = page(all, |v| v.id.as_str(), &r.starting_token, r.max_entries)?;
-        let entries = items
+        let local = self.0.query(|l| l.list_volumes()).await?;
+        let mut all: Vec<csi::list_volumes_response::Entry> = local
             .iter()
             .map(|v| csi::list_volumes_response::Entry {
                 volume: Some(self.volume_message(v)),
@@ -294,6 +359,27 @@ impl csi::controller_server::Controller for ControllerService {
                 }),
             })
             .collect();
+        all.extend(
+            self.0
+                .nfs
+                .list()?
+                .iter()
+                .map(|v| csi::list_volumes_response::Entry {
+                    volume: Some(Self::nfs_volume_message(v)),
+                    status: Some(csi::list_volumes_response::VolumeStatus {
+                        published_node_ids: vec![],
+                        volume_condition: Some(csi::VolumeCondition {
+                            abnormal: false,
+                            message: "ok".into(),
+                        }),
+                    }),
+                }),
+        );
+        fn id_of(e: &csi::list_volumes_response::Entry) -> &str {
+            e.volume.as_ref().map_or("", |v| v.volume_id.as_str())
+        }
+        all.sort_by(|a, b| id_of(a).cmp(id_of(b)));
+        let (entries, next_token) = page(all, id_of, &r.starting_token, r.max_entries)?;
         Ok(Response::new(csi::ListVolumesResponse {
             entries,
             next_token,
@@ -309,7 +395,11 @@ impl csi::controller_server::Controller for ControllerService {
         let caps = if r.volume_capabilities.is_empty() {
             vec![]
         } else {
-            accesses(&r.volume_capabilities, "volume_capabilities")?
+            accesses(
+                &r.volume_capabilities,
+                "volume_capabilities",
+                Backend::Local,
+            )?
         };
         let elsewhere = r.accessible_topology.as_ref().is_some_and(|t| {
             t.segments
@@ -374,6 +464,12 @@ impl csi::controller_server::Controller for ControllerService {
         let r = request.into_inner();
         let source = required(&r.source_volume_id, "source_volume_id")?.to_string();
         let name = required(&r.name, "name")?.to_string();
+        if Backend::of(&source, &HashMap::new()) == Backend::Nfs {
+            return Err(Error::InvalidArgument(
+                "source_volume_id: snapshots are taken of local volumes only".into(),
+            )
+            .into());
+        }
         if let Some(k) = r
             .parameters
             .keys()
@@ -443,6 +539,13 @@ impl csi::controller_server::Controller for ControllerService {
         }
         let (required_bytes, limit) = range(r.capacity_range.as_ref())?;
         let key = id.clone();
+        if Backend::of(&id, &HashMap::new()) == Backend::Nfs {
+            let bytes = self.0.nfs.expand(&id, required_bytes)?;
+            return Ok(Response::new(csi::ControllerExpandVolumeResponse {
+                capacity_bytes: bytes as i64,
+                node_expansion_required: false,
+            }));
+        }
         let e = self
             .0
             .run(&key, move |l| l.expand_volume(&id, required_bytes, limit))
@@ -459,6 +562,18 @@ impl csi::controller_server::Controller for ControllerService {
     ) -> Result<Response<csi::ControllerGetVolumeResponse>, Status> {
         let id = required(&request.get_ref().volume_id, "volume_id")?.to_string();
         let key = id.clone();
+        if let Some(v) = self.0.nfs.volume(&id)? {
+            return Ok(Response::new(csi::ControllerGetVolumeResponse {
+                volume: Some(Self::nfs_volume_message(&v)),
+                status: Some(csi::controller_get_volume_response::VolumeStatus {
+                    published_node_ids: vec![],
+                    volume_condition: Some(csi::VolumeCondition {
+                        abnormal: false,
+                        message: "ok".into(),
+                    }),
+                }),
+            }));
+        }
         let vol = self.0.query(move |l| l.volume(&id)).await?;
         let vol = vol.ok_or_else(|| Error::NotFound(format!("volume {key} not found")))?;
         Ok(Response::new(csi::ControllerGetVolumeResponse {

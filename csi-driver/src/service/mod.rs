@@ -7,6 +7,7 @@ mod node;
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bpfman_csi::v1 as csi;
 use csi::volume_capability::access_mode::Mode;
@@ -16,6 +17,8 @@ use crate::error::{Error, Result};
 use crate::fs::FsType;
 use crate::inflight::InFlight;
 use crate::local::{Access, LocalBackend};
+use crate::mounts::Mounter;
+use crate::nfs::NfsBackend;
 
 /// The driver's name, as GetPluginInfo reports it and a CSIDriver object names it.
 pub const DRIVER_NAME: &str = "csi.weft.io";
@@ -38,20 +41,69 @@ pub struct Driver {
     pub node_id: String,
     /// The local backend.
     pub local: Arc<LocalBackend>,
+    /// The nfs backend (controller side).
+    pub nfs: Arc<NfsBackend>,
+    /// How the node mounts NFS volumes.
+    pub nfs_mounter: Arc<dyn Mounter>,
+    /// Deadline for NFS operations, including the node's mount call.
+    pub nfs_timeout: Duration,
     /// Roles served.
     pub roles: Roles,
     inflight: InFlight,
 }
 
+/// Which backend a request is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// Loop-device volumes on this node.
+    Local,
+    /// Directories on an NFS export.
+    Nfs,
+}
+
+impl Backend {
+    /// The backend of an existing volume: by its ID, or for statically provisioned volumes with
+    /// IDs of their own, by `volume_context.backend`.
+    pub fn of(id: &str, context: &HashMap<String, String>) -> Backend {
+        if crate::ids::parse(id) == Some(crate::ids::Kind::NfsVolume)
+            || context.get("backend").is_some_and(|b| b == "nfs")
+        {
+            Backend::Nfs
+        } else {
+            Backend::Local
+        }
+    }
+}
+
 impl Driver {
-    /// A driver over `local` for `node_id`.
-    pub fn new(node_id: String, local: LocalBackend, roles: Roles) -> Arc<Self> {
+    /// A driver for `node_id` over its backends.
+    pub fn new(
+        node_id: String,
+        local: LocalBackend,
+        nfs: NfsBackend,
+        nfs_mounter: Arc<dyn Mounter>,
+        nfs_timeout: Duration,
+        roles: Roles,
+    ) -> Arc<Self> {
         Arc::new(Driver {
             node_id,
             local: Arc::new(local),
+            nfs: Arc::new(nfs),
+            nfs_mounter,
+            nfs_timeout,
             roles,
             inflight: InFlight::default(),
         })
+    }
+
+    /// Runs async work for `key` with the ID claimed.
+    async fn run_async<T>(
+        &self,
+        key: &str,
+        f: impl std::future::Future<Output = Result<T>>,
+    ) -> Result<T, tonic::Status> {
+        let _guard = self.inflight.begin(key)?;
+        f.await.map_err(Into::into)
     }
 
     /// This node's topology segment.
@@ -115,8 +167,8 @@ fn fs_type(mount: &MountVolume, field: &str) -> Result<Option<FsType>> {
     })
 }
 
-/// Checks one capability and turns it into an [`Access`].
-fn access(cap: Option<&csi::VolumeCapability>, field: &str) -> Result<Access> {
+/// Checks one capability for `backend` and turns it into an [`Access`].
+fn access(cap: Option<&csi::VolumeCapability>, field: &str, backend: Backend) -> Result<Access> {
     let cap = cap.ok_or_else(|| Error::InvalidArgument(format!("{field} is required")))?;
     let mode = cap
         .access_mode
@@ -129,6 +181,9 @@ fn access(cap: Option<&csi::VolumeCapability>, field: &str) -> Result<Access> {
             | Mode::SingleNodeSingleWriter
             | Mode::SingleNodeMultiWriter,
         ) => {}
+        Ok(
+            Mode::MultiNodeReaderOnly | Mode::MultiNodeSingleWriter | Mode::MultiNodeMultiWriter,
+        ) if backend == Backend::Nfs => {}
         Ok(m) => {
             return Err(Error::InvalidArgument(format!(
                 "{field}.access_mode: {} is not supported by local volumes (they live on one node)",
@@ -141,6 +196,26 @@ fn access(cap: Option<&csi::VolumeCapability>, field: &str) -> Result<Access> {
                 mode.mode
             )));
         }
+    }
+    if backend == Backend::Nfs {
+        return match &cap.access_type {
+            Some(AccessType::Mount(m)) if ["", "nfs", "nfs4"].contains(&m.fs_type.as_str()) => {
+                Ok(Access::Mount {
+                    fs: None,
+                    flags: m.mount_flags.clone(),
+                })
+            }
+            Some(AccessType::Mount(m)) => Err(Error::InvalidArgument(format!(
+                "{field}.mount.fs_type: nfs volumes are nfs, not {:?}",
+                m.fs_type
+            ))),
+            Some(AccessType::Block(_)) => Err(Error::InvalidArgument(format!(
+                "{field}.access_type: nfs volumes have no block access"
+            ))),
+            None => Err(Error::InvalidArgument(format!(
+                "{field}.access_type is required"
+            ))),
+        };
     }
     match &cap.access_type {
         Some(AccessType::Block(_)) => Ok(Access::Block),
@@ -155,13 +230,13 @@ fn access(cap: Option<&csi::VolumeCapability>, field: &str) -> Result<Access> {
 }
 
 /// Checks a list of capabilities: every one must be supported.
-fn accesses(caps: &[csi::VolumeCapability], field: &str) -> Result<Vec<Access>> {
+fn accesses(caps: &[csi::VolumeCapability], field: &str, backend: Backend) -> Result<Vec<Access>> {
     if caps.is_empty() {
         return Err(Error::InvalidArgument(format!("{field} is required")));
     }
     caps.iter()
         .enumerate()
-        .map(|(i, c)| access(Some(c), &format!("{field}[{i}]")))
+        .map(|(i, c)| access(Some(c), &format!("{field}[{i}]"), backend))
         .collect()
 }
 
@@ -254,13 +329,19 @@ mod tests {
                     Mode::SingleNodeWriter,
                     Some(AccessType::Block(BlockVolume {}))
                 )),
-                "c"
+                "c",
+                Backend::Local
             )
             .unwrap(),
             Access::Block
         );
         assert!(matches!(
-            access(Some(&cap(Mode::SingleNodeWriter, mount("xfs"))), "c").unwrap(),
+            access(
+                Some(&cap(Mode::SingleNodeWriter, mount("xfs"))),
+                "c",
+                Backend::Local
+            )
+            .unwrap(),
             Access::Mount {
                 fs: Some(FsType::Xfs),
                 ..
@@ -271,9 +352,29 @@ mod tests {
             cap(Mode::SingleNodeWriter, None),
             cap(Mode::SingleNodeWriter, mount("ntfs")),
         ] {
-            let e = access(Some(&bad), "c").unwrap_err();
+            let e = access(Some(&bad), "c", Backend::Local).unwrap_err();
             assert!(matches!(e, Error::InvalidArgument(_)), "{e}");
         }
-        assert!(access(None, "volume_capability").is_err());
+        assert!(access(None, "volume_capability", Backend::Local).is_err());
+        // NFS volumes are shared filesystems: multi-node modes, no block.
+        assert!(
+            access(
+                Some(&cap(Mode::MultiNodeMultiWriter, mount(""))),
+                "c",
+                Backend::Nfs
+            )
+            .is_ok()
+        );
+        assert!(
+            access(
+                Some(&cap(
+                    Mode::SingleNodeWriter,
+                    Some(AccessType::Block(BlockVolume {}))
+                )),
+                "c",
+                Backend::Nfs
+            )
+            .is_err()
+        );
     }
 }

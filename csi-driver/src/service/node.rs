@@ -8,8 +8,10 @@ use csi::node_service_capability::rpc::Type as Rpc;
 use csi::volume_usage::Unit;
 use tonic::{Request, Response, Status};
 
-use super::{Driver, access, required};
+use super::{Backend, Driver, access, required};
 use crate::error::Error;
+use crate::local::{Access, bind_dir};
+use crate::nfs::{self, Location};
 
 /// Node: makes volumes available to workloads on this node.
 #[derive(Debug, Clone)]
@@ -40,8 +42,23 @@ impl csi::node_server::Node for NodeService {
         let r = request.into_inner();
         let id = required(&r.volume_id, "volume_id")?.to_string();
         let staging = path(&r.staging_target_path, "staging_target_path")?;
-        let access = access(r.volume_capability.as_ref(), "volume_capability")?;
+        let backend = Backend::of(&id, &r.volume_context);
+        let access = access(r.volume_capability.as_ref(), "volume_capability", backend)?;
         let key = id.clone();
+        if backend == Backend::Nfs {
+            let loc = Location::from_context(&r.volume_context)?;
+            let Access::Mount { flags, .. } = access else {
+                return Err(Error::InvalidArgument("nfs volumes are mounted".into()).into());
+            };
+            let mounter = self.0.nfs_mounter.clone();
+            let deadline = self.0.nfs_timeout;
+            self.0
+                .run(&key, move |_| {
+                    nfs::stage(&mounter, &loc, &staging, &flags, deadline)
+                })
+                .await?;
+            return Ok(Response::new(csi::NodeStageVolumeResponse {}));
+        }
         self.0
             .run(&key, move |l| l.stage(&id, &staging, &access))
             .await?;
@@ -68,9 +85,27 @@ impl csi::node_server::Node for NodeService {
         let id = required(&r.volume_id, "volume_id")?.to_string();
         let target = path(&r.target_path, "target_path")?;
         let staging = path(&r.staging_target_path, "staging_target_path")?;
-        let access = access(r.volume_capability.as_ref(), "volume_capability")?;
+        let backend = Backend::of(&id, &r.volume_context);
+        let access = access(r.volume_capability.as_ref(), "volume_capability", backend)?;
         let read_only = r.readonly || read_only_mode(r.volume_capability.as_ref());
         let key = id.clone();
+        if backend == Backend::Nfs {
+            let mounter = self.0.nfs_mounter.clone();
+            self.0
+                .run(&key, move |_| {
+                    let staged = mounter.mounted_at(&staging)?.ok_or_else(|| {
+                        Error::FailedPrecondition(format!(
+                            "volume {id} is not staged at {}",
+                            staging.display()
+                        ))
+                    })?;
+                    bind_dir(&*mounter, &staging, &target, read_only, &|m| {
+                        m.device == staged.device && m.root == staged.root
+                    })
+                })
+                .await?;
+            return Ok(Response::new(csi::NodePublishVolumeResponse {}));
+        }
         self.0
             .run(&key, move |l| {
                 l.publish(&id, &staging, &target, read_only, &access)
@@ -87,7 +122,7 @@ impl csi::node_server::Node for NodeService {
         let id = required(&r.volume_id, "volume_id")?.to_string();
         let target = path(&r.target_path, "target_path")?;
         let key = id.clone();
-        self.0.run(&key, move |l| l.unpublish(&id, &target)).await?;
+        self.0.run(&key, move |l| l.unpublish(&target)).await?;
         Ok(Response::new(csi::NodeUnpublishVolumeResponse {}))
     }
 
@@ -98,7 +133,14 @@ impl csi::node_server::Node for NodeService {
         let r = request.into_inner();
         let id = required(&r.volume_id, "volume_id")?.to_string();
         let volume_path = path(&r.volume_path, "volume_path")?;
-        let stats = self.0.query(move |l| l.stats(&id, &volume_path)).await?;
+        let stats = if Backend::of(&id, &Default::default()) == Backend::Nfs {
+            let mounter = self.0.nfs_mounter.clone();
+            self.0
+                .query(move |_| nfs::stats(&*mounter, &volume_path))
+                .await?
+        } else {
+            self.0.query(move |l| l.stats(&id, &volume_path)).await?
+        };
         let usage = match stats.usage {
             Some(u) => vec![
                 csi::VolumeUsage {
@@ -137,8 +179,15 @@ impl csi::node_server::Node for NodeService {
         let r = request.into_inner();
         let id = required(&r.volume_id, "volume_id")?.to_string();
         let volume_path = path(&r.volume_path, "volume_path")?;
+        let backend = Backend::of(&id, &Default::default());
         if r.volume_capability.is_some() {
-            access(r.volume_capability.as_ref(), "volume_capability")?;
+            access(r.volume_capability.as_ref(), "volume_capability", backend)?;
+        }
+        if backend == Backend::Nfs {
+            // An NFS directory has no size of its own to grow on the node.
+            return Ok(Response::new(csi::NodeExpandVolumeResponse {
+                capacity_bytes: 0,
+            }));
         }
         let key = id.clone();
         let bytes = self

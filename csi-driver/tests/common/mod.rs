@@ -27,6 +27,7 @@ pub struct Driver {
     pub rt: tokio::runtime::Runtime,
     child: Option<Child>,
     pub capacity: u64,
+    extra: Vec<String>,
     pub identity: Identity,
     pub controller: Controller,
     pub node: Node,
@@ -35,16 +36,22 @@ pub struct Driver {
 impl Driver {
     pub fn start(label: &str, capacity: u64) -> Driver {
         let sandbox = MountSandbox::new(label).expect("mount sandbox (run the tests as root)");
+        Driver::start_in(sandbox, capacity, vec![])
+    }
+
+    /// Starts the driver in an existing sandbox with extra command-line arguments.
+    pub fn start_in(sandbox: MountSandbox, capacity: u64, extra: Vec<String>) -> Driver {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap();
-        let (child, channel) = launch(&sandbox, &rt, capacity);
+        let (child, channel) = launch(&sandbox, &rt, capacity, &extra);
         Driver {
             sandbox,
             rt,
             child: Some(child),
             capacity,
+            extra,
             identity: Identity::new(channel.clone()),
             controller: Controller::new(channel.clone()),
             node: Node::new(channel),
@@ -71,7 +78,7 @@ impl Driver {
             c.wait().unwrap();
         }
         assert!(self.socket().exists(), "a killed driver leaves its socket");
-        let (child, channel) = launch(&self.sandbox, &self.rt, self.capacity);
+        let (child, channel) = launch(&self.sandbox, &self.rt, self.capacity, &self.extra);
         self.child = Some(child);
         self.identity = Identity::new(channel.clone());
         self.controller = Controller::new(channel.clone());
@@ -190,7 +197,12 @@ impl Drop for Driver {
     }
 }
 
-fn launch(sandbox: &MountSandbox, rt: &tokio::runtime::Runtime, capacity: u64) -> (Child, Channel) {
+fn launch(
+    sandbox: &MountSandbox,
+    rt: &tokio::runtime::Runtime,
+    capacity: u64,
+    extra: &[String],
+) -> (Child, Channel) {
     let socket = sandbox.dir().join("csi.sock");
     let child = sandbox
         .command(env!("CARGO_BIN_EXE_weft-csi"))
@@ -199,6 +211,7 @@ fn launch(sandbox: &MountSandbox, rt: &tokio::runtime::Runtime, capacity: u64) -
         .args(["--node-id", NODE, "--capacity", &capacity.to_string()])
         .arg("--state-dir")
         .arg(sandbox.dir().join("state"))
+        .args(extra)
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
         .spawn()
