@@ -2,15 +2,21 @@
 //! devices, filesystems and mounts, inside a mount namespace the test creates and removes.
 //! Written from the CSI spec's lifecycle and error tables.
 
-mod common;
+use weft_tests::csi::*;
 
-use common::*;
+fn driver(label: &str, capacity: u64) -> Driver {
+    Driver::start(
+        std::path::Path::new(env!("CARGO_BIN_EXE_weft-csi")),
+        label,
+        capacity,
+    )
+}
 use tonic::Code;
 use weft_csi::csi;
 
 #[test]
 fn lifecycle_keeps_data_and_leaves_nothing_behind() {
-    let mut d = Driver::start("csi-life", 2 << 30);
+    let mut d = driver("csi-life", 2 << 30);
     let mut id = d.identity.clone();
     let info = d
         .block(id.get_plugin_info(csi::GetPluginInfoRequest {}))
@@ -92,7 +98,7 @@ fn lifecycle_keeps_data_and_leaves_nothing_behind() {
 
 #[test]
 fn size_is_enforced_and_reported() {
-    let mut d = Driver::start("csi-size", 1 << 30);
+    let mut d = driver("csi-size", 1 << 30);
     let before = d.available();
     let vol = d.create("pvc-small", 32 * MIB, mount_cap("ext4"));
     assert_eq!(
@@ -147,7 +153,7 @@ fn size_is_enforced_and_reported() {
 
 #[test]
 fn block_volume_reads_and_writes_within_its_size() {
-    let mut d = Driver::start("csi-block", 1 << 30);
+    let mut d = driver("csi-block", 1 << 30);
     let vol = d.create("pvc-block", 16 * MIB, block_cap());
     let v = vol.volume_id;
     assert!(!vol.volume_context.contains_key("fsType"));
@@ -182,7 +188,7 @@ fn block_volume_reads_and_writes_within_its_size() {
 
 #[test]
 fn expansion_online_xfs_and_offline_ext4() {
-    let mut d = Driver::start("csi-grow", 4 << 30);
+    let mut d = driver("csi-grow", 4 << 30);
     let mut c = d.controller.clone();
     let mut n = d.node.clone();
     let size_of = |d: &Driver, path: &std::path::Path| -> i64 {
@@ -278,7 +284,7 @@ fn expansion_online_xfs_and_offline_ext4() {
 
 #[test]
 fn snapshots_and_clones_hold_their_point_in_time() {
-    let mut d = Driver::start("csi-snap", 2 << 30);
+    let mut d = driver("csi-snap", 2 << 30);
     let mut c = d.controller.clone();
     let src = d.create("pvc-src", 64 * MIB, mount_cap("ext4")).volume_id;
     let staging = d.stage(&src, mount_cap("ext4"));
@@ -429,7 +435,7 @@ fn snapshots_and_clones_hold_their_point_in_time() {
 
 #[test]
 fn listing_pages_and_state_survive_a_crash() {
-    let mut d = Driver::start("csi-restart", 2 << 30);
+    let mut d = driver("csi-restart", 2 << 30);
     let mut ids: Vec<String> = (0..5)
         .map(|i| {
             d.create(&format!("pvc-{i}"), 8 * MIB, mount_cap("ext4"))
@@ -500,7 +506,7 @@ fn listing_pages_and_state_survive_a_crash() {
 
 #[test]
 fn bad_requests_get_the_codes_the_spec_names() {
-    let mut d = Driver::start("csi-bad", 1 << 30);
+    let mut d = driver("csi-bad", 1 << 30);
     let mut c = d.controller.clone();
     let mut n = d.node.clone();
     let vol = d.create("pvc-ok", 8 * MIB, mount_cap("ext4")).volume_id;
@@ -763,7 +769,7 @@ fn bad_requests_get_the_codes_the_spec_names() {
 
 #[test]
 fn many_volumes_are_provisioned_concurrently() {
-    let d = Driver::start("csi-many", 8 << 30);
+    let d = driver("csi-many", 8 << 30);
     let c = d.controller.clone();
     let started = std::time::Instant::now();
     let results = d.block(async {

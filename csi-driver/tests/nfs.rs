@@ -3,18 +3,16 @@
 //! protocol; the node's mount goes through the driver's local-export substitute because this
 //! kernel has no NFS client, and the data written through it is read back over NFS.
 
-mod common;
-
 use std::collections::HashMap;
 use std::net::TcpListener;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
 use tonic::Code;
 use weft_csi::csi;
 use weft_csi::csi::volume_capability::access_mode::Mode;
 use weft_testbed::MountSandbox;
+use weft_tests::csi::*;
 
 struct Ganesha {
     child: Child,
@@ -126,7 +124,12 @@ fn nfs_volumes_against_a_real_server() {
         "--nfs-local-export".to_string(),
         format!("127.0.0.1:/export={}", export.display()),
     ];
-    let mut d = Driver::start_in(sandbox, 1 << 30, extra);
+    let mut d = Driver::start_in(
+        std::path::Path::new(env!("CARGO_BIN_EXE_weft-csi")),
+        sandbox,
+        1 << 30,
+        extra,
+    );
     let mut c = d.controller.clone();
     let port = ganesha.port;
     let meta = [

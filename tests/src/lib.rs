@@ -2,7 +2,10 @@
 //!
 //! Owns: tests that span more than one weft binary or the test bed itself (`tests/*.rs`), and
 //! helpers for them. A component's own integration tests live beside it (for example
-//! `proxy-user/tests/`), where Cargo can hand them the component's binary.
+//! `proxy-user/tests/`), where Cargo can hand them the component's binary; the harness such tests
+//! share with a benchmark lives here (for example [`csi`]).
+
+pub mod csi;
 
 use std::path::PathBuf;
 

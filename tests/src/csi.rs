@@ -1,54 +1,73 @@
-//! A running `weft-csi` inside a private mount namespace, with CSI clients on its socket.
+//! A running `weft-csi` inside a private mount namespace, with CSI clients on its socket: the
+//! harness of the CSI driver's integration tests and of its benchmark.
 
-#![allow(dead_code)]
-// Test helpers hand back the gRPC status itself so assertions can read its code and message.
+// The helpers hand back the gRPC status itself so callers can read its code and message.
 #![allow(clippy::result_large_err)]
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
+use bpfman_csi::v1 as csi;
+use csi::volume_capability::access_mode::Mode;
+use csi::volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume};
 use tonic::transport::{Channel, Endpoint, Uri};
-use weft_csi::csi;
-use weft_csi::csi::volume_capability::access_mode::Mode;
-use weft_csi::csi::volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume};
 use weft_testbed::MountSandbox;
 
+/// Identity client.
 pub type Identity = csi::identity_client::IdentityClient<Channel>;
+/// Controller client.
 pub type Controller = csi::controller_client::ControllerClient<Channel>;
+/// Node client.
 pub type Node = csi::node_client::NodeClient<Channel>;
 
+/// The node ID the driver runs with.
 pub const NODE: &str = "node-a";
+/// A mebibyte, as CSI sizes are typed.
 pub const MIB: i64 = 1 << 20;
 
 /// The driver under test.
+#[derive(Debug)]
 pub struct Driver {
+    /// Its mount namespace and scratch directory.
     pub sandbox: MountSandbox,
+    /// The runtime the clients run on.
     pub rt: tokio::runtime::Runtime,
+    binary: PathBuf,
     child: Option<Child>,
-    pub capacity: u64,
+    capacity: u64,
     extra: Vec<String>,
+    /// Identity client.
     pub identity: Identity,
+    /// Controller client.
     pub controller: Controller,
+    /// Node client.
     pub node: Node,
 }
 
 impl Driver {
-    pub fn start(label: &str, capacity: u64) -> Driver {
+    /// Starts `binary` (weft-csi) in a new sandbox with a local pool of `capacity` bytes.
+    pub fn start(binary: &Path, label: &str, capacity: u64) -> Driver {
         let sandbox = MountSandbox::new(label).expect("mount sandbox (run the tests as root)");
-        Driver::start_in(sandbox, capacity, vec![])
+        Driver::start_in(binary, sandbox, capacity, vec![])
     }
 
     /// Starts the driver in an existing sandbox with extra command-line arguments.
-    pub fn start_in(sandbox: MountSandbox, capacity: u64, extra: Vec<String>) -> Driver {
+    pub fn start_in(
+        binary: &Path,
+        sandbox: MountSandbox,
+        capacity: u64,
+        extra: Vec<String>,
+    ) -> Driver {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap();
-        let (child, channel) = launch(&sandbox, &rt, capacity, &extra);
+        let (child, channel) = launch(binary, &sandbox, &rt, capacity, &extra);
         Driver {
             sandbox,
             rt,
+            binary: binary.to_path_buf(),
             child: Some(child),
             capacity,
             extra,
@@ -58,10 +77,12 @@ impl Driver {
         }
     }
 
+    /// The driver's socket.
     pub fn socket(&self) -> PathBuf {
         self.sandbox.dir().join("csi.sock")
     }
 
+    /// The driver's state directory.
     pub fn state(&self) -> PathBuf {
         self.sandbox.dir().join("state")
     }
@@ -78,7 +99,13 @@ impl Driver {
             c.wait().unwrap();
         }
         assert!(self.socket().exists(), "a killed driver leaves its socket");
-        let (child, channel) = launch(&self.sandbox, &self.rt, self.capacity, &self.extra);
+        let (child, channel) = launch(
+            &self.binary,
+            &self.sandbox,
+            &self.rt,
+            self.capacity,
+            &self.extra,
+        );
         self.child = Some(child);
         self.identity = Identity::new(channel.clone());
         self.controller = Controller::new(channel.clone());
@@ -93,6 +120,7 @@ impl Driver {
         (out.status.success(), text)
     }
 
+    /// Runs a client call to completion.
     pub fn block<F: std::future::Future>(&self, f: F) -> F::Output {
         self.rt.block_on(f)
     }
@@ -107,6 +135,7 @@ impl Driver {
         );
     }
 
+    /// CreateVolume, which must succeed.
     pub fn create(&mut self, name: &str, bytes: i64, cap: csi::VolumeCapability) -> csi::Volume {
         let req = create_request(name, bytes, cap);
         let mut c = self.controller.clone();
@@ -117,6 +146,7 @@ impl Driver {
             .unwrap()
     }
 
+    /// NodeStageVolume at a fresh staging path, which must succeed.
     pub fn stage(&mut self, id: &str, cap: csi::VolumeCapability) -> PathBuf {
         let staging = self.path(&format!("staging-{id}"));
         std::fs::create_dir_all(&staging).unwrap();
@@ -131,6 +161,7 @@ impl Driver {
         staging
     }
 
+    /// NodePublishVolume at `path(target)`.
     pub fn publish(
         &mut self,
         id: &str,
@@ -152,6 +183,7 @@ impl Driver {
         Ok(target)
     }
 
+    /// NodeUnpublishVolume.
     pub fn unpublish(&mut self, id: &str, target: &Path) -> Result<(), tonic::Status> {
         let mut n = self.node.clone();
         self.block(n.node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
@@ -161,6 +193,7 @@ impl Driver {
         .map(|_| ())
     }
 
+    /// NodeUnstageVolume.
     pub fn unstage(&mut self, id: &str, staging: &Path) -> Result<(), tonic::Status> {
         let mut n = self.node.clone();
         self.block(n.node_unstage_volume(csi::NodeUnstageVolumeRequest {
@@ -170,6 +203,7 @@ impl Driver {
         .map(|_| ())
     }
 
+    /// DeleteVolume.
     pub fn delete(&mut self, id: &str) -> Result<(), tonic::Status> {
         let mut c = self.controller.clone();
         self.block(c.delete_volume(csi::DeleteVolumeRequest {
@@ -179,6 +213,7 @@ impl Driver {
         .map(|_| ())
     }
 
+    /// GetCapacity with no filter.
     pub fn available(&mut self) -> i64 {
         let mut c = self.controller.clone();
         self.block(c.get_capacity(csi::GetCapacityRequest::default()))
@@ -198,6 +233,7 @@ impl Drop for Driver {
 }
 
 fn launch(
+    binary: &Path,
     sandbox: &MountSandbox,
     rt: &tokio::runtime::Runtime,
     capacity: u64,
@@ -205,7 +241,7 @@ fn launch(
 ) -> (Child, Channel) {
     let socket = sandbox.dir().join("csi.sock");
     let child = sandbox
-        .command(env!("CARGO_BIN_EXE_weft-csi"))
+        .command(binary)
         .arg("--endpoint")
         .arg(format!("unix://{}", socket.display()))
         .args(["--node-id", NODE, "--capacity", &capacity.to_string()])
@@ -242,6 +278,7 @@ fn launch(
     (child, channel)
 }
 
+/// A single-node-writer mount capability with `fs` (empty: the driver's default).
 pub fn mount_cap(fs: &str) -> csi::VolumeCapability {
     csi::VolumeCapability {
         access_mode: Some(AccessMode {
@@ -254,6 +291,7 @@ pub fn mount_cap(fs: &str) -> csi::VolumeCapability {
     }
 }
 
+/// A single-node-writer block capability.
 pub fn block_cap() -> csi::VolumeCapability {
     csi::VolumeCapability {
         access_mode: Some(AccessMode {
@@ -263,6 +301,7 @@ pub fn block_cap() -> csi::VolumeCapability {
     }
 }
 
+/// A CreateVolume request for `bytes` with one capability.
 pub fn create_request(
     name: &str,
     bytes: i64,
