@@ -464,7 +464,7 @@ impl LocalBackend {
                 .mounter
                 .list()?
                 .into_iter()
-                .find(|m| m.device == number)
+                .find(|m| mounts_device(m, &[(dev.clone(), number)]))
             {
                 _frozen = Some(fs::freeze(&m.target)?);
                 break;
@@ -646,7 +646,7 @@ impl LocalBackend {
         }
         let devices = self.devices(id)?;
         if let Some(m) = self.mounter.mounted_at(staging)? {
-            if devices.iter().any(|(_, n)| *n == m.device) {
+            if mounts_device(&m, &devices) {
                 return self.grow_if_needed(&mut rec, staging);
             }
             return Err(Error::AlreadyExists(format!(
@@ -702,7 +702,10 @@ impl LocalBackend {
         }
         let mounts = self.mounter.list()?;
         for (dev, number) in self.devices(id)? {
-            if !mounts.iter().any(|m| m.device == number) {
+            if !mounts
+                .iter()
+                .any(|m| mounts_device(m, &[(dev.clone(), number)]))
+            {
                 loopdev::detach(&dev)?;
             }
         }
@@ -733,7 +736,7 @@ impl LocalBackend {
                 )));
             }
             let staged = self.mounter.mounted_at(staging)?.ok_or_else(not_staged)?;
-            if !devices.iter().any(|(_, n)| *n == staged.device) {
+            if !mounts_device(&staged, &devices) {
                 return Err(not_staged());
             }
             let number = staged.device;
@@ -802,7 +805,7 @@ impl LocalBackend {
             });
         }
         match self.mounter.mounted_at(path)? {
-            Some(m) if devices.iter().any(|(_, n)| *n == m.device) => {}
+            Some(m) if mounts_device(&m, &devices) => {}
             _ if abnormal.is_none() => {
                 abnormal = Some(format!("{} is not a mount of this volume", path.display()))
             }
@@ -839,6 +842,14 @@ impl LocalBackend {
         }
         Ok(rec.capacity_bytes)
     }
+}
+
+/// Whether a mount is of one of `devices`. btrfs shows an anonymous device number in mountinfo,
+/// not its block device's, so the mount source (`/dev/loopN`) counts too.
+fn mounts_device(m: &crate::mounts::MountEntry, devices: &[(PathBuf, (u32, u32))]) -> bool {
+    devices
+        .iter()
+        .any(|(path, number)| m.device == *number || Path::new(&m.source) == path)
 }
 
 /// Unmounts everything stacked on `path`.

@@ -275,8 +275,47 @@ fn expansion_online_xfs_and_offline_ext4() {
         .into_inner();
     assert_eq!(r.capacity_bytes, 96 * MIB);
     d.unstage(&e, &staging).unwrap();
+
+    // btrfs (which reports an anonymous device in mountinfo), grown while published.
+    let b = d
+        .create("pvc-btrfs", 128 * MIB, mount_cap("btrfs"))
+        .volume_id;
+    let staging = d.stage(&b, mount_cap("btrfs"));
+    d.stage(&b, mount_cap("btrfs"));
+    let target = d
+        .publish(&b, &staging, "pod-b", mount_cap("btrfs"), false)
+        .unwrap();
+    d.publish(&b, &staging, "pod-b", mount_cap("btrfs"), false)
+        .unwrap();
+    let before = size_of(&d, &target);
+    d.block(
+        c.controller_expand_volume(csi::ControllerExpandVolumeRequest {
+            volume_id: b.clone(),
+            capacity_range: Some(csi::CapacityRange {
+                required_bytes: 256 * MIB,
+                limit_bytes: 0,
+            }),
+            ..Default::default()
+        }),
+    )
+    .unwrap();
+    d.block(n.node_expand_volume(csi::NodeExpandVolumeRequest {
+        volume_id: b.clone(),
+        volume_path: target.to_string_lossy().into(),
+        ..Default::default()
+    }))
+    .unwrap();
+    let after = size_of(&d, &target);
+    assert!(
+        after > before + 100 * MIB,
+        "btrfs grew online: {before} -> {after}"
+    );
+    let (code_, msg) = code(d.delete(&b));
+    assert_eq!(code_, Code::FailedPrecondition, "{msg}");
+    d.unpublish(&b, &target).unwrap();
+    d.unstage(&b, &staging).unwrap();
     d.assert_nothing_attached();
-    for id in [v, e] {
+    for id in [v, e, b] {
         d.delete(&id).unwrap();
     }
     assert_eq!(d.available(), 4 << 30);
