@@ -21,6 +21,11 @@ PACKAGES=(
   libnftnl-dev    # weft-cni's masquerade: nftables over netlink (nftnl crate)
   libmnl-dev      # netlink socket library under libnftnl
   containernetworking-plugins  # reference CNI plugins (bridge, host-local): the CNI benchmark's baseline
+  e2fsprogs       # weft-csi: mkfs.ext4, resize2fs, e2fsck
+  xfsprogs        # weft-csi: mkfs.xfs, xfs_growfs
+  btrfs-progs     # weft-csi: mkfs.btrfs, btrfs filesystem resize
+  nfs-ganesha     # a real NFS server for weft-csi's nfs backend tests (userspace, on 127.0.0.1)
+  nfs-ganesha-vfs # its filesystem backend
 )
 missing=()
 for p in "${PACKAGES[@]}"; do

@@ -14,6 +14,9 @@ cargo test --workspace --locked "$@"
 
 # Leak check: the test bed names everything weft-tb-<pid>-...
 leaks=$( { ls /run/netns 2>/dev/null; ls /sys/fs/bpf 2>/dev/null; ls "${TMPDIR:-/tmp}" 2>/dev/null; } | grep '^weft-tb-' || true)
+# ...and loop devices whose backing file was in a test's directory, and processes still using one.
+leaks+=$(losetup --list --noheadings --output NAME,BACK-FILE 2>/dev/null | grep 'weft-tb-' || true)
+leaks+=$(pgrep -a -f '/weft-tb-' || true)
 if [ -n "$leaks" ]; then
   echo "test: objects left behind by the tests:" >&2
   echo "$leaks" >&2

@@ -182,6 +182,16 @@ impl ControllerService {
     }
 }
 
+/// Checks StorageClass parameters as CreateVolume would, without creating anything: the `local`
+/// backend's, or the `nfs` backend's for `backend: nfs`.
+pub fn validate_parameters(params: &HashMap<String, String>) -> Result<(), Error> {
+    if params.get(PARAM_BACKEND).is_some_and(|b| b == "nfs") {
+        nfs::plan("validate", params, 0).map(drop)
+    } else {
+        check_parameters(params).map(drop)
+    }
+}
+
 fn check_parameters(params: &HashMap<String, String>) -> Result<Option<FsType>, Error> {
     let mut fs = None;
     for (k, v) in params {

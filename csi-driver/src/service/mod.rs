@@ -273,7 +273,7 @@ fn page<T>(
     Ok((rest, next))
 }
 
-pub use controller::ControllerService;
+pub use controller::{ControllerService, validate_parameters};
 pub use identity::IdentityService;
 pub use node::NodeService;
 
