@@ -19,6 +19,7 @@ pub mod manifests;
 pub mod metrics;
 pub mod model;
 pub mod object;
+pub mod policy;
 pub mod services;
 pub mod socklb;
 mod sys;
