@@ -42,6 +42,26 @@ enum Command {
     /// Per-interface packet and byte counters (tcx programs).
     #[command(subcommand)]
     Counters(CountersCmd),
+    /// NetworkPolicy as weft computes it from a manifests directory.
+    #[command(subcommand)]
+    Policy(PolicyCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum PolicyCmd {
+    /// Whether a connection may start, and which policy (or default deny) decides each side:
+    /// `weft-proxy policy trace --manifests DIR 10.244.1.5 10.244.2.7 tcp/80`.
+    Trace {
+        /// Directory of Kubernetes YAML (Pod, Namespace, NetworkPolicy).
+        #[arg(long)]
+        manifests: PathBuf,
+        /// Source address.
+        from: std::net::Ipv4Addr,
+        /// Destination address.
+        to: std::net::Ipv4Addr,
+        /// PROTOCOL/PORT, for example tcp/80 or udp/53.
+        port: String,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -166,6 +186,38 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Socklb(SocklbCmd::Detach { cgroup }) => {
             socklb::detach(&layout, &cgroup_or_root(cgroup)?)?;
+        }
+        Command::Policy(PolicyCmd::Trace {
+            manifests,
+            from,
+            to,
+            port,
+        }) => {
+            let (objects, mut problems) = weft_proxy::manifests::load_dir(&manifests)
+                .with_context(|| format!("reading {}", manifests.display()))?;
+            let (proto, port) = port
+                .split_once('/')
+                .and_then(|(p, n)| {
+                    Some((
+                        weft_proxy::policy::Proto::parse(Some(&p.to_ascii_uppercase())).ok()?,
+                        n.parse::<u16>().ok()?,
+                    ))
+                })
+                .with_context(|| format!("{port:?}: expected PROTOCOL/PORT such as tcp/80"))?;
+            let (compiled, more) = weft_proxy::policy::compile(
+                &objects.network_policies,
+                &objects.namespaces,
+                &objects.pods,
+            );
+            problems.extend(more);
+            for p in &problems {
+                eprintln!("warning: {}: {}", p.object, p.reason);
+            }
+            let trace = compiled.trace(from, to, proto, port);
+            println!("{}", serde_json::to_string_pretty(&trace)?);
+            if !trace.allowed {
+                std::process::exit(1);
+            }
         }
         Command::Probe(args) => {
             let out = probe(&args);

@@ -1,5 +1,5 @@
 //! Standalone mode's source of desired state: a directory of Kubernetes YAML (Service,
-//! EndpointSlice, Pod, Node, Namespace; other kinds are ignored), one or more documents per file.
+//! EndpointSlice, Pod, Node, Namespace, NetworkPolicy; other kinds are ignored), one or more documents per file.
 //! A document that does not parse is reported and skipped; the rest still count.
 
 use std::{
@@ -62,6 +62,10 @@ pub fn parse_into(text: &str, source: &str, objects: &mut Objects, problems: &mu
             Some("EndpointSlice") => serde_yaml::from_value(value).map(|o| objects.slices.push(o)),
             Some("Pod") => serde_yaml::from_value(value).map(|o| objects.pods.push(o)),
             Some("Node") => serde_yaml::from_value(value).map(|o| objects.nodes.push(o)),
+            Some("Namespace") => serde_yaml::from_value(value).map(|o| objects.namespaces.push(o)),
+            Some("NetworkPolicy") => {
+                serde_yaml::from_value(value).map(|o| objects.network_policies.push(o))
+            }
             _ => Ok(()),
         };
         if let Err(e) = res {
@@ -154,5 +158,18 @@ mod syntax_error_tests {
         let (o, problems) = super::parse_str(yaml, "f.yaml");
         assert_eq!(o.pods.len(), 2, "documents after a broken one still count");
         assert_eq!(problems.len(), 1, "{problems:?}");
+    }
+
+    #[test]
+    fn namespaces_and_network_policies_are_read() {
+        let yaml = "kind: Namespace\nmetadata: {name: web, labels: {team: blue}}\n---\n\
+                    apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\n\
+                    metadata: {name: deny, namespace: web}\nspec: {podSelector: {}}\n---\n\
+                    kind: NetworkPolicy\nmetadata: {name: bad}\nspec: {podSelector: 7}\n";
+        let (objects, problems) = parse_str(yaml, "np.yaml");
+        assert_eq!(objects.namespaces.len(), 1);
+        assert_eq!(objects.network_policies.len(), 1);
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(problems[0].object.contains("NetworkPolicy"));
     }
 }

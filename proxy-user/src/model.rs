@@ -30,6 +30,10 @@ pub struct Objects {
     pub pods: Vec<Pod>,
     /// Nodes (for NodePort addresses).
     pub nodes: Vec<Node>,
+    /// Namespaces (their labels, for NetworkPolicy namespace selectors).
+    pub namespaces: Vec<k8s_openapi::api::core::v1::Namespace>,
+    /// NetworkPolicies.
+    pub network_policies: Vec<k8s_openapi::api::networking::v1::NetworkPolicy>,
 }
 
 /// A service frontend.

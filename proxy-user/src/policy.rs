@@ -212,6 +212,67 @@ impl Compiled {
     }
 }
 
+/// One side's verdict, for people and flow events.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct SideTrace {
+    /// `allow` or `deny`.
+    pub verdict: &'static str,
+    /// Why: `not isolated`, `policy ns/name`, or `default deny`.
+    pub reason: String,
+}
+
+/// Both sides of a connection's verdict.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Trace {
+    /// The source pod (`namespace/name`), if the source is a pod.
+    pub from_pod: Option<String>,
+    /// The destination pod, if the destination is a pod.
+    pub to_pod: Option<String>,
+    /// Egress at the source.
+    pub egress: SideTrace,
+    /// Ingress at the destination.
+    pub ingress: SideTrace,
+    /// Whether the connection may start.
+    pub allowed: bool,
+}
+
+fn side_trace(v: Verdict) -> SideTrace {
+    match v {
+        Verdict::Allow(None) => SideTrace {
+            verdict: "allow",
+            reason: "not isolated".into(),
+        },
+        Verdict::Allow(Some(p)) => SideTrace {
+            verdict: "allow",
+            reason: format!("policy {p}"),
+        },
+        Verdict::DefaultDeny => SideTrace {
+            verdict: "deny",
+            reason: "default deny".into(),
+        },
+    }
+}
+
+impl Compiled {
+    /// Both verdicts of a connection, with the reasons.
+    pub fn trace(&self, src: Ipv4Addr, dst: Ipv4Addr, proto: Proto, port: u16) -> Trace {
+        let name = |ip| {
+            self.pods
+                .get(&ip)
+                .map(|p: &PolicyPod| format!("{}/{}", p.namespace, p.name))
+        };
+        let egress = side_trace(self.egress(src, dst, proto, port));
+        let ingress = side_trace(self.ingress(src, dst, proto, port));
+        Trace {
+            from_pod: name(src),
+            to_pod: name(dst),
+            allowed: egress.verdict == "allow" && ingress.verdict == "allow",
+            egress,
+            ingress,
+        }
+    }
+}
+
 /// Whether `labels` match a label selector; an error names what is invalid in the selector.
 pub fn selector_matches(
     sel: &LabelSelector,
