@@ -166,7 +166,7 @@ mod syntax_error_tests {
                     apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\n\
                     metadata: {name: deny, namespace: web}\nspec: {podSelector: {}}\n---\n\
                     kind: NetworkPolicy\nmetadata: {name: bad}\nspec: {podSelector: 7}\n";
-        let (objects, problems) = parse_str(yaml, "np.yaml");
+        let (objects, problems) = super::parse_str(yaml, "np.yaml");
         assert_eq!(objects.namespaces.len(), 1);
         assert_eq!(objects.network_policies.len(), 1);
         assert_eq!(problems.len(), 1, "{problems:?}");
