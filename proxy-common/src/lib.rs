@@ -39,6 +39,21 @@ pub mod names {
     pub const MAP_MAGLEV: &str = "WEFT_MAGLEV";
     /// Session affinity (LRU): [`crate::AffinityKey`] → [`crate::AffinityValue`].
     pub const MAP_AFFINITY: &str = "WEFT_AFFINITY";
+    /// Pods on this node that policy may isolate: pod address ([`crate::Be32`]) →
+    /// [`crate::PolicyEndpoint`].
+    pub const MAP_POLICY_ENDPOINTS: &str = "WEFT_POL_ENDPOINTS";
+    /// LPM trie: address → peer identity (a pod, or a CIDR that a policy names).
+    pub const MAP_POLICY_IPCACHE: &str = "WEFT_POL_IPCACHE";
+    // (values: [`crate::PeerId`], the prefix that matched)
+    /// LPM trie: [`crate::PolicyKey`] (prefix over its port) → index of the allowing policy.
+    pub const MAP_POLICY_RULES: &str = "WEFT_POL_RULES";
+    /// Connections policy allowed (LRU): [`crate::PolicyCtKey`] → 1; their packets and replies
+    /// pass.
+    pub const MAP_POLICY_CT: &str = "WEFT_POL_CT";
+    /// tcx ingress on a pod's host-side interface: traffic from the pod (its egress policy).
+    pub const PROG_POLICY_FROM_POD: &str = "weft_policy_from_pod";
+    /// tcx egress on a pod's host-side interface: traffic to the pod (its ingress policy).
+    pub const PROG_POLICY_TO_POD: &str = "weft_policy_to_pod";
     /// Socket-LB program on connect(2) (cgroup/connect4).
     pub const PROG_CONNECT4: &str = "weft_connect4";
     /// Socket-LB program on sendmsg(2) for unconnected UDP (cgroup/sendmsg4).
@@ -142,11 +157,18 @@ pub enum DropReason {
     BackendRace = 1,
     /// Rewriting the packet failed.
     RewriteFailed = 2,
+    /// A NetworkPolicy isolates the pod and no rule allows the connection.
+    PolicyDenied = 3,
 }
 
 impl DropReason {
     /// Every reason, in index order.
-    pub const ALL: [Self; 3] = [Self::NoEndpoints, Self::BackendRace, Self::RewriteFailed];
+    pub const ALL: [Self; 4] = [
+        Self::NoEndpoints,
+        Self::BackendRace,
+        Self::RewriteFailed,
+        Self::PolicyDenied,
+    ];
 
     /// The label shown in metrics.
     pub const fn as_str(self) -> &'static str {
@@ -154,6 +176,7 @@ impl DropReason {
             Self::NoEndpoints => "no_endpoints",
             Self::BackendRace => "backend_race",
             Self::RewriteFailed => "rewrite_failed",
+            Self::PolicyDenied => "policy_denied",
         }
     }
 }
@@ -241,6 +264,76 @@ pub struct SockRevKey {
     pub port: Be16,
     /// Explicit padding, always zero.
     pub _pad: u16,
+}
+
+/// A pod that NetworkPolicy may isolate.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PolicyEndpoint {
+    /// Its number in [`PolicyKey::endpoint`].
+    pub id: u32,
+    /// [`POLICY_INGRESS_ISOLATED`] and/or [`POLICY_EGRESS_ISOLATED`].
+    pub flags: u32,
+}
+
+/// The endpoint is isolated for ingress: only allowed connections reach it.
+pub const POLICY_INGRESS_ISOLATED: u32 = 1;
+/// The endpoint is isolated for egress: only allowed connections leave it.
+pub const POLICY_EGRESS_ISOLATED: u32 = 2;
+/// [`PolicyKey::direction`] of ingress rules.
+pub const POLICY_DIR_INGRESS: u8 = 1;
+/// [`PolicyKey::direction`] of egress rules.
+pub const POLICY_DIR_EGRESS: u8 = 2;
+/// [`PeerId::len`] standing for every peer (a rule without `from`/`to`).
+pub const PEER_LEN_ANY: u8 = 0xff;
+/// [`PeerId::len`] of an address the ipcache does not know.
+pub const PEER_LEN_WORLD: u8 = 0xfe;
+/// Bits of [`PolicyKey`] before the port: always matched in full.
+pub const POLICY_KEY_FIXED_BITS: u32 = 112;
+
+/// A peer's identity: the ipcache prefix its address falls in (a pod's /32, or a CIDR that a
+/// policy names). Derived from the prefix itself, so it needs no allocation and is the same on
+/// every node and after every restart.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PeerId {
+    /// Network address of the prefix.
+    pub addr: Be32,
+    /// Prefix length, or [`PEER_LEN_ANY`] / [`PEER_LEN_WORLD`].
+    pub len: u8,
+    /// Explicit padding, always zero.
+    pub _pad: [u8; 3],
+}
+
+/// A policy rule, as the data of an LPM trie key: everything up to the port is matched exactly,
+/// the port by prefix (a port range is a few prefixes); `proto` 0 with a zero-length port prefix
+/// means every protocol and port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PolicyKey {
+    /// [`PolicyEndpoint::id`] of the pod the rule belongs to.
+    pub endpoint: u32,
+    /// The peer's identity (`len` [`PEER_LEN_ANY`] for every peer).
+    pub peer: PeerId,
+    /// [`POLICY_DIR_INGRESS`] or [`POLICY_DIR_EGRESS`].
+    pub direction: u8,
+    /// [`proto`] number, or 0 for any.
+    pub proto: u8,
+    /// Destination port, network order (so prefixes are port ranges).
+    pub port: Be16,
+}
+
+/// A connection as one pod's policy saw it: each pod keeps its own record of what it allowed, so
+/// one pod's verdict never stands in for another's on the same node.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PolicyCtKey {
+    /// The connection, in the direction it was opened.
+    pub flow: FlowKey,
+    /// [`PolicyEndpoint::id`] of the pod that allowed it.
+    pub endpoint: u32,
+    /// Explicit padding, always zero.
+    pub _pad: u32,
 }
 
 /// A flow as the TC path sees it: source and destination address and port, protocol.
@@ -363,6 +456,11 @@ const _: () = {
     assert!(core::mem::offset_of!(SockRevKey, addr) == 8);
     assert!(core::mem::size_of::<SockRevValue>() == 8);
     assert!(core::mem::size_of::<FlowKey>() == 16);
+    assert!(core::mem::size_of::<PolicyEndpoint>() == 8);
+    assert!(core::mem::size_of::<PeerId>() == 8);
+    assert!(core::mem::size_of::<PolicyCtKey>() == 24);
+    assert!(core::mem::size_of::<PolicyKey>() == 16);
+    assert!(core::mem::offset_of!(PolicyKey, port) * 8 == POLICY_KEY_FIXED_BITS as usize);
     assert!(core::mem::size_of::<FlowTarget>() == 16);
     assert!(core::mem::size_of::<MaglevKey>() == 8);
     assert!(core::mem::offset_of!(FlowTarget, service) == 8);
@@ -409,6 +507,16 @@ mod pod {
     unsafe impl aya::Pod for super::AffinityKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::AffinityValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::PolicyEndpoint {}
+    // SAFETY: as above (no implicit padding; sizes and offsets asserted above).
+    unsafe impl aya::Pod for super::PolicyKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::PeerId {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::PolicyCtKey {}
+    // SAFETY: a transparent wrapper of u32.
+    unsafe impl aya::Pod for super::Be32 {}
 }
 
 #[cfg(test)]

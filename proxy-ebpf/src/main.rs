@@ -2,7 +2,8 @@
 //!
 //! Owns: code that runs in the kernel, split by concern: `counters` (tcx packet counters), `socklb`
 //! (socket-level service load balancing on cgroup sock_addr hooks), `nodeport` (per-packet
-//! translation at TC for traffic from outside the node); all maps in `maps`. Does not
+//! translation at TC for traffic from outside the node), `policy` (NetworkPolicy enforcement at TC on
+//! pods' host-side interfaces); all maps in `maps`. Does not
 //! own: map layouts (in `weft-proxy-common`), loading, attaching or map programming (in
 //! `weft-proxy`, `proxy-user/`).
 //!
@@ -19,6 +20,8 @@ mod lb;
 mod maps;
 #[cfg(target_arch = "bpf")]
 mod nodeport;
+#[cfg(target_arch = "bpf")]
+mod policy;
 #[cfg(target_arch = "bpf")]
 mod socklb;
 

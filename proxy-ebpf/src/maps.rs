@@ -2,11 +2,12 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
+    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
 use weft_proxy_common::{
-    AffinityKey, AffinityValue, Backend, BackendKey, FlowKey, FlowTarget, IfaceDirKey, MaglevKey,
-    PacketCounter, ServiceKey, ServiceValue, SockRevKey, SockRevValue,
+    AffinityKey, AffinityValue, Backend, BackendKey, Be32, FlowKey, FlowTarget, IfaceDirKey,
+    MaglevKey, PacketCounter, PeerId, PolicyCtKey, PolicyEndpoint, PolicyKey, ServiceKey,
+    ServiceValue, SockRevKey, SockRevValue,
 };
 
 /// Packets and bytes per (interface, direction), for every interface a counter program is on.
@@ -55,3 +56,20 @@ pub fn count_drop(reason: weft_proxy_common::DropReason) {
 /// Maglev tables of services that use them: (backend set, entry) → backend and its slot.
 #[map(name = "WEFT_MAGLEV")]
 pub static WEFT_MAGLEV: HashMap<MaglevKey, FlowTarget> = HashMap::pinned(262_144, 0);
+
+/// NetworkPolicy: pods on this node that policy may isolate, by address.
+#[map(name = "WEFT_POL_ENDPOINTS")]
+pub static WEFT_POL_ENDPOINTS: HashMap<Be32, PolicyEndpoint> = HashMap::pinned(16_384, 0);
+
+/// NetworkPolicy: address → peer identity, the longest prefix it falls in (a pod's /32, or a CIDR a
+/// policy names).
+#[map(name = "WEFT_POL_IPCACHE")]
+pub static WEFT_POL_IPCACHE: LpmTrie<Be32, PeerId> = LpmTrie::pinned(65_536, 0);
+
+/// NetworkPolicy: allow rules; the value is the index of the allowing policy.
+#[map(name = "WEFT_POL_RULES")]
+pub static WEFT_POL_RULES: LpmTrie<PolicyKey, u32> = LpmTrie::pinned(262_144, 0);
+
+/// NetworkPolicy: connections that were allowed; their packets and their replies pass.
+#[map(name = "WEFT_POL_CT")]
+pub static WEFT_POL_CT: LruHashMap<PolicyCtKey, u32> = LruHashMap::pinned(262_144, 0);

@@ -1,6 +1,8 @@
 //! The long-running agent in standalone mode: attach the socket load balancer, then keep the
-//! service maps in line with a directory of manifests.
+//! service maps and the NetworkPolicy maps in line with a directory of manifests, and the policy
+//! programs attached to every pod-facing interface.
 
+use std::collections::{BTreeSet, HashSet};
 use std::path::PathBuf;
 
 use aya::programs::TcAttachType;
@@ -10,7 +12,8 @@ use weft_proxy_common::names;
 use crate::{
     Error, Result,
     bpffs::PinLayout,
-    manifests, model,
+    manifests, model, policy,
+    policymap::{self, PolicyMaps, PolicyReport},
     services::{ApplyReport, Limits, ServiceMaps},
     socklb, tcx,
 };
@@ -31,6 +34,8 @@ pub struct Config {
     /// External interfaces on which NodePort/externalIP traffic from outside the node is
     /// translated per packet (tcx).
     pub nodeport_ifaces: Vec<String>,
+    /// Name prefixes of pods' host-side interfaces, where NetworkPolicy is enforced.
+    pub policy_iface_prefixes: Vec<String>,
 }
 
 /// One synchronisation.
@@ -44,8 +49,19 @@ pub struct SyncReport {
     pub problems: Vec<String>,
     /// Frontends that could not be programmed.
     pub errors: Vec<String>,
+    /// What changed in the NetworkPolicy maps.
+    pub policy: PolicyReport,
     /// How long computing and programming took, in microseconds.
     pub micros: u128,
+}
+
+/// The loaded eBPF object, kept to attach policy programs to interfaces that appear later.
+struct Loaded(aya::Ebpf);
+
+impl std::fmt::Debug for Loaded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Ebpf")
+    }
 }
 
 /// A running agent.
@@ -53,6 +69,9 @@ pub struct SyncReport {
 pub struct Agent {
     config: Config,
     maps: ServiceMaps,
+    policy: PolicyMaps,
+    ebpf: Loaded,
+    attached: HashSet<String>,
     last: Option<Vec<(PathBuf, u64, Option<std::time::SystemTime>)>>,
 }
 
@@ -77,14 +96,58 @@ impl Agent {
             }
             tracing::info!(interface = iface, "per-packet service translation attached");
         }
-        // The links and maps are pinned; the loader object is no longer needed.
-        drop(ebpf);
         let maps = ServiceMaps::open(&config.layout, config.limits)?;
-        Ok(Self {
+        let policy = PolicyMaps::open(&config.layout)?;
+        let mut agent = Self {
             config,
             maps,
+            policy,
+            ebpf: Loaded(ebpf),
+            attached: HashSet::new(),
             last: None,
-        })
+        };
+        agent.attach_policy()?;
+        Ok(agent)
+    }
+
+    /// Attaches the policy programs to pod-facing interfaces that do not have them yet.
+    fn attach_policy(&mut self) -> Result<()> {
+        // if_nameindex(3) asks the kernel about this network namespace (/sys/class/net shows
+        // the namespace sysfs was mounted in, which need not be ours).
+        let Ok(interfaces) = nix::net::if_::if_nameindex() else {
+            return Ok(());
+        };
+        let present: HashSet<String> = interfaces
+            .iter()
+            .filter_map(|i| i.name().to_str().ok().map(str::to_owned))
+            .filter(|n| {
+                self.config
+                    .policy_iface_prefixes
+                    .iter()
+                    .any(|p| !p.is_empty() && n.starts_with(p.as_str()))
+            })
+            .collect();
+        self.attached.retain(|n| present.contains(n));
+        for iface in present {
+            if self.attached.contains(&iface) {
+                continue;
+            }
+            let index = tcx::ifindex(&iface)?;
+            for (attach_type, prog, dir) in [
+                (
+                    TcAttachType::Ingress,
+                    names::PROG_POLICY_FROM_POD,
+                    "from-pod",
+                ),
+                (TcAttachType::Egress, names::PROG_POLICY_TO_POD, "to-pod"),
+            ] {
+                let pin = self.config.layout.link(&format!("policy-{index}-{dir}"));
+                tcx::attach_pinned(&mut self.ebpf.0, prog, &iface, attach_type, &pin)?;
+            }
+            tracing::info!(interface = iface, "policy enforcement attached");
+            self.attached.insert(iface);
+        }
+        Ok(())
     }
 
     /// Frontends and backend slots programmed.
@@ -94,6 +157,7 @@ impl Agent {
 
     /// Re-reads the manifests if they changed (or `force`) and programs the difference.
     pub fn sync(&mut self, force: bool) -> Result<Option<SyncReport>> {
+        self.attach_policy()?;
         let seen = manifests::fingerprint(&self.config.manifests);
         if !force && self.last.as_ref() == Some(&seen) {
             return Ok(None);
@@ -108,6 +172,22 @@ impl Agent {
         let (desired, more) = model::desired(&objects, &self.config.node_name);
         problems.extend(more);
         let (applied, errors) = self.maps.apply(&desired);
+        let (compiled, more) = policy::compile(
+            &objects.network_policies,
+            &objects.namespaces,
+            &objects.pods,
+        );
+        problems.extend(more);
+        let local: BTreeSet<std::net::Ipv4Addr> = objects
+            .pods
+            .iter()
+            .filter(|p| {
+                p.spec.as_ref().and_then(|s| s.node_name.as_deref())
+                    == Some(self.config.node_name.as_str())
+            })
+            .filter_map(|p| p.status.as_ref()?.pod_ip.as_ref()?.parse().ok())
+            .collect();
+        let policy = self.policy.apply(&policymap::desired(&compiled, &local))?;
         self.last = Some(seen);
         Ok(Some(SyncReport {
             frontends: desired.len(),
@@ -117,6 +197,7 @@ impl Agent {
                 .map(|p| format!("{}: {}", p.object, p.reason))
                 .collect(),
             errors: errors.iter().map(ToString::to_string).collect(),
+            policy,
             micros: t0.elapsed().as_micros(),
         }))
     }

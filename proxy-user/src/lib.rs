@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod model;
 pub mod object;
 pub mod policy;
+pub mod policymap;
 pub mod services;
 pub mod socklb;
 mod sys;

@@ -92,6 +92,10 @@ struct RunArgs {
     /// the node is translated per packet (repeatable).
     #[arg(long = "nodeport-iface")]
     nodeport_ifaces: Vec<String>,
+    /// Name prefix of pods' host-side interfaces, where NetworkPolicy is enforced (repeatable;
+    /// weft-cni names them wft...).
+    #[arg(long = "policy-iface-prefix", default_value = "wft")]
+    policy_iface_prefixes: Vec<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -270,6 +274,7 @@ fn run(layout: PinLayout, args: RunArgs) -> anyhow::Result<()> {
             max_backends: args.max_backends,
         },
         nodeport_ifaces: args.nodeport_ifaces,
+        policy_iface_prefixes: args.policy_iface_prefixes,
     };
     let mut agent = Agent::start(config.clone()).context("starting the agent")?;
     let metrics = std::sync::Arc::new(weft_proxy::metrics::Metrics::new(config.layout.clone()));

@@ -31,8 +31,11 @@ fn classifier<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Sche
         })?
         .try_into()
         .map_err(|source| Error::Program { name, source })?;
-    prog.load()
-        .map_err(|source| Error::Program { name, source })?;
+    // One program serves many interfaces: load it the first time only.
+    match prog.load() {
+        Ok(()) | Err(aya::programs::ProgramError::AlreadyLoaded) => {}
+        Err(source) => return Err(Error::Program { name, source }),
+    }
     Ok(prog)
 }
 

@@ -1,0 +1,152 @@
+//! NetworkPolicy enforcement at TC on each pod's host-side interface.
+//!
+//! tcx ingress there sees what the pod sends (its egress policy), tcx egress what it receives (its
+//! ingress policy). A packet of a pod that `WEFT_POL_ENDPOINTS` marks isolated in that direction
+//! passes if it belongs to a connection already allowed (either way round, so replies pass; a
+//! connection the pod opens in a direction it is not isolated in is remembered too), or if
+//! a rule allows it: the peer's identity (from the `WEFT_POL_IPCACHE` LPM trie) or "any", with the
+//! protocol and destination port (an LPM prefix over the port) or "every protocol". That is at most
+//! one ipcache and four rule lookups, whatever the number of policies or rules. Otherwise it is
+//! dropped and counted. Not IPv4, or not an isolated pod: left alone (`TC_ACT_UNSPEC`).
+
+use aya_ebpf::{
+    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
+    macros::classifier,
+    maps::lpm_trie::Key,
+    programs::TcContext,
+};
+use weft_proxy_common::{
+    Be16, Be32, DropReason, FlowKey, PEER_LEN_ANY, PEER_LEN_WORLD, POLICY_DIR_EGRESS,
+    POLICY_DIR_INGRESS, POLICY_EGRESS_ISOLATED, POLICY_INGRESS_ISOLATED, POLICY_KEY_FIXED_BITS,
+    PeerId, PolicyCtKey, PolicyKey, proto,
+};
+
+use crate::maps::{WEFT_POL_CT, WEFT_POL_ENDPOINTS, WEFT_POL_IPCACHE, WEFT_POL_RULES, count_drop};
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+
+/// Traffic leaving the pod (tcx ingress of its host-side interface).
+#[classifier]
+pub fn weft_policy_from_pod(ctx: TcContext) -> i32 {
+    enforce(&ctx, POLICY_DIR_EGRESS)
+}
+
+/// Traffic entering the pod (tcx egress of its host-side interface).
+#[classifier]
+pub fn weft_policy_to_pod(ctx: TcContext) -> i32 {
+    enforce(&ctx, POLICY_DIR_INGRESS)
+}
+
+#[inline(always)]
+fn flow(ctx: &TcContext) -> Option<FlowKey> {
+    let ethertype: u16 = ctx.load(12).ok()?;
+    if u16::from_be(ethertype) != ETH_P_IP {
+        return None;
+    }
+    let vihl: u8 = ctx.load(ETH_HLEN).ok()?;
+    let ihl = usize::from(vihl & 0x0f) * 4;
+    if ihl < 20 {
+        return None;
+    }
+    let protocol: u8 = ctx.load(ETH_HLEN + 9).ok()?;
+    let frag: u16 = ctx.load(ETH_HLEN + 6).ok()?;
+    let has_ports = matches!(protocol, proto::TCP | proto::UDP | proto::SCTP)
+        && u16::from_be(frag) & 0x1fff == 0;
+    let (sport, dport) = if has_ports {
+        let l4 = ETH_HLEN + ihl;
+        (Be16(ctx.load(l4).ok()?), Be16(ctx.load(l4 + 2).ok()?))
+    } else {
+        (Be16(0), Be16(0))
+    };
+    Some(FlowKey {
+        src: Be32(ctx.load(ETH_HLEN + 12).ok()?),
+        dst: Be32(ctx.load(ETH_HLEN + 16).ok()?),
+        sport,
+        dport,
+        proto: protocol,
+        _pad: [0; 3],
+    })
+}
+
+#[inline(always)]
+fn enforce(ctx: &TcContext, direction: u8) -> i32 {
+    let Some(f) = flow(ctx) else {
+        return TC_ACT_UNSPEC;
+    };
+    let (pod, peer, isolated) = if direction == POLICY_DIR_EGRESS {
+        (f.src, f.dst, POLICY_EGRESS_ISOLATED)
+    } else {
+        (f.dst, f.src, POLICY_INGRESS_ISOLATED)
+    };
+    // SAFETY: read-only lookup of plain integers, copied out at once.
+    let Some(ep) = (unsafe { WEFT_POL_ENDPOINTS.get(&pod) }).copied() else {
+        return TC_ACT_UNSPEC;
+    };
+    let fwd = PolicyCtKey {
+        flow: f,
+        endpoint: ep.id,
+        _pad: 0,
+    };
+    let reverse = PolicyCtKey {
+        flow: FlowKey {
+            src: f.dst,
+            dst: f.src,
+            sport: f.dport,
+            dport: f.sport,
+            proto: f.proto,
+            _pad: [0; 3],
+        },
+        endpoint: ep.id,
+        _pad: 0,
+    };
+    // SAFETY: as above; only presence is looked at.
+    if unsafe { WEFT_POL_CT.get(&fwd).is_some() || WEFT_POL_CT.get(&reverse).is_some() } {
+        return TC_ACT_UNSPEC;
+    }
+    if ep.flags & isolated == 0 {
+        // Not isolated this way: the connection is allowed, and is remembered so that its replies
+        // pass the pod's isolation in the other direction.
+        let _ = WEFT_POL_CT.insert(&fwd, &1, 0);
+        return TC_ACT_UNSPEC;
+    }
+    let world = PeerId {
+        addr: Be32(0),
+        len: PEER_LEN_WORLD,
+        _pad: [0; 3],
+    };
+    let identity = WEFT_POL_IPCACHE
+        .get(Key::new(32, peer))
+        .copied()
+        .unwrap_or(world);
+    let any = PeerId {
+        addr: Be32(0),
+        len: PEER_LEN_ANY,
+        _pad: [0; 3],
+    };
+    let full = POLICY_KEY_FIXED_BITS + 16;
+    let mut allowed = false;
+    for id in [identity, any] {
+        for (p, port) in [(f.proto, f.dport), (0, Be16(0))] {
+            let key = Key::new(
+                full,
+                PolicyKey {
+                    endpoint: ep.id,
+                    peer: id,
+                    direction,
+                    proto: p,
+                    port,
+                },
+            );
+            if WEFT_POL_RULES.get(key).is_some() {
+                allowed = true;
+            }
+        }
+    }
+    if allowed {
+        let _ = WEFT_POL_CT.insert(&fwd, &1, 0);
+        return TC_ACT_UNSPEC;
+    }
+    count_drop(DropReason::PolicyDenied);
+    TC_ACT_SHOT
+}

@@ -1,0 +1,386 @@
+//! NetworkPolicy in the kernel: turns [`Compiled`] into the contents of the policy maps, writes the
+//! difference, and attaches the enforcement programs to pods' host-side interfaces.
+//!
+//! * `WEFT_POL_ENDPOINTS`: every local pod that some policy isolates, keyed by address; its
+//!   endpoint number is its address, so it needs no allocation.
+//! * `WEFT_POL_IPCACHE`: every pod's /32 and every CIDR and `except` a policy names; a lookup gives
+//!   the longest prefix an address falls in, which is the peer's identity ([`PeerId`]).
+//! * `WEFT_POL_RULES`: (endpoint, peer, direction, protocol, port prefix). A rule's peers become
+//!   identities (an ipBlock: its own prefix and every known prefix inside it and outside its
+//!   excepts), its ports become port prefixes (a range splits into at most 30), a named port is
+//!   resolved against the destination pod.
+//!
+//! Writes go rules and ipcache first, then endpoints; removals the other way round, so a pod is
+//! never isolated by rules that are half written.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+
+use aya::maps::lpm_trie::{Key, LpmTrie};
+use aya::maps::{HashMap as BpfHashMap, Map, MapData};
+use ipnet::Ipv4Net;
+use serde::Serialize;
+use weft_proxy_common::{
+    Be16, Be32, PEER_LEN_ANY, POLICY_DIR_EGRESS, POLICY_DIR_INGRESS, POLICY_EGRESS_ISOLATED,
+    POLICY_INGRESS_ISOLATED, POLICY_KEY_FIXED_BITS, PeerId, PolicyEndpoint, PolicyKey, names,
+};
+
+use crate::policy::{Compiled, PeerMatch, PortMatch, Proto, Rule};
+use crate::{Error, Result, bpffs::PinLayout};
+
+/// What the maps should hold.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Desired {
+    /// Local isolated pods.
+    pub endpoints: BTreeMap<Ipv4Addr, u32>,
+    /// Known prefixes.
+    pub ipcache: BTreeSet<Ipv4Net>,
+    /// Rules: (prefix length, key) → index into `policies`.
+    pub rules: BTreeMap<(u32, PolicyKeyOrd), u32>,
+    /// Names of the policies rules point at.
+    pub policies: Vec<String>,
+}
+
+/// [`PolicyKey`] with an order, for the desired set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct PolicyKeyOrd {
+    endpoint: u32,
+    peer: (u32, u8),
+    direction: u8,
+    proto: u8,
+    port: u16,
+}
+
+impl PolicyKeyOrd {
+    fn key(&self) -> PolicyKey {
+        PolicyKey {
+            endpoint: self.endpoint,
+            peer: peer_id(self.peer.0, self.peer.1),
+            direction: self.direction,
+            proto: self.proto,
+            port: Be16(self.port.to_be()),
+        }
+    }
+
+    fn from_key(k: &PolicyKey) -> Self {
+        PolicyKeyOrd {
+            endpoint: k.endpoint,
+            peer: (u32::from_be(k.peer.addr.0), k.peer.len),
+            direction: k.direction,
+            proto: k.proto,
+            port: u16::from_be(k.port.0),
+        }
+    }
+}
+
+fn peer_id(addr: u32, len: u8) -> PeerId {
+    PeerId {
+        addr: Be32(addr.to_be()),
+        len,
+        _pad: [0; 3],
+    }
+}
+
+/// Splits a port range into prefixes (value, prefix length in bits of 16).
+pub fn port_prefixes(first: u16, last: u16) -> Vec<(u16, u32)> {
+    let mut out = Vec::new();
+    let (mut lo, hi) = (u32::from(first), u32::from(last));
+    while lo <= hi {
+        // The largest aligned block starting at lo that stays within hi.
+        let mut size = if lo == 0 {
+            1 << 16
+        } else {
+            lo & lo.wrapping_neg()
+        };
+        while lo + size - 1 > hi {
+            size /= 2;
+        }
+        out.push((lo as u16, 16 - size.trailing_zeros()));
+        lo += size;
+    }
+    out
+}
+
+fn proto_ports(p: &PortMatch, named: impl Fn(Proto, &str) -> Option<u16>) -> Vec<(u8, u16, u32)> {
+    match p {
+        PortMatch::All => vec![(0, 0, 0)],
+        PortMatch::Range(proto, a, b) => port_prefixes(*a, *b)
+            .into_iter()
+            .map(|(port, len)| (proto.number(), port, len))
+            .collect(),
+        PortMatch::Named(proto, name) => named(*proto, name)
+            .map(|port| vec![(proto.number(), port, 16)])
+            .unwrap_or_default(),
+    }
+}
+
+/// Computes the maps' contents for the pods in `local` (this node's).
+pub fn desired(c: &Compiled, local: &BTreeSet<Ipv4Addr>) -> Desired {
+    let mut d = Desired::default();
+    // Every prefix a peer can be identified by.
+    for ip in c.pods.keys() {
+        d.ipcache.insert(Ipv4Net::from(*ip));
+    }
+    for ep in c.endpoints.values() {
+        for r in ep.ingress.iter().chain(ep.egress.iter()).flatten() {
+            for p in &r.peers {
+                if let PeerMatch::Block { cidr, except } = p {
+                    d.ipcache.insert(*cidr);
+                    d.ipcache.extend(except.iter().copied());
+                }
+            }
+        }
+    }
+    let mut policy_index: BTreeMap<String, u32> = BTreeMap::new();
+    for (ip, ep) in &c.endpoints {
+        if !local.contains(ip) {
+            continue;
+        }
+        let mut flags = 0;
+        let id = u32::from(*ip);
+        for (dir, rules, flag) in [
+            (POLICY_DIR_INGRESS, &ep.ingress, POLICY_INGRESS_ISOLATED),
+            (POLICY_DIR_EGRESS, &ep.egress, POLICY_EGRESS_ISOLATED),
+        ] {
+            let Some(rules) = rules else { continue };
+            flags |= flag;
+            for r in rules {
+                let n = policy_index.len() as u32;
+                let idx = *policy_index.entry(r.policy.clone()).or_insert(n);
+                add_rule(&mut d, c, id, *ip, dir, r, idx);
+            }
+        }
+        d.endpoints.insert(*ip, flags);
+    }
+    let mut names: Vec<(u32, String)> = policy_index.into_iter().map(|(k, v)| (v, k)).collect();
+    names.sort();
+    d.policies = names.into_iter().map(|(_, n)| n).collect();
+    d
+}
+
+fn add_rule(d: &mut Desired, c: &Compiled, id: u32, ip: Ipv4Addr, dir: u8, r: &Rule, idx: u32) {
+    // Peers as (identity prefix, the pod behind it if it is one).
+    let mut peers: Vec<((u32, u8), Option<Ipv4Addr>)> = Vec::new();
+    for p in &r.peers {
+        match p {
+            PeerMatch::Any => peers.push(((0, PEER_LEN_ANY), None)),
+            PeerMatch::Pods(ips) => {
+                peers.extend(ips.iter().map(|i| ((u32::from(*i), 32), Some(*i))))
+            }
+            PeerMatch::Block { cidr, except } => {
+                for net in &d.ipcache {
+                    let inside = cidr.contains(net) && !except.iter().any(|e| e.contains(net));
+                    if inside {
+                        let pod = (net.prefix_len() == 32 && c.pods.contains_key(&net.addr()))
+                            .then_some(net.addr());
+                        peers.push(((u32::from(net.network()), net.prefix_len()), pod));
+                    }
+                }
+            }
+        }
+    }
+    for (peer, peer_pod) in peers {
+        for port in &r.ports {
+            // Named ports resolve against the destination: this pod for ingress, the peer for
+            // egress ("any" peer: every pod that has the port).
+            let dest_pods: Vec<Option<Ipv4Addr>> = match (port, dir) {
+                (PortMatch::Named(..), POLICY_DIR_INGRESS) => vec![Some(ip)],
+                (PortMatch::Named(..), _) if peer.1 == PEER_LEN_ANY => {
+                    c.pods.keys().map(|p| Some(*p)).collect()
+                }
+                (PortMatch::Named(..), _) => vec![peer_pod],
+                _ => vec![None],
+            };
+            for dest in dest_pods {
+                let named = |proto: Proto, name: &str| {
+                    dest.and_then(|p| c.pods.get(&p))
+                        .and_then(|p| p.named_ports.get(&(name.to_string(), proto)).copied())
+                };
+                // An "any" egress peer with a named port narrows to the pods that have it.
+                let peer = match (port, dir, dest) {
+                    (PortMatch::Named(..), POLICY_DIR_EGRESS, Some(p))
+                        if peer.1 == PEER_LEN_ANY =>
+                    {
+                        (u32::from(p), 32)
+                    }
+                    _ => peer,
+                };
+                for (proto, value, bits) in proto_ports(port, named) {
+                    let key = PolicyKeyOrd {
+                        endpoint: id,
+                        peer,
+                        direction: dir,
+                        proto,
+                        port: value,
+                    };
+                    d.rules
+                        .entry((POLICY_KEY_FIXED_BITS + bits, key))
+                        .or_insert(idx);
+                }
+            }
+        }
+    }
+}
+
+/// What one [`PolicyMaps::apply`] wrote.
+#[derive(Debug, Default, Clone, Copy, Serialize, PartialEq, Eq)]
+pub struct PolicyReport {
+    /// Endpoints written or removed.
+    pub endpoints: usize,
+    /// ipcache entries written or removed.
+    pub ipcache: usize,
+    /// Rule entries written or removed.
+    pub rules: usize,
+}
+
+/// The pinned policy maps.
+#[derive(Debug)]
+pub struct PolicyMaps {
+    endpoints: BpfHashMap<MapData, Be32, PolicyEndpoint>,
+    ipcache: LpmTrie<MapData, Be32, PeerId>,
+    rules: LpmTrie<MapData, PolicyKey, u32>,
+    current: Desired,
+}
+
+fn open_map(layout: &PinLayout, name: &'static str) -> Result<Map> {
+    let path = layout.map(name);
+    let data = MapData::from_pin(&path).map_err(map_err(name))?;
+    Ok(match name {
+        names::MAP_POLICY_ENDPOINTS => Map::HashMap(data),
+        _ => Map::LpmTrie(data),
+    })
+}
+
+fn map_err(what: &'static str) -> impl Fn(aya::maps::MapError) -> Error {
+    move |source| Error::Map {
+        name: what.to_string(),
+        source,
+    }
+}
+
+impl PolicyMaps {
+    /// Opens the pinned maps and reads what they hold.
+    pub fn open(layout: &PinLayout) -> Result<Self> {
+        let endpoints: BpfHashMap<MapData, Be32, PolicyEndpoint> =
+            BpfHashMap::try_from(open_map(layout, names::MAP_POLICY_ENDPOINTS)?)
+                .map_err(map_err(names::MAP_POLICY_ENDPOINTS))?;
+        let ipcache: LpmTrie<MapData, Be32, PeerId> =
+            LpmTrie::try_from(open_map(layout, names::MAP_POLICY_IPCACHE)?)
+                .map_err(map_err(names::MAP_POLICY_IPCACHE))?;
+        let rules: LpmTrie<MapData, PolicyKey, u32> =
+            LpmTrie::try_from(open_map(layout, names::MAP_POLICY_RULES)?)
+                .map_err(map_err(names::MAP_POLICY_RULES))?;
+        let mut current = Desired::default();
+        for k in endpoints.keys().flatten() {
+            let ip = Ipv4Addr::from(u32::from_be(k.0));
+            let flags = endpoints.get(&k, 0).map(|e| e.flags).unwrap_or(0);
+            current.endpoints.insert(ip, flags);
+        }
+        for k in ipcache.keys().flatten() {
+            let addr = Ipv4Addr::from(u32::from_be(k.data().0));
+            if let Ok(net) = Ipv4Net::new(addr, k.prefix_len() as u8) {
+                current.ipcache.insert(net);
+            }
+        }
+        for k in rules.keys().flatten() {
+            let idx = rules.get(&k, 0).unwrap_or(0);
+            current
+                .rules
+                .insert((k.prefix_len(), PolicyKeyOrd::from_key(&k.data())), idx);
+        }
+        Ok(PolicyMaps {
+            endpoints,
+            ipcache,
+            rules,
+            current,
+        })
+    }
+
+    /// Writes the difference between what the maps hold and `want`.
+    pub fn apply(&mut self, want: &Desired) -> Result<PolicyReport> {
+        let mut report = PolicyReport::default();
+        let cur = std::mem::take(&mut self.current);
+        // Additions and changes: rules and ipcache first.
+        for net in want.ipcache.difference(&cur.ipcache) {
+            let key = Key::new(
+                u32::from(net.prefix_len()),
+                Be32(u32::from(net.network()).to_be()),
+            );
+            self.ipcache
+                .insert(&key, peer_id(u32::from(net.network()), net.prefix_len()), 0)
+                .map_err(map_err(names::MAP_POLICY_IPCACHE))?;
+            report.ipcache += 1;
+        }
+        for ((len, k), idx) in &want.rules {
+            if cur.rules.get(&(*len, *k)) != Some(idx) {
+                self.rules
+                    .insert(&Key::new(*len, k.key()), idx, 0)
+                    .map_err(map_err(names::MAP_POLICY_RULES))?;
+                report.rules += 1;
+            }
+        }
+        for (ip, flags) in &want.endpoints {
+            if cur.endpoints.get(ip) != Some(flags) {
+                let value = PolicyEndpoint {
+                    id: u32::from(*ip),
+                    flags: *flags,
+                };
+                self.endpoints
+                    .insert(Be32(u32::from(*ip).to_be()), value, 0)
+                    .map_err(map_err(names::MAP_POLICY_ENDPOINTS))?;
+                report.endpoints += 1;
+            }
+        }
+        // Removals: endpoints first.
+        for ip in cur
+            .endpoints
+            .keys()
+            .filter(|ip| !want.endpoints.contains_key(ip))
+        {
+            let _ = self.endpoints.remove(&Be32(u32::from(*ip).to_be()));
+            report.endpoints += 1;
+        }
+        for (len, k) in cur.rules.keys().filter(|k| !want.rules.contains_key(k)) {
+            let _ = self.rules.remove(&Key::new(*len, k.key()));
+            report.rules += 1;
+        }
+        for net in cur.ipcache.difference(&want.ipcache) {
+            let key = Key::new(
+                u32::from(net.prefix_len()),
+                Be32(u32::from(net.network()).to_be()),
+            );
+            let _ = self.ipcache.remove(&key);
+            report.ipcache += 1;
+        }
+        self.current = want.clone();
+        Ok(report)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_ranges_split_into_prefixes() {
+        assert_eq!(port_prefixes(80, 80), vec![(80, 16)]);
+        assert_eq!(port_prefixes(0, u16::MAX), vec![(0, 0)]);
+        assert_eq!(port_prefixes(80, 81), vec![(80, 15)]);
+        assert_eq!(port_prefixes(79, 82), vec![(79, 16), (80, 15), (82, 16)]);
+        // Every port of a range is covered exactly once.
+        for (a, b) in [(1, 65535), (1000, 2000), (3, 3), (65534, 65535)] {
+            let pf = port_prefixes(a, b);
+            assert!(pf.len() <= 30, "{a}-{b}: {}", pf.len());
+            for port in [a, b, a + (b - a) / 2] {
+                let hits = pf
+                    .iter()
+                    .filter(|(v, len)| {
+                        let mask = if *len == 0 { 0 } else { u16::MAX << (16 - len) };
+                        port & mask == *v
+                    })
+                    .count();
+                assert_eq!(hits, 1, "{port} in {a}-{b}");
+            }
+        }
+    }
+}
