@@ -50,6 +50,10 @@ pub mod names {
     /// Connections policy allowed (LRU): [`crate::PolicyCtKey`] → 1; their packets and replies
     /// pass.
     pub const MAP_POLICY_CT: &str = "WEFT_POL_CT";
+    /// Ring buffer of [`crate::PolicyEvent`]s: one per policy verdict on a new connection.
+    pub const MAP_POLICY_EVENTS: &str = "WEFT_POL_EVENTS";
+    /// Policy index → [`crate::PolicyName`], for showing events.
+    pub const MAP_POLICY_NAMES: &str = "WEFT_POL_NAMES";
     /// tcx ingress on a pod's host-side interface: traffic from the pod (its egress policy).
     pub const PROG_POLICY_FROM_POD: &str = "weft_policy_from_pod";
     /// tcx egress on a pod's host-side interface: traffic to the pod (its ingress policy).
@@ -323,6 +327,42 @@ pub struct PolicyKey {
     pub port: Be16,
 }
 
+/// [`PolicyEvent::verdict`]: the connection may start.
+pub const VERDICT_ALLOW: u8 = 1;
+/// [`PolicyEvent::verdict`]: the connection was dropped.
+pub const VERDICT_DENY: u8 = 2;
+/// [`PolicyEvent::policy`] when no policy isolates the pod in that direction.
+pub const POLICY_NOT_ISOLATED: u32 = u32::MAX;
+/// [`PolicyEvent::policy`] when the pod is isolated and no rule allows the connection.
+pub const POLICY_DEFAULT_DENY: u32 = u32::MAX - 1;
+
+/// One policy verdict on the first packet of a connection, sent to user space through the
+/// `WEFT_POL_EVENTS` ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PolicyEvent {
+    /// Kernel time (CLOCK_MONOTONIC, ns).
+    pub time_ns: u64,
+    /// The packet's addresses, ports and protocol.
+    pub flow: FlowKey,
+    /// [`PolicyEndpoint::id`] of the pod whose policy decided.
+    pub endpoint: u32,
+    /// Index of the allowing policy in `WEFT_POL_NAMES`, or [`POLICY_NOT_ISOLATED`] /
+    /// [`POLICY_DEFAULT_DENY`].
+    pub policy: u32,
+    /// [`POLICY_DIR_INGRESS`] or [`POLICY_DIR_EGRESS`].
+    pub direction: u8,
+    /// [`VERDICT_ALLOW`] or [`VERDICT_DENY`].
+    pub verdict: u8,
+    /// Explicit padding, always zero.
+    pub _pad: [u8; 6],
+}
+
+/// The name of a policy as the flow CLI shows it (`namespace/name`, zero-padded).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PolicyName(pub [u8; 128]);
+
 /// A connection as one pod's policy saw it: each pod keeps its own record of what it allowed, so
 /// one pod's verdict never stands in for another's on the same node.
 #[repr(C)]
@@ -459,6 +499,7 @@ const _: () = {
     assert!(core::mem::size_of::<PolicyEndpoint>() == 8);
     assert!(core::mem::size_of::<PeerId>() == 8);
     assert!(core::mem::size_of::<PolicyCtKey>() == 24);
+    assert!(core::mem::size_of::<PolicyEvent>() == 40);
     assert!(core::mem::size_of::<PolicyKey>() == 16);
     assert!(core::mem::offset_of!(PolicyKey, port) * 8 == POLICY_KEY_FIXED_BITS as usize);
     assert!(core::mem::size_of::<FlowTarget>() == 16);
@@ -515,6 +556,10 @@ mod pod {
     unsafe impl aya::Pod for super::PeerId {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::PolicyCtKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::PolicyEvent {}
+    // SAFETY: a byte array.
+    unsafe impl aya::Pod for super::PolicyName {}
     // SAFETY: a transparent wrapper of u32.
     unsafe impl aya::Pod for super::Be32 {}
 }

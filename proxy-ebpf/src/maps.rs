@@ -2,7 +2,7 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap},
+    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use weft_proxy_common::{
     AffinityKey, AffinityValue, Backend, BackendKey, Be32, FlowKey, FlowTarget, IfaceDirKey,
@@ -73,3 +73,11 @@ pub static WEFT_POL_RULES: LpmTrie<PolicyKey, u32> = LpmTrie::pinned(262_144, 0)
 /// NetworkPolicy: connections that were allowed; their packets and their replies pass.
 #[map(name = "WEFT_POL_CT")]
 pub static WEFT_POL_CT: LruHashMap<PolicyCtKey, u32> = LruHashMap::pinned(262_144, 0);
+
+/// NetworkPolicy: one event per verdict on a new connection, for `weft-proxy flows observe`.
+#[map(name = "WEFT_POL_EVENTS")]
+pub static WEFT_POL_EVENTS: RingBuf = RingBuf::pinned(1 << 20, 0);
+
+/// NetworkPolicy: policy index → name (written by the agent, read by the CLI).
+#[map(name = "WEFT_POL_NAMES")]
+pub static WEFT_POL_NAMES: HashMap<u32, weft_proxy_common::PolicyName> = HashMap::pinned(65_536, 0);

@@ -16,12 +16,33 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use weft_proxy_common::{
-    Be16, Be32, DropReason, FlowKey, PEER_LEN_ANY, PEER_LEN_WORLD, POLICY_DIR_EGRESS,
-    POLICY_DIR_INGRESS, POLICY_EGRESS_ISOLATED, POLICY_INGRESS_ISOLATED, POLICY_KEY_FIXED_BITS,
-    PeerId, PolicyCtKey, PolicyKey, proto,
+    Be16, Be32, DropReason, FlowKey, PEER_LEN_ANY, PEER_LEN_WORLD, POLICY_DEFAULT_DENY,
+    POLICY_DIR_EGRESS, POLICY_DIR_INGRESS, POLICY_EGRESS_ISOLATED, POLICY_INGRESS_ISOLATED,
+    POLICY_KEY_FIXED_BITS, POLICY_NOT_ISOLATED, PeerId, PolicyCtKey, PolicyEvent, PolicyKey,
+    VERDICT_ALLOW, VERDICT_DENY, proto,
 };
 
-use crate::maps::{WEFT_POL_CT, WEFT_POL_ENDPOINTS, WEFT_POL_IPCACHE, WEFT_POL_RULES, count_drop};
+use crate::maps::{
+    WEFT_POL_CT, WEFT_POL_ENDPOINTS, WEFT_POL_EVENTS, WEFT_POL_IPCACHE, WEFT_POL_RULES, count_drop,
+};
+
+/// Reports a verdict on a new connection (dropped silently when the ring is full).
+#[inline(always)]
+fn report(f: &FlowKey, endpoint: u32, policy: u32, direction: u8, verdict: u8) {
+    if let Some(mut entry) = WEFT_POL_EVENTS.reserve::<PolicyEvent>(0) {
+        entry.write(PolicyEvent {
+            // SAFETY: a helper without arguments or memory access.
+            time_ns: unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() },
+            flow: *f,
+            endpoint,
+            policy,
+            direction,
+            verdict,
+            _pad: [0; 6],
+        });
+        entry.submit(0);
+    }
+}
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -108,6 +129,7 @@ fn enforce(ctx: &TcContext, direction: u8) -> i32 {
         // Not isolated this way: the connection is allowed, and is remembered so that its replies
         // pass the pod's isolation in the other direction.
         let _ = WEFT_POL_CT.insert(&fwd, &1, 0);
+        report(&f, ep.id, POLICY_NOT_ISOLATED, direction, VERDICT_ALLOW);
         return TC_ACT_UNSPEC;
     }
     let world = PeerId {
@@ -125,7 +147,7 @@ fn enforce(ctx: &TcContext, direction: u8) -> i32 {
         _pad: [0; 3],
     };
     let full = POLICY_KEY_FIXED_BITS + 16;
-    let mut allowed = false;
+    let mut allowed = None;
     for id in [identity, any] {
         for (p, port) in [(f.proto, f.dport), (0, Be16(0))] {
             let key = Key::new(
@@ -138,15 +160,17 @@ fn enforce(ctx: &TcContext, direction: u8) -> i32 {
                     port,
                 },
             );
-            if WEFT_POL_RULES.get(key).is_some() {
-                allowed = true;
+            if let Some(policy) = WEFT_POL_RULES.get(key) {
+                allowed = Some(*policy);
             }
         }
     }
-    if allowed {
+    if let Some(policy) = allowed {
         let _ = WEFT_POL_CT.insert(&fwd, &1, 0);
+        report(&f, ep.id, policy, direction, VERDICT_ALLOW);
         return TC_ACT_UNSPEC;
     }
+    report(&f, ep.id, POLICY_DEFAULT_DENY, direction, VERDICT_DENY);
     count_drop(DropReason::PolicyDenied);
     TC_ACT_SHOT
 }

@@ -14,6 +14,7 @@
 pub mod agent;
 pub mod bpffs;
 pub mod counters;
+pub mod flowlog;
 pub mod maglev;
 pub mod manifests;
 pub mod metrics;

@@ -112,6 +112,29 @@ enum SocklbCmd {
 enum FlowsCmd {
     /// Forget every flow (like `conntrack -F`); each chooses its backend again.
     Flush,
+    /// Show NetworkPolicy verdicts as they happen (one per new connection of a pod that policy
+    /// knows): source, destination, protocol, direction, allowed or denied, and which policy or
+    /// the default deny decided.
+    Observe {
+        /// Only `allowed` or `denied`.
+        #[arg(long, value_parser = ["allowed", "denied"])]
+        verdict: Option<String>,
+        /// Only flows from or to this address.
+        #[arg(long)]
+        ip: Option<std::net::Ipv4Addr>,
+        /// Only this destination port.
+        #[arg(long)]
+        port: Option<u16>,
+        /// Print JSON lines.
+        #[arg(long)]
+        json: bool,
+        /// Keep watching (otherwise print what is waiting and exit).
+        #[arg(long, short)]
+        follow: bool,
+        /// Stop after this many flows.
+        #[arg(long)]
+        count: Option<usize>,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -182,6 +205,37 @@ fn main() -> anyhow::Result<()> {
                     };
                     println!("{:<28} {:>5} {:>5}  {b}", r.frontend, r.id, r.local);
                 }
+            }
+        }
+        Command::Flows(FlowsCmd::Observe {
+            verdict,
+            ip,
+            port,
+            json,
+            follow,
+            count,
+        }) => {
+            let filter = weft_proxy::flowlog::Filter { verdict, ip, port };
+            let mut observer = weft_proxy::flowlog::Observer::open(&layout)?;
+            let mut shown = 0usize;
+            let limit = count.unwrap_or(usize::MAX);
+            loop {
+                for f in observer.drain().into_iter().filter(|f| filter.matches(f)) {
+                    if json {
+                        println!("{}", serde_json::to_string(&f)?);
+                    } else {
+                        println!("{}", weft_proxy::flowlog::render(&f));
+                    }
+                    shown += 1;
+                    if shown >= limit {
+                        return Ok(());
+                    }
+                }
+                if !follow {
+                    break;
+                }
+                std::io::Write::flush(&mut std::io::stdout())?;
+                std::thread::sleep(std::time::Duration::from_millis(20));
             }
         }
         Command::Flows(FlowsCmd::Flush) => {

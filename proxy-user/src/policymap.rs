@@ -22,7 +22,8 @@ use ipnet::Ipv4Net;
 use serde::Serialize;
 use weft_proxy_common::{
     Be16, Be32, PEER_LEN_ANY, POLICY_DIR_EGRESS, POLICY_DIR_INGRESS, POLICY_EGRESS_ISOLATED,
-    POLICY_INGRESS_ISOLATED, POLICY_KEY_FIXED_BITS, PeerId, PolicyEndpoint, PolicyKey, names,
+    POLICY_INGRESS_ISOLATED, POLICY_KEY_FIXED_BITS, PeerId, PolicyEndpoint, PolicyKey, PolicyName,
+    names,
 };
 
 use crate::policy::{Compiled, PeerMatch, PortMatch, Proto, Rule};
@@ -239,6 +240,7 @@ pub struct PolicyMaps {
     endpoints: BpfHashMap<MapData, Be32, PolicyEndpoint>,
     ipcache: LpmTrie<MapData, Be32, PeerId>,
     rules: LpmTrie<MapData, PolicyKey, u32>,
+    names: BpfHashMap<MapData, u32, PolicyName>,
     current: Desired,
 }
 
@@ -288,10 +290,27 @@ impl PolicyMaps {
                 .rules
                 .insert((k.prefix_len(), PolicyKeyOrd::from_key(&k.data())), idx);
         }
+        let names_map: BpfHashMap<MapData, u32, PolicyName> = BpfHashMap::try_from(Map::HashMap(
+            MapData::from_pin(layout.map(names::MAP_POLICY_NAMES))
+                .map_err(map_err(names::MAP_POLICY_NAMES))?,
+        ))
+        .map_err(map_err(names::MAP_POLICY_NAMES))?;
+        for k in names_map.keys().flatten() {
+            if let Ok(n) = names_map.get(&k, 0) {
+                let len = n.0.iter().position(|b| *b == 0).unwrap_or(n.0.len());
+                let name = String::from_utf8_lossy(&n.0[..len]).into_owned();
+                let slot = k as usize;
+                if current.policies.len() <= slot {
+                    current.policies.resize(slot + 1, String::new());
+                }
+                current.policies[slot] = name;
+            }
+        }
         Ok(PolicyMaps {
             endpoints,
             ipcache,
             rules,
+            names: names_map,
             current,
         })
     }
@@ -300,6 +319,17 @@ impl PolicyMaps {
     pub fn apply(&mut self, want: &Desired) -> Result<PolicyReport> {
         let mut report = PolicyReport::default();
         let cur = std::mem::take(&mut self.current);
+        // Names first, so an event never points at a name not yet written.
+        for (i, name) in want.policies.iter().enumerate() {
+            if cur.policies.get(i) != Some(name) {
+                let mut buf = [0u8; 128];
+                let n = name.len().min(buf.len() - 1);
+                buf[..n].copy_from_slice(&name.as_bytes()[..n]);
+                self.names
+                    .insert(i as u32, PolicyName(buf), 0)
+                    .map_err(map_err(names::MAP_POLICY_NAMES))?;
+            }
+        }
         // Additions and changes: rules and ipcache first.
         for net in want.ipcache.difference(&cur.ipcache) {
             let key = Key::new(
@@ -351,6 +381,9 @@ impl PolicyMaps {
             );
             let _ = self.ipcache.remove(&key);
             report.ipcache += 1;
+        }
+        for i in want.policies.len()..cur.policies.len() {
+            let _ = self.names.remove(&(i as u32));
         }
         self.current = want.clone();
         Ok(report)

@@ -24,6 +24,7 @@ const PROBES: [(Proto, u16); 3] = [(Proto::Tcp, 80), (Proto::Tcp, 81), (Proto::U
 
 struct Env {
     lab: Lab,
+    pin: PathBuf,
     manifests: PathBuf,
     agent: Child,
     _servers: Vec<(Option<TcpServer>, Option<UdpServer>)>,
@@ -97,6 +98,7 @@ impl Env {
             .unwrap();
         Env {
             lab,
+            pin,
             manifests,
             agent,
             _servers: servers,
@@ -167,6 +169,31 @@ impl Env {
     }
 }
 
+impl Env {
+    /// `weft-proxy flows observe --json` in the node: the verdicts waiting in the ring.
+    fn observe(&self) -> Vec<serde_json::Value> {
+        let out = self
+            .lab
+            .node(0)
+            .command(BIN)
+            .unwrap()
+            .arg("--pin-dir")
+            .arg(&self.pin)
+            .args(["flows", "observe", "--json"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+}
+
 impl Drop for Env {
     fn drop(&mut self) {
         let _ = self.agent.kill();
@@ -190,6 +217,27 @@ fn reachability_matrices_match_the_reference_semantics() {
   ingress: [{from: [{namespaceSelector: {matchLabels: {ns: y}}}], ports: [{port: 81}]}]",
         &[],
     );
+    // Every verdict is an event naming who decided.
+    env.observe();
+    let xa: Ipv4Addr = "10.244.0.11".parse().unwrap();
+    assert!(env.reachable(("y", "a"), xa, Proto::Tcp, 81));
+    assert!(!env.reachable(("x", "b"), xa, Proto::Tcp, 81));
+    let flows = env.observe();
+    let find = |src: &str, verdict: &str| {
+        flows.iter().find(|f| {
+            f["src"] == src
+                && f["dst"] == "10.244.0.11"
+                && f["dport"] == 81
+                && f["verdict"] == verdict
+        })
+    };
+    let allowed = find("10.244.0.21", "allowed").unwrap_or_else(|| panic!("{flows:#?}"));
+    assert_eq!(allowed["reason"], "policy x/p");
+    assert_eq!(allowed["direction"], "ingress");
+    assert_eq!(allowed["pod"], "10.244.0.11");
+    let denied = find("10.244.0.12", "denied").unwrap_or_else(|| panic!("{flows:#?}"));
+    assert_eq!(denied["reason"], "default deny");
+    assert_eq!(denied["proto"], "tcp");
     env.scenario(
         "y/b egress only to namespace x (named port serve-80)",
         "kind: NetworkPolicy\nmetadata: {name: p, namespace: y}\nspec:
