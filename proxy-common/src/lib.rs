@@ -50,6 +50,9 @@ pub mod names {
     /// Connections policy allowed (LRU): [`crate::PolicyCtKey`] → 1; their packets and replies
     /// pass.
     pub const MAP_POLICY_CT: &str = "WEFT_POL_CT";
+    /// LPM trie of this node's pod ranges: an address in them without an endpoint entry is a pod
+    /// the agent has not processed yet, and its traffic is dropped until it has.
+    pub const MAP_POLICY_PODNETS: &str = "WEFT_POL_PODNETS";
     /// Ring buffer of [`crate::PolicyEvent`]s: one per policy verdict on a new connection.
     pub const MAP_POLICY_EVENTS: &str = "WEFT_POL_EVENTS";
     /// Policy index → [`crate::PolicyName`], for showing events.
@@ -163,15 +166,18 @@ pub enum DropReason {
     RewriteFailed = 2,
     /// A NetworkPolicy isolates the pod and no rule allows the connection.
     PolicyDenied = 3,
+    /// A pod of this node that the agent has not processed yet (isolated until it has).
+    PolicyPending = 4,
 }
 
 impl DropReason {
     /// Every reason, in index order.
-    pub const ALL: [Self; 4] = [
+    pub const ALL: [Self; 5] = [
         Self::NoEndpoints,
         Self::BackendRace,
         Self::RewriteFailed,
         Self::PolicyDenied,
+        Self::PolicyPending,
     ];
 
     /// The label shown in metrics.
@@ -181,6 +187,7 @@ impl DropReason {
             Self::BackendRace => "backend_race",
             Self::RewriteFailed => "rewrite_failed",
             Self::PolicyDenied => "policy_denied",
+            Self::PolicyPending => "policy_pending",
         }
     }
 }
@@ -335,6 +342,8 @@ pub const VERDICT_DENY: u8 = 2;
 pub const POLICY_NOT_ISOLATED: u32 = u32::MAX;
 /// [`PolicyEvent::policy`] when the pod is isolated and no rule allows the connection.
 pub const POLICY_DEFAULT_DENY: u32 = u32::MAX - 1;
+/// [`PolicyEvent::policy`] when the pod is in this node's pod range but not known to the agent yet.
+pub const POLICY_PENDING: u32 = u32::MAX - 2;
 
 /// One policy verdict on the first packet of a connection, sent to user space through the
 /// `WEFT_POL_EVENTS` ring buffer.

@@ -42,7 +42,7 @@ pub static WEFT_AFFINITY: LruHashMap<AffinityKey, AffinityValue> = LruHashMap::p
 
 /// Drops and refusals by reason (`weft_proxy_common::DropReason`), per CPU.
 #[map(name = "WEFT_DROPS")]
-pub static WEFT_DROPS: PerCpuArray<u64> = PerCpuArray::pinned(4, 0);
+pub static WEFT_DROPS: PerCpuArray<u64> = PerCpuArray::pinned(8, 0);
 
 /// Counts one drop or refusal.
 #[inline(always)]
@@ -81,3 +81,7 @@ pub static WEFT_POL_EVENTS: RingBuf = RingBuf::pinned(1 << 20, 0);
 /// NetworkPolicy: policy index → name (written by the agent, read by the CLI).
 #[map(name = "WEFT_POL_NAMES")]
 pub static WEFT_POL_NAMES: HashMap<u32, weft_proxy_common::PolicyName> = HashMap::pinned(65_536, 0);
+
+/// NetworkPolicy: this node's pod ranges (an address in them with no endpoint entry is pending).
+#[map(name = "WEFT_POL_PODNETS")]
+pub static WEFT_POL_PODNETS: LpmTrie<Be32, u32> = LpmTrie::pinned(64, 0);

@@ -18,12 +18,13 @@ use aya_ebpf::{
 use weft_proxy_common::{
     Be16, Be32, DropReason, FlowKey, PEER_LEN_ANY, PEER_LEN_WORLD, POLICY_DEFAULT_DENY,
     POLICY_DIR_EGRESS, POLICY_DIR_INGRESS, POLICY_EGRESS_ISOLATED, POLICY_INGRESS_ISOLATED,
-    POLICY_KEY_FIXED_BITS, POLICY_NOT_ISOLATED, PeerId, PolicyCtKey, PolicyEvent, PolicyKey,
-    VERDICT_ALLOW, VERDICT_DENY, proto,
+    POLICY_KEY_FIXED_BITS, POLICY_NOT_ISOLATED, POLICY_PENDING, PeerId, PolicyCtKey, PolicyEvent,
+    PolicyKey, VERDICT_ALLOW, VERDICT_DENY, proto,
 };
 
 use crate::maps::{
-    WEFT_POL_CT, WEFT_POL_ENDPOINTS, WEFT_POL_EVENTS, WEFT_POL_IPCACHE, WEFT_POL_RULES, count_drop,
+    WEFT_POL_CT, WEFT_POL_ENDPOINTS, WEFT_POL_EVENTS, WEFT_POL_IPCACHE, WEFT_POL_PODNETS,
+    WEFT_POL_RULES, count_drop,
 };
 
 /// Reports a verdict on a new connection (dropped silently when the ring is full).
@@ -102,8 +103,25 @@ fn enforce(ctx: &TcContext, direction: u8) -> i32 {
     };
     // SAFETY: read-only lookup of plain integers, copied out at once.
     let Some(ep) = (unsafe { WEFT_POL_ENDPOINTS.get(&pod) }).copied() else {
+        // A pod of this node that the agent has not seen yet: isolated until it has, so a policy
+        // that selects it applies from its first packet.
+        if WEFT_POL_PODNETS.get(Key::new(32, pod)).is_some() {
+            report(
+                &f,
+                u32::from_be(pod.0),
+                POLICY_PENDING,
+                direction,
+                VERDICT_DENY,
+            );
+            count_drop(DropReason::PolicyPending);
+            return TC_ACT_SHOT;
+        }
         return TC_ACT_UNSPEC;
     };
+    if ep.flags == 0 {
+        // A known pod that no policy isolates: nothing to decide or remember.
+        return TC_ACT_UNSPEC;
+    }
     let fwd = PolicyCtKey {
         flow: f,
         endpoint: ep.id,

@@ -187,7 +187,23 @@ impl Agent {
             })
             .filter_map(|p| p.status.as_ref()?.pod_ip.as_ref()?.parse().ok())
             .collect();
-        let policy = self.policy.apply(&policymap::desired(&compiled, &local))?;
+        let podnets: Vec<ipnet::Ipv4Net> = objects
+            .nodes
+            .iter()
+            .filter(|n| n.metadata.name.as_deref() == Some(self.config.node_name.as_str()))
+            .filter_map(|n| n.spec.as_ref())
+            .flat_map(|s| {
+                s.pod_cidrs
+                    .clone()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .chain(s.pod_cidr.clone())
+            })
+            .filter_map(|c| c.parse().ok())
+            .collect();
+        let policy = self
+            .policy
+            .apply(&policymap::desired(&compiled, &local, &podnets))?;
         self.last = Some(seen);
         Ok(Some(SyncReport {
             frontends: desired.len(),

@@ -7,8 +7,8 @@ use std::net::Ipv4Addr;
 use aya::maps::{HashMap as BpfHashMap, Map, MapData, RingBuf};
 use serde::Serialize;
 use weft_proxy_common::{
-    POLICY_DEFAULT_DENY, POLICY_DIR_INGRESS, POLICY_NOT_ISOLATED, PolicyEvent, PolicyName,
-    VERDICT_ALLOW, names,
+    POLICY_DEFAULT_DENY, POLICY_DIR_INGRESS, POLICY_NOT_ISOLATED, POLICY_PENDING, PolicyEvent,
+    PolicyName, VERDICT_ALLOW, names,
 };
 
 use crate::{Error, Result, bpffs::PinLayout};
@@ -111,6 +111,7 @@ impl Observer {
         let reason = match e.policy {
             POLICY_NOT_ISOLATED => "not isolated".to_string(),
             POLICY_DEFAULT_DENY => "default deny".to_string(),
+            POLICY_PENDING => "pending (not yet known to the agent)".to_string(),
             idx => match self.names.get(&idx, 0) {
                 Ok(n) => {
                     let len = n.0.iter().position(|b| *b == 0).unwrap_or(n.0.len());

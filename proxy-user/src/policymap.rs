@@ -1,8 +1,10 @@
 //! NetworkPolicy in the kernel: turns [`Compiled`] into the contents of the policy maps, writes the
 //! difference, and attaches the enforcement programs to pods' host-side interfaces.
 //!
-//! * `WEFT_POL_ENDPOINTS`: every local pod that some policy isolates, keyed by address; its
+//! * `WEFT_POL_ENDPOINTS`: every local pod, keyed by address, with its isolation flags; its
 //!   endpoint number is its address, so it needs no allocation.
+//! * `WEFT_POL_PODNETS`: the node's pod ranges; an address in them that has no endpoint entry is a
+//!   pod the agent has not processed yet, and the datapath drops its traffic until it has.
 //! * `WEFT_POL_IPCACHE`: every pod's /32 and every CIDR and `except` a policy names; a lookup gives
 //!   the longest prefix an address falls in, which is the peer's identity ([`PeerId`]).
 //! * `WEFT_POL_RULES`: (endpoint, peer, direction, protocol, port prefix). A rule's peers become
@@ -32,8 +34,10 @@ use crate::{Error, Result, bpffs::PinLayout};
 /// What the maps should hold.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Desired {
-    /// Local isolated pods.
+    /// Local pods, with their isolation flags (0: not isolated).
     pub endpoints: BTreeMap<Ipv4Addr, u32>,
+    /// This node's pod ranges: addresses in them without an endpoint are pending.
+    pub podnets: BTreeSet<Ipv4Net>,
     /// Known prefixes.
     pub ipcache: BTreeSet<Ipv4Net>,
     /// Rules: (prefix length, key) → index into `policies`.
@@ -115,9 +119,15 @@ fn proto_ports(p: &PortMatch, named: impl Fn(Proto, &str) -> Option<u16>) -> Vec
     }
 }
 
-/// Computes the maps' contents for the pods in `local` (this node's).
-pub fn desired(c: &Compiled, local: &BTreeSet<Ipv4Addr>) -> Desired {
-    let mut d = Desired::default();
+/// Computes the maps' contents for the pods in `local` (this node's) and the node's pod ranges.
+pub fn desired(c: &Compiled, local: &BTreeSet<Ipv4Addr>, podnets: &[Ipv4Net]) -> Desired {
+    let mut d = Desired {
+        podnets: podnets.iter().map(Ipv4Net::trunc).collect(),
+        ..Desired::default()
+    };
+    for ip in local {
+        d.endpoints.insert(*ip, 0);
+    }
     // Every prefix a peer can be identified by.
     for ip in c.pods.keys() {
         d.ipcache.insert(Ipv4Net::from(*ip));
@@ -240,6 +250,7 @@ pub struct PolicyMaps {
     endpoints: BpfHashMap<MapData, Be32, PolicyEndpoint>,
     ipcache: LpmTrie<MapData, Be32, PeerId>,
     rules: LpmTrie<MapData, PolicyKey, u32>,
+    podnets: LpmTrie<MapData, Be32, u32>,
     names: BpfHashMap<MapData, u32, PolicyName>,
     current: Desired,
 }
@@ -272,7 +283,16 @@ impl PolicyMaps {
         let rules: LpmTrie<MapData, PolicyKey, u32> =
             LpmTrie::try_from(open_map(layout, names::MAP_POLICY_RULES)?)
                 .map_err(map_err(names::MAP_POLICY_RULES))?;
+        let podnets: LpmTrie<MapData, Be32, u32> =
+            LpmTrie::try_from(open_map(layout, names::MAP_POLICY_PODNETS)?)
+                .map_err(map_err(names::MAP_POLICY_PODNETS))?;
         let mut current = Desired::default();
+        for k in podnets.keys().flatten() {
+            let addr = Ipv4Addr::from(u32::from_be(k.data().0));
+            if let Ok(net) = Ipv4Net::new(addr, k.prefix_len() as u8) {
+                current.podnets.insert(net);
+            }
+        }
         for k in endpoints.keys().flatten() {
             let ip = Ipv4Addr::from(u32::from_be(k.0));
             let flags = endpoints.get(&k, 0).map(|e| e.flags).unwrap_or(0);
@@ -310,6 +330,7 @@ impl PolicyMaps {
             endpoints,
             ipcache,
             rules,
+            podnets,
             names: names_map,
             current,
         })
@@ -361,7 +382,26 @@ impl PolicyMaps {
                 report.endpoints += 1;
             }
         }
-        // Removals: endpoints first.
+        // Pod ranges after the endpoints they cover, so no known pod is ever taken for pending.
+        for net in want.podnets.difference(&cur.podnets) {
+            let key = Key::new(
+                u32::from(net.prefix_len()),
+                Be32(u32::from(net.network()).to_be()),
+            );
+            self.podnets
+                .insert(&key, 1, 0)
+                .map_err(map_err(names::MAP_POLICY_PODNETS))?;
+            report.endpoints += 1;
+        }
+        // Removals: pod ranges, then endpoints.
+        for net in cur.podnets.difference(&want.podnets) {
+            let key = Key::new(
+                u32::from(net.prefix_len()),
+                Be32(u32::from(net.network()).to_be()),
+            );
+            let _ = self.podnets.remove(&key);
+            report.endpoints += 1;
+        }
         for ip in cur
             .endpoints
             .keys()

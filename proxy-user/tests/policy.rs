@@ -260,4 +260,56 @@ fn reachability_matrices_match_the_reference_semantics() {
         &[("y", "b", "role: client")],
     );
     env.scenario("policies removed", "", &[]);
+
+    // Isolation before the agent knows a pod: with the node's pod range known, a new pod is
+    // isolated (pending) until the agent has processed it, then gets exactly its policy.
+    std::fs::write(
+        env.manifests.join("node.yaml"),
+        "kind: Node\nmetadata: {name: node0}\nspec: {podCIDR: 10.244.0.0/24}\n",
+    )
+    .unwrap();
+    env.scenario("pod range known", "", &[]);
+    let new_ip: Ipv4Addr = "10.244.0.13".parse().unwrap();
+    let host = env.lab.wire_pod(0, "x-n", new_ip).unwrap();
+    let any = |p| format!("0.0.0.0:{p}").parse().unwrap();
+    env._servers
+        .push((host.tcp_echo_server(any(80)).ok(), None));
+    std::thread::sleep(Duration::from_millis(500)); // the agent attaches to the new interface
+    assert!(
+        !env.reachable(("x", "a"), new_ip, Proto::Tcp, 80),
+        "pending pod reachable"
+    );
+    assert!(
+        !env.reachable(("x", "n"), xa, Proto::Tcp, 80),
+        "pending pod sends"
+    );
+    let pending = env.observe();
+    assert!(
+        pending
+            .iter()
+            .any(|f| f["pod"] == "10.244.0.13"
+                && f["reason"].as_str().unwrap().starts_with("pending")),
+        "{pending:#?}"
+    );
+    // Now the agent learns the pod and a policy that isolates its ingress.
+    std::fs::write(
+        env.manifests.join("new.yaml"),
+        "kind: Pod\nmetadata: {namespace: x, name: n, labels: {pod: n}}\n\
+         spec: {nodeName: node0}\nstatus: {podIP: 10.244.0.13}\n---\n\
+         kind: NetworkPolicy\nmetadata: {name: n-in, namespace: x}\n\
+         spec: {podSelector: {matchLabels: {pod: n}}, policyTypes: [Ingress]}\n",
+    )
+    .unwrap();
+    let start = Instant::now();
+    while !env.reachable(("x", "n"), xa, Proto::Tcp, 80) {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the new pod never got its policy"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        !env.reachable(("x", "a"), new_ip, Proto::Tcp, 80),
+        "its ingress stays denied"
+    );
 }
