@@ -25,6 +25,7 @@ const PROBES: [(Proto, u16); 3] = [(Proto::Tcp, 80), (Proto::Tcp, 81), (Proto::U
 struct Env {
     lab: Lab,
     pin: PathBuf,
+    cgroup: PathBuf,
     manifests: PathBuf,
     agent: Child,
     _servers: Vec<(Option<TcpServer>, Option<UdpServer>)>,
@@ -49,10 +50,33 @@ fn pods_yaml(extra: &[(&str, &str, &str)]) -> String {
             "---\nkind: Pod\nmetadata: {{namespace: {ns}, name: {pod}, labels: {{pod: {pod}{more}}}}}\n\
              spec: {{nodeName: node0, containers: [{{name: c, ports: [\
              {{name: serve-80, containerPort: 80}}, {{name: serve-81, containerPort: 81}}]}}]}}\n\
-             status: {{podIP: {ip}}}\n"
+             status: {{podIP: {ip}, conditions: [{{type: Ready, status: \"True\"}}]}}\n"
         ));
     }
     y
+}
+
+fn start_agent(lab: &Lab, pin: &PathBuf, manifests: &PathBuf, cgroup: &PathBuf) -> Child {
+    lab.node(0)
+        .command(BIN)
+        .unwrap()
+        .arg("--pin-dir")
+        .arg(pin)
+        .args([
+            "run",
+            "--node-name",
+            "node0",
+            "--poll-ms",
+            "50",
+            "--metrics-addr",
+            "off",
+        ])
+        .args(["--policy-iface-prefix", "tbv", "--manifests"])
+        .arg(manifests)
+        .arg("--cgroup")
+        .arg(cgroup)
+        .spawn()
+        .unwrap()
 }
 
 impl Env {
@@ -75,30 +99,11 @@ impl Env {
         let cgroup = lab.cgroup("pods").unwrap();
         let manifests = lab.temp_dir("manifests").unwrap();
         std::fs::write(manifests.join("pods.yaml"), pods_yaml(&[])).unwrap();
-        let agent = lab
-            .node(0)
-            .command(BIN)
-            .unwrap()
-            .arg("--pin-dir")
-            .arg(&pin)
-            .args([
-                "run",
-                "--node-name",
-                "node0",
-                "--poll-ms",
-                "50",
-                "--metrics-addr",
-                "off",
-            ])
-            .args(["--policy-iface-prefix", "tbv", "--manifests"])
-            .arg(&manifests)
-            .arg("--cgroup")
-            .arg(&cgroup)
-            .spawn()
-            .unwrap();
+        let agent = start_agent(&lab, &pin, &manifests, &cgroup);
         Env {
             lab,
             pin,
+            cgroup,
             manifests,
             agent,
             _servers: servers,
@@ -312,4 +317,74 @@ fn reachability_matrices_match_the_reference_semantics() {
         !env.reachable(("x", "a"), new_ip, Proto::Tcp, 80),
         "its ingress stays denied"
     );
+}
+
+/// `weft-proxy probe tcp ADDR` from a pod, inside the cgroup where socket load balancing runs:
+/// the reply, or `None` if the connection failed.
+fn probe(env: &Env, from: (&str, &str), addr: &str) -> Option<String> {
+    let out = env
+        .lab
+        .host(&label(from.0, from.1))
+        .unwrap()
+        .command_in_cgroup(BIN, &env.cgroup)
+        .unwrap()
+        .args(["probe", "tcp", addr, "--timeout-ms", "1000"])
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    v["reply"].as_str().map(str::to_owned)
+}
+
+#[test]
+fn policy_applies_behind_services_and_survives_agent_restarts() {
+    let mut env = Env::new();
+    let only_y = "kind: NetworkPolicy\nmetadata: {name: p, namespace: x}\nspec:
+  podSelector: {matchLabels: {pod: a}}
+  ingress: [{from: [{namespaceSelector: {matchLabels: {ns: y}}}]}]";
+    env.scenario("x/a from y only", only_y, &[]);
+    std::fs::write(
+        env.manifests.join("svc.yaml"),
+        "kind: Service\nmetadata: {name: web, namespace: x}\n\
+         spec: {clusterIP: 10.96.0.10, selector: {pod: a}, ports: [{port: 8000, targetPort: 80}]}\n",
+    )
+    .unwrap();
+    // Through the ClusterIP, the backend's policy decides (after translation), and replies
+    // come back from the service address.
+    let start = Instant::now();
+    while probe(&env, ("y", "b"), "10.96.0.10:8000").is_none() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "service never answered y/b"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        probe(&env, ("y", "a"), "10.96.0.10:8000").as_deref(),
+        Some("weft-probe")
+    );
+    assert_eq!(
+        probe(&env, ("x", "b"), "10.96.0.10:8000"),
+        None,
+        "x/b is denied behind the service"
+    );
+
+    // The agent stops: pinned programs and maps keep enforcing.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(env.agent.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert!(env.agent.wait().unwrap().success());
+    let xa: Ipv4Addr = "10.244.0.11".parse().unwrap();
+    assert!(
+        !env.reachable(("x", "b"), xa, Proto::Tcp, 80),
+        "still denied without the agent"
+    );
+    assert!(
+        env.reachable(("y", "b"), xa, Proto::Tcp, 80),
+        "still allowed without the agent"
+    );
+    // And after it comes back, with nothing to change, the same.
+    env.agent = start_agent(&env.lab, &env.pin, &env.manifests, &env.cgroup);
+    env.scenario("after restart", only_y, &[]);
 }
