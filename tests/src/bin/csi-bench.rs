@@ -26,13 +26,6 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v[v.len() / 2]
-}
 
 /// One create + stage + publish through the driver, and its teardown. Returns the three phases.
 fn weft_once(d: &mut Driver, name: &str, fs: &str, bytes: i64) -> [Duration; 3] {
@@ -170,8 +163,8 @@ fn main() {
             totals.push(ms(p.iter().sum()));
             shell.push(ms(shell_once(&d, &format!("sh-{fs}-{r}"), fs)));
         }
-        let [c, s, p] = phases.map(median);
-        let (t, b) = (median(totals), median(shell));
+        let [c, s, p] = phases.map(weft_tests::load::median);
+        let (t, b) = (weft_tests::load::median(totals), weft_tests::load::median(shell));
         println!(
             "{fs:<7} {c:>11.1} {s:>10.1} {p:>12.1} {t:>11.1} {b:>15.1} {:>7.2}",
             t / b

@@ -16,8 +16,8 @@
 //! plot (`--out DIR`, default `target/bench`).
 
 use std::{
-    io::{Read as _, Write as _},
-    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    io::Write as _,
+    net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     process::Stdio,
     time::{Duration, Instant},
@@ -62,88 +62,6 @@ impl Mode {
             _ => u32::from(Ipv4Addr::new(10, 98, 0, 0)),
         };
         Ipv4Addr::from(base + 1 + i as u32)
-    }
-}
-
-// ---------- the client, run as a subprocess inside the pod's namespace and cgroup ----------
-
-fn set_linger_zero(s: &TcpStream) {
-    let l = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    // SAFETY: setsockopt reads `size_of::<linger>()` bytes from a valid linger that outlives
-    // the call, on a socket fd the stream owns.
-    unsafe {
-        libc::setsockopt(
-            std::os::fd::AsRawFd::as_raw_fd(s),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            std::ptr::from_ref(&l).cast(),
-            size_of::<libc::linger>() as libc::socklen_t,
-        );
-    }
-}
-
-/// `svc-bench client conn|rr ADDR SECS`: prints `{"rate":…,"errors":…}`.
-fn client_main(args: &[String]) {
-    let (mode, addr, secs) = (
-        &args[2],
-        args[3].parse::<SocketAddr>().unwrap(),
-        args[4].parse::<f64>().unwrap(),
-    );
-    let dur = Duration::from_secs_f64(secs);
-    let (mut n, mut errors) = (0u64, 0u64);
-    let t0 = Instant::now();
-    let mut b = [1u8; 1];
-    if mode == "conn" {
-        while t0.elapsed() < dur {
-            let ok = (|| -> std::io::Result<()> {
-                let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
-                s.set_nodelay(true)?;
-                s.write_all(&b)?;
-                s.read_exact(&mut b)?;
-                // Close with RST: no TIME_WAIT, so the rate is not limited by ports.
-                set_linger_zero(&s);
-                Ok(())
-            })();
-            if ok.is_ok() { n += 1 } else { errors += 1 }
-        }
-    } else {
-        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1)).unwrap();
-        s.set_nodelay(true).unwrap();
-        while t0.elapsed() < dur {
-            s.write_all(&b).unwrap();
-            s.read_exact(&mut b).unwrap();
-            n += 1;
-        }
-    }
-    println!(
-        "{}",
-        json!({"rate": n as f64 / t0.elapsed().as_secs_f64(), "errors": errors})
-    );
-}
-
-// ---------- the server: answers every byte with a byte, until the peer goes ----------
-
-/// Four threads accept and serve connections inline (no thread per connection, which would cap
-/// the connection rate below what the network path allows); the client uses at most one
-/// connection at a time.
-fn serve(host: &Host) {
-    let l = host
-        .run(|| TcpListener::bind(("0.0.0.0", BACKEND_PORT)))
-        .unwrap()
-        .unwrap();
-    for _ in 0..4 {
-        let l = l.try_clone().unwrap();
-        std::thread::spawn(move || {
-            for conn in l.incoming() {
-                let Ok(mut s) = conn else { continue };
-                let _ = s.set_nodelay(true);
-                let mut b = [0u8; 1];
-                while s.read_exact(&mut b).is_ok() && s.write_all(&b).is_ok() {}
-            }
-        });
     }
 }
 
@@ -334,28 +252,6 @@ fn clear(node: &Host, p: &mut Programmer, mode: Mode) {
 
 // ---------- measurement ----------
 
-fn measure(client: &Host, cgroup: &Path, kind: &str, dst: SocketAddr, secs: f64) -> (f64, u64) {
-    let exe = std::env::current_exe().unwrap();
-    let out = client
-        .command_in_cgroup(&exe, cgroup)
-        .unwrap()
-        .args(["client", kind, &dst.to_string(), &secs.to_string()])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "client: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-    (v["rate"].as_f64().unwrap(), v["errors"].as_u64().unwrap())
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 fn svg(results: &[Value], path: &Path) {
     let (w, h, l, b) = (640.0, 360.0, 60.0, 40.0);
     let counts: Vec<f64> = results
@@ -415,7 +311,7 @@ fn svg(results: &[Value], path: &Path) {
 fn main() {
     let args = weft_tests::BenchArgs::from_env();
     if args.all().get(1).map(String::as_str) == Some("client") {
-        return client_main(args.all());
+        return weft_tests::load::client_main(args.all());
     }
     if let Some(json_path) = args.value("--replot") {
         // Redraw the plot from an earlier run's JSON without measuring again.
@@ -452,7 +348,7 @@ fn main() {
     lab.node(node)
         .sysctl("net/netfilter/nf_conntrack_tcp_timeout_close", "1")
         .unwrap();
-    serve(lab.host("backend").unwrap());
+    weft_tests::load::serve(lab.host("backend").unwrap(), BACKEND_PORT);
     let cgroup = lab.cgroup("bench").unwrap();
     let layout = PinLayout::new(lab.bpffs_dir("svc-bench").unwrap());
     let limits = Limits {
@@ -491,19 +387,19 @@ fn main() {
                     }
                     m => SocketAddr::from((m.vip(s - 1), 80)),
                 };
-                let (c, e) = measure(client, &cgroup, "conn", dst, secs);
+                let (c, e) = weft_tests::load::measure(client, &cgroup, "conn", dst, secs);
                 conn[k].push(c);
                 errors[k] += e;
-                rr[k].push(measure(client, &cgroup, "rr", dst, secs).0);
+                rr[k].push(weft_tests::load::measure(client, &cgroup, "rr", dst, secs).0);
                 clear(node_host, &mut p, mode);
             }
         }
-        let (dc, dr) = (median(conn[0].clone()), median(rr[0].clone()));
+        let (dc, dr) = (weft_tests::load::median(conn[0].clone()), weft_tests::load::median(rr[0].clone()));
         let modes: Vec<Value> = MODES
             .iter()
             .enumerate()
             .map(|(k, mode)| {
-                let (c, r) = (median(conn[k].clone()), median(rr[k].clone()));
+                let (c, r) = (weft_tests::load::median(conn[k].clone()), weft_tests::load::median(rr[k].clone()));
                 let pr = prog[k];
                 json!({
                     "mode": mode.label(), "conn_per_s": c, "conn_ratio": c / dc, "rr_per_s": r, "rr_ratio": r / dr,
