@@ -49,6 +49,9 @@ enum Command {
 
 #[derive(Debug, Subcommand)]
 enum PolicyCmd {
+    /// What the kernel's policy maps hold (JSON): local pods, isolated pods, known prefixes,
+    /// rule entries, pod ranges, named policies.
+    Status,
     /// Whether a connection may start, and which policy (or default deny) decides each side:
     /// `weft-proxy policy trace --manifests DIR 10.244.1.5 10.244.2.7 tcp/80`.
     Trace {
@@ -244,6 +247,10 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Socklb(SocklbCmd::Detach { cgroup }) => {
             socklb::detach(&layout, &cgroup_or_root(cgroup)?)?;
+        }
+        Command::Policy(PolicyCmd::Status) => {
+            let maps = weft_proxy::policymap::PolicyMaps::open(&layout)?;
+            println!("{}", serde_json::to_string(&maps.counts())?);
         }
         Command::Policy(PolicyCmd::Trace {
             manifests,

@@ -179,7 +179,10 @@ fn add_rule(d: &mut Desired, c: &Compiled, id: u32, ip: Ipv4Addr, dir: u8, r: &R
                 peers.extend(ips.iter().map(|i| ((u32::from(*i), 32), Some(*i))))
             }
             PeerMatch::Block { cidr, except } => {
-                for net in &d.ipcache {
+                // Only the prefixes whose address falls in the block (an ordered range).
+                let lo = Ipv4Net::new(cidr.network(), 0).unwrap_or(*cidr);
+                let hi = Ipv4Net::new(cidr.broadcast(), 32).unwrap_or(*cidr);
+                for net in d.ipcache.range(lo..=hi) {
                     let inside = cidr.contains(net) && !except.iter().any(|e| e.contains(net));
                     if inside {
                         let pod = (net.prefix_len() == 32 && c.pods.contains_key(&net.addr()))
@@ -231,6 +234,23 @@ fn add_rule(d: &mut Desired, c: &Compiled, id: u32, ip: Ipv4Addr, dir: u8, r: &R
             }
         }
     }
+}
+
+/// Sizes of what the policy maps hold.
+#[derive(Debug, Default, Clone, Copy, Serialize, PartialEq, Eq)]
+pub struct PolicyCounts {
+    /// Local pods.
+    pub endpoints: usize,
+    /// Of which isolated in some direction.
+    pub isolated: usize,
+    /// Known prefixes.
+    pub ipcache: usize,
+    /// Rule entries.
+    pub rules: usize,
+    /// Pod ranges of this node.
+    pub pod_ranges: usize,
+    /// Named policies.
+    pub policies: usize,
 }
 
 /// What one [`PolicyMaps::apply`] wrote.
@@ -334,6 +354,19 @@ impl PolicyMaps {
             names: names_map,
             current,
         })
+    }
+
+    /// What the kernel holds: (local pods, isolated pods, ipcache prefixes, rule entries, pod
+    /// ranges).
+    pub fn counts(&self) -> PolicyCounts {
+        PolicyCounts {
+            endpoints: self.current.endpoints.len(),
+            isolated: self.current.endpoints.values().filter(|f| **f != 0).count(),
+            ipcache: self.current.ipcache.len(),
+            rules: self.current.rules.len(),
+            pod_ranges: self.current.podnets.len(),
+            policies: self.current.policies.len(),
+        }
     }
 
     /// Writes the difference between what the maps hold and `want`.

@@ -26,7 +26,6 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-
 /// One create + stage + publish through the driver, and its teardown. Returns the three phases.
 fn weft_once(d: &mut Driver, name: &str, fs: &str, bytes: i64) -> [Duration; 3] {
     let t0 = Instant::now();
@@ -164,7 +163,10 @@ fn main() {
             shell.push(ms(shell_once(&d, &format!("sh-{fs}-{r}"), fs)));
         }
         let [c, s, p] = phases.map(weft_tests::load::median);
-        let (t, b) = (weft_tests::load::median(totals), weft_tests::load::median(shell));
+        let (t, b) = (
+            weft_tests::load::median(totals),
+            weft_tests::load::median(shell),
+        );
         println!(
             "{fs:<7} {c:>11.1} {s:>10.1} {p:>12.1} {t:>11.1} {b:>15.1} {:>7.2}",
             t / b

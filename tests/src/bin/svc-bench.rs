@@ -394,7 +394,10 @@ fn main() {
                 clear(node_host, &mut p, mode);
             }
         }
-        let (dc, dr) = (weft_tests::load::median(conn[0].clone()), weft_tests::load::median(rr[0].clone()));
+        let (dc, dr) = (
+            weft_tests::load::median(conn[0].clone()),
+            weft_tests::load::median(rr[0].clone()),
+        );
         let modes: Vec<Value> = MODES
             .iter()
             .enumerate()
