@@ -7,7 +7,8 @@
 //!   "ipam": { "subnet": "10.244.1.0/24" | "podCIDRFile": "/run/weft/pod-cidr",
 //!             "rangeStart": "...", "rangeEnd": "...", "gateway": "...",
 //!             "routes": [{"dst": "..."}], "dataDir": "/var/lib/weft/cni" },
-//!   "dns": { "nameservers": [...], "search": [...] } }
+//!   "dns": { "nameservers": [...], "search": [...] },
+//!   "policyPinDir": "/sys/fs/bpf/weft" }
 //! ```
 //!
 //! Unknown keys are ignored (the spec allows rejecting them, but runtimes add keys such as
@@ -67,6 +68,7 @@ struct RawConf {
     prev_result: Option<serde_json::Value>,
     #[serde(rename = "cni.dev/valid-attachments")]
     valid_attachments: Option<Vec<Attachment>>,
+    policy_pin_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -138,6 +140,10 @@ pub struct NetConf {
     pub prev_result: Option<serde_json::Value>,
     /// `cni.dev/valid-attachments` (GC).
     pub valid_attachments: Option<Vec<Attachment>>,
+    /// weft-proxy's pin directory: when set, ADD attaches weft-proxy's NetworkPolicy programs to
+    /// the pod's host-side interface before the pod can send, so policy applies from its first
+    /// packet.
+    pub policy_pin_dir: Option<PathBuf>,
 }
 
 /// Decodes stdin: code 6 if it is not JSON, code 1 for an unsupported version.
@@ -246,6 +252,7 @@ impl NetConf {
             dns: raw.dns.filter(|d| !d.is_empty()),
             prev_result: raw.prev_result,
             valid_attachments: raw.valid_attachments,
+            policy_pin_dir: raw.policy_pin_dir,
         })
     }
 

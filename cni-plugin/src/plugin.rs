@@ -241,6 +241,9 @@ async fn wire(
             }
         })?;
     let host = hnl.require_link(host_veth).await?;
+    if let Some(dir) = &conf.policy_pin_dir {
+        attach_policy(dir, host.index)?;
+    }
     hnl.set_controller(host.index, bridge.index).await?;
     if conf.hairpin_mode {
         hnl.set_hairpin(host.index, true).await?;
@@ -343,8 +346,59 @@ async fn del(env: &Env, conf: &NetConf) -> Result<()> {
     // Deleting the host end removes the pod end with it; the pod side is never touched directly,
     // so a DEL after an ADD that failed on a taken ifname cannot remove someone else's interface.
     let hnl = Netlink::connect_current().await?;
+    if let Some(dir) = &conf.policy_pin_dir
+        && let Some(link) = hnl.link_by_name(&host_veth_name(cid, ifname)).await?
+    {
+        for ingress in [true, false] {
+            let _ = std::fs::remove_file(policy_link_pin(dir, link.index, ingress));
+        }
+    }
     hnl.delete_link_by_name(&host_veth_name(cid, ifname))
         .await?;
+    Ok(())
+}
+
+/// Where weft-proxy and weft-cni pin the link of a policy program on an interface (the agent
+/// adopts links weft-cni made, and the other way round).
+fn policy_link_pin(dir: &std::path::Path, ifindex: u32, ingress: bool) -> std::path::PathBuf {
+    dir.join("links").join(format!(
+        "policy-{ifindex}-{}",
+        if ingress { "from-pod" } else { "to-pod" }
+    ))
+}
+
+/// Attaches weft-proxy's pinned NetworkPolicy programs (tcx) to the pod's host-side interface
+/// and pins the links, before the interface is up: the pod's first packet already meets policy
+/// (a pod the agent has not processed yet is isolated until it has). When no agent has pinned
+/// the programs yet there is nothing to attach; the agent attaches when it starts.
+fn attach_policy(dir: &std::path::Path, ifindex: u32) -> Result<()> {
+    use std::os::fd::AsFd as _;
+    use weft_netns::bpfsys;
+    use weft_proxy_common::names;
+    for (prog, ingress) in [
+        (names::PROG_POLICY_FROM_POD, true),
+        (names::PROG_POLICY_TO_POD, false),
+    ] {
+        let path = dir.join("progs").join(prog);
+        let fd = match bpfsys::obj_get(&path) {
+            Ok(fd) => fd,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => {
+                return Err(CniError::internal(format!(
+                    "opening policy program {}: {e}",
+                    path.display()
+                )));
+            }
+        };
+        let link = bpfsys::tcx_attach(fd.as_fd(), ifindex, ingress).map_err(|e| {
+            CniError::internal(format!("attaching {prog} to interface {ifindex}: {e}"))
+        })?;
+        let pin = policy_link_pin(dir, ifindex, ingress);
+        // A pin left by an earlier interface with the same index.
+        let _ = std::fs::remove_file(&pin);
+        bpfsys::obj_pin(link.as_fd(), &pin)
+            .map_err(|e| CniError::internal(format!("pinning {}: {e}", pin.display())))?;
+    }
     Ok(())
 }
 

@@ -9,6 +9,7 @@
 //! that calls `setns(2)`, so a tokio worker or a test thread never ends up in the wrong namespace.
 
 pub mod bpffs;
+pub mod bpfsys;
 mod nl;
 mod ns;
 

@@ -96,6 +96,11 @@ impl Agent {
             }
             tracing::info!(interface = iface, "per-packet service translation attached");
         }
+        tcx::pin_programs(
+            &mut ebpf,
+            &[names::PROG_POLICY_FROM_POD, names::PROG_POLICY_TO_POD],
+            &config.layout,
+        )?;
         let maps = ServiceMaps::open(&config.layout, config.limits)?;
         let policy = PolicyMaps::open(&config.layout)?;
         let mut agent = Self {
@@ -128,20 +133,32 @@ impl Agent {
             })
             .collect();
         self.attached.retain(|n| present.contains(n));
+        // Links of interfaces that are gone (a pod deleted) leave their pins behind.
+        if let Ok(pins) = std::fs::read_dir(self.config.layout.links_dir()) {
+            for pin in pins.flatten() {
+                let name = pin.file_name().to_string_lossy().into_owned();
+                let Some(index) = name
+                    .strip_prefix("policy-")
+                    .and_then(|r| r.split('-').next())
+                    .and_then(|i| i.parse::<u32>().ok())
+                else {
+                    continue;
+                };
+                if nix::net::if_::if_indextoname(index).is_err() {
+                    let _ = crate::bpffs::remove_pin(&pin.path());
+                }
+            }
+        }
         for iface in present {
             if self.attached.contains(&iface) {
                 continue;
             }
             let index = tcx::ifindex(&iface)?;
-            for (attach_type, prog, dir) in [
-                (
-                    TcAttachType::Ingress,
-                    names::PROG_POLICY_FROM_POD,
-                    "from-pod",
-                ),
-                (TcAttachType::Egress, names::PROG_POLICY_TO_POD, "to-pod"),
+            for (attach_type, prog, ingress) in [
+                (TcAttachType::Ingress, names::PROG_POLICY_FROM_POD, true),
+                (TcAttachType::Egress, names::PROG_POLICY_TO_POD, false),
             ] {
-                let pin = self.config.layout.link(&format!("policy-{index}-{dir}"));
+                let pin = self.config.layout.policy_link(index, ingress);
                 tcx::attach_pinned(&mut self.ebpf.0, prog, &iface, attach_type, &pin)?;
             }
             tracing::info!(interface = iface, "policy enforcement attached");

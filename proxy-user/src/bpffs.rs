@@ -1,7 +1,9 @@
 //! Where weft keeps pinned maps and links in bpffs, and checks that the place really is bpffs.
 //!
 //! Layout under the pin root (default `/sys/fs/bpf/weft`): `maps/<MAP_NAME>` for maps the programs
-//! declare as pinned, `links/<name>` for attachments that must outlive the agent.
+//! declare as pinned, `links/<name>` for attachments that must outlive the agent, `progs/<name>`
+//! for programs that another process attaches (weft-cni attaches the policy programs to a pod's
+//! interface before the pod starts).
 
 use std::{
     io,
@@ -51,10 +53,29 @@ impl PinLayout {
         self.links_dir().join(name)
     }
 
+    /// Directory of pinned programs.
+    pub fn progs_dir(&self) -> PathBuf {
+        self.root.join("progs")
+    }
+
+    /// Pin path of a program.
+    pub fn prog(&self, name: &str) -> PathBuf {
+        self.progs_dir().join(name)
+    }
+
+    /// Pin name of the link of a policy program on interface `ifindex` (`ingress`: from the pod).
+    /// The agent and weft-cni use the same name, so either can create it and the other adopts it.
+    pub fn policy_link(&self, ifindex: u32, ingress: bool) -> PathBuf {
+        self.link(&format!(
+            "policy-{ifindex}-{}",
+            if ingress { "from-pod" } else { "to-pod" }
+        ))
+    }
+
     /// Checks that the root is on bpffs and creates the `maps/` and `links/` directories.
     pub fn prepare(&self) -> Result<()> {
         check_bpffs(&self.root)?;
-        for dir in [self.maps_dir(), self.links_dir()] {
+        for dir in [self.maps_dir(), self.links_dir(), self.progs_dir()] {
             std::fs::create_dir_all(&dir).map_err(|source| Error::Io {
                 op: "creating",
                 path: dir.clone(),
@@ -96,7 +117,7 @@ pub fn remove_pin(path: &Path) -> Result<()> {
 /// Detaches the link pinned at `path` synchronously (BPF_LINK_DETACH: no program is still running
 /// when this returns) and removes the pin. A missing pin is fine.
 pub fn unpin_and_detach(path: &Path) -> Result<()> {
-    let fd = match crate::sys::obj_get(path) {
+    let fd = match weft_netns::bpfsys::obj_get(path) {
         Ok(fd) => fd,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
         Err(source) => {
@@ -108,7 +129,7 @@ pub fn unpin_and_detach(path: &Path) -> Result<()> {
         }
     };
     // A link whose interface is gone is already detached; that is not an error here.
-    if let Err(e) = crate::sys::link_detach(fd.as_fd()) {
+    if let Err(e) = weft_netns::bpfsys::link_detach(fd.as_fd()) {
         tracing::debug!(path = %path.display(), error = %e, "link already detached");
     }
     remove_pin(path)

@@ -24,7 +24,6 @@ pub mod policy;
 pub mod policymap;
 pub mod services;
 pub mod socklb;
-mod sys;
 pub mod tcx;
 
 use std::path::PathBuf;

@@ -88,3 +88,22 @@ pub fn attach_pinned(
     drop(link.pin(pin).map_err(|e| link_err(&e))?);
     Ok(())
 }
+
+/// Loads classifier programs and pins them under the layout's `progs/`, replacing older pins, so
+/// another process (weft-cni) can attach them to an interface the moment it exists.
+pub fn pin_programs(
+    ebpf: &mut Ebpf,
+    names: &[&'static str],
+    layout: &crate::bpffs::PinLayout,
+) -> Result<()> {
+    for name in names {
+        let prog = classifier(ebpf, name)?;
+        let path = layout.prog(name);
+        remove_pin(&path)?;
+        prog.pin(&path).map_err(|e| Error::Link {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+    }
+    Ok(())
+}
