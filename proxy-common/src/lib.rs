@@ -53,6 +53,9 @@ pub mod names {
     /// LPM trie of this node's pod ranges: an address in them without an endpoint entry is a pod
     /// the agent has not processed yet, and its traffic is dropped until it has.
     pub const MAP_POLICY_PODNETS: &str = "WEFT_POL_PODNETS";
+    /// Per-CPU array of policy verdicts on new connections, indexed by
+    /// [`crate::verdict_slot`].
+    pub const MAP_POLICY_VERDICTS: &str = "WEFT_POL_VERDICTS";
     /// Ring buffer of [`crate::PolicyEvent`]s: one per policy verdict on a new connection.
     pub const MAP_POLICY_EVENTS: &str = "WEFT_POL_EVENTS";
     /// Policy index → [`crate::PolicyName`], for showing events.
@@ -332,6 +335,16 @@ pub struct PolicyKey {
     pub proto: u8,
     /// Destination port, network order (so prefixes are port ranges).
     pub port: Be16,
+}
+
+/// The slot of `WEFT_POL_VERDICTS` counting (direction, verdict): ingress allow 0, ingress deny 1,
+/// egress allow 2, egress deny 3.
+pub const fn verdict_slot(direction: u8, verdict: u8) -> u32 {
+    (if direction == POLICY_DIR_INGRESS {
+        0
+    } else {
+        2
+    }) + if verdict == VERDICT_ALLOW { 0 } else { 1 }
 }
 
 /// [`PolicyEvent::verdict`]: the connection may start.

@@ -85,3 +85,7 @@ pub static WEFT_POL_NAMES: HashMap<u32, weft_proxy_common::PolicyName> = HashMap
 /// NetworkPolicy: this node's pod ranges (an address in them with no endpoint entry is pending).
 #[map(name = "WEFT_POL_PODNETS")]
 pub static WEFT_POL_PODNETS: LpmTrie<Be32, u32> = LpmTrie::pinned(64, 0);
+
+/// NetworkPolicy: verdicts on new connections by (direction, verdict), per CPU.
+#[map(name = "WEFT_POL_VERDICTS")]
+pub static WEFT_POL_VERDICTS: PerCpuArray<u64> = PerCpuArray::pinned(4, 0);

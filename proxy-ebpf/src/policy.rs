@@ -24,12 +24,18 @@ use weft_proxy_common::{
 
 use crate::maps::{
     WEFT_POL_CT, WEFT_POL_ENDPOINTS, WEFT_POL_EVENTS, WEFT_POL_IPCACHE, WEFT_POL_PODNETS,
-    WEFT_POL_RULES, count_drop,
+    WEFT_POL_RULES, WEFT_POL_VERDICTS, count_drop,
 };
 
 /// Reports a verdict on a new connection (dropped silently when the ring is full).
 #[inline(always)]
 fn report(f: &FlowKey, endpoint: u32, policy: u32, direction: u8, verdict: u8) {
+    if let Some(c) =
+        WEFT_POL_VERDICTS.get_ptr_mut(weft_proxy_common::verdict_slot(direction, verdict))
+    {
+        // SAFETY: a per-CPU slot only this CPU writes while the program runs.
+        unsafe { *c += 1 };
+    }
     if let Some(mut entry) = WEFT_POL_EVENTS.reserve::<PolicyEvent>(0) {
         entry.write(PolicyEvent {
             // SAFETY: a helper without arguments or memory access.

@@ -51,7 +51,31 @@ pub struct Metrics {
     programming: Histogram,
     drops: Family<ReasonLabel, Counter>,
     drops_seen: Mutex<[u64; DropReason::ALL.len()]>,
+    verdicts: Family<VerdictLabel, Counter>,
+    verdicts_seen: Mutex<[u64; 4]>,
     layout: PinLayout,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VerdictLabel {
+    direction: &'static str,
+    verdict: &'static str,
+}
+
+/// The (direction, verdict) of each `WEFT_POL_VERDICTS` slot.
+const VERDICT_SLOTS: [(&str, &str); 4] = [
+    ("ingress", "allowed"),
+    ("ingress", "denied"),
+    ("egress", "allowed"),
+    ("egress", "denied"),
+];
+
+/// Adds to monotone counters what the kernel counted since the last look.
+fn add_deltas(now: &[u64], seen: &mut [u64], mut inc: impl FnMut(usize, u64)) {
+    for (i, (n, s)) in now.iter().zip(seen.iter_mut()).enumerate() {
+        inc(i, n.saturating_sub(*s));
+        *s = (*s).max(*n);
+    }
 }
 
 impl Metrics {
@@ -68,6 +92,7 @@ impl Metrics {
             0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
         ]);
         let drops = Family::<ReasonLabel, Counter>::default();
+        let verdicts = Family::<VerdictLabel, Counter>::default();
         registry.register("services", "Service frontends programmed", services.clone());
         registry.register(
             "backends",
@@ -104,6 +129,11 @@ impl Metrics {
             "Connections refused or packets dropped by the datapath, by reason",
             drops.clone(),
         );
+        registry.register(
+            "policy_verdicts",
+            "NetworkPolicy verdicts on new connections, by direction and verdict",
+            verdicts.clone(),
+        );
         Self {
             registry,
             services,
@@ -115,6 +145,8 @@ impl Metrics {
             programming,
             drops,
             drops_seen: Mutex::new([0; DropReason::ALL.len()]),
+            verdicts,
+            verdicts_seen: Mutex::new([0; 4]),
             layout,
         }
     }
@@ -153,15 +185,20 @@ impl Metrics {
 
     /// The kernel's drop counters, summed over CPUs, in [`DropReason::ALL`] order.
     pub fn kernel_drops(layout: &PinLayout) -> Result<[u64; DropReason::ALL.len()]> {
-        let path = layout.map(names::MAP_DROPS);
+        Self::per_cpu_sums(layout, names::MAP_DROPS)
+    }
+
+    /// The slots of a pinned per-CPU counter array, summed over CPUs.
+    fn per_cpu_sums<const N: usize>(layout: &PinLayout, name: &'static str) -> Result<[u64; N]> {
+        let path = layout.map(name);
         let map_err = |source| Error::Map {
-            name: names::MAP_DROPS.into(),
+            name: name.into(),
             source,
         };
         let data = MapData::from_pin(&path).map_err(map_err)?;
         let arr: PerCpuArray<MapData, u64> =
             PerCpuArray::try_from(Map::PerCpuArray(data)).map_err(map_err)?;
-        let mut out = [0; DropReason::ALL.len()];
+        let mut out = [0; N];
         for (i, slot) in out.iter_mut().enumerate() {
             *slot = arr.get(&(i as u32), 0).map_err(map_err)?.iter().sum();
         }
@@ -172,16 +209,22 @@ impl Metrics {
     pub fn render(&self) -> String {
         if let Ok(now) = Self::kernel_drops(&self.layout) {
             let mut seen = self.drops_seen.lock().expect("drops lock");
-            for (i, reason) in DropReason::ALL.iter().enumerate() {
-                // Counters only go up; add what the kernel counted since the last scrape.
-                let delta = now[i].saturating_sub(seen[i]);
+            add_deltas(&now, &mut *seen, |i, d| {
                 self.drops
                     .get_or_create(&ReasonLabel {
-                        reason: reason.as_str(),
+                        reason: DropReason::ALL[i].as_str(),
                     })
-                    .inc_by(delta);
-                seen[i] = seen[i].max(now[i]);
-            }
+                    .inc_by(d);
+            });
+        }
+        if let Ok(now) = Self::per_cpu_sums::<4>(&self.layout, names::MAP_POLICY_VERDICTS) {
+            let mut seen = self.verdicts_seen.lock().expect("verdicts lock");
+            add_deltas(&now, &mut *seen, |i, d| {
+                let (direction, verdict) = VERDICT_SLOTS[i];
+                self.verdicts
+                    .get_or_create(&VerdictLabel { direction, verdict })
+                    .inc_by(d);
+            });
         }
         let mut out = String::new();
         let _ = encode(&mut out, &self.registry);

@@ -69,7 +69,7 @@ fn start_agent(lab: &Lab, pin: &PathBuf, manifests: &PathBuf, cgroup: &PathBuf) 
             "--poll-ms",
             "50",
             "--metrics-addr",
-            "off",
+            "127.0.0.1:9402",
         ])
         .args(["--policy-iface-prefix", "tbv", "--manifests"])
         .arg(manifests)
@@ -243,6 +243,30 @@ fn reachability_matrices_match_the_reference_semantics() {
     let denied = find("10.244.0.12", "denied").unwrap_or_else(|| panic!("{flows:#?}"));
     assert_eq!(denied["reason"], "default deny");
     assert_eq!(denied["proto"], "tcp");
+    // ...and counted: verdicts by direction, drops by reason.
+    let text = String::from_utf8(
+        env.lab
+            .node(0)
+            .tcp_roundtrip(
+                "127.0.0.1:9402".parse().unwrap(),
+                b"GET /metrics HTTP/1.0\r\n\r\n",
+                Duration::from_secs(2),
+            )
+            .unwrap(),
+    )
+    .unwrap();
+    let value = |name: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|r| r.trim().parse().ok()))
+            .unwrap_or_else(|| panic!("{name} missing in:\n{text}"))
+    };
+    for series in [
+        "weft_proxy_policy_verdicts_total{direction=\"ingress\",verdict=\"allowed\"} ",
+        "weft_proxy_policy_verdicts_total{direction=\"ingress\",verdict=\"denied\"} ",
+        "weft_proxy_drops_total{reason=\"policy_denied\"} ",
+    ] {
+        assert!(value(series) >= 1.0, "{series}: {text}");
+    }
     env.scenario(
         "y/b egress only to namespace x (named port serve-80)",
         "kind: NetworkPolicy\nmetadata: {name: p, namespace: y}\nspec:
