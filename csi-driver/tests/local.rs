@@ -118,15 +118,7 @@ fn size_is_enforced_and_reported() {
     ));
     assert!(!ok && out.contains("No space left"), "{out}");
 
-    let mut n = d.node.clone();
-    let stats = d
-        .block(n.node_get_volume_stats(csi::NodeGetVolumeStatsRequest {
-            volume_id: v.clone(),
-            volume_path: target.to_string_lossy().into(),
-            staging_target_path: String::new(),
-        }))
-        .unwrap()
-        .into_inner();
+    let stats = d.stats(&v, &target);
     let bytes = &stats.usage[0];
     assert!(
         bytes.total > 20 * MIB && bytes.total <= 32 * MIB,
@@ -189,7 +181,6 @@ fn block_volume_reads_and_writes_within_its_size() {
 #[test]
 fn expansion_online_xfs_and_offline_ext4() {
     let mut d = driver("csi-grow", 4 << 30);
-    let mut c = d.controller.clone();
     let mut n = d.node.clone();
     let size_of = |d: &Driver, path: &std::path::Path| -> i64 {
         let (ok, out) = d.sh(&format!(
@@ -207,19 +198,7 @@ fn expansion_online_xfs_and_offline_ext4() {
         .publish(&v, &staging, "pod", mount_cap("xfs"), false)
         .unwrap();
     let before = size_of(&d, &target);
-    let r = d
-        .block(
-            c.controller_expand_volume(csi::ControllerExpandVolumeRequest {
-                volume_id: v.clone(),
-                capacity_range: Some(csi::CapacityRange {
-                    required_bytes: 500 * MIB,
-                    limit_bytes: 0,
-                }),
-                ..Default::default()
-            }),
-        )
-        .unwrap()
-        .into_inner();
+    let r = d.expand(&v, 500 * MIB);
     assert_eq!(r.capacity_bytes, 500 * MIB);
     assert!(r.node_expansion_required);
     let grown = d
@@ -241,38 +220,14 @@ fn expansion_online_xfs_and_offline_ext4() {
 
     // ext4, grown while not staged: the controller resizes it offline.
     let e = d.create("pvc-ext4", 32 * MIB, mount_cap("ext4")).volume_id;
-    let r = d
-        .block(
-            c.controller_expand_volume(csi::ControllerExpandVolumeRequest {
-                volume_id: e.clone(),
-                capacity_range: Some(csi::CapacityRange {
-                    required_bytes: 96 * MIB,
-                    limit_bytes: 0,
-                }),
-                ..Default::default()
-            }),
-        )
-        .unwrap()
-        .into_inner();
+    let r = d.expand(&e, 96 * MIB);
     assert_eq!(r.capacity_bytes, 96 * MIB);
     assert!(!r.node_expansion_required, "resized offline");
     let staging = d.stage(&e, mount_cap("ext4"));
     let size = size_of(&d, &staging);
     assert!(size > 80 * MIB, "ext4 sees the new size: {size}");
     // Shrinking is not a thing: a smaller request returns the current size.
-    let r = d
-        .block(
-            c.controller_expand_volume(csi::ControllerExpandVolumeRequest {
-                volume_id: e.clone(),
-                capacity_range: Some(csi::CapacityRange {
-                    required_bytes: 16 * MIB,
-                    limit_bytes: 0,
-                }),
-                ..Default::default()
-            }),
-        )
-        .unwrap()
-        .into_inner();
+    let r = d.expand(&e, 16 * MIB);
     assert_eq!(r.capacity_bytes, 96 * MIB);
     d.unstage(&e, &staging).unwrap();
 
@@ -288,17 +243,7 @@ fn expansion_online_xfs_and_offline_ext4() {
     d.publish(&b, &staging, "pod-b", mount_cap("btrfs"), false)
         .unwrap();
     let before = size_of(&d, &target);
-    d.block(
-        c.controller_expand_volume(csi::ControllerExpandVolumeRequest {
-            volume_id: b.clone(),
-            capacity_range: Some(csi::CapacityRange {
-                required_bytes: 256 * MIB,
-                limit_bytes: 0,
-            }),
-            ..Default::default()
-        }),
-    )
-    .unwrap();
+    d.expand(&b, 256 * MIB);
     d.block(n.node_expand_volume(csi::NodeExpandVolumeRequest {
         volume_id: b.clone(),
         volume_path: target.to_string_lossy().into(),

@@ -190,14 +190,7 @@ fn nfs_volumes_against_a_real_server() {
     let (ok, out) = d.sh(&format!("echo over-nfs > {}/hello", target.display()));
     assert!(ok, "{out}");
     assert_eq!(read_over_nfs(&d, port, "team-a/data/hello"), b"over-nfs\n");
-    let stats = d
-        .block(n.node_get_volume_stats(csi::NodeGetVolumeStatsRequest {
-            volume_id: v.clone(),
-            volume_path: target.to_string_lossy().into(),
-            staging_target_path: String::new(),
-        }))
-        .unwrap()
-        .into_inner();
+    let stats = d.stats(&v, &target);
     assert!(!stats.volume_condition.unwrap().abnormal);
     d.unpublish(&v, &target).unwrap();
     d.unstage(&v, &staging).unwrap();

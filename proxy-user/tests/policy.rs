@@ -244,21 +244,14 @@ fn reachability_matrices_match_the_reference_semantics() {
     assert_eq!(denied["reason"], "default deny");
     assert_eq!(denied["proto"], "tcp");
     // ...and counted: verdicts by direction, drops by reason.
-    let text = String::from_utf8(
-        env.lab
-            .node(0)
-            .tcp_roundtrip(
-                "127.0.0.1:9402".parse().unwrap(),
-                b"GET /metrics HTTP/1.0\r\n\r\n",
-                Duration::from_secs(2),
-            )
-            .unwrap(),
-    )
-    .unwrap();
-    let value = |name: &str| -> f64 {
-        text.lines()
-            .find_map(|l| l.strip_prefix(name).and_then(|r| r.trim().parse().ok()))
-            .unwrap_or_else(|| panic!("{name} missing in:\n{text}"))
+    let text = env
+        .lab
+        .node(0)
+        .scrape("127.0.0.1:9402".parse().unwrap())
+        .unwrap();
+    let value = |series: &str| {
+        weft_testbed::metric(&text, series)
+            .unwrap_or_else(|| panic!("{series} missing in:\n{text}"))
     };
     for series in [
         "weft_proxy_policy_verdicts_total{direction=\"ingress\",verdict=\"allowed\"} ",

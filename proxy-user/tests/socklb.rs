@@ -348,23 +348,12 @@ fn cluster_ip_tcp_and_udp_from_a_pod_and_from_the_node() {
     assert!(t0.elapsed() < Duration::from_millis(1500));
 
     // Metrics: what is programmed, the refusal above by reason, and programming latency.
-    let text = String::from_utf8(
-        env.node()
-            .tcp_roundtrip(
-                "127.0.0.1:9402".parse().unwrap(),
-                b"GET /metrics HTTP/1.0\r\n\r\n",
-                Duration::from_secs(2),
-            )
-            .unwrap(),
-    )
-    .unwrap();
+    let text = env
+        .node()
+        .scrape("127.0.0.1:9402".parse().unwrap())
+        .unwrap();
     let value = |name: &str| -> f64 {
-        text.lines()
-            .find_map(|l| {
-                l.strip_prefix(name)
-                    .and_then(|rest| rest.trim().parse().ok())
-            })
-            .unwrap_or_else(|| panic!("{name} missing in:\n{text}"))
+        weft_testbed::metric(&text, name).unwrap_or_else(|| panic!("{name} missing in:\n{text}"))
     };
     assert_eq!(value("weft_proxy_services "), 3.0);
     assert_eq!(value("weft_proxy_backends "), 3.0);

@@ -19,7 +19,7 @@ mod traffic;
 
 pub use host::Host;
 pub use storage::MountSandbox;
-pub use traffic::{TcpServer, UdpServer};
+pub use traffic::{TcpServer, UdpServer, metric};
 pub use weft_netns::{NetNs, Netlink};
 
 use std::{

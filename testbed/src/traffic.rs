@@ -175,6 +175,16 @@ impl Host {
         })
     }
 
+    /// `GET /metrics` over HTTP from this namespace: the Prometheus text a server exposes.
+    pub fn scrape(&self, addr: SocketAddr) -> Result<String> {
+        let body = self.tcp_roundtrip(
+            addr,
+            b"GET /metrics HTTP/1.0\r\n\r\n",
+            Duration::from_secs(2),
+        )?;
+        Ok(String::from_utf8_lossy(&body).into_owned())
+    }
+
     /// Connects from this namespace to `dst`, sends `payload`, half-closes, and returns everything
     /// the server sent back before closing. Bounded by `timeout` per I/O step.
     pub fn tcp_roundtrip(
@@ -224,4 +234,10 @@ impl Host {
         })?
         .map_err(io(what))
     }
+}
+
+/// The value of one series (`name{labels} ` with its trailing space) in Prometheus text.
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|r| r.trim().parse().ok()))
 }

@@ -213,6 +213,35 @@ impl Driver {
         .map(|_| ())
     }
 
+    /// NodeGetVolumeStats, which must succeed.
+    pub fn stats(&mut self, id: &str, path: &Path) -> csi::NodeGetVolumeStatsResponse {
+        let mut n = self.node.clone();
+        self.block(n.node_get_volume_stats(csi::NodeGetVolumeStatsRequest {
+            volume_id: id.into(),
+            volume_path: path.to_string_lossy().into(),
+            staging_target_path: String::new(),
+        }))
+        .unwrap_or_else(|e| panic!("stats {id}: {e}"))
+        .into_inner()
+    }
+
+    /// ControllerExpandVolume to `bytes`, which must succeed.
+    pub fn expand(&mut self, id: &str, bytes: i64) -> csi::ControllerExpandVolumeResponse {
+        let mut c = self.controller.clone();
+        self.block(
+            c.controller_expand_volume(csi::ControllerExpandVolumeRequest {
+                volume_id: id.into(),
+                capacity_range: Some(csi::CapacityRange {
+                    required_bytes: bytes,
+                    limit_bytes: 0,
+                }),
+                ..Default::default()
+            }),
+        )
+        .unwrap_or_else(|e| panic!("expand {id}: {e}"))
+        .into_inner()
+    }
+
     /// GetCapacity with no filter.
     pub fn available(&mut self) -> i64 {
         let mut c = self.controller.clone();
