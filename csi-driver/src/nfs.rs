@@ -589,6 +589,57 @@ mod tests {
             .collect()
     }
 
+    /// A mounter whose NFS mount hangs, as mount(2) does against a dead server.
+    #[derive(Debug)]
+    struct Hanging;
+
+    impl Mounter for Hanging {
+        fn mount(&self, _: &str, _: &Path, _: &MountRequest) -> Result<()> {
+            std::thread::sleep(Duration::from_secs(5));
+            Ok(())
+        }
+        fn bind(&self, _: &Path, _: &Path, _: bool) -> Result<()> {
+            Ok(())
+        }
+        fn unmount(&self, _: &Path) -> Result<()> {
+            Ok(())
+        }
+        fn list(&self) -> Result<Vec<MountEntry>> {
+            Ok(Vec::new())
+        }
+    }
+
+    #[test]
+    fn a_hanging_mount_answers_unavailable_at_the_deadline() {
+        let started = std::time::Instant::now();
+        let e = mount_with_deadline(
+            Arc::new(Hanging),
+            "10.0.0.5:/export/x".into(),
+            PathBuf::from("/nonexistent"),
+            MountRequest::default(),
+            Duration::from_millis(100),
+        )
+        .unwrap_err();
+        assert!(matches!(e, Error::Unavailable(_)), "{e}");
+        assert!(started.elapsed() < Duration::from_secs(2));
+        let loc = Location::from_context(&params(&[
+            ("server", "127.0.0.1"),
+            ("share", "/e"),
+            ("port", "20049"),
+        ]))
+        .unwrap();
+        let req = mount_request(&loc, &["noatime".into(), "nconnect=2".into()], true).unwrap();
+        assert_eq!(req.fstype, "nfs4");
+        assert!(
+            req.data.contains("soft")
+                && req.data.contains("timeo=")
+                && req.data.contains("retrans=")
+        );
+        assert!(req.data.contains("addr=127.0.0.1") && req.data.contains("port=20049"));
+        assert!(req.data.ends_with("nconnect=2"), "{}", req.data);
+        assert_ne!(req.flags & nix::mount::MsFlags::MS_RDONLY.bits(), 0);
+    }
+
     #[test]
     fn parameters_plan_a_volume() {
         let v = plan(
