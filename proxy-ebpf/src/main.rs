@@ -21,6 +21,8 @@ mod maps;
 #[cfg(target_arch = "bpf")]
 mod nodeport;
 #[cfg(target_arch = "bpf")]
+mod packet;
+#[cfg(target_arch = "bpf")]
 mod policy;
 #[cfg(target_arch = "bpf")]
 mod socklb;

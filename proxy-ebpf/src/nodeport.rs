@@ -21,15 +21,9 @@ use weft_proxy_common::{
 use crate::{
     lb,
     maps::{WEFT_CT, WEFT_MAGLEV, WEFT_REVNAT, WEFT_SERVICES, count_drop},
+    packet::{self, ETH_HLEN, IP_CSUM, IP_DST, IP_SRC},
 };
 
-const ETH_HLEN: usize = 14;
-const ETH_P_IP: u16 = 0x0800;
-/// Offsets inside the IPv4 header.
-const IP_PROTO: usize = 9;
-const IP_CSUM: usize = 10;
-const IP_SRC: usize = 12;
-const IP_DST: usize = 16;
 /// Offsets of the checksum inside TCP and UDP headers.
 const TCP_CSUM: usize = 16;
 const UDP_CSUM: usize = 6;
@@ -49,36 +43,22 @@ struct Packet {
 
 #[inline(always)]
 fn parse(ctx: &TcContext) -> Option<Packet> {
-    let ethertype: u16 = ctx.load::<u16>(12).ok()?;
-    if u16::from_be(ethertype) != ETH_P_IP {
+    let ip = packet::ipv4(ctx)?;
+    let l4 = ip.l4?;
+    if ip.proto != proto::TCP && ip.proto != proto::UDP {
         return None;
     }
-    let vihl: u8 = ctx.load(ETH_HLEN).ok()?;
-    let ihl = usize::from(vihl & 0x0f) * 4;
-    if ihl < 20 {
-        return None;
-    }
-    let frag: u16 = ctx.load(ETH_HLEN + 6).ok()?;
-    // Only unfragmented packets (or first fragments) carry ports.
-    if u16::from_be(frag) & 0x1fff != 0 {
-        return None;
-    }
-    let protocol: u8 = ctx.load(ETH_HLEN + IP_PROTO).ok()?;
-    if protocol != proto::TCP && protocol != proto::UDP {
-        return None;
-    }
-    let l4 = ETH_HLEN + ihl;
-    let new_or_udp = protocol == proto::UDP || {
+    let new_or_udp = ip.proto == proto::UDP || {
         let flags: u8 = ctx.load(l4 + TCP_FLAGS).ok()?;
         flags & (TCP_SYN | TCP_ACK) == TCP_SYN
     };
     Some(Packet {
         flow: FlowKey {
-            src: Be32(ctx.load(ETH_HLEN + IP_SRC).ok()?),
-            dst: Be32(ctx.load(ETH_HLEN + IP_DST).ok()?),
+            src: ip.src,
+            dst: ip.dst,
             sport: Be16(ctx.load(l4).ok()?),
             dport: Be16(ctx.load(l4 + 2).ok()?),
-            proto: protocol,
+            proto: ip.proto,
             _pad: [0; 3],
         },
         l4,

@@ -26,6 +26,7 @@ use crate::maps::{
     WEFT_POL_CT, WEFT_POL_ENDPOINTS, WEFT_POL_EVENTS, WEFT_POL_IPCACHE, WEFT_POL_PODNETS,
     WEFT_POL_RULES, WEFT_POL_VERDICTS, count_drop,
 };
+use crate::packet;
 
 /// Reports a verdict on a new connection (dropped silently when the ring is full).
 #[inline(always)]
@@ -51,9 +52,6 @@ fn report(f: &FlowKey, endpoint: u32, policy: u32, direction: u8, verdict: u8) {
     }
 }
 
-const ETH_HLEN: usize = 14;
-const ETH_P_IP: u16 = 0x0800;
-
 /// Traffic leaving the pod (tcx ingress of its host-side interface).
 #[classifier]
 pub fn weft_policy_from_pod(ctx: TcContext) -> i32 {
@@ -68,31 +66,19 @@ pub fn weft_policy_to_pod(ctx: TcContext) -> i32 {
 
 #[inline(always)]
 fn flow(ctx: &TcContext) -> Option<FlowKey> {
-    let ethertype: u16 = ctx.load(12).ok()?;
-    if u16::from_be(ethertype) != ETH_P_IP {
-        return None;
-    }
-    let vihl: u8 = ctx.load(ETH_HLEN).ok()?;
-    let ihl = usize::from(vihl & 0x0f) * 4;
-    if ihl < 20 {
-        return None;
-    }
-    let protocol: u8 = ctx.load(ETH_HLEN + 9).ok()?;
-    let frag: u16 = ctx.load(ETH_HLEN + 6).ok()?;
-    let has_ports = matches!(protocol, proto::TCP | proto::UDP | proto::SCTP)
-        && u16::from_be(frag) & 0x1fff == 0;
-    let (sport, dport) = if has_ports {
-        let l4 = ETH_HLEN + ihl;
-        (Be16(ctx.load(l4).ok()?), Be16(ctx.load(l4 + 2).ok()?))
-    } else {
-        (Be16(0), Be16(0))
+    let ip = packet::ipv4(ctx)?;
+    let (sport, dport) = match ip.l4 {
+        Some(l4) if matches!(ip.proto, proto::TCP | proto::UDP | proto::SCTP) => {
+            (Be16(ctx.load(l4).ok()?), Be16(ctx.load(l4 + 2).ok()?))
+        }
+        _ => (Be16(0), Be16(0)),
     };
     Some(FlowKey {
-        src: Be32(ctx.load(ETH_HLEN + 12).ok()?),
-        dst: Be32(ctx.load(ETH_HLEN + 16).ok()?),
+        src: ip.src,
+        dst: ip.dst,
         sport,
         dport,
-        proto: protocol,
+        proto: ip.proto,
         _pad: [0; 3],
     })
 }
