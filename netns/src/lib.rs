@@ -2,8 +2,10 @@
 //!
 //! Owns: creating, opening, entering and removing network namespaces ([`NetNs`]), and a small
 //! async netlink API over `rtnetlink` bound to one namespace ([`Netlink`]): links (veth, bridge,
-//! VXLAN), addresses, routes and neighbours; and detecting/mounting bpffs ([`bpffs`]). Used by `weft-cni`, the test bed and, later, the node
-//! agent. Does not own: any policy about what to create (that is the caller's), nor firewalling.
+//! VXLAN), addresses, routes and neighbours; detecting/mounting bpffs ([`bpffs`]); and the few raw
+//! bpf(2) commands weft needs beyond aya ([`bpfsys`]). Used by `weft-cni`, `weft-proxy` and the
+//! test bed. Does not own: any policy about what to create (that is the caller's), nor
+//! firewalling.
 //!
 //! Entering a namespace never changes the calling thread: work runs on a short-lived helper thread
 //! that calls `setns(2)`, so a tokio worker or a test thread never ends up in the wrong namespace.
