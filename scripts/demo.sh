@@ -5,6 +5,7 @@
 #   * weft-cni wires three pods (a web server on each node, a client on node 1);
 #   * weft-proxy serves a ClusterIP Service for the web pods with socket-level load balancing and
 #     a NodePort that an external host reaches through the TC path;
+#   * a NetworkPolicy then admits only the client to the web pods, with flow events;
 # then prints what answered and what the kernel holds, and removes everything.
 # This command becomes `weft up` once the control plane exists.
 set -euo pipefail
@@ -131,8 +132,37 @@ say "the external host asks the NodePort $NODE1:30080 (TC path: this node's back
 in_ns ext "$BIN/weft-proxy" probe tcp "$NODE1:30080" --payload 'GET /index.html HTTP/1.0
 ' | jq -r "$SHOW"
 
-say "kernel drop counters and programming latency (Prometheus, 127.0.0.1:9402 in node1)"
+say "NetworkPolicy: the web pods now accept only pods labelled app=client (enforced on node1's pod interfaces)"
+cat > "$DIR/manifests/policy.yaml" <<EOF
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: default, labels: {app: client}}
+spec: {nodeName: node1}
+status: {podIP: $CLIENT}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: web-from-clients, namespace: default}
+spec:
+  podSelector: {matchLabels: {app: web}}
+  ingress: [{from: [{podSelector: {matchLabels: {app: client}}}], ports: [{port: http}]}]
+EOF
+for _ in $(seq 1 50); do
+  in_ns node1 "$BIN/weft-proxy" --pin-dir "$PIN" policy status | grep -q '"isolated":1' && break
+  sleep 0.1
+done
+in_ns node1 "$BIN/weft-proxy" --pin-dir "$PIN" flows observe >/dev/null # start from here
+echo "-- the client asks web1 directly: allowed by the policy"
+in_ns client "$BIN/weft-proxy" probe tcp "$WEB1:8080" --payload 'GET /index.html HTTP/1.0
+' | jq -r "$SHOW"
+echo "-- the external host asks the NodePort again: web1 is isolated now, so it is dropped"
+in_ns ext "$BIN/weft-proxy" probe tcp "$NODE1:30080" --timeout-ms 1000 --payload 'GET / HTTP/1.0
+' | jq -r "$SHOW" || true  # the probe exits 1 when it gets no answer
+echo "-- the verdicts, as 'weft-proxy flows observe' shows them"
+in_ns node1 "$BIN/weft-proxy" --pin-dir "$PIN" flows observe
+
+say "kernel drop and verdict counters, programming latency (Prometheus, 127.0.0.1:9402 in node1)"
 in_ns node1 /usr/bin/python3 -c "import urllib.request as u; print(u.urlopen('http://127.0.0.1:9402/metrics').read().decode())" \
-  | grep -E '^weft_proxy_(services|backends|drops_total|network_programming_duration_seconds_count)'
+  | grep -E '^weft_proxy_(services|backends|drops_total|policy_verdicts_total|network_programming_duration_seconds_count)'
 
 say "cleaning up"
