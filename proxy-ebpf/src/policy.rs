@@ -110,10 +110,6 @@ fn enforce(ctx: &TcContext, direction: u8) -> i32 {
         }
         return TC_ACT_UNSPEC;
     };
-    if ep.flags == 0 {
-        // A known pod that no policy isolates: nothing to decide or remember.
-        return TC_ACT_UNSPEC;
-    }
     let fwd = PolicyCtKey {
         flow: f,
         endpoint: ep.id,
@@ -137,9 +133,12 @@ fn enforce(ctx: &TcContext, direction: u8) -> i32 {
     }
     if ep.flags & isolated == 0 {
         // Not isolated this way: the connection is allowed, and is remembered so that its replies
-        // pass the pod's isolation in the other direction.
+        // pass the pod's isolation in the other direction, and so that it outlives a policy that
+        // isolates the pod later (established connections are kept, as Cilium keeps them).
         let _ = WEFT_POL_CT.insert(&fwd, &1, 0);
-        report(&f, ep.id, POLICY_NOT_ISOLATED, direction, VERDICT_ALLOW);
+        if ep.flags != 0 {
+            report(&f, ep.id, POLICY_NOT_ISOLATED, direction, VERDICT_ALLOW);
+        }
         return TC_ACT_UNSPEC;
     }
     let world = PeerId {
