@@ -4,7 +4,7 @@
 //! (`weft_proxy::policy`) say, in the style of the upstream NetworkPolicy e2e truth tables.
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Child;
 use std::time::{Duration, Instant};
 
@@ -65,25 +65,14 @@ fn pods_yaml(extra: &[(&str, &str, &str)]) -> String {
     y
 }
 
-fn start_agent(lab: &Lab, pin: &PathBuf, manifests: &PathBuf, cgroup: &PathBuf) -> Child {
-    lab.node(0)
-        .command(BIN)
-        .unwrap()
-        .arg("--pin-dir")
-        .arg(pin)
+fn start_agent(lab: &Lab, pin: &Path, manifests: &Path, cgroup: &Path) -> Child {
+    weft_tests::proxy_agent(lab.node(0), BIN.as_ref(), pin, manifests, cgroup, 50)
         .args([
-            "run",
-            "--node-name",
-            "node0",
-            "--poll-ms",
-            "50",
             "--metrics-addr",
             "127.0.0.1:9402",
+            "--policy-iface-prefix",
+            "tbv",
         ])
-        .args(["--policy-iface-prefix", "tbv", "--manifests"])
-        .arg(manifests)
-        .arg("--cgroup")
-        .arg(cgroup)
         .spawn()
         .unwrap()
 }

@@ -122,26 +122,17 @@ impl Env {
     }
 
     fn start_agent(&mut self) {
-        let child = self
-            .node()
-            .command(BIN)
-            .unwrap()
-            .arg("--pin-dir")
-            .arg(&self.pin)
-            .args([
-                "run",
-                "--node-name",
-                "node0",
-                "--poll-ms",
-                "50",
-                "--manifests",
-            ])
-            .arg(&self.manifests)
-            .arg("--cgroup")
-            .arg(&self.cgroup)
-            .args(["--nodeport-iface", "eth0"])
-            .spawn()
-            .unwrap();
+        let child = weft_tests::proxy_agent(
+            self.node(),
+            BIN.as_ref(),
+            &self.pin,
+            &self.manifests,
+            &self.cgroup,
+            50,
+        )
+        .args(["--nodeport-iface", "eth0"])
+        .spawn()
+        .unwrap();
         self.agent = Some(child);
     }
 

@@ -8,7 +8,55 @@
 pub mod csi;
 pub mod load;
 
-use std::path::PathBuf;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use weft_testbed::Host;
+
+/// `weft-proxy --pin-dir PIN run` in `host` for the test node `node0`, reading `manifests`,
+/// attached to `cgroup`, looking for changes every `poll_ms`: a command to add flags to and spawn.
+pub fn proxy_agent(
+    host: &Host,
+    binary: &Path,
+    pin: &Path,
+    manifests: &Path,
+    cgroup: &Path,
+    poll_ms: u64,
+) -> Command {
+    let mut cmd = host.command(binary).expect("command in the node");
+    cmd.arg("--pin-dir")
+        .arg(pin)
+        .args([
+            "run",
+            "--node-name",
+            "node0",
+            "--poll-ms",
+            &poll_ms.to_string(),
+        ])
+        .arg("--manifests")
+        .arg(manifests)
+        .arg("--cgroup")
+        .arg(cgroup);
+    cmd
+}
+
+/// Runs `cmd` with `stdin` written to it, capturing stdout and stderr.
+pub fn output_with_stdin(mut cmd: Command, stdin: &[u8]) -> Output {
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(stdin)
+        .expect("write stdin");
+    child.wait_with_output().expect("wait")
+}
 
 /// Path of a weft binary from the same build profile as the running executable: beside it (a
 /// benchmark binary) or one level up (a test executable in `deps/`). Panics with the command to

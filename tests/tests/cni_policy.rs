@@ -5,9 +5,6 @@
 //! node again: whatever isolates a pod added later comes from weft-cni. The node's pod range is
 //! known (Node spec.podCIDR), so a pod the agent has not processed is isolated (pending).
 
-use std::io::Write as _;
-use std::process::Stdio;
-
 use serde_json::json;
 use weft_testbed::{Host, Lab};
 use weft_tests::weft_binary;
@@ -19,27 +16,15 @@ fn cni(
     netns: &str,
     conf: &serde_json::Value,
 ) -> serde_json::Value {
-    let mut child = node
-        .command(weft_binary("weft-cni"))
-        .unwrap()
-        .envs([
-            ("CNI_COMMAND", cmd),
-            ("CNI_CONTAINERID", id),
-            ("CNI_NETNS", netns),
-            ("CNI_IFNAME", "eth0"),
-            ("CNI_PATH", "/nonexistent"),
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(conf.to_string().as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let mut c = node.command(weft_binary("weft-cni")).unwrap();
+    c.envs([
+        ("CNI_COMMAND", cmd),
+        ("CNI_CONTAINERID", id),
+        ("CNI_NETNS", netns),
+        ("CNI_IFNAME", "eth0"),
+        ("CNI_PATH", "/nonexistent"),
+    ]);
+    let out = weft_tests::output_with_stdin(c, conf.to_string().as_bytes());
     assert!(
         out.status.success(),
         "{cmd}: {}",
@@ -61,27 +46,17 @@ fn a_new_pod_meets_policy_from_its_first_packet() {
         "kind: Node\nmetadata: {name: node0}\nspec: {podCIDR: 10.244.7.0/24}\n",
     )
     .unwrap();
-    let mut agent = lab
-        .node(node)
-        .command(weft_binary("weft-proxy"))
-        .unwrap()
-        .arg("--pin-dir")
-        .arg(&pin)
-        .args([
-            "run",
-            "--node-name",
-            "node0",
-            "--poll-ms",
-            "3600000",
-            "--metrics-addr",
-            "off",
-        ])
-        .arg("--manifests")
-        .arg(&manifests)
-        .arg("--cgroup")
-        .arg(&cgroup)
-        .spawn()
-        .unwrap();
+    let mut agent = weft_tests::proxy_agent(
+        lab.node(node),
+        &weft_binary("weft-proxy"),
+        &pin,
+        &manifests,
+        &cgroup,
+        3_600_000,
+    )
+    .args(["--metrics-addr", "off"])
+    .spawn()
+    .unwrap();
     // The agent pins its programs at start.
     let prog = pin.join("progs").join("weft_policy_to_pod");
     let start = std::time::Instant::now();

@@ -123,25 +123,8 @@ fn main() {
         measure(client, &cgroup, "conn", dst, secs).0,
         measure(client, &cgroup, "rr", dst, secs).0,
     );
-    let mut agent = lab
-        .node(0)
-        .command(&proxy)
-        .unwrap()
-        .arg("--pin-dir")
-        .arg(&pin)
-        .args([
-            "run",
-            "--node-name",
-            "node0",
-            "--poll-ms",
-            "50",
-            "--metrics-addr",
-            "off",
-        ])
-        .args(["--policy-iface-prefix", "tbv", "--manifests"])
-        .arg(&manifests)
-        .arg("--cgroup")
-        .arg(&cgroup)
+    let mut agent = weft_tests::proxy_agent(lab.node(0), &proxy, &pin, &manifests, &cgroup, 50)
+        .args(["--metrics-addr", "off", "--policy-iface-prefix", "tbv"])
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();

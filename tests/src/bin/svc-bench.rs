@@ -16,10 +16,8 @@
 //! plot (`--out DIR`, default `target/bench`).
 
 use std::{
-    io::Write as _,
     net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
-    process::Stdio,
     time::{Duration, Instant},
 };
 
@@ -69,22 +67,9 @@ impl Mode {
 
 fn run_cmd(host: &Host, program: &str, args: &[&str], stdin: &str) -> Duration {
     let t0 = Instant::now();
-    let mut child = host
-        .command(program)
-        .unwrap()
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let mut cmd = host.command(program).unwrap();
+    cmd.args(args);
+    let out = weft_tests::output_with_stdin(cmd, stdin.as_bytes());
     assert!(
         out.status.success(),
         "{program} {args:?}: {}",
