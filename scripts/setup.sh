@@ -40,6 +40,13 @@ else
   say "Debian packages present"
 fi
 
+# kubectl talks to weft's API server in the tests and the demo. The machine image ships a recent
+# one; where it is missing, Debian's (older, but speaks the same API) is used.
+if ! command -v kubectl >/dev/null; then
+  say "installing kubectl (Debian kubernetes-client)"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends kubernetes-client >/dev/null
+fi
+
 # The eBPF crate builds on the stable toolchain with -Z build-std=core, which needs rust-src.
 if ! rustup component list --toolchain stable --installed | grep -q '^rust-src'; then
   say "adding rust-src to the stable toolchain"

@@ -1,6 +1,6 @@
-//! The long-running agent in standalone mode: attach the socket load balancer, then keep the
-//! service maps and the NetworkPolicy maps in line with a directory of manifests, and the policy
-//! programs attached to every pod-facing interface.
+//! The long-running agent: attach the socket load balancer, then keep the service maps and the
+//! NetworkPolicy maps in line with the desired state (a directory of manifests, or the
+//! Kubernetes API), and the policy programs attached to every pod-facing interface.
 
 use std::collections::{BTreeSet, HashSet};
 use std::path::PathBuf;
@@ -12,17 +12,50 @@ use weft_proxy_common::names;
 use crate::{
     Error, Result,
     bpffs::PinLayout,
+    kube_source::KubeSource,
     manifests, model, policy,
     policymap::{self, PolicyMaps, PolicyReport},
     services::{ApplyReport, Limits, ServiceMaps},
     socklb, tcx,
 };
 
+/// Where desired state comes from.
+#[derive(Clone, Debug)]
+pub enum SourceConfig {
+    /// Standalone: a directory of Kubernetes YAML, watched for changes.
+    Manifests(PathBuf),
+    /// A Kubernetes API server (kube-apiserver or weft's own).
+    Kubernetes(Box<kube::Config>),
+}
+
+impl std::fmt::Display for SourceConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Manifests(dir) => write!(f, "manifests in {}", dir.display()),
+            Self::Kubernetes(c) => write!(f, "the Kubernetes API at {}", c.cluster_url),
+        }
+    }
+}
+
+/// The running source.
+#[derive(Debug)]
+enum Source {
+    Manifests(PathBuf),
+    Kubernetes(Box<KubeSource>),
+}
+
+/// What the source looked like at the last synchronisation.
+#[derive(Debug, PartialEq)]
+enum Seen {
+    Files(Vec<(PathBuf, u64, Option<std::time::SystemTime>)>),
+    Generation(u64),
+}
+
 /// What the agent serves and where.
 #[derive(Clone, Debug)]
 pub struct Config {
-    /// Directory of Kubernetes YAML.
-    pub manifests: PathBuf,
+    /// Where desired state comes from.
+    pub source: SourceConfig,
     /// This node's name (for NodePort addresses).
     pub node_name: String,
     /// cgroup2 directory the socket load balancer is attached to.
@@ -72,7 +105,8 @@ pub struct Agent {
     policy: PolicyMaps,
     ebpf: Loaded,
     attached: HashSet<String>,
-    last: Option<Vec<(PathBuf, u64, Option<std::time::SystemTime>)>>,
+    source: Source,
+    last: Option<Seen>,
 }
 
 impl Agent {
@@ -103,7 +137,14 @@ impl Agent {
         )?;
         let maps = ServiceMaps::open(&config.layout, config.limits)?;
         let policy = PolicyMaps::open(&config.layout)?;
+        let source = match &config.source {
+            SourceConfig::Manifests(dir) => Source::Manifests(dir.clone()),
+            SourceConfig::Kubernetes(c) => Source::Kubernetes(Box::new(
+                KubeSource::start((**c).clone()).map_err(|e| Error::Source(e.to_string()))?,
+            )),
+        };
         let mut agent = Self {
+            source,
             config,
             maps,
             policy,
@@ -172,20 +213,45 @@ impl Agent {
         (self.maps.len(), self.maps.backend_count())
     }
 
-    /// Re-reads the manifests if they changed (or `force`) and programs the difference.
+    /// Waits up to `timeout` for the source to change (the Kubernetes API wakes it at once;
+    /// a manifests directory is looked at again after `timeout`).
+    pub fn wait(&self, timeout: std::time::Duration) {
+        match &self.source {
+            Source::Manifests(_) => std::thread::sleep(timeout),
+            Source::Kubernetes(k) => {
+                let seen = match self.last {
+                    Some(Seen::Generation(g)) => Some(g),
+                    _ => None,
+                };
+                k.wait_for_change(seen, timeout);
+            }
+        }
+    }
+
+    /// Re-reads the desired state if it changed (or `force`) and programs the difference.
+    /// Returns `None` when nothing changed, and also while the Kubernetes API has not been
+    /// listed completely yet (the datapath keeps what it has).
     pub fn sync(&mut self, force: bool) -> Result<Option<SyncReport>> {
         self.attach_policy()?;
-        let seen = manifests::fingerprint(&self.config.manifests);
+        let seen = match &self.source {
+            Source::Manifests(dir) => Seen::Files(manifests::fingerprint(dir)),
+            Source::Kubernetes(k) => match k.generation() {
+                Some(g) => Seen::Generation(g),
+                None => return Ok(None),
+            },
+        };
         if !force && self.last.as_ref() == Some(&seen) {
             return Ok(None);
         }
         let t0 = std::time::Instant::now();
-        let (objects, mut problems) =
-            manifests::load_dir(&self.config.manifests).map_err(|source| Error::Io {
+        let (objects, mut problems) = match &self.source {
+            Source::Manifests(dir) => manifests::load_dir(dir).map_err(|source| Error::Io {
                 op: "reading manifests in",
-                path: self.config.manifests.clone(),
+                path: dir.clone(),
                 source,
-            })?;
+            })?,
+            Source::Kubernetes(k) => (k.snapshot(), Vec::new()),
+        };
         let (desired, more) = model::desired(&objects, &self.config.node_name);
         problems.extend(more);
         let (applied, errors) = self.maps.apply(&desired);

@@ -15,6 +15,7 @@ pub mod agent;
 pub mod bpffs;
 pub mod counters;
 pub mod flowlog;
+pub mod kube_source;
 pub mod maglev;
 pub mod manifests;
 pub mod metrics;
@@ -48,6 +49,9 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// The source of desired state could not start.
+    #[error("source of desired state: {0}")]
+    Source(String),
     /// The eBPF object could not be loaded (maps created or programs parsed).
     #[error("loading the eBPF object: {0}")]
     Load(#[from] aya::EbpfError),

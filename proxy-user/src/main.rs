@@ -69,9 +69,15 @@ enum PolicyCmd {
 
 #[derive(Debug, clap::Args)]
 struct RunArgs {
-    /// Directory of Kubernetes YAML (Service, EndpointSlice, Pod, Node), watched for changes.
+    /// Standalone mode: a directory of Kubernetes YAML (Service, EndpointSlice, Pod, Node,
+    /// Namespace, NetworkPolicy), watched for changes. Without it, the Kubernetes API is the
+    /// source (see --kubeconfig).
+    #[arg(long, conflicts_with = "kubeconfig")]
+    manifests: Option<PathBuf>,
+    /// kubeconfig for the Kubernetes API (default: $KUBECONFIG, ~/.kube/config, or the
+    /// in-cluster service account).
     #[arg(long)]
-    manifests: PathBuf,
+    kubeconfig: Option<PathBuf>,
     /// This node's name.
     #[arg(long, env = "WEFT_NODE_NAME")]
     node_name: String,
@@ -79,7 +85,8 @@ struct RunArgs {
     /// which covers every process on the node).
     #[arg(long)]
     cgroup: Option<PathBuf>,
-    /// How often to look at the manifests for changes.
+    /// How often to look at the manifests for changes (the Kubernetes API source is
+    /// event-driven; this is then the longest pause between checks of local interfaces).
     #[arg(long, default_value_t = 200)]
     poll_ms: u64,
     /// Service map size (frontends), used when the map is created.
@@ -325,8 +332,22 @@ fn cgroup_or_root(cgroup: Option<PathBuf>) -> anyhow::Result<PathBuf> {
 }
 
 fn run(layout: PinLayout, args: RunArgs) -> anyhow::Result<()> {
+    let source = match args.manifests {
+        Some(dir) => agent::SourceConfig::Manifests(dir),
+        None => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let config = rt
+                .block_on(weft_proxy::kube_source::client_config(
+                    args.kubeconfig.as_deref(),
+                ))
+                .context("--manifests not given, so the Kubernetes API is the source")?;
+            agent::SourceConfig::Kubernetes(Box::new(config))
+        }
+    };
     let config = agent::Config {
-        manifests: args.manifests,
+        source,
         node_name: args.node_name,
         cgroup: cgroup_or_root(args.cgroup)?,
         layout,
@@ -344,7 +365,7 @@ fn run(layout: PinLayout, args: RunArgs) -> anyhow::Result<()> {
         let bound = metrics.serve(addr)?;
         tracing::info!(%bound, "serving metrics");
     }
-    tracing::info!(cgroup = %config.cgroup.display(), manifests = %config.manifests.display(), "weft-proxy running");
+    tracing::info!(cgroup = %config.cgroup.display(), source = %config.source, "weft-proxy running");
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(sig, stop.clone())?;
@@ -377,7 +398,7 @@ fn run(layout: PinLayout, args: RunArgs) -> anyhow::Result<()> {
             }
         }
         first = false;
-        std::thread::sleep(std::time::Duration::from_millis(args.poll_ms));
+        agent.wait(std::time::Duration::from_millis(args.poll_ms));
     }
     tracing::info!("stopping; programs and maps stay pinned and keep serving");
     Ok(())

@@ -24,6 +24,26 @@ pub fn proxy_agent(
     cgroup: &Path,
     poll_ms: u64,
 ) -> Command {
+    proxy_agent_from(
+        host,
+        binary,
+        pin,
+        ("--manifests", manifests),
+        cgroup,
+        poll_ms,
+    )
+}
+
+/// Like [`proxy_agent`], with the source of desired state given as a flag and its path
+/// (`("--kubeconfig", path)` for the Kubernetes API).
+pub fn proxy_agent_from(
+    host: &Host,
+    binary: &Path,
+    pin: &Path,
+    (source_flag, source): (&str, &Path),
+    cgroup: &Path,
+    poll_ms: u64,
+) -> Command {
     let mut cmd = host.command(binary).expect("command in the node");
     cmd.arg("--pin-dir")
         .arg(pin)
@@ -34,8 +54,8 @@ pub fn proxy_agent(
             "--poll-ms",
             &poll_ms.to_string(),
         ])
-        .arg("--manifests")
-        .arg(manifests)
+        .arg(source_flag)
+        .arg(source)
         .arg("--cgroup")
         .arg(cgroup);
     cmd

@@ -1,0 +1,499 @@
+//! The HTTP side of the API: discovery (`/version`, `/api`, `/apis`, resource lists), and for
+//! every served resource get, list, watch, create, update, patch and delete, cluster-wide and
+//! per namespace, with label and field selectors and the status subresource. Errors are
+//! `Status` objects.
+
+use std::{collections::HashMap, convert::Infallible, sync::Arc, time::Duration};
+
+use axum::{
+    Router,
+    body::{Body, Bytes},
+    extract::{Query, State},
+    http::{HeaderMap, Method, StatusCode, Uri, header},
+    response::{IntoResponse, Response},
+};
+use futures::StreamExt;
+use serde_json::{Value, json};
+
+use crate::{
+    patch,
+    resources::{self, RESOURCES, Resource},
+    selector::{FieldSelector, LabelSelector},
+    status::ApiError,
+    store::{Event, EventType, Store},
+};
+
+/// The Kubernetes minor version the API presents (`kubectl` picks its build by it).
+pub const KUBE_MINOR: &str = "32";
+
+/// The API as an axum router over a store.
+pub fn router(store: Arc<Store>) -> Router {
+    Router::new().fallback(handle).with_state(store)
+}
+
+fn json_response(code: StatusCode, v: &Value) -> Response {
+    (
+        code,
+        [(header::CONTENT_TYPE, "application/json")],
+        serde_json::to_vec(v).unwrap_or_default(),
+    )
+        .into_response()
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let code = StatusCode::from_u16(self.code()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        json_response(code, &self.status())
+    }
+}
+
+/// Where a request points.
+#[derive(Debug)]
+enum Target {
+    Collection(&'static Resource, Option<String>),
+    Object(&'static Resource, String, String, bool),
+}
+
+fn parse_target(parts: &[&str]) -> Result<Target, ApiError> {
+    let (group, version, rest) = match parts {
+        ["api", v, rest @ ..] => ("", *v, rest),
+        ["apis", g, v, rest @ ..] => (*g, *v, rest),
+        _ => return Err(ApiError::NoSuchResource),
+    };
+    let find =
+        |plural: &str| resources::find(group, version, plural).ok_or(ApiError::NoSuchResource);
+    let namespaced_in =
+        |plural: &str| resources::find(group, version, plural).filter(|r| r.namespaced);
+    match rest {
+        ["namespaces", ns, plural, tail @ ..] if namespaced_in(plural).is_some() => {
+            let r = namespaced_in(plural).expect("checked");
+            match tail {
+                [] => Ok(Target::Collection(r, Some((*ns).to_owned()))),
+                [name] => Ok(Target::Object(
+                    r,
+                    (*ns).to_owned(),
+                    (*name).to_owned(),
+                    false,
+                )),
+                [name, "status"] if r.status => Ok(Target::Object(
+                    r,
+                    (*ns).to_owned(),
+                    (*name).to_owned(),
+                    true,
+                )),
+                _ => Err(ApiError::NoSuchResource),
+            }
+        }
+        [plural] => Ok(Target::Collection(find(plural)?, None)),
+        [plural, name] => {
+            let r = find(plural)?;
+            if r.namespaced {
+                return Err(ApiError::NoSuchResource);
+            }
+            Ok(Target::Object(r, String::new(), (*name).to_owned(), false))
+        }
+        [plural, name, "status"] => {
+            let r = find(plural)?;
+            if r.namespaced || !r.status {
+                return Err(ApiError::NoSuchResource);
+            }
+            Ok(Target::Object(r, String::new(), (*name).to_owned(), true))
+        }
+        _ => Err(ApiError::NoSuchResource),
+    }
+}
+
+fn discovery(parts: &[&str]) -> Option<Value> {
+    let resource_list = |group: &str, version: &str| -> Option<Value> {
+        let mut list = Vec::new();
+        for r in RESOURCES
+            .iter()
+            .filter(|r| r.group == group && r.version == version)
+        {
+            list.push(json!({
+                "name": r.plural, "singularName": r.singular, "namespaced": r.namespaced,
+                "kind": r.kind, "shortNames": r.short_names,
+                "verbs": ["create", "delete", "get", "list", "patch", "update", "watch"],
+            }));
+            if r.status {
+                list.push(json!({
+                    "name": format!("{}/status", r.plural), "singularName": "", "namespaced": r.namespaced,
+                    "kind": r.kind, "verbs": ["get", "patch", "update"],
+                }));
+            }
+        }
+        (!list.is_empty()).then(|| {
+            json!({"kind": "APIResourceList", "apiVersion": "v1",
+                   "groupVersion": RESOURCES.iter().find(|r| r.group == group && r.version == version).map(|r| r.api_version()),
+                   "resources": list})
+        })
+    };
+    let group = |name: &str, version: &str| {
+        let gv = json!({"groupVersion": format!("{name}/{version}"), "version": version});
+        json!({"name": name, "versions": [gv.clone()], "preferredVersion": gv})
+    };
+    match parts {
+        ["version"] => Some(json!({
+            "major": "1", "minor": KUBE_MINOR, "gitVersion": format!("v1.{KUBE_MINOR}.0-weft.{}", env!("CARGO_PKG_VERSION")),
+            "gitCommit": "", "gitTreeState": "clean", "buildDate": "", "goVersion": "", "compiler": "rustc",
+            "platform": format!("{}/{}", std::env::consts::OS, if cfg!(target_arch = "x86_64") { "amd64" } else { std::env::consts::ARCH }),
+        })),
+        ["api"] => Some(json!({"kind": "APIVersions", "versions": ["v1"],
+            "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": ""}]})),
+        ["apis"] => Some(json!({"kind": "APIGroupList", "apiVersion": "v1",
+            "groups": resources::groups().into_iter().map(|(g, v)| group(g, v)).collect::<Vec<_>>()})),
+        ["apis", g] => resources::groups()
+            .into_iter()
+            .find(|(name, _)| name == g)
+            .map(|(g, v)| {
+                let mut v = group(g, v);
+                v["kind"] = json!("APIGroup");
+                v["apiVersion"] = json!("v1");
+                v
+            }),
+        ["openapi", "v3"] => {
+            let mut paths = serde_json::Map::new();
+            for r in RESOURCES {
+                let gv = if r.group.is_empty() {
+                    format!("api/{}", r.version)
+                } else {
+                    format!("apis/{}/{}", r.group, r.version)
+                };
+                paths.insert(
+                    gv.clone(),
+                    json!({"serverRelativeURL": format!("/openapi/v3/{gv}")}),
+                );
+            }
+            Some(json!({"paths": paths}))
+        }
+        ["openapi", "v3", "api", v] => openapi_v3("", v),
+        ["openapi", "v3", "apis", g, v] => openapi_v3(g, v),
+        ["api", v] => resource_list("", v),
+        ["apis", g, v] => resource_list(g, v),
+        _ => None,
+    }
+}
+
+/// With `fieldValidation=Strict`, a field the kind does not have is an error (otherwise it is
+/// dropped), as kube-apiserver does.
+fn strict_fields(
+    r: &Resource,
+    query: &HashMap<String, String>,
+    object: &Value,
+) -> Result<(), ApiError> {
+    if query.get("fieldValidation").map(String::as_str) != Some("Strict") {
+        return Ok(());
+    }
+    let name = object
+        .pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    let (_, unknown) = r.normalize(object).map_err(|message| ApiError::Invalid {
+        kind: r.kind.to_owned(),
+        name: name.to_owned(),
+        message,
+    })?;
+    if unknown.is_empty() {
+        return Ok(());
+    }
+    let list: Vec<String> = unknown
+        .iter()
+        .map(|f| format!("unknown field {f:?}"))
+        .collect();
+    Err(ApiError::BadRequest(format!(
+        "strict decoding error: {}",
+        list.join(", ")
+    )))
+}
+
+/// A minimal OpenAPI v3 document for one group version: the object paths with their PATCH
+/// operation and its query parameters, which is what kubectl reads to learn that the server
+/// validates fields itself (`fieldValidation`).
+fn openapi_v3(group: &str, version: &str) -> Option<Value> {
+    let mut paths = serde_json::Map::new();
+    for r in RESOURCES
+        .iter()
+        .filter(|r| r.group == group && r.version == version)
+    {
+        let prefix = if group.is_empty() {
+            format!("/api/{version}")
+        } else {
+            format!("/apis/{group}/{version}")
+        };
+        let path = if r.namespaced {
+            format!("{prefix}/namespaces/{{namespace}}/{}/{{name}}", r.plural)
+        } else {
+            format!("{prefix}/{}/{{name}}", r.plural)
+        };
+        let param = |name: &str| json!({"name": name, "in": "query", "schema": {"type": "string", "uniqueItems": true}});
+        paths.insert(path, json!({"patch": {
+            "operationId": format!("patch{}", r.kind),
+            "x-kubernetes-action": "patch",
+            "x-kubernetes-group-version-kind": {"group": group, "version": version, "kind": r.kind},
+            "parameters": [param("dryRun"), param("fieldManager"), param("fieldValidation"), param("force")],
+            "responses": {"200": {"description": "OK"}},
+        }}));
+    }
+    (!paths.is_empty()).then(|| {
+        json!({
+            "openapi": "3.0.0",
+            "info": {"title": "weft", "version": format!("v1.{KUBE_MINOR}")},
+            "paths": paths,
+            "components": {},
+        })
+    })
+}
+
+fn body_json(headers: &HeaderMap, body: &Bytes) -> Result<Value, ApiError> {
+    let ct = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("application/json");
+    if !ct.starts_with("application/json") && !ct.contains("patch+json") {
+        return Err(ApiError::UnsupportedMediaType(ct.to_owned()));
+    }
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::BadRequest(format!("the body is not valid JSON: {e}")))
+}
+
+async fn handle(
+    State(store): State<Arc<Store>>,
+    method: Method,
+    uri: Uri,
+    Query(query): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let path = uri.path().trim_end_matches('/');
+    let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
+    tracing::debug!(%method, %uri, "request");
+    if method == Method::GET {
+        if matches!(parts.as_slice(), ["healthz"] | ["readyz"] | ["livez"]) {
+            return (StatusCode::OK, "ok").into_response();
+        }
+        if let Some(v) = discovery(&parts) {
+            return json_response(StatusCode::OK, &v);
+        }
+    }
+    match serve(&store, &method, &parts, &query, &headers, &body) {
+        Ok(Reply::Json(code, v)) => json_response(code, &v),
+        Ok(Reply::Watch(r)) => r,
+        Err(e) => {
+            tracing::debug!(error = %e, %uri, "refused");
+            e.into_response()
+        }
+    }
+}
+
+enum Reply {
+    Json(StatusCode, Value),
+    Watch(Response),
+}
+
+fn serve(
+    store: &Arc<Store>,
+    method: &Method,
+    parts: &[&str],
+    query: &HashMap<String, String>,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Result<Reply, ApiError> {
+    if query.contains_key("dryRun") {
+        return Err(ApiError::BadRequest(
+            "dryRun is not supported by this server".into(),
+        ));
+    }
+    let target = parse_target(parts)?;
+    let ok = |v: Value| Ok(Reply::Json(StatusCode::OK, v));
+    match (method, target) {
+        (&Method::GET, Target::Collection(r, ns)) => {
+            let labels =
+                LabelSelector::parse(query.get("labelSelector").map_or("", String::as_str))
+                    .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+            let fields =
+                FieldSelector::parse(query.get("fieldSelector").map_or("", String::as_str))
+                    .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+            let filter = move |o: &Value| labels.matches(o) && fields.matches(o);
+            if query.get("watch").is_some_and(|w| w == "true" || w == "1") {
+                let from = match query.get("resourceVersion").map(String::as_str) {
+                    None | Some("") => None,
+                    Some(v) => Some(v.parse::<u64>().map_err(|_| {
+                        ApiError::BadRequest(format!("invalid resourceVersion {v:?}"))
+                    })?),
+                };
+                let timeout = query
+                    .get("timeoutSeconds")
+                    .and_then(|t| t.parse::<u64>().ok())
+                    .unwrap_or(1800);
+                return watch(store, r, ns, from, Duration::from_secs(timeout), filter)
+                    .map(Reply::Watch);
+            }
+            let (rv, items) = store.list(r, ns.as_deref(), filter);
+            ok(json!({
+                "kind": format!("{}List", r.kind), "apiVersion": r.api_version(),
+                "metadata": {"resourceVersion": rv.to_string()}, "items": items,
+            }))
+        }
+        (&Method::POST, Target::Collection(r, ns)) => {
+            let object = body_json(headers, body)?;
+            strict_fields(r, query, &object)?;
+            let created = store.create(r, ns.as_deref().unwrap_or(""), object)?;
+            Ok(Reply::Json(StatusCode::CREATED, created))
+        }
+        (&Method::GET, Target::Object(r, ns, name, _)) => ok(store.get(r, &ns, &name)?),
+        (&Method::PUT, Target::Object(r, ns, name, status)) => {
+            let object = body_json(headers, body)?;
+            strict_fields(r, query, &object)?;
+            ok(store.update(r, &ns, &name, object, status)?)
+        }
+        (&Method::PATCH, Target::Object(r, ns, name, status)) => {
+            let ct = headers
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
+            let p: Value = serde_json::from_slice(body)
+                .map_err(|e| ApiError::BadRequest(format!("the patch is not valid JSON: {e}")))?;
+            let mut object = store.get(r, &ns, &name)?;
+            let rv = object["metadata"]["resourceVersion"].clone();
+            match ct.split(';').next().unwrap_or("") {
+                "application/merge-patch+json" => patch::merge(&mut object, &p),
+                "application/strategic-merge-patch+json" => patch::strategic(&mut object, &p)?,
+                "application/json-patch+json" => patch::json_patch(&mut object, &p)?,
+                other => return Err(ApiError::UnsupportedMediaType(other.to_owned())),
+            }
+            strict_fields(r, query, &object)?;
+            // A patch applies to the current object unless it names a version itself.
+            if object["metadata"]["resourceVersion"] == Value::Null {
+                object["metadata"]["resourceVersion"] = rv;
+            }
+            ok(store.update(r, &ns, &name, object, status)?)
+        }
+        (&Method::DELETE, Target::Object(r, ns, name, false)) => ok(store.delete(r, &ns, &name)?),
+        _ => Err(ApiError::MethodNotAllowed),
+    }
+}
+
+/// What a watcher with this filter sees of an event.
+fn visible(
+    event: &Event,
+    r: &Resource,
+    ns: Option<&str>,
+    filter: &dyn Fn(&Value) -> bool,
+) -> Option<(EventType, Value)> {
+    if event.resource != r.key() || ns.is_some_and(|n| n != event.namespace) {
+        return None;
+    }
+    let now = filter(&event.object);
+    match (event.kind, event.previous.as_ref().map(filter)) {
+        (EventType::Modified, Some(before)) => match (before, now) {
+            (true, true) => Some(EventType::Modified),
+            (false, true) => Some(EventType::Added),
+            (true, false) => Some(EventType::Deleted),
+            (false, false) => None,
+        },
+        (kind, _) => now.then_some(kind),
+    }
+    .map(|k| (k, event.object.clone()))
+}
+
+fn line(kind: &str, object: &Value) -> Result<Bytes, Infallible> {
+    let mut v = serde_json::to_vec(&json!({"type": kind, "object": object})).unwrap_or_default();
+    v.push(b'\n');
+    Ok(Bytes::from(v))
+}
+
+fn watch(
+    store: &Arc<Store>,
+    r: &'static Resource,
+    ns: Option<String>,
+    from: Option<u64>,
+    timeout: Duration,
+    filter: impl Fn(&Value) -> bool + Send + Sync + 'static,
+) -> Result<Response, ApiError> {
+    let w = match store.watch(r, from) {
+        Ok(w) => w,
+        Err(e @ ApiError::Gone { .. }) => {
+            // kube-apiserver answers an expired watch with 200 and an ERROR event.
+            let body = line("ERROR", &e.status()).unwrap_or_default();
+            return Ok(Response::builder()
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(Body::from(body))
+                .unwrap_or_default());
+        }
+        Err(e) => return Err(e),
+    };
+    let deadline = tokio::time::Instant::now() + timeout;
+    let filter = Arc::new(filter);
+    let f = filter.clone();
+    let ns2 = ns.clone();
+    let backlog = futures::stream::iter(
+        w.backlog
+            .into_iter()
+            .filter_map(move |e| visible(&e, r, ns2.as_deref(), &*f))
+            .map(|(k, o)| line(kind_name(k), &o))
+            .collect::<Vec<_>>(),
+    );
+    let live = futures::stream::unfold(Some(w.live), move |rx| {
+        let (filter, ns) = (filter.clone(), ns.clone());
+        async move {
+            let mut rx = rx?;
+            loop {
+                match tokio::time::timeout_at(deadline, rx.recv()).await {
+                    Err(_) | Ok(Err(tokio::sync::broadcast::error::RecvError::Closed)) => {
+                        return None;
+                    }
+                    Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => {
+                        let gone = ApiError::Gone {
+                            asked: 0,
+                            oldest: 0,
+                        };
+                        return Some((line("ERROR", &gone.status()), None));
+                    }
+                    Ok(Ok(e)) => {
+                        if let Some((k, o)) = visible(&e, r, ns.as_deref(), &*filter) {
+                            return Some((line(kind_name(k), &o), Some(rx)));
+                        }
+                    }
+                }
+            }
+        }
+    });
+    Ok(Response::builder()
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from_stream(backlog.chain(live)))
+        .unwrap_or_default())
+}
+
+fn kind_name(k: EventType) -> &'static str {
+    match k {
+        EventType::Added => "ADDED",
+        EventType::Modified => "MODIFIED",
+        EventType::Deleted => "DELETED",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_name_collections_objects_and_status() {
+        let t = parse_target(&["api", "v1", "namespaces", "x", "pods", "p", "status"]).unwrap();
+        assert!(
+            matches!(t, Target::Object(r, ns, name, true) if r.plural == "pods" && ns == "x" && name == "p")
+        );
+        let t = parse_target(&["api", "v1", "namespaces", "x"]).unwrap();
+        assert!(
+            matches!(t, Target::Object(r, _, name, false) if r.plural == "namespaces" && name == "x")
+        );
+        let t = parse_target(&["api", "v1", "namespaces", "x", "status"]).unwrap();
+        assert!(matches!(t, Target::Object(r, _, _, true) if r.plural == "namespaces"));
+        let t = parse_target(&["apis", "networking.k8s.io", "v1", "networkpolicies"]).unwrap();
+        assert!(matches!(t, Target::Collection(r, None) if r.kind == "NetworkPolicy"));
+        assert!(parse_target(&["api", "v1", "widgets"]).is_err());
+        assert!(
+            parse_target(&["api", "v1", "pods", "p"]).is_err(),
+            "pods are namespaced"
+        );
+    }
+}

@@ -1,0 +1,150 @@
+//! API errors, answered as Kubernetes `Status` objects with the HTTP code and `reason` that
+//! kube-apiserver uses for the same failure, so kubectl and client libraries react as usual
+//! (for example a watch that gets 410 Gone relists).
+
+use serde_json::{Value, json};
+
+/// A failed API request.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The object (or namespace) does not exist.
+    #[error("{kind} {name:?} not found")]
+    NotFound {
+        /// Resource (plural) or kind.
+        kind: String,
+        /// Object name.
+        name: String,
+    },
+    /// Create of a name that is taken.
+    #[error("{kind} {name:?} already exists")]
+    AlreadyExists {
+        /// Resource (plural).
+        kind: String,
+        /// Object name.
+        name: String,
+    },
+    /// A write based on an old resourceVersion.
+    #[error("{0}")]
+    Conflict(String),
+    /// The request itself is malformed.
+    #[error("{0}")]
+    BadRequest(String),
+    /// The object is well-formed JSON but not a valid object of its kind.
+    #[error("{kind} {name:?} is invalid: {message}")]
+    Invalid {
+        /// Kind.
+        kind: String,
+        /// Object name.
+        name: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// A watch from a resourceVersion older than the history kept.
+    #[error("too old resource version: {asked} ({oldest})")]
+    Gone {
+        /// The version asked for.
+        asked: u64,
+        /// The oldest version still available.
+        oldest: u64,
+    },
+    /// A verb the resource does not support.
+    #[error("the server does not allow this method on the requested resource")]
+    MethodNotAllowed,
+    /// A patch type or body type the server does not handle.
+    #[error("the body of the request was in an unknown format: {0}")]
+    UnsupportedMediaType(String),
+    /// The path names nothing the server serves.
+    #[error("the server could not find the requested resource")]
+    NoSuchResource,
+    /// The store could not be written.
+    #[error("storing the change failed: {0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    /// HTTP status code.
+    pub fn code(&self) -> u16 {
+        match self {
+            Self::NotFound { .. } | Self::NoSuchResource => 404,
+            Self::AlreadyExists { .. } | Self::Conflict(_) => 409,
+            Self::BadRequest(_) => 400,
+            Self::Invalid { .. } => 422,
+            Self::Gone { .. } => 410,
+            Self::MethodNotAllowed => 405,
+            Self::UnsupportedMediaType(_) => 415,
+            Self::Internal(_) => 500,
+        }
+    }
+
+    /// The `reason` field of the Status.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::NotFound { .. } | Self::NoSuchResource => "NotFound",
+            Self::AlreadyExists { .. } => "AlreadyExists",
+            Self::Conflict(_) => "Conflict",
+            Self::BadRequest(_) => "BadRequest",
+            Self::Invalid { .. } => "Invalid",
+            Self::Gone { .. } => "Expired",
+            Self::MethodNotAllowed => "MethodNotAllowed",
+            Self::UnsupportedMediaType(_) => "UnsupportedMediaType",
+            Self::Internal(_) => "InternalError",
+        }
+    }
+
+    /// The error as a `Status` object.
+    pub fn status(&self) -> Value {
+        let mut status = json!({
+            "kind": "Status",
+            "apiVersion": "v1",
+            "metadata": {},
+            "status": "Failure",
+            "message": self.to_string(),
+            "reason": self.reason(),
+            "code": self.code(),
+        });
+        match self {
+            Self::NotFound { kind, name }
+            | Self::AlreadyExists { kind, name }
+            | Self::Invalid { kind, name, .. } => {
+                status["details"] = json!({"name": name, "kind": kind});
+            }
+            _ => {}
+        }
+        status
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_carry_kubernetes_codes_and_reasons() {
+        let e = ApiError::NotFound {
+            kind: "services".into(),
+            name: "web".into(),
+        };
+        let s = e.status();
+        assert_eq!(
+            (s["code"].as_u64(), s["reason"].as_str()),
+            (Some(404), Some("NotFound"))
+        );
+        assert_eq!(s["details"]["name"], "web");
+        assert_eq!(
+            ApiError::Gone {
+                asked: 1,
+                oldest: 5
+            }
+            .code(),
+            410
+        );
+        assert_eq!(
+            ApiError::Gone {
+                asked: 1,
+                oldest: 5
+            }
+            .reason(),
+            "Expired"
+        );
+    }
+}
