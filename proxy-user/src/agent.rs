@@ -13,8 +13,9 @@ use crate::{
     Error, Result,
     bpffs::PinLayout,
     kube_source::KubeSource,
-    manifests, model, policy,
-    policymap::{self, PolicyMaps, PolicyReport},
+    manifests, model,
+    policy::engine::{Engine, Work},
+    policymap::{PolicyMaps, PolicyReport},
     services::{ApplyReport, Limits, ServiceMaps},
     socklb, tcx,
 };
@@ -84,6 +85,8 @@ pub struct SyncReport {
     pub errors: Vec<String>,
     /// What changed in the NetworkPolicy maps.
     pub policy: PolicyReport,
+    /// How much of the NetworkPolicy state was computed again.
+    pub policy_work: Work,
     /// How long computing and programming took, in microseconds.
     pub micros: u128,
 }
@@ -103,6 +106,8 @@ pub struct Agent {
     config: Config,
     maps: ServiceMaps,
     policy: PolicyMaps,
+    engine: Engine,
+    policy_synced: bool,
     ebpf: Loaded,
     attached: HashSet<String>,
     source: Source,
@@ -145,6 +150,8 @@ impl Agent {
         };
         let mut agent = Self {
             source,
+            engine: Engine::new(),
+            policy_synced: false,
             config,
             maps,
             policy,
@@ -255,12 +262,6 @@ impl Agent {
         let (desired, more) = model::desired(&objects, &self.config.node_name);
         problems.extend(more);
         let (applied, errors) = self.maps.apply(&desired);
-        let (compiled, more) = policy::compile(
-            &objects.network_policies,
-            &objects.namespaces,
-            &objects.pods,
-        );
-        problems.extend(more);
         let local: BTreeSet<std::net::Ipv4Addr> = objects
             .pods
             .iter()
@@ -284,9 +285,23 @@ impl Agent {
             })
             .filter_map(|c| c.parse().ok())
             .collect();
-        let policy = self
-            .policy
-            .apply(&policymap::desired(&compiled, &local, &podnets))?;
+        let (touched, policy_work, more) = self.engine.update(
+            &objects.network_policies,
+            &objects.namespaces,
+            &objects.pods,
+            &local,
+            &podnets,
+        );
+        problems.extend(more);
+        // The first time, and after a failed write, compare everything with the kernel (it
+        // may hold what an earlier run wrote); afterwards only what the change touched.
+        let written = if self.policy_synced {
+            self.policy.apply_touched(self.engine.desired(), &touched)
+        } else {
+            self.policy.apply(self.engine.desired())
+        };
+        self.policy_synced = written.is_ok();
+        let policy = written?;
         self.last = Some(seen);
         Ok(Some(SyncReport {
             frontends: desired.len(),
@@ -297,6 +312,7 @@ impl Agent {
                 .collect(),
             errors: errors.iter().map(ToString::to_string).collect(),
             policy,
+            policy_work,
             micros: t0.elapsed().as_micros(),
         }))
     }

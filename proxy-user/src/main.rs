@@ -388,7 +388,9 @@ fn run(layout: PinLayout, args: RunArgs) -> anyhow::Result<()> {
                     updated = report.applied.updated,
                     removed = report.applied.removed,
                     micros = report.micros as u64,
-                    "services synchronised"
+                    policies_compiled = report.policy_work.policies,
+                    pods_recomputed = report.policy_work.endpoints,
+                    "synchronised"
                 );
             }
             Ok(None) => {}

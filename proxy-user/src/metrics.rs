@@ -34,6 +34,11 @@ struct OpLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WhatLabel {
+    what: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabel {
     reason: &'static str,
 }
@@ -47,6 +52,7 @@ pub struct Metrics {
     skipped: Gauge,
     syncs: Family<ResultLabel, Counter>,
     changes: Family<OpLabel, Counter>,
+    recomputed: Family<WhatLabel, Counter>,
     errors: Counter,
     programming: Histogram,
     drops: Family<ReasonLabel, Counter>,
@@ -87,6 +93,7 @@ impl Metrics {
         let skipped = Gauge::default();
         let syncs = Family::<ResultLabel, Counter>::default();
         let changes = Family::<OpLabel, Counter>::default();
+        let recomputed = Family::<WhatLabel, Counter>::default();
         let errors = Counter::default();
         let programming = Histogram::new([
             0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
@@ -115,6 +122,11 @@ impl Metrics {
             changes.clone(),
         );
         registry.register(
+            "policy_recomputed",
+            "NetworkPolicy work done by synchronisations: policies compiled and pods whose rules were computed again",
+            recomputed.clone(),
+        );
+        registry.register(
             "programming_errors",
             "Frontends that could not be programmed",
             errors.clone(),
@@ -141,6 +153,7 @@ impl Metrics {
             skipped,
             syncs,
             changes,
+            recomputed,
             errors,
             programming,
             drops,
@@ -168,6 +181,14 @@ impl Metrics {
             ("removed", report.applied.removed),
         ] {
             self.changes.get_or_create(&OpLabel { op }).inc_by(n as u64);
+        }
+        for (what, n) in [
+            ("policies", report.policy_work.policies),
+            ("endpoints", report.policy_work.endpoints),
+        ] {
+            self.recomputed
+                .get_or_create(&WhatLabel { what })
+                .inc_by(n as u64);
         }
         self.errors.inc_by(report.errors.len() as u64);
         self.skipped.set(report.problems.len() as i64);

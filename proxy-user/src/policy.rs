@@ -500,113 +500,171 @@ fn directions(spec: &NetworkPolicySpec) -> Result<(bool, bool), String> {
     }
 }
 
+/// What one policy contributes: the pods it selects and, per direction it applies to, its
+/// rules (empty when it is invalid: it then isolates and allows nothing).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PolicyOutput {
+    /// `namespace/name`.
+    pub id: String,
+    /// Pods it selects.
+    pub selected: BTreeSet<Ipv4Addr>,
+    /// Ingress rules, if it applies to ingress.
+    pub ingress: Option<Vec<Rule>>,
+    /// Egress rules, if it applies to egress.
+    pub egress: Option<Vec<Rule>>,
+    /// What is wrong with it.
+    pub problems: Vec<Problem>,
+}
+
+impl PolicyOutput {
+    /// Adds its rules to a pod it selects.
+    pub fn merge_into(&self, ep: &mut EndpointPolicy) {
+        if let Some(r) = &self.ingress {
+            ep.ingress
+                .get_or_insert_with(Vec::new)
+                .extend(r.iter().cloned());
+        }
+        if let Some(r) = &self.egress {
+            ep.egress
+                .get_or_insert_with(Vec::new)
+                .extend(r.iter().cloned());
+        }
+    }
+}
+
+/// `namespace/name` of a policy.
+pub fn policy_id(np: &NetworkPolicy) -> String {
+    format!(
+        "{}/{}",
+        np.metadata.namespace.as_deref().unwrap_or("default"),
+        np.metadata.name.as_deref().unwrap_or_default()
+    )
+}
+
+/// Pods as policy sees them (those with an IP), by IP.
+pub fn pod_views(pods: &[Pod]) -> BTreeMap<Ipv4Addr, PolicyPod> {
+    pods.iter()
+        .filter_map(pod_view)
+        .map(|p| (p.ip, p))
+        .collect()
+}
+
+/// Namespace labels by name (see [`compile`]).
+pub fn namespace_views(
+    namespaces: &[Namespace],
+    pods: &BTreeMap<Ipv4Addr, PolicyPod>,
+) -> BTreeMap<String, BTreeMap<String, String>> {
+    namespace_labels(namespaces, pods)
+}
+
+/// Computes one policy against the pods and namespace labels given.
+pub fn compile_policy(
+    np: &NetworkPolicy,
+    pods: &BTreeMap<Ipv4Addr, PolicyPod>,
+    namespaces: &BTreeMap<String, BTreeMap<String, String>>,
+) -> PolicyOutput {
+    let ctx = Ctx { pods, namespaces };
+    let ns = np
+        .metadata
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".into());
+    let id = policy_id(np);
+    let spec = np.spec.clone().unwrap_or_default();
+    let pod_selector = spec.pod_selector.clone().unwrap_or_default();
+    let mut problems = Vec::new();
+    let report = |problems: &mut Vec<Problem>, reason: String| {
+        problems.push(Problem {
+            object: format!("NetworkPolicy {id}"),
+            reason: format!("{reason}; the pods it selects allow nothing from it (fail closed)"),
+        });
+    };
+    // Who it selects; with an invalid pod selector, the whole namespace.
+    let mut invalid = false;
+    let selected: BTreeSet<Ipv4Addr> = match pods
+        .values()
+        .filter(|p| p.namespace == ns)
+        .map(|p| selector_matches(&pod_selector, &p.labels).map(|m| (p.ip, m)))
+        .collect::<Result<Vec<_>, _>>()
+        .and_then(|v| {
+            selector_matches(&pod_selector, &BTreeMap::new())?;
+            Ok(v)
+        }) {
+        Ok(v) => v
+            .into_iter()
+            .filter(|(_, m)| *m)
+            .map(|(ip, _)| ip)
+            .collect(),
+        Err(e) => {
+            report(&mut problems, format!("podSelector: {e}"));
+            invalid = true;
+            pods.values()
+                .filter(|p| p.namespace == ns)
+                .map(|p| p.ip)
+                .collect()
+        }
+    };
+    let (ingress, egress) = match directions(&spec) {
+        Ok(d) => d,
+        Err(e) => {
+            report(&mut problems, e);
+            invalid = true;
+            (true, true)
+        }
+    };
+    let rules = (|| -> Result<(Vec<Rule>, Vec<Rule>), String> {
+        let mut ing = Vec::new();
+        let mut eg = Vec::new();
+        if ingress {
+            for r in spec.ingress.iter().flatten() {
+                ing.push(ctx.rule(&id, &ns, r.from.as_ref(), r.ports.as_ref())?);
+            }
+        }
+        if egress {
+            for r in spec.egress.iter().flatten() {
+                eg.push(ctx.rule(&id, &ns, r.to.as_ref(), r.ports.as_ref())?);
+            }
+        }
+        Ok((ing, eg))
+    })();
+    let (ing_rules, eg_rules) = match rules {
+        Ok(r) if !invalid => r,
+        Ok(_) => (Vec::new(), Vec::new()),
+        Err(e) => {
+            report(&mut problems, e);
+            (Vec::new(), Vec::new())
+        }
+    };
+    PolicyOutput {
+        id,
+        selected,
+        ingress: ingress.then_some(ing_rules),
+        egress: egress.then_some(eg_rules),
+        problems,
+    }
+}
+
 /// Computes every pod's isolation and rules. Invalid policies are reported and fail closed.
 pub fn compile(
     policies: &[NetworkPolicy],
     namespaces: &[Namespace],
     pods: &[Pod],
 ) -> (Compiled, Vec<Problem>) {
-    let pods: BTreeMap<Ipv4Addr, PolicyPod> = pods
-        .iter()
-        .filter_map(pod_view)
-        .map(|p| (p.ip, p))
-        .collect();
+    let pods = pod_views(pods);
     let ns_labels = namespace_labels(namespaces, &pods);
-    let ctx = Ctx {
-        pods: &pods,
-        namespaces: &ns_labels,
-    };
     let mut endpoints: BTreeMap<Ipv4Addr, EndpointPolicy> = BTreeMap::new();
     let mut problems = Vec::new();
     for np in policies {
-        let ns = np
-            .metadata
-            .namespace
-            .clone()
-            .unwrap_or_else(|| "default".into());
-        let id = format!("{ns}/{}", np.metadata.name.clone().unwrap_or_default());
-        let spec = np.spec.clone().unwrap_or_default();
-        let pod_selector = spec.pod_selector.clone().unwrap_or_default();
-        let report = |problems: &mut Vec<Problem>, reason: String| {
-            problems.push(Problem {
-                object: format!("NetworkPolicy {id}"),
-                reason: format!(
-                    "{reason}; the pods it selects allow nothing from it (fail closed)"
-                ),
-            });
-        };
-        // Who it selects; with an invalid pod selector, the whole namespace.
-        let mut invalid = false;
-        let selected: Vec<Ipv4Addr> = match pods
-            .values()
-            .filter(|p| p.namespace == ns)
-            .map(|p| selector_matches(&pod_selector, &p.labels).map(|m| (p.ip, m)))
-            .collect::<Result<Vec<_>, _>>()
-            .and_then(|v| {
-                selector_matches(&pod_selector, &BTreeMap::new())?;
-                Ok(v)
-            }) {
-            Ok(v) => v
-                .into_iter()
-                .filter(|(_, m)| *m)
-                .map(|(ip, _)| ip)
-                .collect(),
-            Err(e) => {
-                report(&mut problems, format!("podSelector: {e}"));
-                invalid = true;
-                pods.values()
-                    .filter(|p| p.namespace == ns)
-                    .map(|p| p.ip)
-                    .collect()
-            }
-        };
-        let (ingress, egress) = match directions(&spec) {
-            Ok(d) => d,
-            Err(e) => {
-                report(&mut problems, e);
-                invalid = true;
-                (true, true)
-            }
-        };
-        let rules = (|| -> Result<(Vec<Rule>, Vec<Rule>), String> {
-            let mut ing = Vec::new();
-            let mut eg = Vec::new();
-            if ingress {
-                for r in spec.ingress.iter().flatten() {
-                    ing.push(ctx.rule(&id, &ns, r.from.as_ref(), r.ports.as_ref())?);
-                }
-            }
-            if egress {
-                for r in spec.egress.iter().flatten() {
-                    eg.push(ctx.rule(&id, &ns, r.to.as_ref(), r.ports.as_ref())?);
-                }
-            }
-            Ok((ing, eg))
-        })();
-        let (ing_rules, eg_rules) = match rules {
-            Ok(r) if !invalid => r,
-            Ok(_) => (Vec::new(), Vec::new()),
-            Err(e) => {
-                report(&mut problems, e);
-                (Vec::new(), Vec::new())
-            }
-        };
-        for ip in selected {
-            let ep = endpoints.entry(ip).or_default();
-            if ingress {
-                ep.ingress
-                    .get_or_insert_with(Vec::new)
-                    .extend(ing_rules.iter().cloned());
-            }
-            if egress {
-                ep.egress
-                    .get_or_insert_with(Vec::new)
-                    .extend(eg_rules.iter().cloned());
-            }
+        let out = compile_policy(np, &pods, &ns_labels);
+        for ip in &out.selected {
+            out.merge_into(endpoints.entry(*ip).or_default());
         }
+        problems.extend(out.problems);
     }
     (Compiled { pods, endpoints }, problems)
 }
+
+pub mod engine;
 
 #[cfg(test)]
 mod tests;

@@ -28,7 +28,7 @@ use weft_proxy_common::{
     names,
 };
 
-use crate::policy::{Compiled, PeerMatch, PortMatch, Proto, Rule};
+use crate::policy::{Compiled, EndpointPolicy, PeerMatch, PolicyPod, PortMatch, Proto, Rule};
 use crate::{Error, Result, bpffs::PinLayout};
 
 /// What the maps should hold.
@@ -40,10 +40,53 @@ pub struct Desired {
     pub podnets: BTreeSet<Ipv4Net>,
     /// Known prefixes.
     pub ipcache: BTreeSet<Ipv4Net>,
-    /// Rules: (prefix length, key) → index into `policies`.
-    pub rules: BTreeMap<(u32, PolicyKeyOrd), u32>,
-    /// Names of the policies rules point at.
+    /// Rules of each isolated local pod.
+    pub rules: BTreeMap<Ipv4Addr, EndpointRules>,
+    /// Names of the policies rules point at, by index (an empty name is a free index).
     pub policies: Vec<String>,
+}
+
+/// One pod's rules: (prefix length, key) → index into [`Desired::policies`].
+pub type EndpointRules = BTreeMap<(u32, PolicyKeyOrd), u32>;
+
+impl Desired {
+    /// Rule entries over all pods.
+    pub fn rule_count(&self) -> usize {
+        self.rules.values().map(BTreeMap::len).sum()
+    }
+}
+
+/// The parts of [`Desired`] a change may have altered; [`PolicyMaps::apply_touched`] compares
+/// only these with the kernel, so a change costs in proportion to its size.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Touched {
+    /// Pods whose flags or rules may differ.
+    pub endpoints: BTreeSet<Ipv4Addr>,
+    /// Prefixes that may have been added or removed.
+    pub ipcache: BTreeSet<Ipv4Net>,
+    /// Policy name indices that may differ.
+    pub names: BTreeSet<u32>,
+    /// Whether the pod ranges may differ.
+    pub podnets: bool,
+}
+
+impl Touched {
+    /// Everything either side holds: a full comparison.
+    pub fn all(a: &Desired, b: &Desired) -> Self {
+        Touched {
+            endpoints: a
+                .endpoints
+                .keys()
+                .chain(b.endpoints.keys())
+                .chain(a.rules.keys())
+                .chain(b.rules.keys())
+                .copied()
+                .collect(),
+            ipcache: a.ipcache.union(&b.ipcache).copied().collect(),
+            names: (0..a.policies.len().max(b.policies.len()) as u32).collect(),
+            podnets: true,
+        }
+    }
 }
 
 /// [`PolicyKey`] with an order, for the desired set.
@@ -119,6 +162,45 @@ fn proto_ports(p: &PortMatch, named: impl Fn(Proto, &str) -> Option<u16>) -> Vec
     }
 }
 
+/// The prefixes a pod's rules need in the ipcache beyond the pods' own: every CIDR and
+/// `except` its ipBlock peers name.
+pub fn block_prefixes(rules: &[Rule]) -> impl Iterator<Item = Ipv4Net> + '_ {
+    rules
+        .iter()
+        .flat_map(|r| r.peers.iter())
+        .flat_map(|p| match p {
+            PeerMatch::Block { cidr, except } => std::iter::once(*cidr)
+                .chain(except.iter().copied())
+                .collect::<Vec<_>>(),
+            _ => Vec::new(),
+        })
+}
+
+/// One local pod's isolation flags and rule entries. `index` gives each policy's name index.
+pub fn endpoint_rules(
+    ep: &EndpointPolicy,
+    ip: Ipv4Addr,
+    ipcache: &BTreeSet<Ipv4Net>,
+    pods: &BTreeMap<Ipv4Addr, PolicyPod>,
+    mut index: impl FnMut(&str) -> u32,
+) -> (u32, EndpointRules) {
+    let mut flags = 0;
+    let mut out = EndpointRules::new();
+    let id = u32::from(ip);
+    for (dir, rules, flag) in [
+        (POLICY_DIR_INGRESS, &ep.ingress, POLICY_INGRESS_ISOLATED),
+        (POLICY_DIR_EGRESS, &ep.egress, POLICY_EGRESS_ISOLATED),
+    ] {
+        let Some(rules) = rules else { continue };
+        flags |= flag;
+        for r in rules {
+            let idx = index(&r.policy);
+            add_rule(&mut out, ipcache, pods, id, ip, dir, r, idx);
+        }
+    }
+    (flags, out)
+}
+
 /// Computes the maps' contents for the pods in `local` (this node's) and the node's pod ranges.
 pub fn desired(c: &Compiled, local: &BTreeSet<Ipv4Addr>, podnets: &[Ipv4Net]) -> Desired {
     let mut d = Desired {
@@ -133,13 +215,8 @@ pub fn desired(c: &Compiled, local: &BTreeSet<Ipv4Addr>, podnets: &[Ipv4Net]) ->
         d.ipcache.insert(Ipv4Net::from(*ip));
     }
     for ep in c.endpoints.values() {
-        for r in ep.ingress.iter().chain(ep.egress.iter()).flatten() {
-            for p in &r.peers {
-                if let PeerMatch::Block { cidr, except } = p {
-                    d.ipcache.insert(*cidr);
-                    d.ipcache.extend(except.iter().copied());
-                }
-            }
+        for rules in [&ep.ingress, &ep.egress].into_iter().flatten() {
+            d.ipcache.extend(block_prefixes(rules));
         }
     }
     let mut policy_index: BTreeMap<String, u32> = BTreeMap::new();
@@ -147,19 +224,12 @@ pub fn desired(c: &Compiled, local: &BTreeSet<Ipv4Addr>, podnets: &[Ipv4Net]) ->
         if !local.contains(ip) {
             continue;
         }
-        let mut flags = 0;
-        let id = u32::from(*ip);
-        for (dir, rules, flag) in [
-            (POLICY_DIR_INGRESS, &ep.ingress, POLICY_INGRESS_ISOLATED),
-            (POLICY_DIR_EGRESS, &ep.egress, POLICY_EGRESS_ISOLATED),
-        ] {
-            let Some(rules) = rules else { continue };
-            flags |= flag;
-            for r in rules {
-                let n = policy_index.len() as u32;
-                let idx = *policy_index.entry(r.policy.clone()).or_insert(n);
-                add_rule(&mut d, c, id, *ip, dir, r, idx);
-            }
+        let (flags, rules) = endpoint_rules(ep, *ip, &d.ipcache, &c.pods, |name| {
+            let n = policy_index.len() as u32;
+            *policy_index.entry(name.to_owned()).or_insert(n)
+        });
+        if !rules.is_empty() {
+            d.rules.insert(*ip, rules);
         }
         d.endpoints.insert(*ip, flags);
     }
@@ -169,7 +239,17 @@ pub fn desired(c: &Compiled, local: &BTreeSet<Ipv4Addr>, podnets: &[Ipv4Net]) ->
     d
 }
 
-fn add_rule(d: &mut Desired, c: &Compiled, id: u32, ip: Ipv4Addr, dir: u8, r: &Rule, idx: u32) {
+#[allow(clippy::too_many_arguments)]
+fn add_rule(
+    out: &mut EndpointRules,
+    ipcache: &BTreeSet<Ipv4Net>,
+    pods: &BTreeMap<Ipv4Addr, PolicyPod>,
+    id: u32,
+    ip: Ipv4Addr,
+    dir: u8,
+    r: &Rule,
+    idx: u32,
+) {
     // Peers as (identity prefix, the pod behind it if it is one).
     let mut peers: Vec<((u32, u8), Option<Ipv4Addr>)> = Vec::new();
     for p in &r.peers {
@@ -182,10 +262,10 @@ fn add_rule(d: &mut Desired, c: &Compiled, id: u32, ip: Ipv4Addr, dir: u8, r: &R
                 // Only the prefixes whose address falls in the block (an ordered range).
                 let lo = Ipv4Net::new(cidr.network(), 0).unwrap_or(*cidr);
                 let hi = Ipv4Net::new(cidr.broadcast(), 32).unwrap_or(*cidr);
-                for net in d.ipcache.range(lo..=hi) {
+                for net in ipcache.range(lo..=hi) {
                     let inside = cidr.contains(net) && !except.iter().any(|e| e.contains(net));
                     if inside {
-                        let pod = (net.prefix_len() == 32 && c.pods.contains_key(&net.addr()))
+                        let pod = (net.prefix_len() == 32 && pods.contains_key(&net.addr()))
                             .then_some(net.addr());
                         peers.push(((u32::from(net.network()), net.prefix_len()), pod));
                     }
@@ -200,14 +280,14 @@ fn add_rule(d: &mut Desired, c: &Compiled, id: u32, ip: Ipv4Addr, dir: u8, r: &R
             let dest_pods: Vec<Option<Ipv4Addr>> = match (port, dir) {
                 (PortMatch::Named(..), POLICY_DIR_INGRESS) => vec![Some(ip)],
                 (PortMatch::Named(..), _) if peer.1 == PEER_LEN_ANY => {
-                    c.pods.keys().map(|p| Some(*p)).collect()
+                    pods.keys().map(|p| Some(*p)).collect()
                 }
                 (PortMatch::Named(..), _) => vec![peer_pod],
                 _ => vec![None],
             };
             for dest in dest_pods {
                 let named = |proto: Proto, name: &str| {
-                    dest.and_then(|p| c.pods.get(&p))
+                    dest.and_then(|p| pods.get(&p))
                         .and_then(|p| p.named_ports.get(&(name.to_string(), proto)).copied())
                 };
                 // An "any" egress peer with a named port narrows to the pods that have it.
@@ -227,8 +307,7 @@ fn add_rule(d: &mut Desired, c: &Compiled, id: u32, ip: Ipv4Addr, dir: u8, r: &R
                         proto,
                         port: value,
                     };
-                    d.rules
-                        .entry((POLICY_KEY_FIXED_BITS + bits, key))
+                    out.entry((POLICY_KEY_FIXED_BITS + bits, key))
                         .or_insert(idx);
                 }
             }
@@ -326,9 +405,12 @@ impl PolicyMaps {
         }
         for k in rules.keys().flatten() {
             let idx = rules.get(&k, 0).unwrap_or(0);
+            let key = PolicyKeyOrd::from_key(&k.data());
             current
                 .rules
-                .insert((k.prefix_len(), PolicyKeyOrd::from_key(&k.data())), idx);
+                .entry(Ipv4Addr::from(key.endpoint))
+                .or_default()
+                .insert((k.prefix_len(), key), idx);
         }
         let names_map: BpfHashMap<MapData, u32, PolicyName> = BpfHashMap::try_from(Map::HashMap(
             MapData::from_pin(layout.map(names::MAP_POLICY_NAMES))
@@ -363,48 +445,84 @@ impl PolicyMaps {
             endpoints: self.current.endpoints.len(),
             isolated: self.current.endpoints.values().filter(|f| **f != 0).count(),
             ipcache: self.current.ipcache.len(),
-            rules: self.current.rules.len(),
+            rules: self.current.rule_count(),
             pod_ranges: self.current.podnets.len(),
-            policies: self.current.policies.len(),
+            policies: self
+                .current
+                .policies
+                .iter()
+                .filter(|n| !n.is_empty())
+                .count(),
         }
     }
 
-    /// Writes the difference between what the maps hold and `want`.
+    /// Writes the difference between what the maps hold and `want`, comparing everything.
     pub fn apply(&mut self, want: &Desired) -> Result<PolicyReport> {
+        let touched = Touched::all(want, &self.current);
+        self.apply_touched(want, &touched)
+    }
+
+    /// Writes the difference between what the maps hold and `want` in the parts `touched`
+    /// names (everything else is taken to be equal already).
+    pub fn apply_touched(&mut self, want: &Desired, touched: &Touched) -> Result<PolicyReport> {
         let mut report = PolicyReport::default();
-        let cur = std::mem::take(&mut self.current);
+        let prefix_key = |net: &Ipv4Net| {
+            Key::new(
+                u32::from(net.prefix_len()),
+                Be32(u32::from(net.network()).to_be()),
+            )
+        };
+        let name_of = |d: &Desired, i: u32| {
+            d.policies
+                .get(i as usize)
+                .filter(|n| !n.is_empty())
+                .cloned()
+        };
         // Names first, so an event never points at a name not yet written.
-        for (i, name) in want.policies.iter().enumerate() {
-            if cur.policies.get(i) != Some(name) {
+        for &i in &touched.names {
+            let name = name_of(want, i);
+            if name.is_some() && name != name_of(&self.current, i) {
+                let name = name.unwrap_or_default();
                 let mut buf = [0u8; 128];
                 let n = name.len().min(buf.len() - 1);
                 buf[..n].copy_from_slice(&name.as_bytes()[..n]);
                 self.names
-                    .insert(i as u32, PolicyName(buf), 0)
+                    .insert(i, PolicyName(buf), 0)
                     .map_err(map_err(names::MAP_POLICY_NAMES))?;
             }
         }
-        // Additions and changes: rules and ipcache first.
-        for net in want.ipcache.difference(&cur.ipcache) {
-            let key = Key::new(
-                u32::from(net.prefix_len()),
-                Be32(u32::from(net.network()).to_be()),
-            );
-            self.ipcache
-                .insert(&key, peer_id(u32::from(net.network()), net.prefix_len()), 0)
-                .map_err(map_err(names::MAP_POLICY_IPCACHE))?;
-            report.ipcache += 1;
-        }
-        for ((len, k), idx) in &want.rules {
-            if cur.rules.get(&(*len, *k)) != Some(idx) {
-                self.rules
-                    .insert(&Key::new(*len, k.key()), idx, 0)
-                    .map_err(map_err(names::MAP_POLICY_RULES))?;
-                report.rules += 1;
+        // Additions and changes: ipcache and rules first.
+        for net in &touched.ipcache {
+            if want.ipcache.contains(net) && !self.current.ipcache.contains(net) {
+                self.ipcache
+                    .insert(
+                        &prefix_key(net),
+                        peer_id(u32::from(net.network()), net.prefix_len()),
+                        0,
+                    )
+                    .map_err(map_err(names::MAP_POLICY_IPCACHE))?;
+                self.current.ipcache.insert(*net);
+                report.ipcache += 1;
             }
         }
-        for (ip, flags) in &want.endpoints {
-            if cur.endpoints.get(ip) != Some(flags) {
+        let empty = EndpointRules::new();
+        for ip in &touched.endpoints {
+            let want_rules = want.rules.get(ip).unwrap_or(&empty);
+            let cur_rules = self.current.rules.get(ip).unwrap_or(&empty);
+            for ((len, k), idx) in want_rules {
+                if cur_rules.get(&(*len, *k)) != Some(idx) {
+                    self.rules
+                        .insert(&Key::new(*len, k.key()), idx, 0)
+                        .map_err(map_err(names::MAP_POLICY_RULES))?;
+                    report.rules += 1;
+                }
+            }
+        }
+        for ip in &touched.endpoints {
+            let Some(flags) = want.endpoints.get(ip) else {
+                continue;
+            };
+            if self.current.endpoints.get(ip) != Some(flags) {
                 let value = PolicyEndpoint {
                     id: u32::from(*ip),
                     flags: *flags,
@@ -412,53 +530,63 @@ impl PolicyMaps {
                 self.endpoints
                     .insert(Be32(u32::from(*ip).to_be()), value, 0)
                     .map_err(map_err(names::MAP_POLICY_ENDPOINTS))?;
+                self.current.endpoints.insert(*ip, *flags);
                 report.endpoints += 1;
             }
         }
-        // Pod ranges after the endpoints they cover, so no known pod is ever taken for pending.
-        for net in want.podnets.difference(&cur.podnets) {
-            let key = Key::new(
-                u32::from(net.prefix_len()),
-                Be32(u32::from(net.network()).to_be()),
-            );
-            self.podnets
-                .insert(&key, 1, 0)
-                .map_err(map_err(names::MAP_POLICY_PODNETS))?;
-            report.endpoints += 1;
+        if touched.podnets {
+            // Pod ranges after the endpoints they cover, so no known pod is ever taken for
+            // pending; removals before the endpoints are removed.
+            for net in want.podnets.difference(&self.current.podnets) {
+                self.podnets
+                    .insert(&prefix_key(net), 1, 0)
+                    .map_err(map_err(names::MAP_POLICY_PODNETS))?;
+                report.endpoints += 1;
+            }
+            for net in self.current.podnets.difference(&want.podnets) {
+                let _ = self.podnets.remove(&prefix_key(net));
+                report.endpoints += 1;
+            }
+            self.current.podnets = want.podnets.clone();
         }
-        // Removals: pod ranges, then endpoints.
-        for net in cur.podnets.difference(&want.podnets) {
-            let key = Key::new(
-                u32::from(net.prefix_len()),
-                Be32(u32::from(net.network()).to_be()),
-            );
-            let _ = self.podnets.remove(&key);
-            report.endpoints += 1;
+        // Removals: endpoints, then their stale rules, then prefixes and names.
+        for ip in &touched.endpoints {
+            if !want.endpoints.contains_key(ip) && self.current.endpoints.remove(ip).is_some() {
+                let _ = self.endpoints.remove(&Be32(u32::from(*ip).to_be()));
+                report.endpoints += 1;
+            }
+            let want_rules = want.rules.get(ip).unwrap_or(&empty);
+            if let Some(cur_rules) = self.current.rules.get(ip) {
+                for (len, k) in cur_rules.keys().filter(|k| !want_rules.contains_key(k)) {
+                    let _ = self.rules.remove(&Key::new(*len, k.key()));
+                    report.rules += 1;
+                }
+            }
+            match want.rules.get(ip) {
+                Some(r) => self.current.rules.insert(*ip, r.clone()),
+                None => self.current.rules.remove(ip),
+            };
         }
-        for ip in cur
-            .endpoints
-            .keys()
-            .filter(|ip| !want.endpoints.contains_key(ip))
-        {
-            let _ = self.endpoints.remove(&Be32(u32::from(*ip).to_be()));
-            report.endpoints += 1;
+        for net in &touched.ipcache {
+            if !want.ipcache.contains(net) && self.current.ipcache.remove(net) {
+                let _ = self.ipcache.remove(&prefix_key(net));
+                report.ipcache += 1;
+            }
         }
-        for (len, k) in cur.rules.keys().filter(|k| !want.rules.contains_key(k)) {
-            let _ = self.rules.remove(&Key::new(*len, k.key()));
-            report.rules += 1;
+        for &i in &touched.names {
+            let name = name_of(want, i);
+            if name.is_none() && name_of(&self.current, i).is_some() {
+                let _ = self.names.remove(&i);
+            }
+            let slot = i as usize;
+            if self.current.policies.len() <= slot {
+                self.current.policies.resize(slot + 1, String::new());
+            }
+            self.current.policies[slot] = name.unwrap_or_default();
         }
-        for net in cur.ipcache.difference(&want.ipcache) {
-            let key = Key::new(
-                u32::from(net.prefix_len()),
-                Be32(u32::from(net.network()).to_be()),
-            );
-            let _ = self.ipcache.remove(&key);
-            report.ipcache += 1;
+        while self.current.policies.last().is_some_and(String::is_empty) {
+            self.current.policies.pop();
         }
-        for i in want.policies.len()..cur.policies.len() {
-            let _ = self.names.remove(&(i as u32));
-        }
-        self.current = want.clone();
         Ok(report)
     }
 }

@@ -7,7 +7,9 @@
 //! Figures: new connections per second (every one is a policy decision) and 1-byte
 //! request/response per second on one connection, each also as a ratio to "no policy" (programs
 //! attached, pod not isolated). "no weft" (before the agent starts) is shown for reference.
-//! Prints a table and writes JSON (`--json PATH`, default `target/bench/policy.json`).
+//! A second table, in user space only: the time to recompute after one pod label change among
+//! N policies, the full computation against the incremental engine the agent uses.
+//! Prints the tables and writes JSON (`--json PATH`, default `target/bench/policy.json`).
 //! Flags: `--quick` (0, 10, 1000 rules; 2 rounds), `--rules 0,10,1000,10000`, `--rounds N`,
 //! `--secs S`. Build first: `cargo build --release -p weft-proxy -p weft-tests`.
 
@@ -74,9 +76,67 @@ fn expected_entries(n: usize) -> usize {
         &objects.pods,
     );
     let local = [CLIENT.parse().unwrap(), SERVER.parse().unwrap()].into();
-    weft_proxy::policymap::desired(&compiled, &local, &[])
-        .rules
-        .len()
+    weft_proxy::policymap::desired(&compiled, &local, &[]).rule_count()
+}
+
+/// `n` pods in one namespace, each isolated by its own policy that lets in pods labelled
+/// `peer: <its name>`.
+fn many(n: usize) -> weft_proxy::model::Objects {
+    let mut y = String::from("kind: Namespace\nmetadata: {name: m}\n");
+    for i in 0..n {
+        y.push_str(&format!(
+            "---\nkind: Pod\nmetadata: {{name: p{i}, namespace: m, labels: {{app: a{i}}}}}\n\
+             spec: {{nodeName: node0}}\nstatus: {{podIP: 10.{}.{}.{}}}\n---\n\
+             kind: NetworkPolicy\nmetadata: {{name: np{i}, namespace: m}}\n\
+             spec: {{podSelector: {{matchLabels: {{app: a{i}}}}}, ingress: [{{from: [{{podSelector: {{matchLabels: {{peer: a{i}}}}}}}]}}]}}\n",
+            100 + i / 65536,
+            (i / 256) % 256,
+            i % 256
+        ));
+    }
+    weft_proxy::manifests::parse_str(&y, "many").0
+}
+
+/// User-space cost of one pod label change among `n` policies: the full computation against
+/// the incremental engine, on the same objects. Returns (full ms, incremental ms, work).
+fn recompute(n: usize, rounds: usize) -> (f64, f64, weft_proxy::policy::engine::Work) {
+    use weft_proxy::{policy, policymap};
+    let base = many(n);
+    let local: std::collections::BTreeSet<std::net::Ipv4Addr> = base
+        .pods
+        .iter()
+        .filter_map(|p| p.status.as_ref()?.pod_ip.as_ref()?.parse().ok())
+        .collect();
+    let mut engine = policy::engine::Engine::new();
+    let update = |e: &mut policy::engine::Engine, o: &weft_proxy::model::Objects| {
+        e.update(&o.network_policies, &o.namespaces, &o.pods, &local, &[])
+    };
+    update(&mut engine, &base);
+    let (mut full, mut incremental, mut work) = (Vec::new(), Vec::new(), Default::default());
+    for round in 0..rounds {
+        // Pod 0 becomes (or stops being) a peer of the last pod's policy.
+        let mut changed = base.clone();
+        if round % 2 == 0 {
+            changed.pods[0]
+                .metadata
+                .labels
+                .get_or_insert_default()
+                .insert("peer".into(), format!("a{}", n - 1));
+        }
+        let t0 = Instant::now();
+        let (compiled, _) = policy::compile(
+            &changed.network_policies,
+            &changed.namespaces,
+            &changed.pods,
+        );
+        std::hint::black_box(policymap::desired(&compiled, &local, &[]));
+        full.push(t0.elapsed().as_secs_f64() * 1000.0);
+        let t0 = Instant::now();
+        let (_, w, _) = update(&mut engine, &changed);
+        incremental.push(t0.elapsed().as_secs_f64() * 1000.0);
+        work = w;
+    }
+    (median(full), median(incremental), work)
 }
 
 fn main() {
@@ -203,8 +263,30 @@ fn main() {
             "rr_per_s": r, "rr_ratio": r / base.1, "apply_ms": p}),
         );
     }
+    println!(
+        "\nRecomputing after one pod label change, N pods each isolated by its own policy \
+         (user space, median of {} changes)\n",
+        rounds * 4
+    );
+    println!(
+        "{:<16} {:>14} {:>18} {:>18} {:>16}",
+        "policies", "full (ms)", "incremental (ms)", "policies compiled", "pods recomputed"
+    );
+    let mut recomputed = Vec::new();
+    for n in rules.iter().copied().filter(|n| *n > 0) {
+        let (full, inc, work) = recompute(n, rounds * 4);
+        println!(
+            "{n:<16} {full:>14.3} {inc:>18.3} {:>18} {:>16}",
+            work.policies, work.endpoints
+        );
+        recomputed.push(
+            json!({"policies": n, "full_ms": full, "incremental_ms": inc,
+            "policies_compiled": work.policies, "pods_recomputed": work.endpoints}),
+        );
+    }
     let report = json!({"no_weft": {"new_conn_per_s": no_weft.0, "rr_per_s": no_weft.1},
-                        "rounds": rounds, "secs": secs, "results": rows});
+                        "rounds": rounds, "secs": secs, "results": rows,
+                        "recompute": recomputed});
     if let Some(dir) = Path::new(&json_path).parent() {
         std::fs::create_dir_all(dir).unwrap();
     }
