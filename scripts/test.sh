@@ -10,6 +10,9 @@ if [ "$(id -u)" != 0 ]; then
   exit 1
 fi
 
+# Cross-component tests exec binaries of other packages (weft, weft-cni, weft-proxy); build them
+# all first, since `cargo test` builds only the binaries of packages with their own tests.
+cargo build --workspace --locked
 cargo test --workspace --locked "$@"
 
 # Leak check: the test bed names everything weft-tb-<pid>-...

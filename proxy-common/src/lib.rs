@@ -64,6 +64,15 @@ pub mod names {
     pub const PROG_POLICY_FROM_POD: &str = "weft_policy_from_pod";
     /// tcx egress on a pod's host-side interface: traffic to the pod (its ingress policy).
     pub const PROG_POLICY_TO_POD: &str = "weft_policy_to_pod";
+    /// This node's settings for the datapath: array, entry 0 = [`crate::NodeConfig`].
+    pub const MAP_NODE: &str = "WEFT_NODE";
+    /// Source translation of the TC path towards remote backends (LRU): [`crate::FlowKey`]
+    /// (client → frontend) → [`crate::SockRevValue`], the node address and port the flow leaves
+    /// with.
+    pub const MAP_SNAT_FWD: &str = "WEFT_SNAT_FWD";
+    /// Replies of source-translated flows (LRU): [`crate::FlowKey`] (backend → node address and
+    /// port) → [`crate::SnatRev`], the client and frontend to restore.
+    pub const MAP_SNAT_REV: &str = "WEFT_SNAT_REV";
     /// Socket-LB program on connect(2) (cgroup/connect4).
     pub const PROG_CONNECT4: &str = "weft_connect4";
     /// Socket-LB program on sendmsg(2) for unconnected UDP (cgroup/sendmsg4).
@@ -171,16 +180,22 @@ pub enum DropReason {
     PolicyDenied = 3,
     /// A pod of this node that the agent has not processed yet (isolated until it has).
     PolicyPending = 4,
+    /// No free source port to translate a flow to a remote backend.
+    SnatPortsExhausted = 5,
+    /// No route (or no way to forward) towards a remote backend or back to a client.
+    NoRoute = 6,
 }
 
 impl DropReason {
     /// Every reason, in index order.
-    pub const ALL: [Self; 5] = [
+    pub const ALL: [Self; 7] = [
         Self::NoEndpoints,
         Self::BackendRace,
         Self::RewriteFailed,
         Self::PolicyDenied,
         Self::PolicyPending,
+        Self::SnatPortsExhausted,
+        Self::NoRoute,
     ];
 
     /// The label shown in metrics.
@@ -191,6 +206,8 @@ impl DropReason {
             Self::RewriteFailed => "rewrite_failed",
             Self::PolicyDenied => "policy_denied",
             Self::PolicyPending => "policy_pending",
+            Self::SnatPortsExhausted => "snat_ports_exhausted",
+            Self::NoRoute => "no_route",
         }
     }
 }
@@ -441,6 +458,34 @@ pub struct SockRevValue {
     pub _pad: u16,
 }
 
+/// The client and frontend of a flow the TC path sent to a remote backend from the node's
+/// address, restored on its replies.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SnatRev {
+    /// Client address.
+    pub client: Be32,
+    /// Frontend address.
+    pub front: Be32,
+    /// Client port.
+    pub client_port: Be16,
+    /// Frontend port.
+    pub front_port: Be16,
+}
+
+/// This node's settings for the datapath.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct NodeConfig {
+    /// The node's address that flows to remote backends leave from (0: remote backends are
+    /// not used by the TC path).
+    pub snat_addr: Be32,
+    /// First source port of the range used for those flows.
+    pub snat_port_min: u16,
+    /// Number of ports in that range.
+    pub snat_port_count: u16,
+}
+
 /// Traffic direction as seen from the interface a program is attached to.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -536,6 +581,10 @@ const _: () = {
     assert!(core::mem::offset_of!(AffinityValue, last_used_ns) == 16);
     assert!(core::mem::offset_of!(FlowKey, sport) == 8);
     assert!(core::mem::offset_of!(FlowKey, proto) == 12);
+    assert!(core::mem::size_of::<SnatRev>() == 12);
+    assert!(core::mem::offset_of!(SnatRev, client_port) == 8);
+    assert!(core::mem::size_of::<NodeConfig>() == 8);
+    assert!(core::mem::offset_of!(NodeConfig, snat_port_count) == 6);
 };
 
 #[cfg(feature = "user")]
@@ -584,6 +633,10 @@ mod pod {
     unsafe impl aya::Pod for super::PolicyName {}
     // SAFETY: a transparent wrapper of u32.
     unsafe impl aya::Pod for super::Be32 {}
+    // SAFETY: repr(C), Copy, no implicit padding (size and offsets asserted above).
+    unsafe impl aya::Pod for super::SnatRev {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::NodeConfig {}
 }
 
 #[cfg(test)]

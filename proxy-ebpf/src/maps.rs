@@ -2,12 +2,12 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use weft_proxy_common::{
     AffinityKey, AffinityValue, Backend, BackendKey, Be32, FlowKey, FlowTarget, IfaceDirKey,
-    MaglevKey, PacketCounter, PeerId, PolicyCtKey, PolicyEndpoint, PolicyKey, ServiceKey,
-    ServiceValue, SockRevKey, SockRevValue,
+    MaglevKey, NodeConfig, PacketCounter, PeerId, PolicyCtKey, PolicyEndpoint, PolicyKey,
+    ServiceKey, ServiceValue, SnatRev, SockRevKey, SockRevValue,
 };
 
 /// Packets and bytes per (interface, direction), for every interface a counter program is on.
@@ -39,6 +39,20 @@ pub static WEFT_REVNAT: LruHashMap<FlowKey, SockRevValue> = LruHashMap::pinned(2
 /// Session affinity: (client, backend set) → the backend the client keeps while it is fresh.
 #[map(name = "WEFT_AFFINITY")]
 pub static WEFT_AFFINITY: LruHashMap<AffinityKey, AffinityValue> = LruHashMap::pinned(262_144, 0);
+
+/// This node's settings (entry 0), written by the agent.
+#[map(name = "WEFT_NODE")]
+pub static WEFT_NODE: Array<NodeConfig> = Array::pinned(1, 0);
+
+/// TC path: (client → frontend) flow sent to a remote backend → the node address and port it
+/// leaves with.
+#[map(name = "WEFT_SNAT_FWD")]
+pub static WEFT_SNAT_FWD: LruHashMap<FlowKey, SockRevValue> = LruHashMap::pinned(262_144, 0);
+
+/// TC path: (remote backend → node address and port) → the client and frontend to restore on
+/// replies.
+#[map(name = "WEFT_SNAT_REV")]
+pub static WEFT_SNAT_REV: LruHashMap<FlowKey, SnatRev> = LruHashMap::pinned(262_144, 0);
 
 /// Drops and refusals by reason (`weft_proxy_common::DropReason`), per CPU.
 #[map(name = "WEFT_DROPS")]

@@ -2,27 +2,44 @@
 //! connections from outside the node to a NodePort, externalIP or LoadBalancer address.
 //!
 //! Ingress on the node's external interface: a packet to a frontend gets a backend (the same one
-//! for every packet of the flow, kept in `WEFT_CT`) and is DNATed to it; the kernel then routes it
-//! to the pod. Egress on the same interface: a reply from that backend to the client is SNATed
-//! back to the frontend address (`WEFT_REVNAT`). The client address is preserved end to end, as
-//! with `externalTrafficPolicy: Local`; only local backends are reachable this way so far.
+//! for every packet of the flow, kept in `WEFT_CT`). A backend on this node: the packet is DNATed
+//! and the kernel routes it to the pod; egress on the same interface SNATs the reply back to the
+//! frontend address (`WEFT_REVNAT`), so the client address is preserved end to end. A backend on
+//! another node (`externalTrafficPolicy: Cluster`): the packet is also SNATed to this node's
+//! address and a port of its own (`WEFT_SNAT_FWD`/`WEFT_SNAT_REV`) so the reply comes back here,
+//! and is sent out by a FIB lookup and redirect; the reply, arriving on an interface this program
+//! is on, gets the client and frontend back and is redirected to the client the same way.
 //! Programs return `TC_ACT_UNSPEC` for anything that is not theirs, so later tcx programs run.
 
 use aya_ebpf::{
-    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_SHOT, TC_ACT_UNSPEC},
+    bindings::{
+        BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_FIB_LKUP_RET_NO_NEIGH,
+        BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_SHOT, TC_ACT_UNSPEC, bpf_fib_lookup,
+    },
+    cty::c_void,
+    helpers::generated::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh},
     macros::classifier,
     programs::TcContext,
 };
 use weft_proxy_common::{
-    AFFINITY_CLIENT_ADDR, Be16, Be32, DropReason, FlowKey, FlowTarget, MAGLEV_TABLE_SIZE,
-    MaglevKey, SERVICE_FLAG_AFFINITY, SERVICE_FLAG_MAGLEV, ServiceKey, SockRevValue, proto,
+    AFFINITY_CLIENT_ADDR, Backend, Be16, Be32, DropReason, FlowKey, FlowTarget, MAGLEV_TABLE_SIZE,
+    MaglevKey, SERVICE_FLAG_AFFINITY, SERVICE_FLAG_MAGLEV, ServiceKey, ServiceValue, SnatRev,
+    SockRevValue, proto,
 };
 
 use crate::{
     lb,
-    maps::{WEFT_CT, WEFT_MAGLEV, WEFT_REVNAT, WEFT_SERVICES, count_drop},
+    maps::{
+        WEFT_CT, WEFT_MAGLEV, WEFT_NODE, WEFT_REVNAT, WEFT_SERVICES, WEFT_SNAT_FWD, WEFT_SNAT_REV,
+        count_drop,
+    },
     packet::{self, ETH_HLEN, IP_CSUM, IP_DST, IP_SRC},
 };
+
+/// AF_INET.
+const AF_INET: u8 = 2;
+/// Tries at finding a free source port for a flow to a remote backend.
+const SNAT_TRIES: u32 = 8;
 
 /// Offsets of the checksum inside TCP and UDP headers.
 const TCP_CSUM: usize = 16;
@@ -104,11 +121,153 @@ fn rewrite(ctx: &TcContext, p: &Packet, dst: bool, addr: Be32, port: Be16) -> Re
     Ok(())
 }
 
+/// Sends a packet whose addresses were just rewritten out of the interface the FIB picks for
+/// `dst`, with the next hop's MAC address (or lets the kernel resolve it).
+#[inline(always)]
+fn forward(ctx: &TcContext, src: Be32, dst: Be32) -> i32 {
+    // SAFETY: an all-zero bpf_fib_lookup is a valid value (plain integers and unions of them).
+    let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    params.family = AF_INET;
+    // SAFETY: the context's __sk_buff is valid for the program's whole run.
+    params.ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    params.__bindgen_anon_3.ipv4_src = src.0;
+    params.__bindgen_anon_4.ipv4_dst = dst.0;
+    // SAFETY: the helper reads and writes `params` only, whose size it is given.
+    let rc = unsafe {
+        fib_lookup(
+            ctx.skb.skb as *mut c_void,
+            &mut params,
+            core::mem::size_of::<bpf_fib_lookup>() as i32,
+            0,
+        )
+    };
+    match rc as u32 {
+        BPF_FIB_LKUP_RET_SUCCESS => {
+            if ctx.store(0, &params.dmac, 0).is_err() || ctx.store(6, &params.smac, 0).is_err() {
+                count_drop(DropReason::RewriteFailed);
+                return TC_ACT_SHOT as i32;
+            }
+            // SAFETY: a helper taking plain integers.
+            unsafe { bpf_redirect(params.ifindex, 0) as i32 }
+        }
+        // SAFETY: a null neighbour means "resolve the destination's address" (the kernel's
+        // documented use).
+        BPF_FIB_LKUP_RET_NO_NEIGH => unsafe {
+            bpf_redirect_neigh(params.ifindex, core::ptr::null_mut(), 0, 0) as i32
+        },
+        _ => {
+            count_drop(DropReason::NoRoute);
+            TC_ACT_SHOT as i32
+        }
+    }
+}
+
+/// A reply of a flow this node sent to a remote backend: client and frontend restored, and
+/// sent back towards the client. `None` when the packet is not one.
+#[inline(always)]
+fn snat_reply(ctx: &TcContext, p: &Packet) -> Option<i32> {
+    // SAFETY: read-only lookup of plain integers.
+    let back = *unsafe { WEFT_SNAT_REV.get(&p.flow) }?;
+    if rewrite(ctx, p, false, back.front, back.front_port).is_err() {
+        count_drop(DropReason::RewriteFailed);
+        return Some(TC_ACT_SHOT as i32);
+    }
+    let p2 = Packet {
+        flow: FlowKey {
+            src: back.front,
+            sport: back.front_port,
+            ..p.flow
+        },
+        l4: p.l4,
+        new_or_udp: p.new_or_udp,
+    };
+    if rewrite(ctx, &p2, true, back.client, back.client_port).is_err() {
+        count_drop(DropReason::RewriteFailed);
+        return Some(TC_ACT_SHOT as i32);
+    }
+    Some(forward(ctx, back.front, back.client))
+}
+
+/// The node address and port a flow to a remote backend leaves with: the one it has, or a
+/// free one from the node's range.
+#[inline(always)]
+fn snat_port(p: &Packet, b: &Backend) -> Option<SockRevValue> {
+    let back = SnatRev {
+        client: p.flow.src,
+        front: p.flow.dst,
+        client_port: p.flow.sport,
+        front_port: p.flow.dport,
+    };
+    let reply_to = |addr: Be32, port: Be16| FlowKey {
+        src: b.addr,
+        dst: addr,
+        sport: b.port,
+        dport: port,
+        proto: p.flow.proto,
+        _pad: [0; 3],
+    };
+    // SAFETY: read-only lookup of plain integers.
+    if let Some(v) = unsafe { WEFT_SNAT_FWD.get(&p.flow) }.copied() {
+        // The flow keeps its port; if it moved to another backend, its replies from there
+        // need their own entry (unless that exact tuple is another flow's).
+        let reply = reply_to(v.addr, v.port);
+        // SAFETY: as above.
+        match unsafe { WEFT_SNAT_REV.get(&reply) } {
+            Some(r) if *r == back => return Some(v),
+            None => {
+                if WEFT_SNAT_REV.insert(&reply, &back, 0).is_ok() {
+                    return Some(v);
+                }
+            }
+            Some(_) => {}
+        }
+    }
+    let node = WEFT_NODE.get(0)?;
+    if node.snat_addr.0 == 0 || node.snat_port_count == 0 {
+        return None;
+    }
+    let hash = lb::flow_hash(&p.flow);
+    for i in 0..SNAT_TRIES {
+        let port = node.snat_port_min as u32
+            + (hash.wrapping_add(i.wrapping_mul(7919)) % node.snat_port_count as u32);
+        let reply = reply_to(node.snat_addr, Be16((port as u16).to_be()));
+        // SAFETY: as above.
+        if unsafe { WEFT_SNAT_REV.get(&reply) }.is_some() {
+            continue;
+        }
+        let out = SockRevValue {
+            addr: node.snat_addr,
+            port: reply.dport,
+            _pad: 0,
+        };
+        if WEFT_SNAT_REV.insert(&reply, &back, 0).is_err()
+            || WEFT_SNAT_FWD.insert(&p.flow, &out, 0).is_err()
+        {
+            return None;
+        }
+        return Some(out);
+    }
+    None
+}
+
+/// How many slots the TC path may choose from: every backend when remote ones can be reached
+/// (this node has an address to translate to), else this node's only.
+#[inline(always)]
+fn reachable(svc: &ServiceValue) -> u32 {
+    match WEFT_NODE.get(0) {
+        Some(n) if n.snat_addr.0 != 0 && n.snat_port_count != 0 => svc.count,
+        _ => svc.local_count,
+    }
+}
+
 #[classifier]
 pub fn weft_nodeport_ingress(ctx: TcContext) -> i32 {
     let Some(p) = parse(&ctx) else {
         return TC_ACT_UNSPEC;
     };
+    if let Some(verdict) = snat_reply(&ctx, &p) {
+        return verdict;
+    }
     let key = ServiceKey {
         addr: p.flow.dst,
         port: p.flow.dport,
@@ -119,21 +278,20 @@ pub fn weft_nodeport_ingress(ctx: TcContext) -> i32 {
     let Some(svc) = (unsafe { WEFT_SERVICES.get(&key) }) else {
         return TC_ACT_UNSPEC;
     };
-    // SAFETY: as above.
+    let n = reachable(svc);
+    // SAFETY: read-only lookup of plain integers.
     let known = unsafe { WEFT_CT.get(&p.flow) }.copied();
-    let backend = match known {
+    let (backend, remote) = match known {
         // A packet of an established TCP connection keeps its backend, even one that is now
         // terminating. A new connection reusing the 5-tuple, and UDP, keep it only while its slot
         // still holds it; otherwise they choose again (UDP flows move off removed backends).
-        Some(t)
-            if !p.new_or_udp
-                || lb::still_valid(svc, svc.local_count, t.service, t.slot, &t.backend) =>
-        {
-            t.backend
+        // Whether it went to a remote backend was decided when the backend was chosen.
+        Some(t) if !p.new_or_udp || lb::still_valid(svc, n, t.service, t.slot, &t.backend) => {
+            // SAFETY: read-only lookup of plain integers.
+            (t.backend, unsafe { WEFT_SNAT_FWD.get(&p.flow) }.is_some())
         }
         _ => {
-            // Only local backends are reachable from here (no SNAT for remote ones yet).
-            if svc.local_count == 0 {
+            if n == 0 {
                 count_drop(DropReason::NoEndpoints);
                 return TC_ACT_SHOT as i32;
             }
@@ -150,8 +308,12 @@ pub fn weft_nodeport_ingress(ctx: TcContext) -> i32 {
                     })
                 }
                 .map(|t| (t.backend, t.slot))
+                // The table covers every backend; without a way to reach remote ones, flows
+                // hashed to them choose among the local ones instead.
+                .filter(|(_, slot)| *slot < n)
+                .or_else(|| lb::pick(svc, n, client))
             } else {
-                lb::pick(svc, svc.local_count, client)
+                lb::pick(svc, n, client)
             };
             let Some((b, slot)) = chosen else {
                 count_drop(DropReason::BackendRace);
@@ -166,28 +328,54 @@ pub fn weft_nodeport_ingress(ctx: TcContext) -> i32 {
                 },
                 0,
             );
-            let reply = FlowKey {
-                src: b.addr,
-                dst: p.flow.src,
-                sport: b.port,
-                dport: p.flow.sport,
-                proto: p.flow.proto,
-                _pad: [0; 3],
-            };
-            let front = SockRevValue {
-                addr: p.flow.dst,
-                port: p.flow.dport,
-                _pad: 0,
-            };
-            let _ = WEFT_REVNAT.insert(&reply, &front, 0);
-            b
+            let remote = slot >= svc.local_count;
+            if !remote {
+                // A flow that moved here from a remote backend leaves without translation now.
+                let _ = WEFT_SNAT_FWD.remove(&p.flow);
+                let reply = FlowKey {
+                    src: b.addr,
+                    dst: p.flow.src,
+                    sport: b.port,
+                    dport: p.flow.sport,
+                    proto: p.flow.proto,
+                    _pad: [0; 3],
+                };
+                let front = SockRevValue {
+                    addr: p.flow.dst,
+                    port: p.flow.dport,
+                    _pad: 0,
+                };
+                let _ = WEFT_REVNAT.insert(&reply, &front, 0);
+            }
+            (b, remote)
         }
     };
     if rewrite(&ctx, &p, true, backend.addr, backend.port).is_err() {
         count_drop(DropReason::RewriteFailed);
         return TC_ACT_SHOT as i32;
     }
-    TC_ACT_UNSPEC
+    if !remote {
+        return TC_ACT_UNSPEC;
+    }
+    // A remote backend: leave from this node's address so the reply comes back here.
+    let Some(out) = snat_port(&p, &backend) else {
+        count_drop(DropReason::SnatPortsExhausted);
+        return TC_ACT_SHOT as i32;
+    };
+    let p2 = Packet {
+        flow: FlowKey {
+            dst: backend.addr,
+            dport: backend.port,
+            ..p.flow
+        },
+        l4: p.l4,
+        new_or_udp: p.new_or_udp,
+    };
+    if rewrite(&ctx, &p2, false, out.addr, out.port).is_err() {
+        count_drop(DropReason::RewriteFailed);
+        return TC_ACT_SHOT as i32;
+    }
+    forward(&ctx, out.addr, backend.addr)
 }
 
 #[classifier]

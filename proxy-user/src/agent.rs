@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use aya::programs::TcAttachType;
 use serde::Serialize;
-use weft_proxy_common::names;
+use weft_proxy_common::{Be32, NodeConfig, names};
 
 use crate::{
     Error, Result,
@@ -70,6 +70,11 @@ pub struct Config {
     pub nodeport_ifaces: Vec<String>,
     /// Name prefixes of pods' host-side interfaces, where NetworkPolicy is enforced.
     pub policy_iface_prefixes: Vec<String>,
+    /// The address flows from outside to remote backends leave this node with (default: the
+    /// Node's InternalIP); `0.0.0.0` to use only this node's backends on the TC path.
+    pub snat_addr: Option<std::net::Ipv4Addr>,
+    /// Source ports for those flows (keep them outside `ip_local_port_range`).
+    pub snat_ports: (u16, u16),
 }
 
 /// One synchronisation.
@@ -261,6 +266,20 @@ impl Agent {
         };
         let (desired, more) = model::desired(&objects, &self.config.node_name);
         problems.extend(more);
+        let snat = self
+            .config
+            .snat_addr
+            .or_else(|| model::node_snat_addr(&objects, &self.config.node_name))
+            .filter(|a| !a.is_unspecified());
+        let (lo, hi) = self.config.snat_ports;
+        let node = NodeConfig {
+            snat_addr: Be32(snat.map_or(0, |a| u32::from(a).to_be())),
+            snat_port_min: lo,
+            snat_port_count: hi.saturating_sub(lo).saturating_add(1),
+        };
+        if self.maps.set_node_config(node)? {
+            tracing::info!(snat = ?snat, ports = ?(lo, hi), "remote backends from outside the node leave from this address");
+        }
         let (applied, errors) = self.maps.apply(&desired);
         let local: BTreeSet<std::net::Ipv4Addr> = objects
             .pods

@@ -106,6 +106,26 @@ struct RunArgs {
     /// weft-cni names them wft...).
     #[arg(long = "policy-iface-prefix", default_value = "wft")]
     policy_iface_prefixes: Vec<String>,
+    /// Address that traffic from outside the node to backends on other nodes leaves with, so
+    /// replies return here (default: this Node's InternalIP; 0.0.0.0: use only this node's
+    /// backends on the per-packet path).
+    #[arg(long)]
+    snat_addr: Option<std::net::Ipv4Addr>,
+    /// Source port range for that traffic, FIRST-LAST (outside ip_local_port_range).
+    #[arg(long, default_value = "61000-65535", value_parser = parse_port_range)]
+    snat_ports: (u16, u16),
+}
+
+fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
+    let (a, b) = s.split_once('-').ok_or("expected FIRST-LAST")?;
+    let (a, b): (u16, u16) = (
+        a.parse().map_err(|e| format!("{a}: {e}"))?,
+        b.parse().map_err(|e| format!("{b}: {e}"))?,
+    );
+    if a == 0 || b < a {
+        return Err(format!("{s}: FIRST must be 1 or more and not above LAST"));
+    }
+    Ok((a, b))
 }
 
 #[derive(Debug, Subcommand)]
@@ -357,6 +377,8 @@ fn run(layout: PinLayout, args: RunArgs) -> anyhow::Result<()> {
         },
         nodeport_ifaces: args.nodeport_ifaces,
         policy_iface_prefixes: args.policy_iface_prefixes,
+        snat_addr: args.snat_addr,
+        snat_ports: args.snat_ports,
     };
     let mut agent = Agent::start(config.clone()).context("starting the agent")?;
     let metrics = std::sync::Arc::new(weft_proxy::metrics::Metrics::new(config.layout.clone()));

@@ -143,6 +143,23 @@ fn node_addrs(objects: &Objects, node_name: &str) -> Vec<Ipv4Addr> {
         .collect()
 }
 
+/// The address this node's TC path translates flows to remote backends to: its first
+/// InternalIP (else ExternalIP), which other nodes route back to it.
+pub fn node_snat_addr(objects: &Objects, node_name: &str) -> Option<Ipv4Addr> {
+    let addrs: Vec<(bool, Ipv4Addr)> = objects
+        .nodes
+        .iter()
+        .filter(|n| n.metadata.name.as_deref() == Some(node_name))
+        .flat_map(|n| n.status.iter().flat_map(|s| s.addresses.iter().flatten()))
+        .filter_map(|a| Some((a.type_ == "InternalIP", a.address.parse().ok()?)))
+        .collect();
+    addrs
+        .iter()
+        .find(|(internal, _)| *internal)
+        .or(addrs.first())
+        .map(|(_, a)| *a)
+}
+
 fn labels_match(
     selector: &BTreeMap<String, String>,
     labels: Option<&BTreeMap<String, String>>,

@@ -10,10 +10,10 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use aya::maps::{HashMap, Map, MapData, MapError};
+use aya::maps::{Array, HashMap, Map, MapData, MapError};
 use serde::Serialize;
 use weft_proxy_common::{
-    Backend, BackendKey, Be16, Be32, FlowTarget, MaglevKey, SERVICE_FLAG_AFFINITY,
+    Backend, BackendKey, Be16, Be32, FlowTarget, MaglevKey, NodeConfig, SERVICE_FLAG_AFFINITY,
     SERVICE_FLAG_MAGLEV, ServiceKey, ServiceValue, names,
 };
 
@@ -100,12 +100,22 @@ pub struct ServiceRow {
     pub local: usize,
 }
 
+/// The node settings map (aya's `Array` has no `Debug`).
+struct NodeMap(Array<MapData, NodeConfig>);
+
+impl std::fmt::Debug for NodeMap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("NodeMap")
+    }
+}
+
 /// The service and backend maps, and what is programmed in them.
 #[derive(Debug)]
 pub struct ServiceMaps {
     services: HashMap<MapData, ServiceKey, ServiceValue>,
     backends: HashMap<MapData, BackendKey, Backend>,
     maglev: HashMap<MapData, MaglevKey, FlowTarget>,
+    node: Option<NodeMap>,
     current: BTreeMap<Frontend, Programmed>,
     /// Backend-set ids in use, kept alongside `current` so allocating one is O(log n).
     ids: BTreeSet<u32>,
@@ -176,10 +186,20 @@ impl ServiceMaps {
             .map_err(map_err(names::MAP_BACKENDS))?;
         let maglev = HashMap::try_from(Map::HashMap(open_pinned(layout, names::MAP_MAGLEV)?))
             .map_err(map_err(names::MAP_MAGLEV))?;
+        // Looking only, the node map may not exist yet (an agent starting up pins its maps one
+        // by one); it is not needed for that.
+        let node = match open_pinned(layout, names::MAP_NODE) {
+            Ok(m) => Some(NodeMap(
+                Array::try_from(Map::Array(m)).map_err(map_err(names::MAP_NODE))?,
+            )),
+            Err(_) if !clean_stale => None,
+            Err(e) => return Err(e),
+        };
         let mut me = Self {
             services,
             backends,
             maglev,
+            node,
             current: BTreeMap::new(),
             ids: BTreeSet::new(),
             limits,
@@ -271,6 +291,26 @@ impl ServiceMaps {
         Ok(())
     }
 
+    /// What the datapath knows of this node (its address for flows to remote backends).
+    pub fn node_config(&self) -> NodeConfig {
+        self.node
+            .as_ref()
+            .and_then(|n| n.0.get(&0, 0).ok())
+            .unwrap_or_default()
+    }
+
+    /// Sets what the datapath knows of this node; returns whether it changed.
+    pub fn set_node_config(&mut self, want: NodeConfig) -> Result<bool> {
+        if self.node_config() == want {
+            return Ok(false);
+        }
+        let Some(node) = self.node.as_mut() else {
+            return Ok(false);
+        };
+        node.0.set(0, want, 0).map_err(map_err(names::MAP_NODE))?;
+        Ok(true)
+    }
+
     fn delete_slots(&mut self, id: u32, from: usize, to: usize) {
         for slot in from..to {
             let _ = self.backends.remove(&BackendKey {
@@ -280,13 +320,13 @@ impl ServiceMaps {
         }
     }
 
-    /// Writes the Maglev table of a frontend that uses one (over its local backends, which the
-    /// TC path serves), changing only entries that differ from what `old` wrote; removes the
-    /// table of one that no longer does. Returns the table now in the map.
+    /// Writes the Maglev table of a frontend that uses one (over all its backends: the TC path
+    /// reaches remote ones by translating the source), changing only entries that differ from
+    /// what `old` wrote; removes the table of one that no longer does. Returns the table now in
+    /// the map.
     fn write_table(&mut self, id: u32, want: &FrontendState, old: &Programmed) -> Result<Vec<u32>> {
-        let local = &want.backends[..want.local_count];
         let table = if want.maglev {
-            let names: Vec<String> = local.iter().map(ToString::to_string).collect();
+            let names: Vec<String> = want.backends.iter().map(ToString::to_string).collect();
             crate::maglev::table(&names, crate::maglev::TABLE_SIZE)
         } else {
             Vec::new()
@@ -302,7 +342,7 @@ impl ServiceMaps {
                 .table
                 .get(index)
                 .map(|&s| (s, old.backends.get(s as usize)));
-            if before == Some((slot, local.get(slot as usize))) {
+            if before == Some((slot, want.backends.get(slot as usize))) {
                 continue;
             }
             let key = MaglevKey {
@@ -310,7 +350,7 @@ impl ServiceMaps {
                 index: index as u32,
             };
             let value = FlowTarget {
-                backend: backend(&local[slot as usize]),
+                backend: backend(&want.backends[slot as usize]),
                 service: id,
                 slot,
             };
@@ -502,21 +542,22 @@ pub fn read(layout: &PinLayout) -> Result<Vec<ServiceRow>> {
 /// Forgets every TC-path flow, like `conntrack -F`: each flow chooses its backend again on its
 /// next packet. Returns how many flows were forgotten.
 pub fn flush_flows(layout: &PinLayout) -> Result<usize> {
-    use weft_proxy_common::{FlowKey, SockRevValue};
-    let ct: HashMap<MapData, FlowKey, FlowTarget> =
-        HashMap::try_from(Map::LruHashMap(open_pinned(layout, names::MAP_CT)?))
-            .map_err(map_err(names::MAP_CT))?;
-    let mut rev: HashMap<MapData, FlowKey, SockRevValue> =
-        HashMap::try_from(Map::LruHashMap(open_pinned(layout, names::MAP_REVNAT)?))
-            .map_err(map_err(names::MAP_REVNAT))?;
-    let keys: Vec<FlowKey> = ct.keys().filter_map(std::result::Result::ok).collect();
-    let mut ct = ct;
+    use weft_proxy_common::{SnatRev, SockRevValue};
+    let flows = clear_lru::<FlowTarget>(layout, names::MAP_CT)?;
+    clear_lru::<SockRevValue>(layout, names::MAP_REVNAT)?;
+    clear_lru::<SockRevValue>(layout, names::MAP_SNAT_FWD)?;
+    clear_lru::<SnatRev>(layout, names::MAP_SNAT_REV)?;
+    Ok(flows)
+}
+
+/// Removes every entry of a pinned LRU map keyed by flows; returns how many there were.
+fn clear_lru<V: aya::Pod>(layout: &PinLayout, name: &'static str) -> Result<usize> {
+    let mut map: HashMap<MapData, weft_proxy_common::FlowKey, V> =
+        HashMap::try_from(Map::LruHashMap(open_pinned(layout, name)?)).map_err(map_err(name))?;
+    let keys: Vec<weft_proxy_common::FlowKey> =
+        map.keys().filter_map(std::result::Result::ok).collect();
     for k in &keys {
-        let _ = ct.remove(k);
-    }
-    let rkeys: Vec<FlowKey> = rev.keys().filter_map(std::result::Result::ok).collect();
-    for k in &rkeys {
-        let _ = rev.remove(k);
+        let _ = map.remove(k);
     }
     Ok(keys.len())
 }

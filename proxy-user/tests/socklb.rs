@@ -122,6 +122,10 @@ impl Env {
     }
 
     fn start_agent(&mut self) {
+        self.start_agent_with(&[]);
+    }
+
+    fn start_agent_with(&mut self, extra: &[&str]) {
         let child = weft_tests::proxy_agent(
             self.node(),
             BIN.as_ref(),
@@ -131,6 +135,7 @@ impl Env {
             50,
         )
         .args(["--nodeport-iface", "eth0"])
+        .args(extra)
         .spawn()
         .unwrap();
         self.agent = Some(child);
@@ -582,7 +587,9 @@ fn traffic_policies_choose_local_backends() {
         "type: NodePort, clusterIP: 10.96.0.72, externalTrafficPolicy: Local, ports: [{name: http, port: 80, targetPort: http, nodePort: 30072}]",
     );
     env.write_with_node("policies.yaml", &manifests);
-    env.start_agent();
+    // be2 is not really on another node here, so the per-packet path must not send it
+    // source-translated traffic (see nodeport_reaches_remote_backends_through_snat).
+    env.start_agent_with(&["--snat-addr", "0.0.0.0"]);
     env.wait_for_frontend("10.96.0.70:80/tcp", 1);
     env.wait_for_frontend(&format!("{node_ip}:30071/tcp"), 2);
     env.wait_for_frontend(&format!("{node_ip}:30072/tcp"), 1);
@@ -615,7 +622,8 @@ fn traffic_policies_choose_local_backends() {
     assert!(a > 0 && b > 0, "both backends: {a} / {b}");
     // externalTrafficPolicy: Local, from a pod: only the local backend.
     assert_eq!(spread(&env, &|| pod(format!("{node_ip}:30072"))), (16, 0));
-    // From outside (TC path), only local backends are reachable, whatever the policy.
+    // From outside (TC path) with source translation turned off, only local backends are
+    // reachable, whatever the policy.
     assert_eq!(spread(&env, &|| outside(30071)), (16, 0));
     assert_eq!(spread(&env, &|| outside(30072)), (16, 0));
 
@@ -820,4 +828,157 @@ fn maglev_keeps_flows_on_their_backends() {
     assert!(kept >= 12, "Maglev kept only {kept} of 24 flows");
     assert_eq!(moved_elsewhere, 0, "flows only move to the new backend");
     env.stop_agent();
+}
+
+/// NodePort from an external host to a node with one local and one remote backend (on a second
+/// node, reached through the underlay): with `externalTrafficPolicy: Cluster` both serve, the
+/// local one sees the client's address and the remote one the node's (SNAT, so replies come back
+/// through the node); with `Local`, only the local one, with the client's address.
+#[test]
+fn nodeport_reaches_remote_backends_through_snat() {
+    let mut lab = Lab::new().unwrap();
+    let (n0, n1) = (lab.add_node().unwrap(), lab.add_node().unwrap());
+    lab.wire_pod(n0, "local", "10.244.0.3".parse().unwrap())
+        .unwrap();
+    lab.wire_pod(n1, "remote", "10.244.1.3".parse().unwrap())
+        .unwrap();
+    lab.add_external("ext").unwrap();
+    let node0_ip = lab.node(0).underlay_addr().unwrap();
+    let node1_ip = lab.node(1).underlay_addr().unwrap();
+    // node0 reaches node1's pods through node1, as an overlay or a routed underlay provides.
+    lab.node(0)
+        .exec(
+            "ip",
+            [
+                "route",
+                "add",
+                "10.244.1.0/24",
+                "via",
+                &node1_ip.to_string(),
+            ],
+        )
+        .unwrap();
+    let any = |p| format!("0.0.0.0:{p}").parse().unwrap();
+    let (local, remote) = (lab.host("local").unwrap(), lab.host("remote").unwrap());
+    let tcp = (
+        local.tcp_echo_server(any(8080)).unwrap(),
+        remote.tcp_echo_server(any(8080)).unwrap(),
+    );
+    let udp = (
+        local.udp_echo_server(any(5353)).unwrap(),
+        remote.udp_echo_server(any(5353)).unwrap(),
+    );
+    let pin = lab.bpffs_dir("snat").unwrap();
+    let cgroup = lab.cgroup("snat").unwrap();
+    let manifests = lab.temp_dir("snat").unwrap();
+    let svc = |name: &str, policy: &str, np: u16, udp_np: u16| {
+        format!(
+            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\n\
+             spec: {{type: NodePort, externalTrafficPolicy: {policy}, selector: {{app: web}}, ports: [\
+             {{name: http, port: 80, targetPort: http, nodePort: {np}}},\
+             {{name: dns, port: 53, protocol: UDP, targetPort: 5353, nodePort: {udp_np}}}]}}\n"
+        )
+    };
+    let yaml = pod_on("node0", "local", "10.244.0.3", true)
+        + &pod_on("node1", "remote", "10.244.1.3", true)
+        + &svc("cluster", "Cluster", 30081, 30053)
+        + &svc("onlylocal", "Local", 30082, 30054)
+        + &node_yaml(node0_ip);
+    std::fs::write(manifests.join("all.yaml"), yaml).unwrap();
+    let mut agent =
+        weft_tests::proxy_agent(lab.node(0), BIN.as_ref(), &pin, &manifests, &cgroup, 50)
+            .args(["--nodeport-iface", "eth0", "--metrics-addr", "off"])
+            .spawn()
+            .unwrap();
+    let ext = lab.host("ext").unwrap();
+    let ext_ip = std::net::IpAddr::V4(ext.underlay_addr().unwrap());
+    let node0 = std::net::IpAddr::V4(node0_ip);
+    let start = Instant::now();
+    while ext
+        .tcp_roundtrip(
+            SocketAddr::from((node0_ip, 30082)),
+            b"x",
+            Duration::from_millis(500),
+        )
+        .is_err()
+    {
+        assert!(agent.try_wait().unwrap().is_none(), "the agent exited");
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "NodePort never answered"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // externalTrafficPolicy: Cluster. Payloads bigger than a window, so every packet of a flow
+    // must be translated the same way, both ways.
+    let payload: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+    let before = (tcp.0.peers().len(), tcp.1.peers().len());
+    for _ in 0..20 {
+        let got = ext
+            .tcp_roundtrip(
+                SocketAddr::from((node0_ip, 30081)),
+                &payload,
+                Duration::from_secs(5),
+            )
+            .unwrap();
+        assert!(got == payload, "echo differs ({} bytes)", got.len());
+    }
+    let (on_local, on_remote) = (
+        tcp.0.peers()[before.0..].to_vec(),
+        tcp.1.peers()[before.1..].to_vec(),
+    );
+    assert_eq!(on_local.len() + on_remote.len(), 20);
+    assert!(
+        !on_local.is_empty() && !on_remote.is_empty(),
+        "both backends: {on_local:?} / {on_remote:?}"
+    );
+    assert!(
+        on_local.iter().all(|p| p.ip() == ext_ip),
+        "the local backend sees the client: {on_local:?}"
+    );
+    assert!(
+        on_remote
+            .iter()
+            .all(|p| p.ip() == node0 && (61000..=65535).contains(&p.port())),
+        "the remote backend sees the node's address and a port of its range: {on_remote:?}"
+    );
+    let before_udp = (udp.0.peers().len(), udp.1.peers().len());
+    for _ in 0..16 {
+        let got = ext
+            .udp_roundtrip(
+                SocketAddr::from((node0_ip, 30053)),
+                b"query",
+                Duration::from_secs(2),
+            )
+            .unwrap();
+        assert_eq!(got, b"query");
+    }
+    let remote_udp = udp.1.peers()[before_udp.1..].to_vec();
+    assert!(
+        !remote_udp.is_empty() && udp.0.peers().len() > before_udp.0,
+        "UDP to both backends"
+    );
+    assert!(remote_udp.iter().all(|p| p.ip() == node0), "{remote_udp:?}");
+
+    // externalTrafficPolicy: Local: only the local backend, which sees the client.
+    let before = (tcp.0.peers().len(), tcp.1.peers().len());
+    for _ in 0..12 {
+        let got = ext
+            .tcp_roundtrip(
+                SocketAddr::from((node0_ip, 30082)),
+                b"x",
+                Duration::from_secs(2),
+            )
+            .unwrap();
+        assert_eq!(got, b"x");
+    }
+    assert_eq!(
+        tcp.1.peers().len(),
+        before.1,
+        "no traffic to the remote backend"
+    );
+    assert!(tcp.0.peers()[before.0..].iter().all(|p| p.ip() == ext_ip));
+    let _ = agent.kill();
+    let _ = agent.wait();
 }
