@@ -2,8 +2,9 @@
 //!
 //! Owns: creating, opening, entering and removing network namespaces ([`NetNs`]), and a small
 //! async netlink API over `rtnetlink` bound to one namespace ([`Netlink`]): links (veth, bridge,
-//! VXLAN), addresses, routes and neighbours; detecting/mounting bpffs ([`bpffs`]); and the few raw
-//! bpf(2) commands weft needs beyond aya ([`bpfsys`]). Used by `weft-cni`, `weft-proxy` and the
+//! VXLAN), addresses, routes and neighbours; detecting/mounting bpffs ([`bpffs`]); the few raw
+//! bpf(2) commands weft needs beyond aya ([`bpfsys`]); and listing and destroying sockets through
+//! sock_diag ([`sockdiag`]). Used by `weft-cni`, `weft-proxy` and the
 //! test bed. Does not own: any policy about what to create (that is the caller's), nor
 //! firewalling.
 //!
@@ -14,6 +15,7 @@ pub mod bpffs;
 pub mod bpfsys;
 mod nl;
 mod ns;
+pub mod sockdiag;
 
 pub use nl::{LinkInfo, Netlink, RouteInfo};
 pub use ns::NetNs;

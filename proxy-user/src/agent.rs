@@ -113,6 +113,8 @@ pub struct Agent {
     policy: PolicyMaps,
     engine: Engine,
     policy_synced: bool,
+    /// UDP (frontend, backend) pairs as last programmed.
+    udp_pairs: crate::services::UdpPairs,
     ebpf: Loaded,
     attached: HashSet<String>,
     source: Source,
@@ -157,6 +159,9 @@ impl Agent {
             source,
             engine: Engine::new(),
             policy_synced: false,
+            // What an earlier run left programmed, so backends that left while the agent was
+            // down count as departed too.
+            udp_pairs: maps.udp_pairs(),
             config,
             maps,
             policy,
@@ -281,6 +286,16 @@ impl Agent {
             tracing::info!(snat = ?snat, ports = ?(lo, hi), "remote backends from outside the node leave from this address");
         }
         let (applied, errors) = self.maps.apply(&desired);
+        // Connected UDP sockets of departed backends would keep sending into the void.
+        let udp_now = crate::services::udp_pairs(&desired);
+        let gone: crate::services::UdpPairs =
+            self.udp_pairs.difference(&udp_now).copied().collect();
+        self.udp_pairs = udp_now;
+        match socklb::terminate_udp(&self.config.layout, &self.config.cgroup, &gone) {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(sockets = n, "UDP sockets of departed backends terminated"),
+            Err(e) => tracing::warn!(error = %e, "terminating UDP sockets of departed backends"),
+        }
         let local: BTreeSet<std::net::Ipv4Addr> = objects
             .pods
             .iter()

@@ -9,6 +9,7 @@
 //! shrinking.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddrV4;
 
 use aya::maps::{Array, HashMap, Map, MapData, MapError};
 use serde::Serialize;
@@ -98,6 +99,27 @@ pub struct ServiceRow {
     pub backends: Vec<String>,
     /// How many of them (the first ones) are on this node.
     pub local: usize,
+}
+
+/// (frontend, backend) address pairs.
+pub type UdpPairs = BTreeSet<(SocketAddrV4, SocketAddrV4)>;
+
+const PROTO_UDP: u8 = 17;
+
+/// (frontend, backend) of every UDP frontend of a desired state.
+pub fn udp_pairs(desired: &Desired) -> UdpPairs {
+    desired
+        .iter()
+        .filter(|(f, _)| f.proto == PROTO_UDP)
+        .flat_map(|(f, s)| {
+            s.backends.iter().map(move |b| {
+                (
+                    SocketAddrV4::new(f.addr, f.port),
+                    SocketAddrV4::new(b.addr, b.port),
+                )
+            })
+        })
+        .collect()
 }
 
 /// The node settings map (aya's `Array` has no `Debug`).
@@ -289,6 +311,22 @@ impl ServiceMaps {
                 })?;
         }
         Ok(())
+    }
+
+    /// (frontend, backend) of every UDP frontend as programmed.
+    pub fn udp_pairs(&self) -> UdpPairs {
+        self.current
+            .iter()
+            .filter(|(f, _)| f.proto == PROTO_UDP)
+            .flat_map(|(f, p)| {
+                p.backends.iter().map(move |b| {
+                    (
+                        SocketAddrV4::new(f.addr, f.port),
+                        SocketAddrV4::new(b.addr, b.port),
+                    )
+                })
+            })
+            .collect()
     }
 
     /// What the datapath knows of this node (its address for flows to remote backends).

@@ -123,3 +123,94 @@ pub fn detach(layout: &PinLayout, cgroup: &Path) -> Result<()> {
     }
     Ok(())
 }
+
+/// Process ids in `cgroup` and every cgroup below it.
+fn pids_under(cgroup: &Path, out: &mut Vec<i32>) {
+    if let Ok(procs) = std::fs::read_to_string(cgroup.join("cgroup.procs")) {
+        out.extend(procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()));
+    }
+    if let Ok(children) = std::fs::read_dir(cgroup) {
+        for c in children.flatten() {
+            if c.file_type().is_ok_and(|t| t.is_dir()) {
+                pids_under(&c.path(), out);
+            }
+        }
+    }
+}
+
+/// Destroys the UDP sockets that the socket load balancer connected to a backend that has
+/// left its service (`gone`: frontend address and port → backend address and port), in every
+/// network namespace of the processes under `cgroup`. A connected UDP socket never passes the
+/// load balancer again, so without this it would keep sending to the departed backend (a
+/// resolver's DNS queries into the void); destroyed, its owner gets ECONNABORTED and opens a new
+/// one, which gets a live backend. Only sockets the load balancer itself translated (found in
+/// its reverse map under the same frontend) are touched. Returns how many were destroyed.
+pub fn terminate_udp(
+    layout: &PinLayout,
+    cgroup: &Path,
+    gone: &std::collections::BTreeSet<(std::net::SocketAddrV4, std::net::SocketAddrV4)>,
+) -> Result<usize> {
+    use aya::maps::{HashMap, Map, MapData};
+    use weft_proxy_common::{Be16, Be32, SockRevKey, SockRevValue};
+    if gone.is_empty() {
+        return Ok(0);
+    }
+    let path = layout.map(names::MAP_SOCK_REVNAT);
+    let map_err = |source| Error::Map {
+        name: names::MAP_SOCK_REVNAT.into(),
+        source,
+    };
+    let revnat: HashMap<MapData, SockRevKey, SockRevValue> =
+        HashMap::try_from(Map::LruHashMap(MapData::from_pin(&path).map_err(map_err)?))
+            .map_err(map_err)?;
+    let backends: std::collections::BTreeSet<std::net::SocketAddrV4> =
+        gone.iter().map(|(_, b)| *b).collect();
+    let mut pids = Vec::new();
+    pids_under(cgroup, &mut pids);
+    let mut seen = std::collections::BTreeSet::new();
+    let mut destroyed = 0;
+    for pid in pids {
+        let ns_path = PathBuf::from(format!("/proc/{pid}/ns/net"));
+        let Ok(meta) = std::fs::metadata(&ns_path) else {
+            continue;
+        };
+        if !seen.insert((meta.dev(), meta.ino())) {
+            continue;
+        }
+        let Ok(ns) = weft_netns::NetNs::open(&ns_path) else {
+            continue;
+        };
+        let victims = ns.run(|| -> std::io::Result<usize> {
+            let mut n = 0;
+            for s in weft_netns::sockdiag::udp4_sockets()? {
+                if !backends.contains(&s.dst) {
+                    continue;
+                }
+                let key = SockRevKey {
+                    cookie: s.cookie,
+                    addr: Be32(u32::from(*s.dst.ip()).to_be()),
+                    port: Be16(s.dst.port().to_be()),
+                    _pad: 0,
+                };
+                let Ok(front) = revnat.get(&key, 0) else {
+                    continue;
+                };
+                let front = std::net::SocketAddrV4::new(
+                    u32::from_be(front.addr.0).into(),
+                    u16::from_be(front.port.0),
+                );
+                if gone.contains(&(front, s.dst)) {
+                    weft_netns::sockdiag::destroy(&s)?;
+                    n += 1;
+                }
+            }
+            Ok(n)
+        });
+        match victims {
+            Ok(Ok(n)) => destroyed += n,
+            Ok(Err(e)) => tracing::warn!(pid, error = %e, "terminating UDP sockets"),
+            Err(e) => tracing::warn!(pid, error = %e, "entering a network namespace"),
+        }
+    }
+    Ok(destroyed)
+}

@@ -982,3 +982,87 @@ fn nodeport_reaches_remote_backends_through_snat() {
     let _ = agent.kill();
     let _ = agent.wait();
 }
+
+/// A pod's connected UDP socket to a service (what a DNS resolver holds) is translated once, at
+/// connect(2), and never passes the load balancer again. When its backend leaves the service the
+/// agent destroys the socket (its owner sees ECONNABORTED) instead of letting it send into the
+/// void; a new socket gets the remaining backend.
+#[test]
+fn connected_udp_sockets_of_departed_backends_are_terminated() {
+    use std::io::{BufRead as _, BufReader, Write as _};
+    let mut env = Env::new();
+    env.start_agent();
+    env.wait_for_frontend("10.96.0.53:53/udp", 1);
+    let script = r#"
+import socket, sys, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(2)
+s.connect(("10.96.0.53", 53))
+s.send(b"first")
+print("reply", s.recv(64).decode(), flush=True)
+sys.stdin.readline()
+deadline = time.time() + 10
+err = 0
+while time.time() < deadline and err == 0:
+    err = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    time.sleep(0.05)
+print("error", err, flush=True)
+t = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+t.settimeout(2)
+t.connect(("10.96.0.53", 53))
+t.send(b"second")
+print("reply", t.recv(64).decode(), flush=True)
+"#;
+    let mut child = env
+        .lab
+        .host("client")
+        .unwrap()
+        .command_in_cgroup("python3", &env.cgroup)
+        .unwrap()
+        .args(["-c", script])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "reply first");
+    let be1_udp = env._servers.2.peers().len();
+    assert_eq!(be1_udp, 1, "the first query went to be1");
+
+    // The service's only endpoint moves from be1 to be2.
+    std::fs::write(
+        env.manifests.join("dns.yaml"),
+        DNS.replace("addresses: [10.244.0.3]", "addresses: [10.244.0.4]"),
+    )
+    .unwrap();
+    let start = Instant::now();
+    while env.services().get("10.96.0.53:53/udp") != Some(&vec!["10.244.0.4:5353".to_string()]) {
+        env.assert_agent_alive();
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "{:?}",
+            env.services()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    line.clear();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(
+        line.trim(),
+        format!("error {}", libc::ECONNABORTED),
+        "the old socket was aborted"
+    );
+    line.clear();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "reply second");
+    assert_eq!(
+        env._servers.3.peers().len(),
+        1,
+        "the new socket reached be2"
+    );
+    assert!(child.wait().unwrap().success());
+    env.stop_agent();
+}
