@@ -12,3 +12,4 @@ pub mod selector;
 pub mod server;
 pub mod status;
 pub mod store;
+pub mod table;

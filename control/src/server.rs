@@ -21,6 +21,7 @@ use crate::{
     selector::{FieldSelector, LabelSelector},
     status::ApiError,
     store::{Event, EventType, Store},
+    table,
 };
 
 /// The Kubernetes minor version the API presents (`kubectl` picks its build by it).
@@ -244,6 +245,13 @@ fn openapi_v3(group: &str, version: &str) -> Option<Value> {
     })
 }
 
+fn accept(headers: &HeaderMap) -> &str {
+    headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+}
+
 fn body_json(headers: &HeaderMap, body: &Bytes) -> Result<Value, ApiError> {
     let ct = headers
         .get(header::CONTENT_TYPE)
@@ -325,10 +333,14 @@ fn serve(
                     .get("timeoutSeconds")
                     .and_then(|t| t.parse::<u64>().ok())
                     .unwrap_or(1800);
-                return watch(store, r, ns, from, Duration::from_secs(timeout), filter)
+                let as_table = table::wanted(accept(headers));
+                return watch(store, r, ns, from, Duration::from_secs(timeout), as_table, filter)
                     .map(Reply::Watch);
             }
             let (rv, items) = store.list(r, ns.as_deref(), filter);
+            if table::wanted(accept(headers)) {
+                return ok(table::table(r, &items, &rv.to_string()));
+            }
             ok(json!({
                 "kind": format!("{}List", r.kind), "apiVersion": r.api_version(),
                 "metadata": {"resourceVersion": rv.to_string()}, "items": items,
@@ -340,7 +352,17 @@ fn serve(
             let created = store.create(r, ns.as_deref().unwrap_or(""), object)?;
             Ok(Reply::Json(StatusCode::CREATED, created))
         }
-        (&Method::GET, Target::Object(r, ns, name, _)) => ok(store.get(r, &ns, &name)?),
+        (&Method::GET, Target::Object(r, ns, name, _)) => {
+            let o = store.get(r, &ns, &name)?;
+            if table::wanted(accept(headers)) {
+                let rv = o["metadata"]["resourceVersion"]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_owned();
+                return ok(table::table(r, &[o], &rv));
+            }
+            ok(o)
+        }
         (&Method::PUT, Target::Object(r, ns, name, status)) => {
             let object = body_json(headers, body)?;
             strict_fields(r, query, &object)?;
@@ -408,8 +430,18 @@ fn watch(
     ns: Option<String>,
     from: Option<u64>,
     timeout: Duration,
+    as_table: bool,
     filter: impl Fn(&Value) -> bool + Send + Sync + 'static,
 ) -> Result<Response, ApiError> {
+    // kubectl get -w asks for Tables: each event then carries a one-row Table.
+    let render = move |o: Value| {
+        if as_table {
+            let rv = o["metadata"]["resourceVersion"].as_str().unwrap_or("").to_owned();
+            table::table(r, &[o], &rv)
+        } else {
+            o
+        }
+    };
     let w = match store.watch(r, from) {
         Ok(w) => w,
         Err(e @ ApiError::Gone { .. }) => {
@@ -430,7 +462,7 @@ fn watch(
         w.backlog
             .into_iter()
             .filter_map(move |e| visible(&e, r, ns2.as_deref(), &*f))
-            .map(|(k, o)| line(kind_name(k), &o))
+            .map(move |(k, o)| line(kind_name(k), &render(o)))
             .collect::<Vec<_>>(),
     );
     let live = futures::stream::unfold(Some(w.live), move |rx| {
@@ -451,7 +483,7 @@ fn watch(
                     }
                     Ok(Ok(e)) => {
                         if let Some((k, o)) = visible(&e, r, ns.as_deref(), &*filter) {
-                            return Some((line(kind_name(k), &o), Some(rx)));
+                            return Some((line(kind_name(k), &render(o)), Some(rx)));
                         }
                     }
                 }
