@@ -126,7 +126,11 @@ impl Env {
     }
 
     fn start_agent_with(&mut self, extra: &[&str]) {
-        let child = weft_tests::proxy_agent(
+        self.agent = Some(self.spawn_agent(extra));
+    }
+
+    fn spawn_agent(&self, extra: &[&str]) -> Child {
+        weft_tests::proxy_agent(
             self.node(),
             BIN.as_ref(),
             &self.pin,
@@ -137,19 +141,12 @@ impl Env {
         .args(["--nodeport-iface", "eth0"])
         .args(extra)
         .spawn()
-        .unwrap();
-        self.agent = Some(child);
+        .unwrap()
     }
 
     fn stop_agent(&mut self) {
-        if let Some(mut c) = self.agent.take() {
-            nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(c.id() as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            )
-            .unwrap();
-            let status = c.wait().unwrap();
-            assert!(status.success(), "agent exited with {status}");
+        if let Some(c) = self.agent.take() {
+            stop_child(c);
         }
     }
 
@@ -271,6 +268,17 @@ impl Env {
         serde_json::from_slice(&out.stdout)
             .unwrap_or_else(|e| panic!("probe output ({e}): {out:?}"))
     }
+}
+
+/// Stops an agent the way a node does (SIGTERM) and checks it exited cleanly.
+fn stop_child(mut c: Child) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(c.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = c.wait().unwrap();
+    assert!(status.success(), "agent exited with {status}");
 }
 
 impl Drop for Env {
@@ -1064,5 +1072,119 @@ print("reply", t.recv(64).decode(), flush=True)
         "the new socket reached be2"
     );
     assert!(child.wait().unwrap().success());
+    env.stop_agent();
+}
+
+/// A steady stream of new connections through a ClusterIP, from a pod, while the backends scale
+/// down and up and the agent restarts twice: none fails, and both backends serve.
+#[test]
+fn connections_keep_working_while_backends_scale_and_the_agent_restarts() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let env = Env::new();
+    let agent = env.spawn_agent(&[]);
+    env.wait_for(&ALL);
+    let stop = AtomicBool::new(false);
+    let ((ok, failed), agent) = std::thread::scope(|s| {
+        let stream = s.spawn(|| {
+            let (mut ok, mut failed) = (0u32, Vec::new());
+            while !stop.load(Ordering::Relaxed) {
+                let r = env.probe_from_client("tcp", "10.96.0.10:80");
+                if r["reply"] == "weft-probe" {
+                    ok += 1;
+                } else {
+                    failed.push(r);
+                }
+            }
+            (ok, failed)
+        });
+        let web = |n| {
+            [
+                ("10.96.0.10:80/tcp", n),
+                ("10.96.0.53:53/udp", 1),
+                ("10.96.0.99:80/tcp", 0),
+            ]
+        };
+        let pause = || std::thread::sleep(Duration::from_millis(400));
+        pause();
+        env.write_pods_ready(true, false);
+        env.wait_for(&web(1));
+        pause();
+        env.write_pods_ready(true, true);
+        env.wait_for(&web(2));
+        pause();
+        // Restart with a change made while the agent is down.
+        let mut agent = agent;
+        stop_child(agent);
+        env.write_pods_ready(false, true);
+        pause();
+        agent = env.spawn_agent(&[]);
+        env.wait_for(&web(1));
+        pause();
+        env.write_pods_ready(true, true);
+        env.wait_for(&web(2));
+        stop_child(agent);
+        pause();
+        agent = env.spawn_agent(&[]);
+        env.wait_for(&web(2));
+        pause();
+        stop.store(true, Ordering::Relaxed);
+        (stream.join().unwrap(), agent)
+    });
+    stop_child(agent);
+    assert!(
+        failed.is_empty(),
+        "{} of {} connections failed: {failed:?}",
+        failed.len(),
+        ok as usize + failed.len()
+    );
+    assert!(ok >= 20, "only {ok} connections in the stream");
+    assert!(!env._servers.0.peers().is_empty() && !env._servers.1.peers().is_empty());
+}
+
+/// externalIPs: from a pod through the socket load balancer, and from an external host that
+/// routes the address to the node through the per-packet path (client address kept).
+#[test]
+fn external_ips_from_a_pod_and_from_outside() {
+    let mut env = Env::new();
+    let node_ip = env.lab.node(0).underlay_addr().unwrap();
+    env.write_with_node(
+        "extip.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: ext, namespace: default}\n\
+         spec: {clusterIP: 10.96.0.40, externalIPs: [192.0.2.7], selector: {app: web}, \
+         ports: [{name: http, port: 80, targetPort: http}]}\n",
+    );
+    env.start_agent();
+    env.wait_for_frontend("192.0.2.7:80/tcp", 2);
+    assert_eq!(
+        env.probe_from_client("tcp", "192.0.2.7:80")["reply"],
+        "weft-probe"
+    );
+    let ext = env.lab.host("ext").unwrap();
+    // The external network routes the address to the node (what a router or BGP would do);
+    // only inside the test's own namespace.
+    ext.exec(
+        "ip",
+        ["route", "add", "192.0.2.7/32", "via", &node_ip.to_string()],
+    )
+    .unwrap();
+    let ext_ip = std::net::IpAddr::V4(ext.underlay_addr().unwrap());
+    let before = (env._servers.0.peers().len(), env._servers.1.peers().len());
+    for _ in 0..12 {
+        let got = ext
+            .tcp_roundtrip(
+                "192.0.2.7:80".parse().unwrap(),
+                b"x",
+                Duration::from_secs(2),
+            )
+            .unwrap();
+        assert_eq!(got, b"x");
+    }
+    let hits: Vec<_> = env._servers.0.peers()[before.0..]
+        .iter()
+        .chain(&env._servers.1.peers()[before.1..])
+        .copied()
+        .collect();
+    assert_eq!(hits.len(), 12);
+    assert!(hits.iter().all(|p| p.ip() == ext_ip), "{hits:?}");
     env.stop_agent();
 }
