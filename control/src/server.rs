@@ -334,8 +334,16 @@ fn serve(
                     .and_then(|t| t.parse::<u64>().ok())
                     .unwrap_or(1800);
                 let as_table = table::wanted(accept(headers));
-                return watch(store, r, ns, from, Duration::from_secs(timeout), as_table, filter)
-                    .map(Reply::Watch);
+                return watch(
+                    store,
+                    r,
+                    ns,
+                    from,
+                    Duration::from_secs(timeout),
+                    as_table,
+                    filter,
+                )
+                .map(Reply::Watch);
             }
             let (rv, items) = store.list(r, ns.as_deref(), filter);
             if table::wanted(accept(headers)) {
@@ -436,7 +444,10 @@ fn watch(
     // kubectl get -w asks for Tables: each event then carries a one-row Table.
     let render = move |o: Value| {
         if as_table {
-            let rv = o["metadata"]["resourceVersion"].as_str().unwrap_or("").to_owned();
+            let rv = o["metadata"]["resourceVersion"]
+                .as_str()
+                .unwrap_or("")
+                .to_owned();
             table::table(r, &[o], &rv)
         } else {
             o

@@ -33,6 +33,9 @@ pub mod names {
     pub const PROG_NODEPORT_INGRESS: &str = "weft_nodeport_ingress";
     /// TC program translating backend → frontend on replies leaving that interface (tcx egress).
     pub const PROG_NODEPORT_EGRESS: &str = "weft_nodeport_egress";
+    /// TC program translating services for a pod's own traffic when socket-level load
+    /// balancing is off (tcx ingress of the pod's host-side interface, before policy).
+    pub const PROG_SERVICE_FROM_POD: &str = "weft_service_from_pod";
     /// Per-CPU array of drop counters, indexed by [`crate::DropReason`].
     pub const MAP_DROPS: &str = "WEFT_DROPS";
     /// Maglev tables: [`crate::MaglevKey`] → [`crate::FlowTarget`] (backend and its slot).

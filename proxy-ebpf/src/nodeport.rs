@@ -36,6 +36,9 @@ use crate::{
     packet::{self, ETH_HLEN, IP_CSUM, IP_DST, IP_SRC},
 };
 
+/// The source a pod's connection to itself through a service is given (169.254.42.1), so the
+/// pod does not receive a packet from its own address.
+const HAIRPIN_ADDR: u32 = 0xa9fe_2a01;
 /// AF_INET.
 const AF_INET: u8 = 2;
 /// Tries at finding a free source port for a flow to a remote backend.
@@ -191,7 +194,7 @@ fn snat_reply(ctx: &TcContext, p: &Packet) -> Option<i32> {
 /// The node address and port a flow to a remote backend leaves with: the one it has, or a
 /// free one from the node's range.
 #[inline(always)]
-fn snat_port(p: &Packet, b: &Backend) -> Option<SockRevValue> {
+fn snat_port(p: &Packet, b: &Backend, hairpin: bool) -> Option<SockRevValue> {
     let back = SnatRev {
         client: p.flow.src,
         front: p.flow.dst,
@@ -223,20 +226,25 @@ fn snat_port(p: &Packet, b: &Backend) -> Option<SockRevValue> {
         }
     }
     let node = WEFT_NODE.get(0)?;
-    if node.snat_addr.0 == 0 || node.snat_port_count == 0 {
+    let addr = if hairpin {
+        Be32(HAIRPIN_ADDR.to_be())
+    } else {
+        node.snat_addr
+    };
+    if addr.0 == 0 || node.snat_port_count == 0 {
         return None;
     }
     let hash = lb::flow_hash(&p.flow);
     for i in 0..SNAT_TRIES {
         let port = node.snat_port_min as u32
             + (hash.wrapping_add(i.wrapping_mul(7919)) % node.snat_port_count as u32);
-        let reply = reply_to(node.snat_addr, Be16((port as u16).to_be()));
+        let reply = reply_to(addr, Be16((port as u16).to_be()));
         // SAFETY: as above.
         if unsafe { WEFT_SNAT_REV.get(&reply) }.is_some() {
             continue;
         }
         let out = SockRevValue {
-            addr: node.snat_addr,
+            addr,
             port: reply.dport,
             _pad: 0,
         };
@@ -262,10 +270,25 @@ fn reachable(svc: &ServiceValue) -> u32 {
 
 #[classifier]
 pub fn weft_nodeport_ingress(ctx: TcContext) -> i32 {
-    let Some(p) = parse(&ctx) else {
+    translate(&ctx, false)
+}
+
+/// Service translation for a pod's own traffic when socket-level load balancing is off, on the
+/// ingress of its host-side interface (packets from the pod). Every backend is reachable
+/// without source translation (pod addresses route across the cluster); the reply is
+/// translated back by `weft_nodeport_egress` on the client's interface. A pod reaching itself
+/// through its service (hairpin) is given the source 169.254.42.1.
+#[classifier]
+pub fn weft_service_from_pod(ctx: TcContext) -> i32 {
+    translate(&ctx, true)
+}
+
+#[inline(always)]
+fn translate(ctx: &TcContext, from_pod: bool) -> i32 {
+    let Some(p) = parse(ctx) else {
         return TC_ACT_UNSPEC;
     };
-    if let Some(verdict) = snat_reply(&ctx, &p) {
+    if let Some(verdict) = snat_reply(ctx, &p) {
         return verdict;
     }
     let key = ServiceKey {
@@ -278,7 +301,7 @@ pub fn weft_nodeport_ingress(ctx: TcContext) -> i32 {
     let Some(svc) = (unsafe { WEFT_SERVICES.get(&key) }) else {
         return TC_ACT_UNSPEC;
     };
-    let n = reachable(svc);
+    let n = if from_pod { svc.count } else { reachable(svc) };
     // SAFETY: read-only lookup of plain integers.
     let known = unsafe { WEFT_CT.get(&p.flow) }.copied();
     let (backend, remote) = match known {
@@ -328,7 +351,13 @@ pub fn weft_nodeport_ingress(ctx: TcContext) -> i32 {
                 },
                 0,
             );
-            let remote = slot >= svc.local_count;
+            // Translated at the source too: a pod's reaching itself, or (from outside the
+            // node) a remote backend. Everything else only has its destination translated.
+            let remote = if from_pod {
+                b.addr == p.flow.src
+            } else {
+                slot >= svc.local_count
+            };
             if !remote {
                 // A flow that moved here from a remote backend leaves without translation now.
                 let _ = WEFT_SNAT_FWD.remove(&p.flow);
@@ -350,15 +379,16 @@ pub fn weft_nodeport_ingress(ctx: TcContext) -> i32 {
             (b, remote)
         }
     };
-    if rewrite(&ctx, &p, true, backend.addr, backend.port).is_err() {
+    if rewrite(ctx, &p, true, backend.addr, backend.port).is_err() {
         count_drop(DropReason::RewriteFailed);
         return TC_ACT_SHOT as i32;
     }
     if !remote {
         return TC_ACT_UNSPEC;
     }
-    // A remote backend: leave from this node's address so the reply comes back here.
-    let Some(out) = snat_port(&p, &backend) else {
+    // A remote backend: leave from this node's address so the reply comes back here (or,
+    // hairpin, from an address the pod does not own).
+    let Some(out) = snat_port(&p, &backend, from_pod) else {
         count_drop(DropReason::SnatPortsExhausted);
         return TC_ACT_SHOT as i32;
     };
@@ -371,11 +401,11 @@ pub fn weft_nodeport_ingress(ctx: TcContext) -> i32 {
         l4: p.l4,
         new_or_udp: p.new_or_udp,
     };
-    if rewrite(&ctx, &p2, false, out.addr, out.port).is_err() {
+    if rewrite(ctx, &p2, false, out.addr, out.port).is_err() {
         count_drop(DropReason::RewriteFailed);
         return TC_ACT_SHOT as i32;
     }
-    forward(&ctx, out.addr, backend.addr)
+    forward(ctx, out.addr, backend.addr)
 }
 
 #[classifier]

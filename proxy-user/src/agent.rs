@@ -75,6 +75,9 @@ pub struct Config {
     pub snat_addr: Option<std::net::Ipv4Addr>,
     /// Source ports for those flows (keep them outside `ip_local_port_range`).
     pub snat_ports: (u16, u16),
+    /// Socket-level load balancing for the cgroup's processes; when off, pods' service traffic
+    /// is translated per packet on their host-side interfaces instead.
+    pub socket_lb: bool,
 }
 
 /// One synchronisation.
@@ -126,7 +129,12 @@ impl Agent {
     /// maps with what they hold, so the first [`Agent::sync`] removes anything stale.
     pub fn start(config: Config) -> Result<Self> {
         let mut ebpf = crate::object::load(&config.layout, &config.limits)?;
-        socklb::attach(&mut ebpf, &config.layout, &config.cgroup)?;
+        if config.socket_lb {
+            socklb::attach(&mut ebpf, &config.layout, &config.cgroup)?;
+        } else {
+            // Turned off since an earlier run: take the hooks away.
+            let _ = socklb::detach(&config.layout, &config.cgroup);
+        }
         for iface in &config.nodeport_ifaces {
             let index = tcx::ifindex(iface)?;
             for (attach_type, prog, dir) in [
@@ -197,6 +205,7 @@ impl Agent {
                 let name = pin.file_name().to_string_lossy().into_owned();
                 let Some(index) = name
                     .strip_prefix("policy-")
+                    .or_else(|| name.strip_prefix("svc-"))
                     .and_then(|r| r.split('-').next())
                     .and_then(|i| i.parse::<u32>().ok())
                 else {
@@ -218,6 +227,35 @@ impl Agent {
             ] {
                 let pin = self.config.layout.policy_link(index, ingress);
                 tcx::attach_pinned(&mut self.ebpf.0, prog, &iface, attach_type, &pin)?;
+            }
+            if !self.config.socket_lb {
+                // Service translation first on the way out of the pod (policy then sees the
+                // backend), reverse translation last on the way in (after policy has matched the
+                // reply to its connection).
+                for (attach_type, prog, dir, order) in [
+                    (
+                        TcAttachType::Ingress,
+                        names::PROG_SERVICE_FROM_POD,
+                        "from-pod",
+                        tcx::Order::First,
+                    ),
+                    (
+                        TcAttachType::Egress,
+                        names::PROG_NODEPORT_EGRESS,
+                        "to-pod",
+                        tcx::Order::Last,
+                    ),
+                ] {
+                    let pin = self.config.layout.link(&format!("svc-{index}-{dir}"));
+                    tcx::attach_pinned_at(
+                        &mut self.ebpf.0,
+                        prog,
+                        &iface,
+                        attach_type,
+                        &pin,
+                        order,
+                    )?;
+                }
             }
             tracing::info!(interface = iface, "policy enforcement attached");
             self.attached.insert(iface);

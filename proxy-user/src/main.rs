@@ -111,6 +111,11 @@ struct RunArgs {
     /// backends on the per-packet path).
     #[arg(long)]
     snat_addr: Option<std::net::Ipv4Addr>,
+    /// Socket-level load balancing (cgroup hooks). With `false`, pods' service traffic is
+    /// translated per packet at TC on their host-side interfaces (those --policy-iface-prefix
+    /// names) instead, as kube-proxy would do it.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    socket_lb: bool,
     /// Source port range for that traffic, FIRST-LAST (outside ip_local_port_range).
     #[arg(long, default_value = "61000-65535", value_parser = parse_port_range)]
     snat_ports: (u16, u16),
@@ -379,6 +384,7 @@ fn run(layout: PinLayout, args: RunArgs) -> anyhow::Result<()> {
         policy_iface_prefixes: args.policy_iface_prefixes,
         snat_addr: args.snat_addr,
         snat_ports: args.snat_ports,
+        socket_lb: args.socket_lb,
     };
     let mut agent = Agent::start(config.clone()).context("starting the agent")?;
     let metrics = std::sync::Arc::new(weft_proxy::metrics::Metrics::new(config.layout.clone()));

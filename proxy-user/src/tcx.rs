@@ -39,18 +39,28 @@ fn classifier<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Sche
     Ok(prog)
 }
 
+/// Where a program goes among the tcx programs of a hook.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Order {
+    /// After those already there.
+    Last,
+    /// Before every other (service translation before policy, so policy sees the backend).
+    First,
+}
+
 fn fresh_attach(
     prog: &mut SchedClassifier,
     name: &'static str,
     ifname: &str,
     attach_type: TcAttachType,
+    order: Order,
 ) -> Result<SchedClassifierLinkId> {
-    prog.attach_with_options(
-        ifname,
-        attach_type,
-        TcAttachOptions::TcxOrder(LinkOrder::default()),
-    )
-    .map_err(|source| Error::Program { name, source })
+    let order = match order {
+        Order::Last => LinkOrder::default(),
+        Order::First => LinkOrder::first(),
+    };
+    prog.attach_with_options(ifname, attach_type, TcAttachOptions::TcxOrder(order))
+        .map_err(|source| Error::Program { name, source })
 }
 
 /// Attaches `prog_name` to `ifname` in direction `attach_type` and pins the link at `pin`.
@@ -60,6 +70,19 @@ pub fn attach_pinned(
     ifname: &str,
     attach_type: TcAttachType,
     pin: &Path,
+) -> Result<()> {
+    attach_pinned_at(ebpf, prog_name, ifname, attach_type, pin, Order::Last)
+}
+
+/// [`attach_pinned`] at a given place among the hook's programs (an existing pinned link keeps
+/// its place).
+pub fn attach_pinned_at(
+    ebpf: &mut Ebpf,
+    prog_name: &'static str,
+    ifname: &str,
+    attach_type: TcAttachType,
+    pin: &Path,
+    order: Order,
 ) -> Result<()> {
     let prog = classifier(ebpf, prog_name)?;
     let link_err = |e: &dyn std::fmt::Display| Error::Link {
@@ -73,10 +96,10 @@ pub fn attach_pinned(
             match prog.attach_to_link(old) {
                 Ok(id) => id,
                 // The interface behind the old link is gone; start over.
-                Err(_) => fresh_attach(prog, prog_name, ifname, attach_type)?,
+                Err(_) => fresh_attach(prog, prog_name, ifname, attach_type, order)?,
             }
         }
-        Err(_) => fresh_attach(prog, prog_name, ifname, attach_type)?,
+        Err(_) => fresh_attach(prog, prog_name, ifname, attach_type, order)?,
     };
     let link = prog.take_link(link_id).map_err(|source| Error::Program {
         name: prog_name,

@@ -1188,3 +1188,117 @@ fn external_ips_from_a_pod_and_from_outside() {
     assert!(hits.iter().all(|p| p.ip() == ext_ip), "{hits:?}");
     env.stop_agent();
 }
+
+/// With socket-level load balancing off, a pod's service traffic is translated per packet on its
+/// host-side interface: TCP and UDP through the ClusterIP work and replies come from the service
+/// address; a pod reaching itself through the service (hairpin) works too, its backend side
+/// seeing 169.254.42.1; and NetworkPolicy applies to the backend after translation.
+#[test]
+fn pod_traffic_is_translated_per_packet_when_socket_lb_is_off() {
+    let mut env = Env::new();
+    env.start_agent_with(&["--socket-lb=false", "--policy-iface-prefix", "tbv"]);
+    env.wait_for(&ALL);
+    let client = env.lab.host("client").unwrap();
+    let start = Instant::now();
+    // The programs are attached to the pods' interfaces right after the first sync.
+    while client
+        .tcp_roundtrip(
+            "10.96.0.10:80".parse().unwrap(),
+            b"x",
+            Duration::from_millis(300),
+        )
+        .is_err()
+    {
+        env.assert_agent_alive();
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the service never answered"
+        );
+    }
+    let before = (env._servers.0.peers().len(), env._servers.1.peers().len());
+    for _ in 0..20 {
+        // Not in the cgroup: nothing but the per-packet path can translate this.
+        let got = client
+            .tcp_roundtrip(
+                "10.96.0.10:80".parse().unwrap(),
+                b"hello",
+                Duration::from_secs(2),
+            )
+            .unwrap();
+        assert_eq!(got, b"hello");
+    }
+    let hits: Vec<_> = env._servers.0.peers()[before.0..]
+        .iter()
+        .chain(&env._servers.1.peers()[before.1..])
+        .copied()
+        .collect();
+    assert_eq!(hits.len(), 20);
+    assert!(
+        env._servers.0.peers().len() > before.0 && env._servers.1.peers().len() > before.1,
+        "both backends"
+    );
+    assert!(
+        hits.iter().all(|p| p.ip().to_string() == "10.244.0.2"),
+        "{hits:?}"
+    );
+    // UDP, and the reply's source is the service (a connected socket would drop anything else).
+    let r = env.probe(client, "udp", "10.96.0.53:53");
+    assert_eq!(r["reply"], "weft-probe", "{r}");
+    assert_eq!(r["peer"], "10.96.0.53:53", "{r}");
+
+    // Hairpin: be1 reaches the service that selects it; some connections land on be1 itself.
+    let be1 = env.lab.host("be1").unwrap();
+    let mine = env._servers.0.peers().len();
+    for _ in 0..20 {
+        let got = be1
+            .tcp_roundtrip(
+                "10.96.0.10:80".parse().unwrap(),
+                b"me",
+                Duration::from_secs(2),
+            )
+            .unwrap();
+        assert_eq!(got, b"me");
+    }
+    let to_self: Vec<_> = env._servers.0.peers()[mine..].to_vec();
+    assert!(!to_self.is_empty(), "no connection landed on be1 itself");
+    assert!(
+        to_self.iter().all(|p| p.ip().to_string() == "169.254.42.1"),
+        "{to_self:?}"
+    );
+
+    // NetworkPolicy sees the backend: be2 admits nobody, so every connection lands on be1.
+    env.write_with_node(
+        "policy.yaml",
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: be2-closed, namespace: default}\n\
+         spec: {podSelector: {matchLabels: {app: web, only: be2}}}\n",
+    );
+    let pods = pod_yaml("be1", "10.244.0.3", true)
+        + &pod_yaml("be2", "10.244.0.4", true)
+            .replace("labels: {app: web}", "labels: {app: web, only: be2}");
+    std::fs::write(env.manifests.join("pods.yaml"), pods).unwrap();
+    let start = Instant::now();
+    loop {
+        let before = (env._servers.0.peers().len(), env._servers.1.peers().len());
+        let results: Vec<bool> = (0..12)
+            .map(|_| {
+                client
+                    .tcp_roundtrip(
+                        "10.96.0.10:80".parse().unwrap(),
+                        b"p",
+                        Duration::from_millis(500),
+                    )
+                    .is_ok()
+            })
+            .collect();
+        let to_be2 = env._servers.1.peers().len() - before.1;
+        let ok = results.iter().filter(|r| **r).count();
+        if to_be2 == 0 && ok > 0 && ok < 12 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "policy never applied behind the service: {ok}/12 ok, {to_be2} reached be2"
+        );
+    }
+    env.stop_agent();
+}
