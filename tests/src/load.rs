@@ -1,6 +1,7 @@
 //! The load generator the network benchmarks share: a 1-byte echo server in a pod, and a client
 //! run as a subprocess (the benchmark binary re-executed with `client conn|rr ADDR SECS`) inside a
-//! pod's namespace and cgroup, measuring new connections per second or request/response per second.
+//! pod's namespace and cgroup, measuring new connections per second, request/response per second,
+//! or bulk throughput on one connection.
 
 use std::{
     io::{Read as _, Write as _},
@@ -30,7 +31,8 @@ fn set_linger_zero(s: &TcpStream) {
     }
 }
 
-/// `<bench> client conn|rr ADDR SECS`: prints `{"rate":…,"errors":…}`.
+/// `<bench> client conn|rr|stream ADDR SECS`: prints `{"rate":…,"errors":…}` (stream: bytes
+/// per second on one connection).
 pub fn client_main(args: &[String]) {
     let (mode, addr, secs) = (
         &args[2],
@@ -53,6 +55,15 @@ pub fn client_main(args: &[String]) {
                 Ok(())
             })();
             if ok.is_ok() { n += 1 } else { errors += 1 }
+        }
+    } else if mode == "stream" {
+        // Bulk transfer on one connection: a 0 byte tells the server to sink what follows.
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1)).unwrap();
+        s.write_all(&[0u8]).unwrap();
+        let chunk = vec![7u8; 128 * 1024];
+        while t0.elapsed() < dur {
+            s.write_all(&chunk).unwrap();
+            n += chunk.len() as u64;
         }
     } else {
         let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1)).unwrap();
@@ -84,7 +95,16 @@ pub fn serve(host: &Host, port: u16) {
                 let Ok(mut s) = conn else { continue };
                 let _ = s.set_nodelay(true);
                 let mut b = [0u8; 1];
-                while s.read_exact(&mut b).is_ok() && s.write_all(&b).is_ok() {}
+                if s.read_exact(&mut b).is_err() {
+                    continue;
+                }
+                if b[0] == 0 {
+                    // A stream client: take everything, answer nothing.
+                    let mut sink = vec![0u8; 256 * 1024];
+                    while matches!(s.read(&mut sink), Ok(n) if n > 0) {}
+                    continue;
+                }
+                while s.write_all(&b).is_ok() && s.read_exact(&mut b).is_ok() {}
             }
         });
     }

@@ -4,14 +4,17 @@
 //! * **direct**: the client connects to the backend pod's address (the floor);
 //! * **weft socket LB**: `weft-proxy`'s cgroup programs, maps programmed with the same code the
 //!   agent uses;
+//! * **weft TC**: socket LB off; the same maps, translated per packet by the tcx programs on the
+//!   client pod's host-side interface (what `weft-proxy run --socket-lb=false` attaches);
 //! * **iptables**: kube-proxy-style rules (KUBE-SERVICES → KUBE-SVC → KUBE-SEP DNAT) in the node,
 //!   loaded with iptables-restore (Debian's iptables, nf_tables backend);
 //! * **nftables**: kube-proxy-style nftables (a verdict map to one chain per service, DNAT), loaded
 //!   with nft -f.
 //!
 //! The client always connects to the *last* service programmed (the worst case for a linear rule
-//! walk). Figures: new connections per second (connect, 1-byte request, 1-byte reply, close) and
-//! 1-byte request/response per second on one connection, each as a ratio to direct; and the time
+//! walk). Figures: new connections per second (connect, 1-byte request, 1-byte reply, close),
+//! 1-byte request/response per second on one connection, and bulk throughput on one connection,
+//! each as a ratio to direct; and the time
 //! to program all services and to add and remove one more. Prints a table, writes JSON and an SVG
 //! plot (`--out DIR`, default `target/bench`).
 
@@ -36,17 +39,25 @@ const BACKEND_PORT: u16 = 8080;
 enum Mode {
     Direct,
     Weft,
+    WeftTc,
     Iptables,
     Nftables,
 }
 
-const MODES: [Mode; 4] = [Mode::Direct, Mode::Weft, Mode::Iptables, Mode::Nftables];
+const MODES: [Mode; 5] = [
+    Mode::Direct,
+    Mode::Weft,
+    Mode::WeftTc,
+    Mode::Iptables,
+    Mode::Nftables,
+];
 
 impl Mode {
     fn label(self) -> &'static str {
         match self {
             Self::Direct => "direct (floor)",
             Self::Weft => "weft socket LB",
+            Self::WeftTc => "weft TC (socket LB off)",
             Self::Iptables => "iptables (kube-proxy)",
             Self::Nftables => "nftables (kube-proxy)",
         }
@@ -57,6 +68,7 @@ impl Mode {
         let base: u32 = match self {
             Self::Weft => u32::from(Ipv4Addr::new(10, 96, 0, 0)),
             Self::Iptables => u32::from(Ipv4Addr::new(10, 97, 0, 0)),
+            Self::WeftTc => u32::from(Ipv4Addr::new(10, 99, 0, 0)),
             _ => u32::from(Ipv4Addr::new(10, 98, 0, 0)),
         };
         Ipv4Addr::from(base + 1 + i as u32)
@@ -108,9 +120,9 @@ struct Programmer {
     desired: Desired,
 }
 
-fn weft_frontend(i: usize) -> Frontend {
+fn weft_frontend(mode: Mode, i: usize) -> Frontend {
     Frontend {
-        addr: Mode::Weft.vip(i),
+        addr: mode.vip(i),
         port: 80,
         proto: 6,
     }
@@ -138,14 +150,16 @@ fn program(
 ) -> Option<(Duration, Duration, Duration)> {
     match mode {
         Mode::Direct => None,
-        Mode::Weft => {
-            p.desired = (0..s).map(|i| (weft_frontend(i), weft_state())).collect();
+        Mode::Weft | Mode::WeftTc => {
+            p.desired = (0..s)
+                .map(|i| (weft_frontend(mode, i), weft_state()))
+                .collect();
             let t0 = Instant::now();
             let (_, errs) = p.maps.apply(&p.desired);
             let all = t0.elapsed();
             assert!(errs.is_empty(), "{errs:?}");
             let mut plus = p.desired.clone();
-            plus.insert(weft_frontend(s), weft_state());
+            plus.insert(weft_frontend(mode, s), weft_state());
             let t0 = Instant::now();
             p.maps.apply(&plus);
             let add = t0.elapsed();
@@ -217,7 +231,7 @@ fn program(
 fn clear(node: &Host, p: &mut Programmer, mode: Mode) {
     match mode {
         Mode::Direct => {}
-        Mode::Weft => {
+        Mode::Weft | Mode::WeftTc => {
             let (_, errs) = p.maps.apply(&Desired::new());
             assert!(errs.is_empty(), "{errs:?}");
         }
@@ -233,6 +247,50 @@ fn clear(node: &Host, p: &mut Programmer, mode: Mode) {
             );
         }
     }
+}
+
+/// The host-side interface of the first pod wired to the node (the client).
+fn client_interface(node: &Host) -> String {
+    node.run(|| {
+        nix::net::if_::if_nameindex()
+            .unwrap()
+            .iter()
+            .filter_map(|i| i.name().to_str().ok().map(str::to_owned))
+            .filter(|n| n.starts_with("tbv"))
+            .min_by_key(|n| n[3..].parse::<u32>().unwrap_or(u32::MAX))
+            .expect("the client's interface")
+    })
+    .unwrap()
+}
+
+/// Attaches (or detaches) per-packet service translation on the client's interface, as the
+/// agent does with socket LB off.
+fn tc(node: &Host, ebpf: &mut aya::Ebpf, layout: &PinLayout, ifname: &str, on: bool) {
+    use aya::programs::TcAttachType;
+    use weft_proxy_common::names;
+    let hooks = [
+        (
+            TcAttachType::Ingress,
+            names::PROG_SERVICE_FROM_POD,
+            "bench-from-pod",
+        ),
+        (
+            TcAttachType::Egress,
+            names::PROG_NODEPORT_EGRESS,
+            "bench-to-pod",
+        ),
+    ];
+    node.run(|| {
+        for (attach_type, prog, pin) in hooks {
+            let pin = layout.link(pin);
+            if on {
+                weft_proxy::tcx::attach_pinned(ebpf, prog, ifname, attach_type, &pin).unwrap();
+            } else {
+                weft_proxy::bpffs::unpin_and_detach(&pin).unwrap();
+            }
+        }
+    })
+    .unwrap();
 }
 
 // ---------- measurement ----------
@@ -262,6 +320,7 @@ fn svg(results: &[Value], path: &Path) {
     }
     for (k, (mode, color)) in [
         ("weft socket LB", "#1b9e77"),
+        ("weft TC (socket LB off)", "#66a61e"),
         ("iptables (kube-proxy)", "#d95f02"),
         ("nftables (kube-proxy)", "#7570b3"),
     ]
@@ -342,7 +401,9 @@ fn main() {
     };
     let mut ebpf = weft_proxy::object::load(&layout, &limits).unwrap();
     weft_proxy::socklb::attach(&mut ebpf, &layout, &cgroup).unwrap();
-    drop(ebpf);
+    // The TC mode's client runs in a cgroup without the socket programs.
+    let plain_cgroup = lab.cgroup("bench-tc").unwrap();
+    let client_if = client_interface(lab.node(node));
     let mut p = Programmer {
         maps: ServiceMaps::open(&layout, limits).unwrap(),
         desired: Desired::new(),
@@ -359,6 +420,7 @@ fn main() {
         let mut prog: Vec<Option<(Duration, Duration, Duration)>> = vec![None; MODES.len()];
         let mut conn: Vec<Vec<f64>> = vec![Vec::new(); MODES.len()];
         let mut rr: Vec<Vec<f64>> = vec![Vec::new(); MODES.len()];
+        let mut gbit: Vec<Vec<f64>> = vec![Vec::new(); MODES.len()];
         let mut errors = vec![0u64; MODES.len()];
         for round in 0..rounds {
             for (k, &mode) in MODES.iter().enumerate() {
@@ -372,25 +434,39 @@ fn main() {
                     }
                     m => SocketAddr::from((m.vip(s - 1), 80)),
                 };
-                let (c, e) = weft_tests::load::measure(client, &cgroup, "conn", dst, secs);
+                let cg = if mode == Mode::WeftTc {
+                    tc(node_host, &mut ebpf, &layout, &client_if, true);
+                    &plain_cgroup
+                } else {
+                    &cgroup
+                };
+                let (c, e) = weft_tests::load::measure(client, cg, "conn", dst, secs);
                 conn[k].push(c);
                 errors[k] += e;
-                rr[k].push(weft_tests::load::measure(client, &cgroup, "rr", dst, secs).0);
+                rr[k].push(weft_tests::load::measure(client, cg, "rr", dst, secs).0);
+                gbit[k]
+                    .push(weft_tests::load::measure(client, cg, "stream", dst, secs).0 * 8.0 / 1e9);
+                if mode == Mode::WeftTc {
+                    tc(node_host, &mut ebpf, &layout, &client_if, false);
+                }
                 clear(node_host, &mut p, mode);
             }
         }
-        let (dc, dr) = (
+        let (dc, dr, dg) = (
             weft_tests::load::median(conn[0].clone()),
             weft_tests::load::median(rr[0].clone()),
+            weft_tests::load::median(gbit[0].clone()),
         );
         let modes: Vec<Value> = MODES
             .iter()
             .enumerate()
             .map(|(k, mode)| {
                 let (c, r) = (weft_tests::load::median(conn[k].clone()), weft_tests::load::median(rr[k].clone()));
+                let g = weft_tests::load::median(gbit[k].clone());
                 let pr = prog[k];
                 json!({
                     "mode": mode.label(), "conn_per_s": c, "conn_ratio": c / dc, "rr_per_s": r, "rr_ratio": r / dr,
+                    "gbit_per_s": g, "gbit_ratio": g / dg,
                     "errors": errors[k],
                     "program_all_ms": pr.map(|p| p.0.as_secs_f64() * 1e3),
                     "add_one_ms": pr.map(|p| p.1.as_secs_f64() * 1e3),
@@ -406,19 +482,31 @@ fn main() {
         "\nservice routing, client -> last of S services -> one backend pod ({rounds} x {secs} s, medians)"
     );
     println!(
-        "{:>6}  {:<24} {:>10} {:>7} {:>9} {:>7} {:>11} {:>9} {:>9}",
-        "S", "mode", "new conn/s", "ratio", "RR/s", "ratio", "program ms", "add 1 ms", "del 1 ms"
+        "{:>6}  {:<24} {:>10} {:>7} {:>9} {:>7} {:>7} {:>7} {:>11} {:>9} {:>9}",
+        "S",
+        "mode",
+        "new conn/s",
+        "ratio",
+        "RR/s",
+        "ratio",
+        "Gbit/s",
+        "ratio",
+        "program ms",
+        "add 1 ms",
+        "del 1 ms"
     );
     for r in &results {
         for m in r["modes"].as_array().unwrap() {
             println!(
-                "{:>6}  {:<24} {:>10} {:>7} {:>9} {:>7} {:>11} {:>9} {:>9}",
-                r["services"],
+                "{:>6}  {:<24} {:>10} {:>7} {:>9} {:>7} {:>7} {:>7} {:>11} {:>9} {:>9}",
+                r["services"].as_u64().unwrap_or(0),
                 m["mode"].as_str().unwrap(),
                 f(&m["conn_per_s"], 0),
                 f(&m["conn_ratio"], 2),
                 f(&m["rr_per_s"], 0),
                 f(&m["rr_ratio"], 2),
+                f(&m["gbit_per_s"], 2),
+                f(&m["gbit_ratio"], 2),
                 f(&m["program_all_ms"], 1),
                 f(&m["add_one_ms"], 2),
                 f(&m["remove_one_ms"], 2)
