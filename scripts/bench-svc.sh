@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Service-routing benchmark: weft socket LB vs direct vs kube-proxy-style iptables and nftables,
-# at 1, 1,000 and 10,000 services. Extra arguments go to svc-bench
-# (--quick, --services 1,1000,10000, --rounds N, --secs S, --out DIR).
+# Service-routing benchmark: weft socket LB and weft TC-only vs direct vs kube-proxy-style iptables
+# and nftables, at 1, 1,000 and 10,000 services, backend on the same node and across nodes. Extra
+# arguments go to svc-bench (--quick, --services 1,1000,10000, --topology same|across,
+# --rounds N, --secs S, --out DIR).
 set -euo pipefail
 export PATH="$HOME/.cargo/bin:$PATH"
 cd "$(dirname "$0")/.."

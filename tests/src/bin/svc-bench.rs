@@ -11,6 +11,9 @@
 //! * **nftables**: kube-proxy-style nftables (a verdict map to one chain per service, DNAT), loaded
 //!   with nft -f.
 //!
+//! Two topologies: the backend on the client's node, and on a second node routed to over the
+//! underlay (`--topology same|across` for one only).
+//!
 //! The client always connects to the *last* service programmed (the worst case for a linear rule
 //! walk). Figures: new connections per second (connect, 1-byte request, 1-byte reply, close),
 //! 1-byte request/response per second on one connection, and bulk throughput on one connection,
@@ -32,7 +35,9 @@ use weft_proxy::{
 };
 use weft_testbed::{Host, Lab};
 
+/// The backend pod on the client's node, and the one on the other node.
 const BACKEND: &str = "10.244.0.3";
+const REMOTE_BACKEND: &str = "10.244.1.3";
 const BACKEND_PORT: u16 = 8080;
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -90,14 +95,14 @@ fn run_cmd(host: &Host, program: &str, args: &[&str], stdin: &str) -> Duration {
     t0.elapsed()
 }
 
-fn ipt_service(i: usize, add: bool) -> String {
+fn ipt_service(i: usize, add: bool, backend: Ipv4Addr) -> String {
     let vip = Mode::Iptables.vip(i);
     if add {
         format!(
             ":KUBE-SVC-{i} - [0:0]\n:KUBE-SEP-{i} - [0:0]\n\
              -A KUBE-SERVICES -d {vip}/32 -p tcp -m tcp --dport 80 -j KUBE-SVC-{i}\n\
              -A KUBE-SVC-{i} -j KUBE-SEP-{i}\n\
-             -A KUBE-SEP-{i} -p tcp -m tcp -j DNAT --to-destination {BACKEND}:{BACKEND_PORT}\n"
+             -A KUBE-SEP-{i} -p tcp -m tcp -j DNAT --to-destination {backend}:{BACKEND_PORT}\n"
         )
     } else {
         format!(
@@ -107,8 +112,8 @@ fn ipt_service(i: usize, add: bool) -> String {
     }
 }
 
-fn nft_chain(i: usize) -> String {
-    format!("chain s{i} {{ ip protocol tcp dnat to {BACKEND}:{BACKEND_PORT}; }}\n")
+fn nft_chain(i: usize, backend: Ipv4Addr) -> String {
+    format!("chain s{i} {{ ip protocol tcp dnat to {backend}:{BACKEND_PORT}; }}\n")
 }
 
 fn nft_element(i: usize) -> String {
@@ -118,6 +123,8 @@ fn nft_element(i: usize) -> String {
 struct Programmer {
     maps: ServiceMaps,
     desired: Desired,
+    /// The backend every service leads to in the current topology.
+    backend: Ipv4Addr,
 }
 
 fn weft_frontend(mode: Mode, i: usize) -> Frontend {
@@ -128,11 +135,11 @@ fn weft_frontend(mode: Mode, i: usize) -> Frontend {
     }
 }
 
-fn weft_state() -> FrontendState {
+fn weft_state(backend: Ipv4Addr) -> FrontendState {
     FrontendState {
         service: "bench".into(),
         backends: vec![BackendAddr {
-            addr: BACKEND.parse().unwrap(),
+            addr: backend,
             port: BACKEND_PORT,
         }],
         local_count: 1,
@@ -152,14 +159,14 @@ fn program(
         Mode::Direct => None,
         Mode::Weft | Mode::WeftTc => {
             p.desired = (0..s)
-                .map(|i| (weft_frontend(mode, i), weft_state()))
+                .map(|i| (weft_frontend(mode, i), weft_state(p.backend)))
                 .collect();
             let t0 = Instant::now();
             let (_, errs) = p.maps.apply(&p.desired);
             let all = t0.elapsed();
             assert!(errs.is_empty(), "{errs:?}");
             let mut plus = p.desired.clone();
-            plus.insert(weft_frontend(mode, s), weft_state());
+            plus.insert(weft_frontend(mode, s), weft_state(p.backend));
             let t0 = Instant::now();
             p.maps.apply(&plus);
             let add = t0.elapsed();
@@ -173,7 +180,7 @@ fn program(
             );
             f.push_str("-A PREROUTING -j KUBE-SERVICES\n-A OUTPUT -j KUBE-SERVICES\n");
             for i in 0..s {
-                f.push_str(&ipt_service(i, true));
+                f.push_str(&ipt_service(i, true, p.backend));
             }
             f.push_str("COMMIT\n");
             let all = run_cmd(node, "iptables-restore", &[], &f);
@@ -181,20 +188,20 @@ fn program(
                 node,
                 "iptables-restore",
                 &["--noflush"],
-                &format!("*nat\n{}COMMIT\n", ipt_service(s, true)),
+                &format!("*nat\n{}COMMIT\n", ipt_service(s, true, p.backend)),
             );
             let del = run_cmd(
                 node,
                 "iptables-restore",
                 &["--noflush"],
-                &format!("*nat\n{}COMMIT\n", ipt_service(s, false)),
+                &format!("*nat\n{}COMMIT\n", ipt_service(s, false, p.backend)),
             );
             Some((all, add, del))
         }
         Mode::Nftables => {
             let mut f = String::from("table ip kp\ndelete table ip kp\ntable ip kp {\n");
             for i in 0..s {
-                f.push_str(&nft_chain(i));
+                f.push_str(&nft_chain(i, p.backend));
             }
             let elems: Vec<String> = (0..s).map(nft_element).collect();
             f.push_str("map svc { type ipv4_addr . inet_proto . inet_service : verdict\n");
@@ -209,7 +216,7 @@ fn program(
                 &["-f", "-"],
                 &format!(
                     "add {}add element ip kp svc {{ {} }}\n",
-                    nft_chain(s).replacen("chain", "chain ip kp", 1),
+                    nft_chain(s, p.backend).replacen("chain", "chain ip kp", 1),
                     nft_element(s)
                 ),
             );
@@ -296,6 +303,12 @@ fn tc(node: &Host, ebpf: &mut aya::Ebpf, layout: &PinLayout, ifname: &str, on: b
 // ---------- measurement ----------
 
 fn svg(results: &[Value], path: &Path) {
+    let results: Vec<Value> = results
+        .iter()
+        .filter(|r| r["topology"].as_str().is_none_or(|t| t == "same node"))
+        .cloned()
+        .collect();
+    let results = &results[..];
     let (w, h, l, b) = (640.0, 360.0, 60.0, 40.0);
     let counts: Vec<f64> = results
         .iter()
@@ -393,6 +406,21 @@ fn main() {
         .sysctl("net/netfilter/nf_conntrack_tcp_timeout_close", "1")
         .unwrap();
     weft_tests::load::serve(lab.host("backend").unwrap(), BACKEND_PORT);
+    // A second node with a backend of its own, routed to over the underlay both ways.
+    let other = lab.add_node().unwrap();
+    lab.wire_pod(other, "remote-backend", REMOTE_BACKEND.parse().unwrap())
+        .unwrap();
+    weft_tests::load::serve(lab.host("remote-backend").unwrap(), BACKEND_PORT);
+    let (ip0, ip1) = (
+        lab.node(node).underlay_addr().unwrap().to_string(),
+        lab.node(other).underlay_addr().unwrap().to_string(),
+    );
+    lab.node(node)
+        .exec("ip", ["route", "add", "10.244.1.0/24", "via", &ip1])
+        .unwrap();
+    lab.node(other)
+        .exec("ip", ["route", "add", "10.244.0.0/24", "via", &ip0])
+        .unwrap();
     let cgroup = lab.cgroup("bench").unwrap();
     let layout = PinLayout::new(lab.bpffs_dir("svc-bench").unwrap());
     let limits = Limits {
@@ -407,57 +435,70 @@ fn main() {
     let mut p = Programmer {
         maps: ServiceMaps::open(&layout, limits).unwrap(),
         desired: Desired::new(),
+        backend: BACKEND.parse().unwrap(),
     };
     let node_host = lab.node(node);
+    let topologies: Vec<(&str, Ipv4Addr)> =
+        [("same node", BACKEND), ("across nodes", REMOTE_BACKEND)]
+            .into_iter()
+            .filter(|(t, _)| {
+                args.value("--topology")
+                    .is_none_or(|want| want.split(',').any(|w| t.starts_with(w)))
+            })
+            .map(|(t, b)| (t, b.parse().unwrap()))
+            .collect();
     let client = lab.host("client").unwrap();
 
     let mut results = Vec::new();
-    for &s in &counts {
-        // Each mode is measured with only its own rules loaded: iptables' KUBE-SERVICES chain is
-        // walked by every new connection through the node, service or not, so loading all modes
-        // at once would tax the others. Rounds interleave the modes; each round reprograms.
-        eprintln!("svc-bench: {s} services: {rounds} round(s) of {secs} s per mode and figure");
-        let mut prog: Vec<Option<(Duration, Duration, Duration)>> = vec![None; MODES.len()];
-        let mut conn: Vec<Vec<f64>> = vec![Vec::new(); MODES.len()];
-        let mut rr: Vec<Vec<f64>> = vec![Vec::new(); MODES.len()];
-        let mut gbit: Vec<Vec<f64>> = vec![Vec::new(); MODES.len()];
-        let mut errors = vec![0u64; MODES.len()];
-        for round in 0..rounds {
-            for (k, &mode) in MODES.iter().enumerate() {
-                let took = program(node_host, &mut p, mode, s);
-                if round == 0 {
-                    prog[k] = took;
-                }
-                let dst = match mode {
-                    Mode::Direct => {
-                        SocketAddr::from((BACKEND.parse::<Ipv4Addr>().unwrap(), BACKEND_PORT))
+    for &(topology, backend) in &topologies {
+        p.backend = backend;
+        for &s in &counts {
+            // Each mode is measured with only its own rules loaded: iptables' KUBE-SERVICES chain is
+            // walked by every new connection through the node, service or not, so loading all modes
+            // at once would tax the others. Rounds interleave the modes; each round reprograms.
+            eprintln!(
+                "svc-bench: {topology}, {s} services: {rounds} round(s) of {secs} s per mode and figure"
+            );
+            let mut prog: Vec<Option<(Duration, Duration, Duration)>> = vec![None; MODES.len()];
+            let mut conn: Vec<Vec<f64>> = vec![Vec::new(); MODES.len()];
+            let mut rr: Vec<Vec<f64>> = vec![Vec::new(); MODES.len()];
+            let mut gbit: Vec<Vec<f64>> = vec![Vec::new(); MODES.len()];
+            let mut errors = vec![0u64; MODES.len()];
+            for round in 0..rounds {
+                for (k, &mode) in MODES.iter().enumerate() {
+                    let took = program(node_host, &mut p, mode, s);
+                    if round == 0 {
+                        prog[k] = took;
                     }
-                    m => SocketAddr::from((m.vip(s - 1), 80)),
-                };
-                let cg = if mode == Mode::WeftTc {
-                    tc(node_host, &mut ebpf, &layout, &client_if, true);
-                    &plain_cgroup
-                } else {
-                    &cgroup
-                };
-                let (c, e) = weft_tests::load::measure(client, cg, "conn", dst, secs);
-                conn[k].push(c);
-                errors[k] += e;
-                rr[k].push(weft_tests::load::measure(client, cg, "rr", dst, secs).0);
-                gbit[k]
-                    .push(weft_tests::load::measure(client, cg, "stream", dst, secs).0 * 8.0 / 1e9);
-                if mode == Mode::WeftTc {
-                    tc(node_host, &mut ebpf, &layout, &client_if, false);
+                    let dst = match mode {
+                        Mode::Direct => SocketAddr::from((backend, BACKEND_PORT)),
+                        m => SocketAddr::from((m.vip(s - 1), 80)),
+                    };
+                    let cg = if mode == Mode::WeftTc {
+                        tc(node_host, &mut ebpf, &layout, &client_if, true);
+                        &plain_cgroup
+                    } else {
+                        &cgroup
+                    };
+                    let (c, e) = weft_tests::load::measure(client, cg, "conn", dst, secs);
+                    conn[k].push(c);
+                    errors[k] += e;
+                    rr[k].push(weft_tests::load::measure(client, cg, "rr", dst, secs).0);
+                    gbit[k].push(
+                        weft_tests::load::measure(client, cg, "stream", dst, secs).0 * 8.0 / 1e9,
+                    );
+                    if mode == Mode::WeftTc {
+                        tc(node_host, &mut ebpf, &layout, &client_if, false);
+                    }
+                    clear(node_host, &mut p, mode);
                 }
-                clear(node_host, &mut p, mode);
             }
-        }
-        let (dc, dr, dg) = (
-            weft_tests::load::median(conn[0].clone()),
-            weft_tests::load::median(rr[0].clone()),
-            weft_tests::load::median(gbit[0].clone()),
-        );
-        let modes: Vec<Value> = MODES
+            let (dc, dr, dg) = (
+                weft_tests::load::median(conn[0].clone()),
+                weft_tests::load::median(rr[0].clone()),
+                weft_tests::load::median(gbit[0].clone()),
+            );
+            let modes: Vec<Value> = MODES
             .iter()
             .enumerate()
             .map(|(k, mode)| {
@@ -474,7 +515,8 @@ fn main() {
                 })
             })
             .collect();
-        results.push(json!({"services": s, "modes": modes}));
+            results.push(json!({"topology": topology, "services": s, "modes": modes}));
+        }
     }
 
     let f = |v: &Value, d: usize| v.as_f64().map_or("-".to_owned(), |x| format!("{x:.d$}"));
@@ -482,7 +524,8 @@ fn main() {
         "\nservice routing, client -> last of S services -> one backend pod ({rounds} x {secs} s, medians)"
     );
     println!(
-        "{:>6}  {:<24} {:>10} {:>7} {:>9} {:>7} {:>7} {:>7} {:>11} {:>9} {:>9}",
+        "{:<13} {:>6}  {:<24} {:>10} {:>7} {:>9} {:>7} {:>7} {:>7} {:>11} {:>9} {:>9}",
+        "topology",
         "S",
         "mode",
         "new conn/s",
@@ -498,7 +541,8 @@ fn main() {
     for r in &results {
         for m in r["modes"].as_array().unwrap() {
             println!(
-                "{:>6}  {:<24} {:>10} {:>7} {:>9} {:>7} {:>7} {:>7} {:>11} {:>9} {:>9}",
+                "{:<13} {:>6}  {:<24} {:>10} {:>7} {:>9} {:>7} {:>7} {:>7} {:>11} {:>9} {:>9}",
+                r["topology"].as_str().unwrap_or(""),
                 r["services"].as_u64().unwrap_or(0),
                 m["mode"].as_str().unwrap(),
                 f(&m["conn_per_s"], 0),
@@ -524,6 +568,7 @@ fn main() {
         report["results"].as_array().unwrap(),
         &out_dir.join("svc.svg"),
     );
+    println!("(the plot shows the same-node topology)");
     println!(
         "\nJSON: {}\nplot: {}",
         out_dir.join("svc.json").display(),
