@@ -385,21 +385,39 @@ impl Store {
         if r.kind == "Service" {
             self.allocate(&inner, &name, &mut object)?;
         }
+        self.commit(&mut inner, rv, key, object.clone(), None)?;
+        Ok(object)
+    }
+
+    /// Stores a created or changed object at version `rv`, writes the file, and tells watchers.
+    fn commit(
+        &self,
+        inner: &mut Inner,
+        rv: u64,
+        key: Key,
+        object: Value,
+        previous: Option<Value>,
+    ) -> Result<(), ApiError> {
         inner.rv = rv;
         inner.objects.insert(key.clone(), object.clone());
-        self.save(&inner)?;
+        self.save(inner)?;
+        let kind = if previous.is_some() {
+            EventType::Modified
+        } else {
+            EventType::Added
+        };
         self.record(
-            &mut inner,
+            inner,
             Event {
                 rv,
-                kind: EventType::Added,
+                kind,
                 resource: key.0,
-                namespace,
-                object: object.clone(),
-                previous: None,
+                namespace: key.1,
+                object,
+                previous,
             },
         );
-        Ok(object)
+        Ok(())
     }
 
     /// Cluster IP and node ports for a new Service.
@@ -628,20 +646,7 @@ impl Store {
         }
         let rv = inner.rv + 1;
         next["metadata"]["resourceVersion"] = json!(rv.to_string());
-        inner.rv = rv;
-        inner.objects.insert(key.clone(), next.clone());
-        self.save(&inner)?;
-        self.record(
-            &mut inner,
-            Event {
-                rv,
-                kind: EventType::Modified,
-                resource: key.0,
-                namespace: key.1,
-                object: next.clone(),
-                previous: Some(stored),
-            },
-        );
+        self.commit(&mut inner, rv, key, next.clone(), Some(stored))?;
         Ok(next)
     }
 

@@ -51,6 +51,10 @@ const UDP_CSUM: usize = 6;
 const TCP_FLAGS: usize = 13;
 const TCP_SYN: u8 = 0x02;
 const TCP_ACK: u8 = 0x10;
+const TCP_RST: u8 = 0x04;
+/// Offsets of the sequence and acknowledgement numbers in the TCP header.
+const TCP_SEQ: usize = 4;
+const TCP_ACK_SEQ: usize = 8;
 
 /// The parsed headers of one IPv4 TCP/UDP packet.
 struct Packet {
@@ -165,26 +169,84 @@ fn forward(ctx: &TcContext, src: Be32, dst: Be32) -> i32 {
     }
 }
 
+/// Refuses a connection to a service without endpoints: a TCP SYN is turned into the RST that a
+/// closed port would send and bounced out of the interface it came in on, so the client fails at
+/// once (as kube-proxy's REJECT rules make it) instead of retrying into silence; anything else is
+/// dropped.
+#[inline(always)]
+fn refuse(ctx: &TcContext, p: &Packet) -> i32 {
+    if p.flow.proto != proto::TCP || !p.new_or_udp {
+        return TC_ACT_SHOT as i32;
+    }
+    let bounced = (|| -> Result<(), i64> {
+        let seq: u32 = ctx.load(p.l4 + TCP_SEQ)?;
+        let old_ack: u32 = ctx.load(p.l4 + TCP_ACK_SEQ)?;
+        let new_ack = (u32::from_be(seq).wrapping_add(1)).to_be();
+        let old_word: u16 = ctx.load(p.l4 + TCP_FLAGS - 1)?;
+        // The flags byte is the second byte of the word: keep the data offset, set RST|ACK.
+        let new_word = u16::from_ne_bytes([old_word.to_ne_bytes()[0], TCP_RST | TCP_ACK]);
+        let csum = p.l4 + TCP_CSUM;
+        ctx.l4_csum_replace(csum, u64::from(seq), 0, 4)?;
+        ctx.store(p.l4 + TCP_SEQ, &0u32, 0)?;
+        ctx.l4_csum_replace(csum, u64::from(old_ack), u64::from(new_ack), 4)?;
+        ctx.store(p.l4 + TCP_ACK_SEQ, &new_ack, 0)?;
+        ctx.l4_csum_replace(csum, u64::from(old_word), u64::from(new_word), 2)?;
+        ctx.store(p.l4 + TCP_FLAGS - 1, &new_word, 0)?;
+        // Swapping addresses and ports changes no checksum (the sums are the same).
+        ctx.store(ETH_HLEN + IP_SRC, &p.flow.dst.0, 0)?;
+        ctx.store(ETH_HLEN + IP_DST, &p.flow.src.0, 0)?;
+        ctx.store(p.l4, &p.flow.dport.0, 0)?;
+        ctx.store(p.l4 + 2, &p.flow.sport.0, 0)?;
+        let dmac: [u8; 6] = ctx.load(0)?;
+        let smac: [u8; 6] = ctx.load(6)?;
+        ctx.store(0, &smac, 0)?;
+        ctx.store(6, &dmac, 0)?;
+        Ok(())
+    })();
+    if bounced.is_err() {
+        return TC_ACT_SHOT as i32;
+    }
+    // SAFETY: the context's __sk_buff is valid for the program's whole run; the helper takes
+    // plain integers.
+    unsafe { bpf_redirect((*ctx.skb.skb).ifindex, 0) as i32 }
+}
+
+/// Rewrites the destination and then the source of a packet, the second rewrite computing its
+/// checksum change from the packet as the first one left it.
+#[inline(always)]
+fn rewrite_both(
+    ctx: &TcContext,
+    p: &Packet,
+    dst: (Be32, Be16),
+    src: (Be32, Be16),
+) -> Result<(), i64> {
+    rewrite(ctx, p, true, dst.0, dst.1)?;
+    let after = Packet {
+        flow: FlowKey {
+            dst: dst.0,
+            dport: dst.1,
+            ..p.flow
+        },
+        l4: p.l4,
+        new_or_udp: p.new_or_udp,
+    };
+    rewrite(ctx, &after, false, src.0, src.1)
+}
+
 /// A reply of a flow this node sent to a remote backend: client and frontend restored, and
 /// sent back towards the client. `None` when the packet is not one.
 #[inline(always)]
 fn snat_reply(ctx: &TcContext, p: &Packet) -> Option<i32> {
     // SAFETY: read-only lookup of plain integers.
     let back = *unsafe { WEFT_SNAT_REV.get(&p.flow) }?;
-    if rewrite(ctx, p, false, back.front, back.front_port).is_err() {
-        count_drop(DropReason::RewriteFailed);
-        return Some(TC_ACT_SHOT as i32);
-    }
-    let p2 = Packet {
-        flow: FlowKey {
-            src: back.front,
-            sport: back.front_port,
-            ..p.flow
-        },
-        l4: p.l4,
-        new_or_udp: p.new_or_udp,
-    };
-    if rewrite(ctx, &p2, true, back.client, back.client_port).is_err() {
+    if rewrite_both(
+        ctx,
+        p,
+        (back.client, back.client_port),
+        (back.front, back.front_port),
+    )
+    .is_err()
+    {
         count_drop(DropReason::RewriteFailed);
         return Some(TC_ACT_SHOT as i32);
     }
@@ -316,7 +378,7 @@ fn translate(ctx: &TcContext, from_pod: bool) -> i32 {
         _ => {
             if n == 0 {
                 count_drop(DropReason::NoEndpoints);
-                return TC_ACT_SHOT as i32;
+                return refuse(ctx, &p);
             }
             let client = AFFINITY_CLIENT_ADDR | u64::from(p.flow.src.0);
             let maglev =
@@ -379,11 +441,11 @@ fn translate(ctx: &TcContext, from_pod: bool) -> i32 {
             (b, remote)
         }
     };
-    if rewrite(ctx, &p, true, backend.addr, backend.port).is_err() {
-        count_drop(DropReason::RewriteFailed);
-        return TC_ACT_SHOT as i32;
-    }
     if !remote {
+        if rewrite(ctx, &p, true, backend.addr, backend.port).is_err() {
+            count_drop(DropReason::RewriteFailed);
+            return TC_ACT_SHOT as i32;
+        }
         return TC_ACT_UNSPEC;
     }
     // A remote backend: leave from this node's address so the reply comes back here (or,
@@ -392,16 +454,7 @@ fn translate(ctx: &TcContext, from_pod: bool) -> i32 {
         count_drop(DropReason::SnatPortsExhausted);
         return TC_ACT_SHOT as i32;
     };
-    let p2 = Packet {
-        flow: FlowKey {
-            dst: backend.addr,
-            dport: backend.port,
-            ..p.flow
-        },
-        l4: p.l4,
-        new_or_udp: p.new_or_udp,
-    };
-    if rewrite(ctx, &p2, false, out.addr, out.port).is_err() {
+    if rewrite_both(ctx, &p, (backend.addr, backend.port), (out.addr, out.port)).is_err() {
         count_drop(DropReason::RewriteFailed);
         return TC_ACT_SHOT as i32;
     }

@@ -108,11 +108,14 @@ const PROTO_UDP: u8 = 17;
 
 /// (frontend, backend) of every UDP frontend of a desired state.
 pub fn udp_pairs(desired: &Desired) -> UdpPairs {
-    desired
-        .iter()
+    pairs(desired.iter().map(|(f, s)| (f, &s.backends[..])))
+}
+
+fn pairs<'a>(frontends: impl Iterator<Item = (&'a Frontend, &'a [BackendAddr])>) -> UdpPairs {
+    frontends
         .filter(|(f, _)| f.proto == PROTO_UDP)
-        .flat_map(|(f, s)| {
-            s.backends.iter().map(move |b| {
+        .flat_map(|(f, backends)| {
+            backends.iter().map(move |b| {
                 (
                     SocketAddrV4::new(f.addr, f.port),
                     SocketAddrV4::new(b.addr, b.port),
@@ -315,18 +318,7 @@ impl ServiceMaps {
 
     /// (frontend, backend) of every UDP frontend as programmed.
     pub fn udp_pairs(&self) -> UdpPairs {
-        self.current
-            .iter()
-            .filter(|(f, _)| f.proto == PROTO_UDP)
-            .flat_map(|(f, p)| {
-                p.backends.iter().map(move |b| {
-                    (
-                        SocketAddrV4::new(f.addr, f.port),
-                        SocketAddrV4::new(b.addr, b.port),
-                    )
-                })
-            })
-            .collect()
+        pairs(self.current.iter().map(|(f, p)| (f, &p.backends[..])))
     }
 
     /// What the datapath knows of this node (its address for flows to remote backends).

@@ -368,17 +368,8 @@ fn reachability_matrices_match_the_reference_semantics() {
 /// `weft-proxy probe tcp ADDR` from a pod, inside the cgroup where socket load balancing runs:
 /// the reply, or `None` if the connection failed.
 fn probe(env: &Env, from: (&str, &str), addr: &str) -> Option<String> {
-    let out = env
-        .lab
-        .host(&label(from.0, from.1))
-        .unwrap()
-        .command_in_cgroup(BIN, &env.cgroup)
-        .unwrap()
-        .args(["probe", "tcp", addr, "--timeout-ms", "1000"])
-        .output()
-        .unwrap();
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-    v["reply"].as_str().map(str::to_owned)
+    let host = env.lab.host(&label(from.0, from.1)).unwrap();
+    weft_tests::probe_tcp(host, BIN.as_ref(), &env.cgroup, addr, 1000)
 }
 
 #[test]

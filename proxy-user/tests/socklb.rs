@@ -457,10 +457,14 @@ fn nodeport_from_outside_the_node_keeps_the_client_address() {
         "apiVersion: v1\nkind: Service\nmetadata: {name: np, namespace: default}\n\
              spec: {type: NodePort, clusterIP: 10.96.0.30, selector: {app: web}, ports: [\
              {name: http, port: 80, targetPort: http, nodePort: 30080},\
-             {name: dns, port: 53, protocol: UDP, targetPort: 5353, nodePort: 30053}]}\n",
+             {name: dns, port: 53, protocol: UDP, targetPort: 5353, nodePort: 30053}]}\n\
+             ---\napiVersion: v1\nkind: Service\nmetadata: {name: nobody, namespace: default}\n\
+             spec: {type: NodePort, clusterIP: 10.96.0.31, selector: {app: nobody}, ports: [\
+             {port: 80, nodePort: 30099}]}\n",
     );
     env.start_agent();
     env.wait_for_frontend(&format!("{node_ip}:30080/tcp"), 2);
+    env.wait_for_frontend(&format!("{node_ip}:30099/tcp"), 0);
     env.wait_for_frontend(&format!("{node_ip}:30053/udp"), 2);
     let ext = env.lab.host("ext").unwrap();
     let ext_ip = ext.underlay_addr().unwrap();
@@ -505,6 +509,17 @@ fn nodeport_from_outside_the_node_keeps_the_client_address() {
         )
         .unwrap();
     assert_eq!(got, b"query");
+
+    // A NodePort without endpoints refuses at once instead of leaving the client retrying.
+    let t0 = Instant::now();
+    let err = ext
+        .tcp_roundtrip(SocketAddr::from((node_ip, 30099)), b"x", Duration::from_secs(3))
+        .unwrap_err();
+    assert!(
+        t0.elapsed() < Duration::from_millis(1500) && err.to_string().contains("refused"),
+        "{err} after {:?}",
+        t0.elapsed()
+    );
 
     // A port that is no service passes through untouched (nothing listens: refused).
     assert!(
@@ -1240,6 +1255,16 @@ fn pod_traffic_is_translated_per_packet_when_socket_lb_is_off() {
     assert!(
         hits.iter().all(|p| p.ip().to_string() == "10.244.0.2"),
         "{hits:?}"
+    );
+    // No endpoints: refused at once (a RST from the service address), not a hang.
+    let t0 = Instant::now();
+    let err = client
+        .tcp_roundtrip("10.96.0.99:80".parse().unwrap(), b"x", Duration::from_secs(3))
+        .unwrap_err();
+    assert!(
+        t0.elapsed() < Duration::from_millis(1500) && err.to_string().contains("refused"),
+        "{err} after {:?}",
+        t0.elapsed()
     );
     // UDP, and the reply's source is the service (a connected socket would drop anything else).
     let r = env.probe(client, "udp", "10.96.0.53:53");

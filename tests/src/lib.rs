@@ -61,6 +61,31 @@ pub fn proxy_agent_from(
     cmd
 }
 
+/// `weft-proxy probe tcp ADDR` from `host` inside `cgroup` (where socket load balancing runs):
+/// the reply, or `None` if the connection failed.
+pub fn probe_tcp(
+    host: &Host,
+    binary: &Path,
+    cgroup: &Path,
+    addr: &str,
+    timeout_ms: u32,
+) -> Option<String> {
+    let out = host
+        .command_in_cgroup(binary, cgroup)
+        .expect("command in the pod")
+        .args([
+            "probe",
+            "tcp",
+            addr,
+            "--timeout-ms",
+            &timeout_ms.to_string(),
+        ])
+        .output()
+        .expect("running weft-proxy probe");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    v["reply"].as_str().map(str::to_owned)
+}
+
 /// Runs `cmd` with `stdin` written to it, capturing stdout and stderr.
 pub fn output_with_stdin(mut cmd: Command, stdin: &[u8]) -> Output {
     let mut child = cmd

@@ -115,17 +115,8 @@ impl Env {
 
     /// A TCP exchange from a pod, inside the cgroup where socket load balancing runs.
     fn probe(&self, from: &str, addr: &str) -> Option<String> {
-        let out = self
-            .lab
-            .host(from)
-            .unwrap()
-            .command_in_cgroup(weft_binary("weft-proxy"), &self.cgroup)
-            .unwrap()
-            .args(["probe", "tcp", addr, "--timeout-ms", "500"])
-            .output()
-            .unwrap();
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-        v["reply"].as_str().map(str::to_owned)
+        let host = self.lab.host(from).unwrap();
+        weft_tests::probe_tcp(host, &weft_binary("weft-proxy"), &self.cgroup, addr, 500)
     }
 
     fn agent_alive(&mut self) {
@@ -304,28 +295,24 @@ fn services_and_policy_follow_the_kubernetes_api() {
 #[test]
 fn kubectl_errors_are_kubernetes_statuses() {
     let env = Env::new();
-    let mut cmd: Command = env.lab.node(0).command("kubectl").unwrap();
-    cmd.env("KUBECONFIG", env.kubeconfig())
-        .args(["apply", "-f", "-"]);
-    let out = output_with_stdin(
-        cmd,
-        b"apiVersion: v1\nkind: Service\nmetadata: {name: s, namespace: nowhere}\nspec: {ports: [{port: 80}]}\n",
+    let apply = |yaml: &str| {
+        let mut cmd: Command = env.lab.node(0).command("kubectl").unwrap();
+        cmd.env("KUBECONFIG", env.kubeconfig())
+            .args(["apply", "-f", "-"]);
+        let out = output_with_stdin(cmd, yaml.as_bytes());
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, err) = apply(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: s, namespace: nowhere}\nspec: {ports: [{port: 80}]}\n",
     );
-    let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        !out.status.success() && (err.contains("NotFound") || err.contains("not found")),
+        !ok && (err.contains("NotFound") || err.contains("not found")),
         "{err}"
     );
-    let mut cmd: Command = env.lab.node(0).command("kubectl").unwrap();
-    cmd.env("KUBECONFIG", env.kubeconfig())
-        .args(["apply", "-f", "-"]);
-    let out = output_with_stdin(
-        cmd,
-        b"apiVersion: v1\nkind: Service\nmetadata: {name: s}\nspec: {portz: 80}\n",
-    );
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && err.contains("unknown field \"spec.portz\""),
-        "{err}"
-    );
+    let (ok, err) =
+        apply("apiVersion: v1\nkind: Service\nmetadata: {name: s}\nspec: {portz: 80}\n");
+    assert!(!ok && err.contains("unknown field \"spec.portz\""), "{err}");
 }
