@@ -252,6 +252,21 @@ impl Env {
         }
     }
 
+    /// `n` echoed TCP exchanges from `from` to `addr`; the peers be1 and be2 saw for them.
+    fn exchanges(&self, from: &Host, addr: &str, n: usize) -> (Vec<SocketAddr>, Vec<SocketAddr>) {
+        let before = (self._servers.0.peers().len(), self._servers.1.peers().len());
+        for _ in 0..n {
+            let got = from
+                .tcp_roundtrip(addr.parse().unwrap(), b"hello", Duration::from_secs(2))
+                .unwrap();
+            assert_eq!(got, b"hello");
+        }
+        (
+            self._servers.0.peers()[before.0..].to_vec(),
+            self._servers.1.peers()[before.1..].to_vec(),
+        )
+    }
+
     /// `weft-proxy probe` from the client pod, inside the pods' cgroup.
     fn probe_from_client(&self, proto: &str, addr: &str) -> Value {
         self.probe(self.lab.host("client").unwrap(), proto, addr)
@@ -513,7 +528,11 @@ fn nodeport_from_outside_the_node_keeps_the_client_address() {
     // A NodePort without endpoints refuses at once instead of leaving the client retrying.
     let t0 = Instant::now();
     let err = ext
-        .tcp_roundtrip(SocketAddr::from((node_ip, 30099)), b"x", Duration::from_secs(3))
+        .tcp_roundtrip(
+            SocketAddr::from((node_ip, 30099)),
+            b"x",
+            Duration::from_secs(3),
+        )
         .unwrap_err();
     assert!(
         t0.elapsed() < Duration::from_millis(1500) && err.to_string().contains("refused"),
@@ -1183,22 +1202,8 @@ fn external_ips_from_a_pod_and_from_outside() {
     )
     .unwrap();
     let ext_ip = std::net::IpAddr::V4(ext.underlay_addr().unwrap());
-    let before = (env._servers.0.peers().len(), env._servers.1.peers().len());
-    for _ in 0..12 {
-        let got = ext
-            .tcp_roundtrip(
-                "192.0.2.7:80".parse().unwrap(),
-                b"x",
-                Duration::from_secs(2),
-            )
-            .unwrap();
-        assert_eq!(got, b"x");
-    }
-    let hits: Vec<_> = env._servers.0.peers()[before.0..]
-        .iter()
-        .chain(&env._servers.1.peers()[before.1..])
-        .copied()
-        .collect();
+    let (a, b) = env.exchanges(ext, "192.0.2.7:80", 12);
+    let hits: Vec<_> = a.into_iter().chain(b).collect();
     assert_eq!(hits.len(), 12);
     assert!(hits.iter().all(|p| p.ip() == ext_ip), "{hits:?}");
     env.stop_agent();
@@ -1230,28 +1235,10 @@ fn pod_traffic_is_translated_per_packet_when_socket_lb_is_off() {
             "the service never answered"
         );
     }
-    let before = (env._servers.0.peers().len(), env._servers.1.peers().len());
-    for _ in 0..20 {
-        // Not in the cgroup: nothing but the per-packet path can translate this.
-        let got = client
-            .tcp_roundtrip(
-                "10.96.0.10:80".parse().unwrap(),
-                b"hello",
-                Duration::from_secs(2),
-            )
-            .unwrap();
-        assert_eq!(got, b"hello");
-    }
-    let hits: Vec<_> = env._servers.0.peers()[before.0..]
-        .iter()
-        .chain(&env._servers.1.peers()[before.1..])
-        .copied()
-        .collect();
-    assert_eq!(hits.len(), 20);
-    assert!(
-        env._servers.0.peers().len() > before.0 && env._servers.1.peers().len() > before.1,
-        "both backends"
-    );
+    // Not in the cgroup: nothing but the per-packet path can translate this.
+    let (a, b) = env.exchanges(client, "10.96.0.10:80", 20);
+    assert!(!a.is_empty() && !b.is_empty(), "both backends");
+    let hits: Vec<_> = a.into_iter().chain(b).collect();
     assert!(
         hits.iter().all(|p| p.ip().to_string() == "10.244.0.2"),
         "{hits:?}"
@@ -1259,7 +1246,11 @@ fn pod_traffic_is_translated_per_packet_when_socket_lb_is_off() {
     // No endpoints: refused at once (a RST from the service address), not a hang.
     let t0 = Instant::now();
     let err = client
-        .tcp_roundtrip("10.96.0.99:80".parse().unwrap(), b"x", Duration::from_secs(3))
+        .tcp_roundtrip(
+            "10.96.0.99:80".parse().unwrap(),
+            b"x",
+            Duration::from_secs(3),
+        )
         .unwrap_err();
     assert!(
         t0.elapsed() < Duration::from_millis(1500) && err.to_string().contains("refused"),
@@ -1273,18 +1264,7 @@ fn pod_traffic_is_translated_per_packet_when_socket_lb_is_off() {
 
     // Hairpin: be1 reaches the service that selects it; some connections land on be1 itself.
     let be1 = env.lab.host("be1").unwrap();
-    let mine = env._servers.0.peers().len();
-    for _ in 0..20 {
-        let got = be1
-            .tcp_roundtrip(
-                "10.96.0.10:80".parse().unwrap(),
-                b"me",
-                Duration::from_secs(2),
-            )
-            .unwrap();
-        assert_eq!(got, b"me");
-    }
-    let to_self: Vec<_> = env._servers.0.peers()[mine..].to_vec();
+    let (to_self, _) = env.exchanges(be1, "10.96.0.10:80", 20);
     assert!(!to_self.is_empty(), "no connection landed on be1 itself");
     assert!(
         to_self.iter().all(|p| p.ip().to_string() == "169.254.42.1"),
