@@ -3,8 +3,10 @@
 # namespaces on this machine (never touching the machine's own namespace, routes or firewall):
 #   * weft-overlay programs a VXLAN overlay between the two nodes;
 #   * weft-cni wires three pods (a web server on each node, a client on node 1);
-#   * weft-proxy serves a ClusterIP Service for the web pods with socket-level load balancing and
-#     a NodePort that an external host reaches through the TC path;
+#   * weft server (weft's Kubernetes API server) holds the objects, written with kubectl;
+#   * weft-proxy reads them through the Kubernetes API and serves a ClusterIP Service for the web
+#     pods with socket-level load balancing, and NodePorts that an external host reaches through
+#     the TC path (to the pod on node2 too, by source translation);
 #   * a NetworkPolicy then admits only the client to the web pods, with flow events;
 # then prints what answered and what the kernel holds, and removes everything.
 # This command becomes `weft up` once the control plane exists.
@@ -13,7 +15,7 @@ export PATH="$HOME/.cargo/bin:$PATH"
 cd "$(dirname "$0")/.."
 
 bash scripts/setup.sh
-cargo build --release --locked -p weft-proxy -p weft-cni
+cargo build --release --locked -p weft-proxy -p weft-cni -p weft-control
 BIN="$PWD/target/release"
 
 ID="weft-demo-$$"
@@ -81,39 +83,63 @@ for w in web1 web2; do
   for _ in $(seq 1 100); do in_ns "$w" ss -ltnH | grep -q ':8080 ' && break; sleep 0.1; done
 done
 
-say "weft-proxy on node1: a ClusterIP Service and a NodePort for the web pods"
+say "weft server (the Kubernetes API) on node1; kubectl writes the Service, the Node and the Pods"
 mkdir -p "$DIR/manifests" "$CG"
+export KUBECONFIG="$DIR/kubeconfig"
+in_ns node1 "$BIN/weft" server --listen 127.0.0.1:6443 --data "$DIR/store.json" \
+  --kubeconfig "$KUBECONFIG" 2>/dev/null &
+for _ in $(seq 1 100); do [ -s "$KUBECONFIG" ] && break; sleep 0.1; done
+kube() { in_ns node1 kubectl "$@"; }
 cat > "$DIR/manifests/web.yaml" <<EOF
 apiVersion: v1
 kind: Service
 metadata: {name: web, namespace: default}
 spec:
   type: NodePort
-  clusterIP: 10.96.0.10
   selector: {app: web}
   ports: [{name: http, port: 80, targetPort: http, nodePort: 30080}]
 ---
 apiVersion: v1
+kind: Service
+metadata: {name: web-local, namespace: default}
+spec:
+  type: NodePort
+  externalTrafficPolicy: Local
+  selector: {app: web}
+  ports: [{name: http, port: 80, targetPort: http, nodePort: 30081}]
+---
+apiVersion: v1
 kind: Node
 metadata: {name: node1}
-status: {addresses: [{type: InternalIP, address: $NODE1}]}
 EOF
-for p in "web1 $WEB1 node1" "web2 $WEB2 node2"; do
+for p in "web1 node1" "web2 node2"; do
   set -- $p
   cat >> "$DIR/manifests/web.yaml" <<EOF
 ---
 apiVersion: v1
 kind: Pod
 metadata: {name: $1, namespace: default, labels: {app: web}}
-spec: {nodeName: $3, containers: [{name: web, image: demo, ports: [{name: http, containerPort: 8080}]}]}
-status: {podIP: $2, conditions: [{type: Ready, status: "True"}]}
+spec: {nodeName: $2, containers: [{name: web, image: demo, ports: [{name: http, containerPort: 8080}]}]}
 EOF
 done
-in_ns node1 "$BIN/weft-proxy" --pin-dir "$PIN" run --manifests "$DIR/manifests" --node-name node1 \
+kube apply -f "$DIR/manifests/web.yaml"
+# What kubelet would report: the node's address and the pods' IPs and readiness.
+kube patch node node1 --subresource=status --type=merge \
+  -p "{\"status\":{\"addresses\":[{\"type\":\"InternalIP\",\"address\":\"$NODE1\"}]}}" >/dev/null
+pod_status() { # name ip
+  kube patch pod "$1" --subresource=status --type=merge -p "{\"status\":{\"phase\":\"Running\",
+    \"podIP\":\"$2\",\"conditions\":[{\"type\":\"Ready\",\"status\":\"True\"}]}}" >/dev/null
+}
+pod_status web1 "$WEB1"; pod_status web2 "$WEB2"
+kube get services,pods -o wide
+VIP=$(kube get service web -o jsonpath='{.spec.clusterIP}')
+
+say "weft-proxy on node1, reading the Kubernetes API"
+in_ns node1 "$BIN/weft-proxy" --pin-dir "$PIN" run --kubeconfig "$KUBECONFIG" --node-name node1 \
   --cgroup "$CG" --nodeport-iface eth0 2>/dev/null &
 AGENT=$!
 for _ in $(seq 1 100); do
-  in_ns node1 "$BIN/weft-proxy" --pin-dir "$PIN" services 2>/dev/null | grep -q "10.96.0.10:80/tcp.*10.244" && break
+  in_ns node1 "$BIN/weft-proxy" --pin-dir "$PIN" services 2>/dev/null | grep -q "$VIP:80/tcp.*10.244" && break
   sleep 0.1
 done
 in_ns node1 "$BIN/weft-proxy" --pin-dir "$PIN" services
@@ -121,15 +147,20 @@ in_ns node1 "$BIN/weft-proxy" --pin-dir "$PIN" services
 # What a probe printed: the peer the application saw and the page that answered, or the error.
 SHOW='if .error then "error: " + .error else "peer " + .peer + " -> " + ((.reply | split("\n") | map(select(startswith("hello"))) | .[0]) // .reply) end'
 
-say "the client pod (in the pods' cgroup) asks the ClusterIP 6 times"
+say "the client pod (in the pods' cgroup) asks the ClusterIP $VIP 6 times"
 for _ in 1 2 3 4 5 6; do
-  in_ns client sh -c "echo 0 > '$CG/cgroup.procs'; exec '$BIN/weft-proxy' probe tcp 10.96.0.10:80 \
+  in_ns client sh -c "echo 0 > '$CG/cgroup.procs'; exec '$BIN/weft-proxy' probe tcp $VIP:80 \
     --payload 'GET /index.html HTTP/1.0
 ' " | jq -r "$SHOW"
 done
 
-say "the external host asks the NodePort $NODE1:30080 (TC path: this node's backend, client address kept)"
-in_ns ext "$BIN/weft-proxy" probe tcp "$NODE1:30080" --payload 'GET /index.html HTTP/1.0
+say "the external host asks NodePort $NODE1:30080 4 times (TC path; web2 on node2 is reached by SNAT to node1's address)"
+for _ in 1 2 3 4; do
+  in_ns ext "$BIN/weft-proxy" probe tcp "$NODE1:30080" --payload 'GET /index.html HTTP/1.0
+' | jq -r "$SHOW"
+done
+echo "-- NodePort $NODE1:30081 has externalTrafficPolicy: Local: only web1 (node1's own pod) answers, with the client address kept"
+in_ns ext "$BIN/weft-proxy" probe tcp "$NODE1:30081" --payload 'GET /index.html HTTP/1.0
 ' | jq -r "$SHOW"
 
 say "NetworkPolicy: the web pods now accept only pods labelled app=client (enforced on node1's pod interfaces)"
@@ -137,8 +168,7 @@ cat > "$DIR/manifests/policy.yaml" <<EOF
 apiVersion: v1
 kind: Pod
 metadata: {name: client, namespace: default, labels: {app: client}}
-spec: {nodeName: node1}
-status: {podIP: $CLIENT}
+spec: {nodeName: node1, containers: [{name: client, image: demo}]}
 ---
 apiVersion: networking.k8s.io/v1
 kind: NetworkPolicy
@@ -147,6 +177,8 @@ spec:
   podSelector: {matchLabels: {app: web}}
   ingress: [{from: [{podSelector: {matchLabels: {app: client}}}], ports: [{port: http}]}]
 EOF
+kube apply -f "$DIR/manifests/policy.yaml"
+pod_status client "$CLIENT"
 for _ in $(seq 1 50); do
   in_ns node1 "$BIN/weft-proxy" --pin-dir "$PIN" policy status | grep -q '"isolated":1' && break
   sleep 0.1
@@ -155,8 +187,8 @@ in_ns node1 "$BIN/weft-proxy" --pin-dir "$PIN" flows observe >/dev/null # start 
 echo "-- the client asks web1 directly: allowed by the policy"
 in_ns client "$BIN/weft-proxy" probe tcp "$WEB1:8080" --payload 'GET /index.html HTTP/1.0
 ' | jq -r "$SHOW"
-echo "-- the external host asks the NodePort again: web1 is isolated now, so it is dropped"
-in_ns ext "$BIN/weft-proxy" probe tcp "$NODE1:30080" --timeout-ms 1000 --payload 'GET / HTTP/1.0
+echo "-- the external host asks NodePort 30081 again: web1 is isolated now, so it is dropped"
+in_ns ext "$BIN/weft-proxy" probe tcp "$NODE1:30081" --timeout-ms 1000 --payload 'GET / HTTP/1.0
 ' | jq -r "$SHOW" || true  # the probe exits 1 when it gets no answer
 echo "-- the verdicts, as 'weft-proxy flows observe' shows them"
 in_ns node1 "$BIN/weft-proxy" --pin-dir "$PIN" flows observe
