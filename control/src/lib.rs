@@ -1,13 +1,20 @@
-//! `weft`: the control plane. Today it owns the Kubernetes-compatible API server and its
-//! embedded store ([`server`], [`store`]): discovery, CRUD, list and watch with resourceVersion,
-//! label and field selectors, the status subresource and the patch types kubectl sends, for the
-//! kinds weft's agents read ([`resources`]). kubectl and kube-rs clients talk to it unchanged.
+//! `weft`: the control plane. It owns the Kubernetes-compatible API server and its embedded
+//! store ([`server`], [`store`]): discovery, CRUD, list and watch with resourceVersion, label
+//! and field selectors, the status and scale subresources, pods' binding and eviction, graceful
+//! deletion with finalizers, and the patch types kubectl sends, for the kinds in [`resources`];
+//! and the reconcile loops that act on those objects ([`controllers`]: ReplicaSets,
+//! Deployments, EndpointSlices, garbage collection, node lifecycle) and the [`scheduler`],
+//! which are API clients like kube-controller-manager and kube-scheduler. kubectl and kube-rs
+//! clients talk to it unchanged.
 //!
-//! Not here yet: the scheduler, controllers, the node agent, `weft up`, an etcd backend,
-//! authentication and TLS (the server is meant for loopback or a trusted network).
+//! Not here yet: the node agent, `weft up`, an etcd backend, authentication and TLS (the
+//! server is meant for loopback or a trusted network).
 
+pub mod controllers;
+pub mod defaults;
 pub mod patch;
 pub mod resources;
+pub mod scheduler;
 pub mod selector;
 pub mod server;
 pub mod status;

@@ -4,7 +4,7 @@ use std::{net::SocketAddr, path::PathBuf, sync::Arc};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use weft_control::{server, store};
+use weft_control::{controllers, server, store};
 
 #[derive(Debug, Parser)]
 #[command(name = "weft", version, about = "weft's control plane")]
@@ -30,7 +30,53 @@ enum Cmd {
         /// Write a kubeconfig for this server here (for kubectl and the agents).
         #[arg(long)]
         kubeconfig: Option<PathBuf>,
+        /// Run the controllers and the scheduler in this process (`--controllers=false` to
+        /// serve the API alone, for example to run them elsewhere with `weft controllers`).
+        #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+        controllers: bool,
+        #[command(flatten)]
+        timing: Timing,
     },
+    /// Run the controllers and the scheduler against an API server.
+    Controllers {
+        /// kubeconfig of the API server (default: $KUBECONFIG, ~/.kube/config, in-cluster).
+        #[arg(long)]
+        kubeconfig: Option<PathBuf>,
+        #[command(flatten)]
+        timing: Timing,
+    },
+}
+
+/// The controllers' timing, as kube-controller-manager's flags of the same names.
+#[derive(Debug, clap::Args)]
+struct Timing {
+    /// Seconds without a Lease renewal after which a node is NotReady.
+    #[arg(long, default_value_t = 40)]
+    node_monitor_grace_period: u64,
+    /// Seconds between checks of the nodes.
+    #[arg(long, default_value_t = 5)]
+    node_monitor_period: u64,
+}
+
+impl Timing {
+    fn options(&self) -> controllers::Options {
+        controllers::Options {
+            node_grace: std::time::Duration::from_secs(self.node_monitor_grace_period),
+            node_monitor_period: std::time::Duration::from_secs(self.node_monitor_period.max(1)),
+        }
+    }
+}
+
+async fn client_for(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<kube::Client> {
+    let config = match kubeconfig {
+        Some(p) => {
+            let k = kube::config::Kubeconfig::read_from(p)
+                .with_context(|| format!("reading {}", p.display()))?;
+            kube::Config::from_custom_kubeconfig(k, &Default::default()).await?
+        }
+        None => kube::Config::infer().await?,
+    };
+    Ok(kube::Client::try_from(config)?)
 }
 
 fn kubeconfig(server: &str) -> String {
@@ -39,6 +85,21 @@ fn kubeconfig(server: &str) -> String {
          contexts:\n- name: weft\n  context:\n    cluster: weft\n    user: weft\n    namespace: default\n\
          current-context: weft\nusers:\n- name: weft\n  user: {{}}\n"
     )
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -56,6 +117,8 @@ fn main() -> anyhow::Result<()> {
             data,
             service_cidr,
             kubeconfig: kubeconfig_path,
+            controllers: run_controllers,
+            timing,
         } => {
             let store = store::Store::open(store::Options {
                 path: data.clone(),
@@ -78,12 +141,49 @@ fn main() -> anyhow::Result<()> {
                         .with_context(|| format!("writing {}", path.display()))?;
                 }
                 tracing::info!(%bound, store = ?data, "serving the Kubernetes API");
-                axum::serve(listener, server::router(Arc::new(store)))
-                    .with_graceful_shutdown(async {
-                        let _ = tokio::signal::ctrl_c().await;
-                    })
-                    .await
-                    .context("serving")
+                let store = Arc::new(store);
+                tokio::spawn(server::sweep_events(store.clone()));
+                if run_controllers {
+                    let url: http::Uri = format!("http://{bound}").parse()?;
+                    let client = kube::Client::try_from(kube::Config::new(url))?;
+                    tokio::spawn(controllers::run(client, timing.options()));
+                }
+                // On SIGTERM or SIGINT: stop accepting, give requests in flight a moment,
+                // then go (watches and the controllers' own connections never end by
+                // themselves).
+                let (stop, stopping) = tokio::sync::watch::channel(false);
+                tokio::spawn(async move {
+                    shutdown().await;
+                    let _ = stop.send(true);
+                });
+                let mut graceful = stopping.clone();
+                let mut deadline = stopping;
+                let serve = axum::serve(listener, server::router(store)).with_graceful_shutdown(
+                    async move {
+                        let _ = graceful.wait_for(|s| *s).await;
+                    },
+                );
+                tokio::select! {
+                    r = serve => r.context("serving"),
+                    () = async move {
+                        let _ = deadline.wait_for(|s| *s).await;
+                        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                    } => Ok(()),
+                }
+            })
+        }
+        Cmd::Controllers { kubeconfig, timing } => {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            rt.block_on(async move {
+                let client = client_for(kubeconfig.as_deref()).await?;
+                tokio::select! {
+                    () = controllers::run(client, timing.options()) => {}
+                    () = shutdown() => {}
+                }
+                Ok(())
             })
         }
     }

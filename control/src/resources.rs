@@ -24,6 +24,8 @@ pub struct Resource {
     /// Whether `status` is a subresource: writes to the object keep the stored status, and
     /// writes to `/status` change nothing else.
     pub status: bool,
+    /// Whether `/scale` is served (`spec.replicas` as an `autoscaling/v1` Scale).
+    pub scale: bool,
     /// Decodes an object as its typed form and encodes it again; the message says what is
     /// wrong.
     normalize: fn(&Value) -> Result<Value, String>,
@@ -65,7 +67,7 @@ fn unknown_fields(given: &Value, kept: &Value, path: &str, out: &mut Vec<String>
 
 macro_rules! resource {
     ($group:literal, $version:literal, $plural:literal, $singular:literal, $kind:literal,
-     $namespaced:literal, [$($short:literal),*], $status:literal, $ty:ty) => {
+     $namespaced:literal, [$($short:literal),*], $status:literal, $ty:ty $(, $scale:literal)?) => {
         Resource {
             group: $group,
             version: $version,
@@ -75,13 +77,16 @@ macro_rules! resource {
             namespaced: $namespaced,
             short_names: &[$($short),*],
             status: $status,
+            scale: false $(|| $scale)?,
             normalize: roundtrip::<$ty>,
         }
     };
 }
 
 use k8s_openapi::api::{
-    apps::v1 as apps, core::v1 as core, discovery::v1 as discovery, networking::v1 as networking,
+    apps::v1 as apps, batch::v1 as batch, coordination::v1 as coordination, core::v1 as core,
+    discovery::v1 as discovery, events::v1 as events, networking::v1 as networking,
+    policy::v1 as policy, storage::v1 as storage,
 };
 
 /// Every resource served, in discovery order.
@@ -216,7 +221,8 @@ pub static RESOURCES: &[Resource] = &[
         true,
         ["deploy"],
         true,
-        apps::Deployment
+        apps::Deployment,
+        true
     ),
     resource!(
         "apps",
@@ -227,7 +233,64 @@ pub static RESOURCES: &[Resource] = &[
         true,
         ["rs"],
         true,
-        apps::ReplicaSet
+        apps::ReplicaSet,
+        true
+    ),
+    resource!(
+        "apps",
+        "v1",
+        "statefulsets",
+        "statefulset",
+        "StatefulSet",
+        true,
+        ["sts"],
+        true,
+        apps::StatefulSet,
+        true
+    ),
+    resource!(
+        "apps",
+        "v1",
+        "daemonsets",
+        "daemonset",
+        "DaemonSet",
+        true,
+        ["ds"],
+        true,
+        apps::DaemonSet
+    ),
+    resource!(
+        "apps",
+        "v1",
+        "controllerrevisions",
+        "controllerrevision",
+        "ControllerRevision",
+        true,
+        [],
+        false,
+        apps::ControllerRevision
+    ),
+    resource!(
+        "batch",
+        "v1",
+        "jobs",
+        "job",
+        "Job",
+        true,
+        [],
+        true,
+        batch::Job
+    ),
+    resource!(
+        "coordination.k8s.io",
+        "v1",
+        "leases",
+        "lease",
+        "Lease",
+        true,
+        [],
+        false,
+        coordination::Lease
     ),
     resource!(
         "discovery.k8s.io",
@@ -250,6 +313,72 @@ pub static RESOURCES: &[Resource] = &[
         ["netpol"],
         true,
         networking::NetworkPolicy
+    ),
+    resource!(
+        "policy",
+        "v1",
+        "poddisruptionbudgets",
+        "poddisruptionbudget",
+        "PodDisruptionBudget",
+        true,
+        ["pdb"],
+        true,
+        policy::PodDisruptionBudget
+    ),
+    resource!(
+        "storage.k8s.io",
+        "v1",
+        "storageclasses",
+        "storageclass",
+        "StorageClass",
+        false,
+        ["sc"],
+        false,
+        storage::StorageClass
+    ),
+    resource!(
+        "storage.k8s.io",
+        "v1",
+        "csidrivers",
+        "csidriver",
+        "CSIDriver",
+        false,
+        [],
+        false,
+        storage::CSIDriver
+    ),
+    resource!(
+        "storage.k8s.io",
+        "v1",
+        "csinodes",
+        "csinode",
+        "CSINode",
+        false,
+        [],
+        false,
+        storage::CSINode
+    ),
+    resource!(
+        "storage.k8s.io",
+        "v1",
+        "volumeattachments",
+        "volumeattachment",
+        "VolumeAttachment",
+        false,
+        [],
+        true,
+        storage::VolumeAttachment
+    ),
+    resource!(
+        "events.k8s.io",
+        "v1",
+        "events",
+        "event",
+        "Event",
+        true,
+        ["ev"],
+        false,
+        events::Event
     ),
 ];
 
@@ -284,6 +413,13 @@ pub fn find(group: &str, version: &str, plural: &str) -> Option<&'static Resourc
     RESOURCES
         .iter()
         .find(|r| r.group == group && r.version == version && r.plural == plural)
+}
+
+/// The resource objects of `apiVersion` and `kind` belong to (as an ownerReference names them).
+pub fn by_kind(api_version: &str, kind: &str) -> Option<&'static Resource> {
+    RESOURCES
+        .iter()
+        .find(|r| r.kind == kind && r.api_version() == api_version)
 }
 
 /// The resource with this store key.

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeSet;
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector as ApiLabelSelector;
 use serde_json::Value;
 
 /// A selector that does not parse.
@@ -102,10 +103,58 @@ impl LabelSelector {
         Ok(Self(reqs))
     }
 
+    /// A `metav1.LabelSelector` (`matchLabels` and `matchExpressions`) as requirements. A
+    /// missing selector (`None`) selects nothing, an empty one everything, as in Kubernetes.
+    pub fn from_api(selector: Option<&ApiLabelSelector>) -> Result<Self, SelectorError> {
+        let Some(sel) = selector else {
+            // "nothing": a requirement no label set can meet.
+            return Ok(Self(vec![
+                Requirement::Exists(String::new()),
+                Requirement::NotExists(String::new()),
+            ]));
+        };
+        let mut reqs = Vec::new();
+        for (k, v) in sel.match_labels.iter().flatten() {
+            reqs.push(Requirement::Equals(k.clone(), v.clone()));
+        }
+        for e in sel.match_expressions.iter().flatten() {
+            let values = || e.values.iter().flatten().cloned().collect::<BTreeSet<_>>();
+            reqs.push(match e.operator.as_str() {
+                "In" => Requirement::In(e.key.clone(), values()),
+                "NotIn" => Requirement::NotIn(e.key.clone(), values()),
+                "Exists" => Requirement::Exists(e.key.clone()),
+                "DoesNotExist" => Requirement::NotExists(e.key.clone()),
+                other => {
+                    return Err(SelectorError {
+                        selector: format!("{sel:?}"),
+                        reason: format!("{other:?} is not a valid label selector operator"),
+                    });
+                }
+            });
+        }
+        Ok(Self(reqs))
+    }
+
+    /// Whether the selector selects everything.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
     /// Whether an object's `metadata.labels` satisfy every requirement.
     pub fn matches(&self, object: &Value) -> bool {
         let labels = object.pointer("/metadata/labels");
-        let get = |k: &str| labels.and_then(|l| l.get(k)).and_then(Value::as_str);
+        self.matches_with(|k| labels.and_then(|l| l.get(k)).and_then(Value::as_str))
+    }
+
+    /// Whether a label set satisfies every requirement.
+    pub fn matches_labels(
+        &self,
+        labels: Option<&std::collections::BTreeMap<String, String>>,
+    ) -> bool {
+        self.matches_with(|k| labels.and_then(|l| l.get(k)).map(String::as_str))
+    }
+
+    fn matches_with<'a>(&self, get: impl Fn(&str) -> Option<&'a str>) -> bool {
         self.0.iter().all(|r| match r {
             Requirement::Equals(k, v) => get(k) == Some(v.as_str()),
             Requirement::NotEquals(k, v) => get(k) != Some(v.as_str()),
@@ -114,6 +163,26 @@ impl LabelSelector {
             Requirement::Exists(k) => get(k).is_some(),
             Requirement::NotExists(k) => get(k).is_none(),
         })
+    }
+}
+
+impl std::fmt::Display for LabelSelector {
+    /// The `labelSelector` syntax (what a Scale's `status.selector` holds).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let join = |vs: &BTreeSet<String>| vs.iter().cloned().collect::<Vec<_>>().join(",");
+        let terms: Vec<String> = self
+            .0
+            .iter()
+            .map(|r| match r {
+                Requirement::Equals(k, v) => format!("{k}={v}"),
+                Requirement::NotEquals(k, v) => format!("{k}!={v}"),
+                Requirement::In(k, vs) => format!("{k} in ({})", join(vs)),
+                Requirement::NotIn(k, vs) => format!("{k} notin ({})", join(vs)),
+                Requirement::Exists(k) => k.clone(),
+                Requirement::NotExists(k) => format!("!{k}"),
+            })
+            .collect();
+        f.write_str(&terms.join(","))
     }
 }
 
@@ -195,6 +264,30 @@ mod tests {
         }
         assert!(LabelSelector::parse("a in b").is_err());
         assert!(LabelSelector::parse("bad key=1").is_err());
+    }
+
+    #[test]
+    fn api_selectors_match_like_kubernetes() {
+        let sel: ApiLabelSelector = serde_json::from_value(json!({
+            "matchLabels": {"app": "web"},
+            "matchExpressions": [{"key": "tier", "operator": "In", "values": ["a", "b"]},
+                                 {"key": "canary", "operator": "DoesNotExist"}]}))
+        .unwrap();
+        let sel = LabelSelector::from_api(Some(&sel)).unwrap();
+        assert!(sel.matches(&json!({"metadata": {"labels": {"app": "web", "tier": "b"}}})));
+        assert!(!sel.matches(&json!({"metadata": {"labels": {"app": "web", "tier": "c"}}})));
+        assert!(
+            !sel.matches(
+                &json!({"metadata": {"labels": {"app": "web", "tier": "a", "canary": "1"}}})
+            )
+        );
+        assert_eq!(sel.to_string(), "app=web,tier in (a,b),!canary");
+        assert_eq!(LabelSelector::parse(&sel.to_string()).unwrap(), sel);
+        let nothing = LabelSelector::from_api(None).unwrap();
+        assert!(!nothing.matches(&json!({"metadata": {"labels": {"app": "web"}}})));
+        assert!(!nothing.matches(&json!({"metadata": {}})));
+        let all = LabelSelector::from_api(Some(&ApiLabelSelector::default())).unwrap();
+        assert!(all.is_empty() && all.matches(&json!({})));
     }
 
     #[test]

@@ -20,7 +20,7 @@ use crate::{
     resources::{self, RESOURCES, Resource},
     selector::{FieldSelector, LabelSelector},
     status::ApiError,
-    store::{Event, EventType, Store},
+    store::{DeleteOptions, Event, EventType, Store},
     table,
 };
 
@@ -48,11 +48,36 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// A subresource of an object.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Sub {
+    /// The object itself.
+    Main,
+    /// `/status`.
+    Status,
+    /// `/scale`.
+    Scale,
+    /// `pods/binding`.
+    Binding,
+    /// `pods/eviction`.
+    Eviction,
+}
+
+fn subresource(r: &Resource, name: &str) -> Result<Sub, ApiError> {
+    match name {
+        "status" if r.status => Ok(Sub::Status),
+        "scale" if r.scale => Ok(Sub::Scale),
+        "binding" if r.kind == "Pod" => Ok(Sub::Binding),
+        "eviction" if r.kind == "Pod" => Ok(Sub::Eviction),
+        _ => Err(ApiError::NoSuchResource),
+    }
+}
+
 /// Where a request points.
 #[derive(Debug)]
 enum Target {
     Collection(&'static Resource, Option<String>),
-    Object(&'static Resource, String, String, bool),
+    Object(&'static Resource, String, String, Sub),
 }
 
 fn parse_target(parts: &[&str]) -> Result<Target, ApiError> {
@@ -68,40 +93,95 @@ fn parse_target(parts: &[&str]) -> Result<Target, ApiError> {
     match rest {
         ["namespaces", ns, plural, tail @ ..] if namespaced_in(plural).is_some() => {
             let r = namespaced_in(plural).expect("checked");
+            let (ns, object) = ((*ns).to_owned(), |name: &str, sub| {
+                Ok(Target::Object(r, (*ns).to_owned(), name.to_owned(), sub))
+            });
             match tail {
-                [] => Ok(Target::Collection(r, Some((*ns).to_owned()))),
-                [name] => Ok(Target::Object(
-                    r,
-                    (*ns).to_owned(),
-                    (*name).to_owned(),
-                    false,
-                )),
-                [name, "status"] if r.status => Ok(Target::Object(
-                    r,
-                    (*ns).to_owned(),
-                    (*name).to_owned(),
-                    true,
-                )),
+                [] => Ok(Target::Collection(r, Some(ns))),
+                [name] => object(name, Sub::Main),
+                [name, sub] => object(name, subresource(r, sub)?),
                 _ => Err(ApiError::NoSuchResource),
             }
         }
         [plural] => Ok(Target::Collection(find(plural)?, None)),
-        [plural, name] => {
+        [plural, name, tail @ ..] => {
             let r = find(plural)?;
             if r.namespaced {
                 return Err(ApiError::NoSuchResource);
             }
-            Ok(Target::Object(r, String::new(), (*name).to_owned(), false))
-        }
-        [plural, name, "status"] => {
-            let r = find(plural)?;
-            if r.namespaced || !r.status {
-                return Err(ApiError::NoSuchResource);
-            }
-            Ok(Target::Object(r, String::new(), (*name).to_owned(), true))
+            let sub = match tail {
+                [] => Sub::Main,
+                [sub] => subresource(r, sub)?,
+                _ => return Err(ApiError::NoSuchResource),
+            };
+            Ok(Target::Object(r, String::new(), (*name).to_owned(), sub))
         }
         _ => Err(ApiError::NoSuchResource),
     }
+}
+
+/// An object's `autoscaling/v1` Scale.
+fn scale_of(object: &Value) -> Result<Value, ApiError> {
+    let m = &object["metadata"];
+    let selector = object
+        .pointer("/spec/selector")
+        .map(|s| serde_json::from_value(s.clone()))
+        .transpose()
+        .map_err(|e| ApiError::Internal(format!("reading the selector: {e}")))?;
+    let selector = LabelSelector::from_api(selector.as_ref())
+        .map(|s| s.to_string())
+        .unwrap_or_default();
+    Ok(json!({
+        "kind": "Scale", "apiVersion": "autoscaling/v1",
+        "metadata": {"name": m["name"], "namespace": m["namespace"], "uid": m["uid"],
+                     "resourceVersion": m["resourceVersion"], "creationTimestamp": m["creationTimestamp"]},
+        "spec": {"replicas": object.pointer("/spec/replicas").cloned().unwrap_or(json!(1))},
+        "status": {"replicas": object.pointer("/status/replicas").cloned().unwrap_or(json!(0)),
+                   "selector": selector},
+    }))
+}
+
+/// Writes the replicas of a changed Scale into its object (a resourceVersion in the Scale is
+/// a precondition).
+fn write_scale(
+    store: &Store,
+    r: &Resource,
+    ns: &str,
+    name: &str,
+    scale: &Value,
+) -> Result<Value, ApiError> {
+    let replicas = scale
+        .pointer("/spec/replicas")
+        .and_then(Value::as_i64)
+        .filter(|n| *n >= 0)
+        .ok_or_else(|| ApiError::Invalid {
+            kind: "Scale".into(),
+            name: name.to_owned(),
+            message: "spec.replicas: Invalid value: must be greater than or equal to 0".into(),
+        })?;
+    let rv = scale
+        .pointer("/metadata/resourceVersion")
+        .and_then(Value::as_str)
+        .filter(|v| !v.is_empty())
+        .map(str::to_owned);
+    let object = store.modify(r, ns, name, |o| {
+        if let Some(v) = &rv
+            && o["metadata"]["resourceVersion"].as_str() != Some(v)
+        {
+            return Err(ApiError::Conflict(format!(
+                "Operation cannot be fulfilled on {}.{} {name:?}: the object has been modified; please apply your changes to the latest version and try again",
+                r.plural, r.group
+            )));
+        }
+        o["spec"]["replicas"] = json!(replicas);
+        Ok(())
+    })?;
+    scale_of(&object)
+}
+
+fn success(kind: &str, name: &str) -> Value {
+    json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success",
+           "details": {"name": name, "kind": kind}})
 }
 
 fn discovery(parts: &[&str]) -> Option<Value> {
@@ -114,13 +194,27 @@ fn discovery(parts: &[&str]) -> Option<Value> {
             list.push(json!({
                 "name": r.plural, "singularName": r.singular, "namespaced": r.namespaced,
                 "kind": r.kind, "shortNames": r.short_names,
-                "verbs": ["create", "delete", "get", "list", "patch", "update", "watch"],
+                "verbs": ["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"],
             }));
+            let sub = |name: &str, kind: &str, verbs: &[&str]| {
+                json!({"name": format!("{}/{name}", r.plural), "singularName": "",
+                       "namespaced": r.namespaced, "kind": kind, "verbs": verbs})
+            };
             if r.status {
-                list.push(json!({
-                    "name": format!("{}/status", r.plural), "singularName": "", "namespaced": r.namespaced,
-                    "kind": r.kind, "verbs": ["get", "patch", "update"],
-                }));
+                list.push(sub("status", r.kind, &["get", "patch", "update"]));
+            }
+            if r.scale {
+                let mut s = sub("scale", "Scale", &["get", "patch", "update"]);
+                s["group"] = json!("autoscaling");
+                s["version"] = json!("v1");
+                list.push(s);
+            }
+            if r.kind == "Pod" {
+                list.push(sub("binding", "Binding", &["create"]));
+                let mut e = sub("eviction", "Eviction", &["create"]);
+                e["group"] = json!("policy");
+                e["version"] = json!("v1");
+                list.push(e);
             }
         }
         (!list.is_empty()).then(|| {
@@ -313,15 +407,16 @@ fn serve(
     }
     let target = parse_target(parts)?;
     let ok = |v: Value| Ok(Reply::Json(StatusCode::OK, v));
+    let selectors = || -> Result<_, ApiError> {
+        let labels = LabelSelector::parse(query.get("labelSelector").map_or("", String::as_str))
+            .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        let fields = FieldSelector::parse(query.get("fieldSelector").map_or("", String::as_str))
+            .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        Ok(move |o: &Value| labels.matches(o) && fields.matches(o))
+    };
     match (method, target) {
         (&Method::GET, Target::Collection(r, ns)) => {
-            let labels =
-                LabelSelector::parse(query.get("labelSelector").map_or("", String::as_str))
-                    .map_err(|e| ApiError::BadRequest(e.to_string()))?;
-            let fields =
-                FieldSelector::parse(query.get("fieldSelector").map_or("", String::as_str))
-                    .map_err(|e| ApiError::BadRequest(e.to_string()))?;
-            let filter = move |o: &Value| labels.matches(o) && fields.matches(o);
+            let filter = selectors()?;
             if query.get("watch").is_some_and(|w| w == "true" || w == "1") {
                 let from = match query.get("resourceVersion").map(String::as_str) {
                     None | Some("") => None,
@@ -349,10 +444,7 @@ fn serve(
             if table::wanted(accept(headers)) {
                 return ok(table::table(r, &items, &rv.to_string()));
             }
-            ok(json!({
-                "kind": format!("{}List", r.kind), "apiVersion": r.api_version(),
-                "metadata": {"resourceVersion": rv.to_string()}, "items": items,
-            }))
+            ok(list_of(r, rv, items))
         }
         (&Method::POST, Target::Collection(r, ns)) => {
             let object = body_json(headers, body)?;
@@ -360,7 +452,13 @@ fn serve(
             let created = store.create(r, ns.as_deref().unwrap_or(""), object)?;
             Ok(Reply::Json(StatusCode::CREATED, created))
         }
-        (&Method::GET, Target::Object(r, ns, name, _)) => {
+        (&Method::DELETE, Target::Collection(r, ns)) => {
+            let options = DeleteOptions::parse(body, query)?;
+            let items = store.delete_collection(r, ns.as_deref(), selectors()?, &options)?;
+            ok(list_of(r, store.revision(), items))
+        }
+        (&Method::GET, Target::Object(r, ns, name, sub @ (Sub::Main | Sub::Status))) => {
+            let _ = sub;
             let o = store.get(r, &ns, &name)?;
             if table::wanted(accept(headers)) {
                 let rv = o["metadata"]["resourceVersion"]
@@ -371,35 +469,122 @@ fn serve(
             }
             ok(o)
         }
-        (&Method::PUT, Target::Object(r, ns, name, status)) => {
+        (&Method::GET, Target::Object(r, ns, name, Sub::Scale)) => {
+            ok(scale_of(&store.get(r, &ns, &name)?)?)
+        }
+        (&Method::PUT, Target::Object(r, ns, name, Sub::Scale)) => {
+            let scale = body_json(headers, body)?;
+            ok(write_scale(store, r, &ns, &name, &scale)?)
+        }
+        (&Method::PATCH, Target::Object(r, ns, name, Sub::Scale)) => {
+            let mut scale = scale_of(&store.get(r, &ns, &name)?)?;
+            let rv = scale["metadata"]["resourceVersion"].clone();
+            apply_patch(headers, body, &mut scale)?;
+            if scale["metadata"]["resourceVersion"] == rv {
+                scale["metadata"]["resourceVersion"] = Value::Null;
+            }
+            ok(write_scale(store, r, &ns, &name, &scale)?)
+        }
+        (&Method::PUT, Target::Object(r, ns, name, sub @ (Sub::Main | Sub::Status))) => {
             let object = body_json(headers, body)?;
             strict_fields(r, query, &object)?;
-            ok(store.update(r, &ns, &name, object, status)?)
+            ok(store.update(r, &ns, &name, object, sub == Sub::Status)?)
         }
-        (&Method::PATCH, Target::Object(r, ns, name, status)) => {
-            let ct = headers
-                .get(header::CONTENT_TYPE)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("");
-            let p: Value = serde_json::from_slice(body)
-                .map_err(|e| ApiError::BadRequest(format!("the patch is not valid JSON: {e}")))?;
+        (&Method::PATCH, Target::Object(r, ns, name, sub @ (Sub::Main | Sub::Status))) => {
             let mut object = store.get(r, &ns, &name)?;
             let rv = object["metadata"]["resourceVersion"].clone();
-            match ct.split(';').next().unwrap_or("") {
-                "application/merge-patch+json" => patch::merge(&mut object, &p),
-                "application/strategic-merge-patch+json" => patch::strategic(&mut object, &p)?,
-                "application/json-patch+json" => patch::json_patch(&mut object, &p)?,
-                other => return Err(ApiError::UnsupportedMediaType(other.to_owned())),
-            }
+            apply_patch(headers, body, &mut object)?;
             strict_fields(r, query, &object)?;
             // A patch applies to the current object unless it names a version itself.
             if object["metadata"]["resourceVersion"] == Value::Null {
                 object["metadata"]["resourceVersion"] = rv;
             }
-            ok(store.update(r, &ns, &name, object, status)?)
+            ok(store.update(r, &ns, &name, object, sub == Sub::Status)?)
         }
-        (&Method::DELETE, Target::Object(r, ns, name, false)) => ok(store.delete(r, &ns, &name)?),
+        (&Method::POST, Target::Object(_, ns, name, Sub::Binding)) => {
+            let binding = body_json(headers, body)?;
+            let node = binding
+                .pointer("/target/name")
+                .and_then(Value::as_str)
+                .unwrap_or("");
+            store.bind(&ns, &name, node)?;
+            Ok(Reply::Json(StatusCode::CREATED, success("pods", &name)))
+        }
+        (&Method::POST, Target::Object(r, ns, name, Sub::Eviction)) => {
+            let eviction = body_json(headers, body)?;
+            let options = eviction
+                .get("deleteOptions")
+                .map(|o| serde_json::to_vec(o).unwrap_or_default())
+                .unwrap_or_default();
+            let options = DeleteOptions::parse(&options, &HashMap::new())?;
+            store.delete(r, &ns, &name, &options)?;
+            Ok(Reply::Json(StatusCode::CREATED, success("pods", &name)))
+        }
+        (&Method::DELETE, Target::Object(r, ns, name, Sub::Main)) => {
+            let options = DeleteOptions::parse(body, query)?;
+            let out = store.delete(r, &ns, &name, &options)?;
+            // A deletion that completed answers with the object (kubectl prints "deleted"
+            // either way); one that waits for finalizers or a grace period answers 202.
+            let code = if out.pointer("/metadata/deletionTimestamp").is_some() {
+                StatusCode::ACCEPTED
+            } else {
+                StatusCode::OK
+            };
+            Ok(Reply::Json(code, out))
+        }
         _ => Err(ApiError::MethodNotAllowed),
+    }
+}
+
+fn list_of(r: &Resource, rv: u64, items: Vec<Value>) -> Value {
+    json!({
+        "kind": format!("{}List", r.kind), "apiVersion": r.api_version(),
+        "metadata": {"resourceVersion": rv.to_string()}, "items": items,
+    })
+}
+
+/// Applies a PATCH body to `object` by its content type.
+fn apply_patch(headers: &HeaderMap, body: &Bytes, object: &mut Value) -> Result<(), ApiError> {
+    let ct = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let p: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::BadRequest(format!("the patch is not valid JSON: {e}")))?;
+    match ct.split(';').next().unwrap_or("") {
+        "application/merge-patch+json" => patch::merge(object, &p),
+        "application/strategic-merge-patch+json" => patch::strategic(object, &p)?,
+        "application/json-patch+json" => patch::json_patch(object, &p)?,
+        other => return Err(ApiError::UnsupportedMediaType(other.to_owned())),
+    }
+    Ok(())
+}
+
+/// How long Events are kept (kube-apiserver's `--event-ttl` default).
+pub const EVENT_TTL: Duration = Duration::from_secs(3600);
+
+/// Deletes Events older than [`EVENT_TTL`] (by their last occurrence), every minute.
+pub async fn sweep_events(store: Arc<Store>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(60));
+    loop {
+        tick.tick().await;
+        let cutoff = chrono::Utc::now() - chrono::Duration::from_std(EVENT_TTL).unwrap_or_default();
+        let old = |o: &Value| {
+            [
+                "/lastTimestamp",
+                "/eventTime",
+                "/metadata/creationTimestamp",
+            ]
+            .iter()
+            .find_map(|p| o.pointer(p).and_then(Value::as_str))
+            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+            .is_some_and(|t| t < cutoff)
+        };
+        for r in RESOURCES.iter().filter(|r| r.kind == "Event") {
+            if let Err(e) = store.delete_collection(r, None, old, &DeleteOptions::default()) {
+                tracing::warn!(error = %e, "expiring events");
+            }
+        }
     }
 }
 
@@ -523,14 +708,27 @@ mod tests {
     fn paths_name_collections_objects_and_status() {
         let t = parse_target(&["api", "v1", "namespaces", "x", "pods", "p", "status"]).unwrap();
         assert!(
-            matches!(t, Target::Object(r, ns, name, true) if r.plural == "pods" && ns == "x" && name == "p")
+            matches!(t, Target::Object(r, ns, name, Sub::Status) if r.plural == "pods" && ns == "x" && name == "p")
         );
+        let t = parse_target(&[
+            "apis",
+            "apps",
+            "v1",
+            "namespaces",
+            "x",
+            "deployments",
+            "d",
+            "scale",
+        ])
+        .unwrap();
+        assert!(matches!(t, Target::Object(r, _, _, Sub::Scale) if r.kind == "Deployment"));
+        assert!(parse_target(&["api", "v1", "namespaces", "x", "services", "s", "scale"]).is_err());
         let t = parse_target(&["api", "v1", "namespaces", "x"]).unwrap();
         assert!(
-            matches!(t, Target::Object(r, _, name, false) if r.plural == "namespaces" && name == "x")
+            matches!(t, Target::Object(r, _, name, Sub::Main) if r.plural == "namespaces" && name == "x")
         );
         let t = parse_target(&["api", "v1", "namespaces", "x", "status"]).unwrap();
-        assert!(matches!(t, Target::Object(r, _, _, true) if r.plural == "namespaces"));
+        assert!(matches!(t, Target::Object(r, _, _, Sub::Status) if r.plural == "namespaces"));
         let t = parse_target(&["apis", "networking.k8s.io", "v1", "networkpolicies"]).unwrap();
         assert!(matches!(t, Target::Collection(r, None) if r.kind == "NetworkPolicy"));
         assert!(parse_target(&["api", "v1", "widgets"]).is_err());

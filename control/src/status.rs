@@ -47,6 +47,10 @@ pub enum ApiError {
         /// The oldest version still available.
         oldest: u64,
     },
+    /// The request is understood but refused (for example: new content in a namespace that is
+    /// being deleted).
+    #[error("{0}")]
+    Forbidden(String),
     /// A verb the resource does not support.
     #[error("the server does not allow this method on the requested resource")]
     MethodNotAllowed,
@@ -70,6 +74,7 @@ impl ApiError {
             Self::BadRequest(_) => 400,
             Self::Invalid { .. } => 422,
             Self::Gone { .. } => 410,
+            Self::Forbidden(_) => 403,
             Self::MethodNotAllowed => 405,
             Self::UnsupportedMediaType(_) => 415,
             Self::Internal(_) => 500,
@@ -85,6 +90,7 @@ impl ApiError {
             Self::BadRequest(_) => "BadRequest",
             Self::Invalid { .. } => "Invalid",
             Self::Gone { .. } => "Expired",
+            Self::Forbidden(_) => "Forbidden",
             Self::MethodNotAllowed => "MethodNotAllowed",
             Self::UnsupportedMediaType(_) => "UnsupportedMediaType",
             Self::Internal(_) => "InternalError",

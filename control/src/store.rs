@@ -5,8 +5,15 @@
 //! Writes follow kube-apiserver's rules where clients notice them: names are unique per
 //! namespace, a namespaced object needs its namespace, an update that carries a stale
 //! `resourceVersion` is a conflict, `status` is only written through the status subresource,
-//! an update that changes nothing does not bump the version, deleting a namespace deletes what
-//! is in it, and Services get cluster IPs and node ports allocated.
+//! an update that changes nothing does not bump the version, and Services get cluster IPs and
+//! node ports allocated.
+//!
+//! Deletion is kube-apiserver's: an object with finalizers (or deleted with the `Foreground` or
+//! `Orphan` propagation policy, which add `foregroundDeletion` / `orphan`) only gets a
+//! `deletionTimestamp` and goes when its last finalizer is removed; a pod bound to a node is
+//! deleted gracefully (its `deletionTimestamp` is when its grace period ends, and the node
+//! deletes it for good once its containers have stopped); a namespace turns `Terminating`,
+//! its content is deleted the same way, and it goes when it is empty.
 
 use std::{
     collections::{BTreeMap, BTreeSet, VecDeque},
@@ -139,6 +146,193 @@ pub struct Watch {
     pub backlog: Vec<Arc<Event>>,
     /// Later changes.
     pub live: broadcast::Receiver<Arc<Event>>,
+}
+
+/// What happens to an object's dependents when it is deleted (`propagationPolicy`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Propagation {
+    /// The object goes now; the garbage collector deletes its dependents afterwards.
+    Background,
+    /// The object stays (with `foregroundDeletion`) until its blocking dependents are gone.
+    Foreground,
+    /// The dependents lose their ownerReference to the object and stay.
+    Orphan,
+}
+
+/// `DeleteOptions`: from the request's body and its query parameters.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DeleteOptions {
+    /// Seconds a pod gets to stop; `None` is its `terminationGracePeriodSeconds`.
+    pub grace_period: Option<i64>,
+    /// Dependents' fate; `None` is the resource's default (background).
+    pub propagation: Option<Propagation>,
+    /// Precondition: the object's uid.
+    pub uid: Option<String>,
+    /// Precondition: the object's resourceVersion.
+    pub resource_version: Option<String>,
+}
+
+impl DeleteOptions {
+    /// Reads a `DeleteOptions` body (may be empty) and the `gracePeriodSeconds` and
+    /// `propagationPolicy` query parameters (which win, as in kube-apiserver).
+    pub fn parse(
+        body: &[u8],
+        query: &std::collections::HashMap<String, String>,
+    ) -> Result<Self, ApiError> {
+        let v: Value = if body.iter().all(u8::is_ascii_whitespace) {
+            json!({})
+        } else {
+            serde_json::from_slice(body)
+                .map_err(|e| ApiError::BadRequest(format!("the DeleteOptions are not JSON: {e}")))?
+        };
+        let mut grace = v.get("gracePeriodSeconds").and_then(Value::as_i64);
+        if let Some(g) = query.get("gracePeriodSeconds") {
+            grace =
+                Some(g.parse().map_err(|_| {
+                    ApiError::BadRequest(format!("invalid gracePeriodSeconds {g:?}"))
+                })?);
+        }
+        let mut policy = v
+            .get("propagationPolicy")
+            .and_then(Value::as_str)
+            .map(str::to_owned);
+        if v.get("orphanDependents") == Some(&Value::Bool(true)) {
+            policy = Some("Orphan".into());
+        }
+        if let Some(p) = query.get("propagationPolicy") {
+            policy = Some(p.clone());
+        }
+        let propagation = match policy.as_deref() {
+            None | Some("") => None,
+            Some("Background") => Some(Propagation::Background),
+            Some("Foreground") => Some(Propagation::Foreground),
+            Some("Orphan") => Some(Propagation::Orphan),
+            Some(other) => {
+                return Err(ApiError::BadRequest(format!(
+                    "propagationPolicy: Unsupported value: {other:?}: supported values: \"Foreground\", \"Background\", \"Orphan\""
+                )));
+            }
+        };
+        if grace.is_some_and(|g| g < 0) {
+            grace = Some(0);
+        }
+        let pre = v.get("preconditions");
+        let field = |f: &str| {
+            pre.and_then(|p| p.get(f))
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+        };
+        Ok(Self {
+            grace_period: grace,
+            propagation,
+            uid: field("uid"),
+            resource_version: field("resourceVersion"),
+        })
+    }
+}
+
+fn finalizers(object: &Value) -> Vec<String> {
+    object
+        .pointer("/metadata/finalizers")
+        .and_then(Value::as_array)
+        .map(|f| {
+            f.iter()
+                .filter_map(Value::as_str)
+                .map(str::to_owned)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn terminating(object: &Value) -> bool {
+    object
+        .pointer("/metadata/deletionTimestamp")
+        .is_some_and(|t| !t.is_null())
+}
+
+/// The grace period a pod's deletion gets: none when it never reached a node or has finished.
+fn pod_grace(pod: &Value, asked: Option<i64>) -> i64 {
+    let unbound = pod
+        .pointer("/spec/nodeName")
+        .and_then(Value::as_str)
+        .is_none_or(str::is_empty);
+    let finished = matches!(
+        pod.pointer("/status/phase").and_then(Value::as_str),
+        Some("Succeeded" | "Failed")
+    );
+    if unbound || finished {
+        return 0;
+    }
+    asked
+        .or_else(|| {
+            pod.pointer("/spec/terminationGracePeriodSeconds")
+                .and_then(Value::as_i64)
+        })
+        .unwrap_or(30)
+        .max(0)
+}
+
+/// kube-apiserver's DefaultTolerationSeconds admission: a pod that does not say otherwise
+/// stays 300 s on a node that turned not-ready or unreachable before it is evicted.
+fn default_tolerations(pod: &mut serde_json::Map<String, Value>) {
+    let Some(spec) = pod.get_mut("spec").and_then(Value::as_object_mut) else {
+        return;
+    };
+    let list = spec.entry("tolerations").or_insert_with(|| json!([]));
+    let Some(list) = list.as_array_mut() else {
+        return;
+    };
+    for key in [
+        "node.kubernetes.io/not-ready",
+        "node.kubernetes.io/unreachable",
+    ] {
+        let covered = list.iter().any(|t| {
+            let effect = t.get("effect").and_then(Value::as_str).unwrap_or("");
+            let k = t.get("key").and_then(Value::as_str).unwrap_or("");
+            let exists = t.get("operator").and_then(Value::as_str) == Some("Exists");
+            (k == key || (k.is_empty() && exists)) && (effect.is_empty() || effect == "NoExecute")
+        });
+        if !covered {
+            list.push(json!({"key": key, "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 300}));
+        }
+    }
+}
+
+fn timestamp_in(secs: i64) -> String {
+    (chrono::Utc::now() + chrono::Duration::seconds(secs))
+        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}
+
+/// Sets a pod-style condition (`type`, `status`, `lastTransitionTime`, reason, message),
+/// keeping its transition time when the status stays the same.
+pub fn set_condition(
+    object: &mut Value,
+    kind: &str,
+    status: &str,
+    reason: Option<&str>,
+    message: Option<&str>,
+) {
+    let conditions = &mut object["status"]["conditions"];
+    if !conditions.is_array() {
+        *conditions = json!([]);
+    }
+    let list = conditions.as_array_mut().expect("just made an array");
+    let mut c = json!({"type": kind, "status": status, "lastTransitionTime": now()});
+    if let Some(r) = reason {
+        c["reason"] = json!(r);
+    }
+    if let Some(m) = message {
+        c["message"] = json!(m);
+    }
+    match list.iter_mut().find(|x| x["type"] == kind) {
+        Some(existing) => {
+            if existing["status"] == status {
+                c["lastTransitionTime"] = existing["lastTransitionTime"].clone();
+            }
+            *existing = c;
+        }
+        None => list.push(c),
+    }
 }
 
 impl Store {
@@ -280,6 +474,7 @@ impl Store {
             .normalize(&object)
             .map_err(|m| invalid(r, meta(&object, "name").unwrap_or(""), m))?
             .0;
+        crate::defaults::apply(r.kind, &mut object);
         let mut inner = self.lock();
         let metadata = object
             .as_object_mut()
@@ -323,11 +518,20 @@ impl Store {
                 )));
             }
             let ns_key = ("/namespaces".to_owned(), String::new(), ns.to_owned());
-            if !inner.objects.contains_key(&ns_key) {
-                return Err(ApiError::NotFound {
-                    kind: "namespaces".into(),
-                    name: ns.to_owned(),
-                });
+            match inner.objects.get(&ns_key) {
+                None => {
+                    return Err(ApiError::NotFound {
+                        kind: "namespaces".into(),
+                        name: ns.to_owned(),
+                    });
+                }
+                Some(n) if terminating(n) => {
+                    return Err(ApiError::Forbidden(format!(
+                        "{} {name:?} is forbidden: unable to create new content in namespace {ns} because it is being terminated",
+                        r.plural
+                    )));
+                }
+                Some(_) => {}
             }
             ns.to_owned()
         } else {
@@ -366,7 +570,9 @@ impl Store {
                     l.insert("kubernetes.io/metadata.name".into(), json!(name));
                 }
             }
-            if r.status {
+            // Status is the controllers' to write, except a Node's, which its agent reports
+            // when it registers (as kube-apiserver allows).
+            if r.status && r.kind != "Node" {
                 o.remove("status");
             }
             match r.kind {
@@ -375,6 +581,7 @@ impl Store {
                 }
                 "Pod" => {
                     o.insert("status".into(), json!({"phase": "Pending"}));
+                    default_tolerations(o);
                 }
                 "Service" => {
                     o.insert("status".into(), json!({"loadBalancer": {}}));
@@ -560,6 +767,7 @@ impl Store {
             return Err(ApiError::BadRequest("the body is not a JSON object".into()));
         }
         let mut object = r.normalize(&object).map_err(|m| invalid(r, name, m))?.0;
+        crate::defaults::apply(r.kind, &mut object);
         if let Some(n) = meta(&object, "name")
             && n != name
         {
@@ -604,6 +812,8 @@ impl Store {
                 "uid",
                 "creationTimestamp",
                 "generation",
+                "deletionTimestamp",
+                "deletionGracePeriodSeconds",
             ] {
                 match stored["metadata"].get(field) {
                     Some(v) => m[field] = v.clone(),
@@ -646,54 +856,278 @@ impl Store {
         }
         let rv = inner.rv + 1;
         next["metadata"]["resourceVersion"] = json!(rv.to_string());
-        self.commit(&mut inner, rv, key, next.clone(), Some(stored))?;
+        self.commit(&mut inner, rv, key.clone(), next.clone(), Some(stored))?;
+        // The last finalizer of an object being deleted is gone: the deletion completes (a pod
+        // still in its grace period waits for its node).
+        if terminating(&next) && finalizers(&next).is_empty() && Self::due(r, &next) {
+            let gone = self.remove(&mut inner, &key);
+            self.save(&inner)?;
+            return Ok(gone.unwrap_or(next));
+        }
         Ok(next)
     }
 
-    /// Deletes an object; deleting a namespace deletes everything in it first.
-    pub fn delete(&self, r: &Resource, namespace: &str, name: &str) -> Result<Value, ApiError> {
+    /// Whether a terminating object without finalizers goes now: anything but a pod whose
+    /// grace period has not been cut to zero.
+    fn due(r: &Resource, object: &Value) -> bool {
+        r.kind != "Pod"
+            || object
+                .pointer("/metadata/deletionGracePeriodSeconds")
+                .and_then(Value::as_i64)
+                .unwrap_or(0)
+                == 0
+    }
+
+    /// Changes an object with `f` (spec, metadata or status alike), as one write. Nothing
+    /// changes, and the version stays, when `f` leaves the object as it was.
+    pub fn modify(
+        &self,
+        r: &Resource,
+        namespace: &str,
+        name: &str,
+        f: impl FnOnce(&mut Value) -> Result<(), ApiError>,
+    ) -> Result<Value, ApiError> {
         let mut inner = self.lock();
         let key = Self::key(r, namespace, name);
-        if !inner.objects.contains_key(&key) {
+        let Some(stored) = inner.objects.get(&key).cloned() else {
             return Err(ApiError::NotFound {
                 kind: r.plural.to_owned(),
                 name: name.to_owned(),
             });
+        };
+        let mut next = stored.clone();
+        f(&mut next)?;
+        if next == stored {
+            return Ok(stored);
         }
-        let mut doomed: Vec<Key> = Vec::new();
+        if next.get("spec") != stored.get("spec") {
+            let g = stored["metadata"]["generation"].as_u64().unwrap_or(1);
+            next["metadata"]["generation"] = json!(g + 1);
+        }
+        let rv = inner.rv + 1;
+        next["metadata"]["resourceVersion"] = json!(rv.to_string());
+        self.commit(&mut inner, rv, key, next.clone(), Some(stored))?;
+        Ok(next)
+    }
+
+    /// `pods/binding`: assigns a pending pod to a node, as the scheduler does.
+    pub fn bind(&self, namespace: &str, name: &str, node: &str) -> Result<Value, ApiError> {
+        let pods = resources::find("", "v1", "pods").expect("served");
+        if node.is_empty() {
+            return Err(invalid(pods, name, "target.name: Required value"));
+        }
+        self.modify(pods, namespace, name, |pod| {
+            if terminating(pod) {
+                return Err(ApiError::Conflict(format!(
+                    "pod {name} is being deleted, cannot be assigned to a host"
+                )));
+            }
+            match pod.pointer("/spec/nodeName").and_then(Value::as_str) {
+                Some(n) if !n.is_empty() => {
+                    return Err(ApiError::Conflict(format!(
+                        "pod {name} is already assigned to node {n:?}"
+                    )));
+                }
+                _ => {}
+            }
+            pod["spec"]["nodeName"] = json!(node);
+            set_condition(pod, "PodScheduled", "True", None, None);
+            Ok(())
+        })
+    }
+
+    /// Deletes an object as kube-apiserver does (see the module doc): now, or by setting its
+    /// `deletionTimestamp` when finalizers or a pod's grace period hold it. Returns the object
+    /// as it is after the request.
+    pub fn delete(
+        &self,
+        r: &Resource,
+        namespace: &str,
+        name: &str,
+        options: &DeleteOptions,
+    ) -> Result<Value, ApiError> {
+        let mut inner = self.lock();
+        let key = Self::key(r, namespace, name);
+        let Some(stored) = inner.objects.get(&key).cloned() else {
+            return Err(ApiError::NotFound {
+                kind: r.plural.to_owned(),
+                name: name.to_owned(),
+            });
+        };
+        if let Some(uid) = &options.uid
+            && Some(uid.as_str()) != meta(&stored, "uid")
+        {
+            return Err(ApiError::Conflict(format!(
+                "Precondition failed: UID in precondition: {uid}, UID in object meta: {}",
+                meta(&stored, "uid").unwrap_or("")
+            )));
+        }
+        if let Some(v) = &options.resource_version
+            && Some(v.as_str()) != meta(&stored, "resourceVersion")
+        {
+            return Err(ApiError::Conflict(format!(
+                "Precondition failed: ResourceVersion in precondition: {v}, ResourceVersion in object meta: {}",
+                meta(&stored, "resourceVersion").unwrap_or("")
+            )));
+        }
+        let mut fin = finalizers(&stored);
+        let add = match options.propagation {
+            Some(Propagation::Foreground) => Some("foregroundDeletion"),
+            Some(Propagation::Orphan) => Some("orphan"),
+            _ => None,
+        };
+        if let Some(f) = add
+            && !fin.iter().any(|x| x == f)
+        {
+            fin.push(f.to_owned());
+        }
+        let grace = if r.kind == "Pod" {
+            pod_grace(&stored, options.grace_period)
+        } else {
+            0
+        };
+        let already = terminating(&stored);
         if r.kind == "Namespace" {
-            doomed.extend(
-                inner
-                    .objects
-                    .keys()
-                    .filter(|(_, ns, _)| ns == name)
-                    .cloned(),
-            );
+            let out = self.terminate_namespace(&mut inner, &key, stored)?;
+            self.save(&inner)?;
+            return Ok(out);
         }
-        doomed.push(key);
-        let mut last = Value::Null;
-        for key in doomed {
-            let Some(mut object) = inner.objects.remove(&key) else {
+        if fin.is_empty() && grace == 0 {
+            let gone = self.remove(&mut inner, &key).unwrap_or(Value::Null);
+            self.save(&inner)?;
+            return Ok(gone);
+        }
+        let mut next = stored.clone();
+        let m = &mut next["metadata"];
+        let shorter = m["deletionGracePeriodSeconds"]
+            .as_i64()
+            .is_none_or(|g| grace < g);
+        if !already || (r.kind == "Pod" && shorter) {
+            m["deletionTimestamp"] = json!(timestamp_in(grace));
+            m["deletionGracePeriodSeconds"] = json!(grace);
+            if !already {
+                let g = m["generation"].as_u64().unwrap_or(1);
+                m["generation"] = json!(g + 1);
+            }
+        }
+        if !fin.is_empty() {
+            m["finalizers"] = json!(fin);
+        }
+        if next == stored {
+            return Ok(stored);
+        }
+        let rv = inner.rv + 1;
+        next["metadata"]["resourceVersion"] = json!(rv.to_string());
+        self.commit(&mut inner, rv, key, next.clone(), Some(stored))?;
+        Ok(next)
+    }
+
+    /// Deletes every object of `r` in `namespace` (all when `None`) that `filter` accepts
+    /// (`deletecollection`); returns them as they are after their deletion.
+    pub fn delete_collection(
+        &self,
+        r: &Resource,
+        namespace: Option<&str>,
+        filter: impl Fn(&Value) -> bool,
+        options: &DeleteOptions,
+    ) -> Result<Vec<Value>, ApiError> {
+        let (_, items) = self.list(r, namespace, filter);
+        let mut out = Vec::new();
+        for item in items {
+            let ns = meta(&item, "namespace").unwrap_or("");
+            let name = meta(&item, "name").unwrap_or("");
+            match self.delete(r, ns, name, options) {
+                Ok(v) => out.push(v),
+                Err(ApiError::NotFound { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Removes an object now (a DELETED event); the namespace it was the last object of goes
+    /// too if it is terminating.
+    fn remove(&self, inner: &mut Inner, key: &Key) -> Option<Value> {
+        let mut object = inner.objects.remove(key)?;
+        let rv = inner.rv + 1;
+        inner.rv = rv;
+        object["metadata"]["resourceVersion"] = json!(rv.to_string());
+        self.record(
+            inner,
+            Event {
+                rv,
+                kind: EventType::Deleted,
+                resource: key.0.clone(),
+                namespace: key.1.clone(),
+                object: object.clone(),
+                previous: None,
+            },
+        );
+        if !key.1.is_empty() {
+            self.finish_namespace(inner, &key.1);
+        }
+        Some(object)
+    }
+
+    /// A namespace that is being deleted goes once nothing is left in it.
+    fn finish_namespace(&self, inner: &mut Inner, ns: &str) {
+        let ns_key = ("/namespaces".to_owned(), String::new(), ns.to_owned());
+        if !inner.objects.get(&ns_key).is_some_and(terminating) {
+            return;
+        }
+        if inner.objects.keys().any(|(_, n, _)| n == ns) {
+            return;
+        }
+        self.remove(inner, &ns_key);
+    }
+
+    /// Marks a namespace `Terminating` and deletes its content (pods gracefully, objects with
+    /// finalizers when they are released); it goes when empty.
+    fn terminate_namespace(
+        &self,
+        inner: &mut Inner,
+        key: &Key,
+        stored: Value,
+    ) -> Result<Value, ApiError> {
+        let name = key.2.clone();
+        if !terminating(&stored) {
+            let mut next = stored.clone();
+            next["metadata"]["deletionTimestamp"] = json!(now());
+            next["metadata"]["deletionGracePeriodSeconds"] = json!(0);
+            next["status"]["phase"] = json!("Terminating");
+            let rv = inner.rv + 1;
+            next["metadata"]["resourceVersion"] = json!(rv.to_string());
+            self.commit(inner, rv, key.clone(), next, Some(stored))?;
+        }
+        let content: Vec<Key> = inner
+            .objects
+            .keys()
+            .filter(|(_, ns, _)| *ns == name)
+            .cloned()
+            .collect();
+        for k in content {
+            let Some(object) = inner.objects.get(&k).cloned() else {
                 continue;
             };
-            let rv = inner.rv + 1;
-            inner.rv = rv;
-            object["metadata"]["resourceVersion"] = json!(rv.to_string());
-            last = object.clone();
-            self.record(
-                &mut inner,
-                Event {
-                    rv,
-                    kind: EventType::Deleted,
-                    resource: key.0,
-                    namespace: key.1,
-                    object,
-                    previous: None,
-                },
-            );
+            let pod = k.0 == "/pods";
+            let grace = if pod { pod_grace(&object, None) } else { 0 };
+            if finalizers(&object).is_empty() && grace == 0 {
+                self.remove(inner, &k);
+            } else if !terminating(&object) {
+                let mut next = object.clone();
+                next["metadata"]["deletionTimestamp"] = json!(timestamp_in(grace));
+                next["metadata"]["deletionGracePeriodSeconds"] = json!(grace);
+                let rv = inner.rv + 1;
+                next["metadata"]["resourceVersion"] = json!(rv.to_string());
+                self.commit(inner, rv, k, next, Some(object))?;
+            }
         }
-        self.save(&inner)?;
-        Ok(last)
+        self.finish_namespace(inner, &name);
+        Ok(inner
+            .objects
+            .get(key)
+            .cloned()
+            .unwrap_or_else(|| json!({"kind": "Status", "apiVersion": "v1", "status": "Success", "details": {"name": name, "kind": "namespaces"}})))
     }
 
     /// Starts a watch of `resource` after version `from`: `None` (or 0) replays every current
@@ -837,7 +1271,9 @@ mod tests {
         let w = store.watch(cm, Some(from)).unwrap();
         assert_eq!(w.backlog.len(), 1);
         assert_eq!(w.backlog[0].object["metadata"]["name"], "two");
-        store.delete(ns, "", "x").unwrap();
+        store
+            .delete(ns, "", "x", &DeleteOptions::default())
+            .unwrap();
         assert!(store.list(cm, None, |_| true).1.is_empty());
         assert_eq!(store.watch(cm, Some(from)).unwrap().backlog.len(), 3);
     }

@@ -92,6 +92,34 @@ fn columns(kind: &str) -> Vec<(&'static str, u8)> {
             ("Endpoints", 0),
             ("Age", 0),
         ],
+        "Deployment" => vec![
+            ("Name", 0),
+            ("Ready", 0),
+            ("Up-to-date", 0),
+            ("Available", 0),
+            ("Age", 0),
+            ("Containers", 1),
+            ("Images", 1),
+            ("Selector", 1),
+        ],
+        "ReplicaSet" => vec![
+            ("Name", 0),
+            ("Desired", 0),
+            ("Current", 0),
+            ("Ready", 0),
+            ("Age", 0),
+            ("Containers", 1),
+            ("Images", 1),
+            ("Selector", 1),
+        ],
+        "Event" => vec![
+            ("Last Seen", 0),
+            ("Type", 0),
+            ("Reason", 0),
+            ("Object", 0),
+            ("Message", 0),
+        ],
+        "Endpoints" => vec![("Name", 0), ("Endpoints", 0), ("Age", 0)],
         _ => vec![("Name", 0), ("Age", 0)],
     }
 }
@@ -115,7 +143,7 @@ fn cells(kind: &str, o: &Value) -> Vec<Value> {
             vec![
                 name,
                 json!(format!("{ready}/{containers}")),
-                json!(s(o, "/status/phase")),
+                json!(pod_status(o)),
                 json!(restarts),
                 age,
                 json!(or_none(s(o, "/status/podIP").into())),
@@ -164,7 +192,7 @@ fn cells(kind: &str, o: &Value) -> Vec<Value> {
         }
         "Namespace" => vec![name, json!(s(o, "/status/phase")), age],
         "Node" => {
-            let ready = o
+            let mut ready = o
                 .pointer("/status/conditions")
                 .and_then(Value::as_array)
                 .and_then(|c| c.iter().find(|c| c["type"] == "Ready"))
@@ -174,7 +202,11 @@ fn cells(kind: &str, o: &Value) -> Vec<Value> {
                     } else {
                         "NotReady"
                     }
-                });
+                })
+                .to_owned();
+            if o.pointer("/spec/unschedulable") == Some(&Value::Bool(true)) {
+                ready.push_str(",SchedulingDisabled");
+            }
             let ip = o
                 .pointer("/status/addresses")
                 .and_then(Value::as_array)
@@ -225,8 +257,178 @@ fn cells(kind: &str, o: &Value) -> Vec<Value> {
                 age,
             ]
         }
+        "Deployment" => {
+            let n = |p: &str| o.pointer(p).and_then(Value::as_i64).unwrap_or(0);
+            let (containers, images) =
+                containers_images(o.pointer("/spec/template/spec/containers"));
+            vec![
+                name,
+                json!(format!(
+                    "{}/{}",
+                    n("/status/readyReplicas"),
+                    o.pointer("/spec/replicas")
+                        .and_then(Value::as_i64)
+                        .unwrap_or(1)
+                )),
+                json!(n("/status/updatedReplicas")),
+                json!(n("/status/availableReplicas")),
+                age,
+                json!(containers),
+                json!(images),
+                json!(or_none(label_selector(o.pointer("/spec/selector")))),
+            ]
+        }
+        "ReplicaSet" => {
+            let n = |p: &str| o.pointer(p).and_then(Value::as_i64).unwrap_or(0);
+            let (containers, images) =
+                containers_images(o.pointer("/spec/template/spec/containers"));
+            vec![
+                name,
+                json!(
+                    o.pointer("/spec/replicas")
+                        .and_then(Value::as_i64)
+                        .unwrap_or(1)
+                ),
+                json!(n("/status/replicas")),
+                json!(n("/status/readyReplicas")),
+                age,
+                json!(containers),
+                json!(images),
+                json!(or_none(label_selector(o.pointer("/spec/selector")))),
+            ]
+        }
+        "Event" => {
+            let when = [
+                "/lastTimestamp",
+                "/eventTime",
+                "/metadata/creationTimestamp",
+            ]
+            .iter()
+            .find_map(|p| o.pointer(p).and_then(Value::as_str))
+            .map(|t| self::age(&json!({"metadata": {"creationTimestamp": t}})))
+            .unwrap_or_else(|| "<unknown>".into());
+            let object = format!(
+                "{}/{}",
+                s(o, "/involvedObject/kind").to_lowercase(),
+                s(o, "/involvedObject/name")
+            );
+            vec![
+                json!(when),
+                json!(s(o, "/type")),
+                json!(s(o, "/reason")),
+                json!(object),
+                json!(s(o, "/message")),
+            ]
+        }
+        "Endpoints" => {
+            let eps: Vec<String> = o
+                .pointer("/subsets")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .flat_map(|sub| {
+                    let ports: Vec<u64> = sub["ports"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|p| p["port"].as_u64())
+                        .collect();
+                    sub["addresses"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|a| a["ip"].as_str().map(str::to_owned))
+                        .flat_map(move |ip| {
+                            ports.clone().into_iter().map(move |p| format!("{ip}:{p}"))
+                        })
+                        .collect::<Vec<_>>()
+                })
+                .collect();
+            vec![name, json!(or_none(eps.join(","))), age]
+        }
         _ => vec![name, age],
     }
+}
+
+/// A pod's STATUS column as kubectl prints it: the reason of a waiting or terminated
+/// container (ContainerCreating, CrashLoopBackOff, ErrImageNeverPull, Completed ...),
+/// `Init:N/M` while init containers run, `Terminating` once deleted, else the phase.
+fn pod_status(o: &Value) -> String {
+    let mut reason = o
+        .pointer("/status/reason")
+        .and_then(Value::as_str)
+        .unwrap_or_else(|| s(o, "/status/phase"))
+        .to_owned();
+    let inits = o
+        .pointer("/status/initContainerStatuses")
+        .and_then(Value::as_array);
+    let init_total = o
+        .pointer("/spec/initContainers")
+        .and_then(Value::as_array)
+        .map_or(0, Vec::len);
+    let mut initializing = false;
+    for (i, c) in inits.into_iter().flatten().enumerate() {
+        if c.pointer("/state/terminated/exitCode")
+            .and_then(Value::as_i64)
+            == Some(0)
+        {
+            continue;
+        }
+        initializing = true;
+        reason = match c.pointer("/state/waiting/reason").and_then(Value::as_str) {
+            Some(r) if r != "PodInitializing" => format!("Init:{r}"),
+            _ => format!("Init:{i}/{init_total}"),
+        };
+        break;
+    }
+    if !initializing {
+        let mut running = false;
+        for c in o
+            .pointer("/status/containerStatuses")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .rev()
+        {
+            if let Some(r) = c.pointer("/state/waiting/reason").and_then(Value::as_str) {
+                reason = r.to_owned();
+            } else if let Some(t) = c.pointer("/state/terminated") {
+                reason = t["reason"]
+                    .as_str()
+                    .map(str::to_owned)
+                    .unwrap_or_else(|| format!("ExitCode:{}", t["exitCode"]));
+            } else if c.pointer("/state/running").is_some() && c["ready"] == true {
+                running = true;
+            }
+        }
+        if reason == "Completed" && running {
+            reason = "Running".into();
+        }
+    }
+    if o.pointer("/metadata/deletionTimestamp")
+        .is_some_and(|t| !t.is_null())
+    {
+        reason = "Terminating".into();
+    }
+    reason
+}
+
+fn containers_images(containers: Option<&Value>) -> (String, String) {
+    let list = containers
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    let names: Vec<&str> = list.iter().filter_map(|c| c["name"].as_str()).collect();
+    let images: Vec<&str> = list.iter().filter_map(|c| c["image"].as_str()).collect();
+    (names.join(","), images.join(","))
+}
+
+/// A metav1.LabelSelector in kubectl's short form.
+fn label_selector(sel: Option<&Value>) -> String {
+    sel.and_then(|v| serde_json::from_value(v.clone()).ok())
+        .and_then(|s| crate::selector::LabelSelector::from_api(Some(&s)).ok())
+        .map(|s| s.to_string())
+        .unwrap_or_default()
 }
 
 /// A Table of `objects` of resource `r`.
