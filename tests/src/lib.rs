@@ -6,6 +6,7 @@
 //! share with a benchmark lives here (for example [`csi`]).
 
 pub mod csi;
+pub mod hollow;
 pub mod load;
 
 use std::io::Write as _;

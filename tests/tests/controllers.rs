@@ -1,0 +1,627 @@
+//! End-to-end, control plane: `weft server` with its controllers and scheduler, driven by the
+//! real kubectl, with hollow nodes (`weft_tests::hollow`) standing in for node agents. The
+//! seed demo's workload steps — deploy, scale, rolling update (checked against maxSurge and
+//! maxUnavailable on every watch event), rollback, self-heal — plus EndpointSlices following
+//! readiness, scheduling failures explained as kube-scheduler explains them, a lost node's
+//! pods recreated elsewhere, and cascading deletion in its three propagation policies.
+//! Needs no root: everything runs on loopback.
+
+use std::{
+    path::PathBuf,
+    process::{Child, Command},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Pod;
+use kube::{
+    Api, ResourceExt,
+    runtime::{WatchStreamExt, watcher},
+};
+use weft_tests::{
+    hollow::{HollowNodes, Options},
+    output_with_stdin, weft_binary,
+};
+
+const SEED: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: demo}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: hello-api, namespace: demo, labels: {app: hello-api}}
+spec:
+  replicas: 3
+  revisionHistoryLimit: 5
+  selector: {matchLabels: {app: hello-api}}
+  strategy: {type: RollingUpdate, rollingUpdate: {maxSurge: 1, maxUnavailable: 1}}
+  template:
+    metadata: {labels: {app: hello-api}}
+    spec:
+      securityContext: {runAsUser: 10001, runAsNonRoot: true}
+      tolerations:
+      - {key: node.kubernetes.io/unreachable, operator: Exists, effect: NoExecute, tolerationSeconds: 2}
+      containers:
+      - name: http-echo
+        image: weft/echo:dev
+        imagePullPolicy: Never
+        args: ["-listen=:5678", "-text=hello from weft"]
+        ports: [{name: http, containerPort: 5678}]
+        readinessProbe: {httpGet: {path: /, port: http}, periodSeconds: 2}
+        livenessProbe: {tcpSocket: {port: http}, periodSeconds: 5}
+        resources:
+          requests: {cpu: 100m, memory: 32Mi}
+          limits: {cpu: 250m, memory: 64Mi}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: hello-svc, namespace: demo}
+spec:
+  type: NodePort
+  selector: {app: hello-api}
+  ports: [{port: 80, targetPort: http, nodePort: 30080}]
+"#;
+
+struct Cluster {
+    dir: PathBuf,
+    server: Child,
+    nodes: Option<HollowNodes>,
+    rt: tokio::runtime::Runtime,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.nodes.take();
+        let _ = self.server.kill();
+        let _ = self.server.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+impl Cluster {
+    fn start(label: &str, nodes: &[&str]) -> Cluster {
+        let dir = std::env::temp_dir().join(format!("weft-ctl-{}-{label}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let kubeconfig = dir.join("kubeconfig");
+        let server = Command::new(weft_binary("weft"))
+            .args([
+                "server",
+                "--listen",
+                "127.0.0.1:0",
+                "--node-monitor-grace-period",
+                "2",
+                "--node-monitor-period",
+                "1",
+            ])
+            .arg("--kubeconfig")
+            .arg(&kubeconfig)
+            .spawn()
+            .unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let mut c = Cluster {
+            dir,
+            server,
+            nodes: None,
+            rt,
+        };
+        wait_for("the API server", Duration::from_secs(10), || {
+            kubeconfig.exists()
+        });
+        c.nodes = Some(HollowNodes::start(&kubeconfig, nodes, Options::default()).unwrap());
+        c
+    }
+
+    fn kubeconfig(&self) -> PathBuf {
+        self.dir.join("kubeconfig")
+    }
+
+    fn try_kubectl(&self, args: &[&str], stdin: Option<&str>) -> std::process::Output {
+        let mut cmd = Command::new("kubectl");
+        cmd.env("KUBECONFIG", self.kubeconfig()).args(args);
+        match stdin {
+            Some(text) => output_with_stdin(cmd, text.as_bytes()),
+            None => cmd.output().unwrap(),
+        }
+    }
+
+    fn kubectl(&self, args: &[&str]) -> String {
+        self.kubectl_in(args, None)
+    }
+
+    fn kubectl_in(&self, args: &[&str], stdin: Option<&str>) -> String {
+        let out = self.try_kubectl(args, stdin);
+        assert!(
+            out.status.success(),
+            "kubectl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn json(&self, args: &[&str]) -> serde_json::Value {
+        let mut all = args.to_vec();
+        all.extend(["-o", "json"]);
+        serde_json::from_str(&self.kubectl(&all)).unwrap()
+    }
+
+    fn client(&self) -> kube::Client {
+        self.rt.block_on(async {
+            let k = kube::config::Kubeconfig::read_from(self.kubeconfig()).unwrap();
+            let config = kube::Config::from_custom_kubeconfig(k, &Default::default())
+                .await
+                .unwrap();
+            kube::Client::try_from(config).unwrap()
+        })
+    }
+
+    /// The pods of the seed's Deployment that are not being deleted: (all, ready).
+    fn hello_pods(&self) -> (Vec<serde_json::Value>, usize) {
+        let list = self.json(&["-n", "demo", "get", "pods", "-l", "app=hello-api"]);
+        let live: Vec<serde_json::Value> = list["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|p| p["metadata"]["deletionTimestamp"].is_null())
+            .cloned()
+            .collect();
+        let ready = live.iter().filter(|p| ready(p)).count();
+        (live, ready)
+    }
+
+    fn wait_ready(&self, n: usize) {
+        wait_for(
+            &format!("{n} ready hello-api pods"),
+            Duration::from_secs(30),
+            || {
+                let (live, ready) = self.hello_pods();
+                live.len() == n && ready == n
+            },
+        );
+    }
+}
+
+fn ready(p: &serde_json::Value) -> bool {
+    p["status"]["conditions"].as_array().is_some_and(|c| {
+        c.iter()
+            .any(|c| c["type"] == "Ready" && c["status"] == "True")
+    })
+}
+
+/// Counts, on every pod event of the seed Deployment, the pods not being deleted and the ready
+/// ones among them, and keeps the extremes.
+struct Bounds {
+    seen: Arc<Mutex<(usize, usize, usize)>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Bounds {
+    fn watch(c: &Cluster) -> Bounds {
+        let api: Api<Pod> = Api::namespaced(c.client(), "demo");
+        // (max live, min ready, events)
+        let seen = Arc::new(Mutex::new((0, usize::MAX, 0)));
+        let s = seen.clone();
+        let task = c.rt.spawn(async move {
+            let mut pods = std::collections::HashMap::new();
+            let mut events = watcher(api, watcher::Config::default().labels("app=hello-api"))
+                .default_backoff()
+                .boxed();
+            let mut synced = false;
+            while let Some(Ok(e)) = events.next().await {
+                match e {
+                    watcher::Event::Apply(p) | watcher::Event::InitApply(p) => {
+                        pods.insert(p.uid().unwrap_or_default(), p);
+                    }
+                    watcher::Event::Delete(p) => {
+                        pods.remove(&p.uid().unwrap_or_default());
+                    }
+                    watcher::Event::InitDone => synced = true,
+                    watcher::Event::Init => {}
+                }
+                if !synced {
+                    continue;
+                }
+                let live: Vec<&Pod> = pods
+                    .values()
+                    .filter(|p| p.metadata.deletion_timestamp.is_none())
+                    .collect();
+                let ready = live
+                    .iter()
+                    .filter(|p| {
+                        p.status
+                            .as_ref()
+                            .and_then(|s| s.conditions.as_ref())
+                            .is_some_and(|c| {
+                                c.iter().any(|c| c.type_ == "Ready" && c.status == "True")
+                            })
+                    })
+                    .count();
+                let mut g = s.lock().unwrap();
+                g.0 = g.0.max(live.len());
+                g.1 = g.1.min(ready);
+                g.2 += 1;
+            }
+        });
+        Bounds { seen, task }
+    }
+
+    fn stop(self) -> (usize, usize, usize) {
+        self.task.abort();
+        *self.seen.lock().unwrap()
+    }
+}
+
+#[test]
+fn the_seed_demo_deploys_scales_rolls_back_and_heals() {
+    let c = Cluster::start("seed", &["node-a", "node-b", "node-c"]);
+    c.kubectl_in(&["apply", "-f", "-"], Some(SEED));
+    c.wait_ready(3);
+    let wide = c.kubectl(&["-n", "demo", "get", "deploy,rs,pods,svc", "-o", "wide"]);
+    assert!(
+        wide.contains("deployment.apps/hello-api   3/3     3            3"),
+        "{wide}"
+    );
+    assert!(wide.contains("30080"), "{wide}");
+    // The default spreading puts the three replicas on three nodes.
+    let (pods, _) = c.hello_pods();
+    let nodes: std::collections::BTreeSet<&str> = pods
+        .iter()
+        .filter_map(|p| p["spec"]["nodeName"].as_str())
+        .collect();
+    assert_eq!(nodes.len(), 3, "{nodes:?}");
+    // The Service's EndpointSlice holds the three pods, ready, on the named target port.
+    wait_for("three ready endpoints", Duration::from_secs(10), || {
+        let slices = c.json(&[
+            "-n",
+            "demo",
+            "get",
+            "endpointslices",
+            "-l",
+            "kubernetes.io/service-name=hello-svc",
+        ]);
+        let items = slices["items"].as_array().cloned().unwrap_or_default();
+        items.len() == 1
+            && items[0]["ports"][0]["port"] == 5678
+            && items[0]["endpoints"].as_array().is_some_and(|e| {
+                e.len() == 3
+                    && e.iter()
+                        .all(|e| e["conditions"]["ready"] == true && e["nodeName"].is_string())
+            })
+    });
+
+    c.kubectl(&[
+        "-n",
+        "demo",
+        "scale",
+        "deployment/hello-api",
+        "--replicas=5",
+    ]);
+    c.wait_ready(5);
+    c.kubectl(&[
+        "-n",
+        "demo",
+        "scale",
+        "deployment/hello-api",
+        "--replicas=3",
+    ]);
+    c.wait_ready(3);
+
+    // A rolling update of the args: never more than 3 + 1 pods, never fewer than 3 - 1 ready.
+    let bounds = Bounds::watch(&c);
+    std::thread::sleep(Duration::from_millis(300));
+    c.kubectl(&[
+        "-n", "demo", "patch", "deployment/hello-api", "--type=json",
+        "-p", r#"[{"op":"replace","path":"/spec/template/spec/containers/0/args/1","value":"-text=hello again"}]"#,
+    ]);
+    let status = c.kubectl(&[
+        "-n",
+        "demo",
+        "rollout",
+        "status",
+        "deployment/hello-api",
+        "--timeout=60s",
+    ]);
+    assert!(status.contains("successfully rolled out"), "{status}");
+    c.wait_ready(3);
+    let (max_live, min_ready, events) = bounds.stop();
+    eprintln!("rollout: at most {max_live} pods, at least {min_ready} ready, {events} events");
+    assert!(events > 5, "the watch saw the rollout ({events} events)");
+    assert!(
+        max_live <= 4,
+        "{max_live} pods at once, above replicas + maxSurge"
+    );
+    assert!(
+        min_ready >= 2,
+        "{min_ready} ready pods at one point, below replicas - maxUnavailable"
+    );
+    let (pods, _) = c.hello_pods();
+    assert!(
+        pods.iter()
+            .all(|p| p["spec"]["containers"][0]["args"][1] == "-text=hello again")
+    );
+
+    let history = c.kubectl(&["-n", "demo", "rollout", "history", "deployment/hello-api"]);
+    assert!(history.contains('1') && history.contains('2'), "{history}");
+    c.kubectl(&["-n", "demo", "rollout", "undo", "deployment/hello-api"]);
+    let status = c.kubectl(&[
+        "-n",
+        "demo",
+        "rollout",
+        "status",
+        "deployment/hello-api",
+        "--timeout=60s",
+    ]);
+    assert!(status.contains("successfully rolled out"), "{status}");
+    c.wait_ready(3);
+    let (pods, _) = c.hello_pods();
+    assert!(
+        pods.iter()
+            .all(|p| p["spec"]["containers"][0]["args"][1] == "-text=hello from weft")
+    );
+    let d = c.json(&["-n", "demo", "get", "deployment", "hello-api"]);
+    assert_eq!(
+        d["metadata"]["annotations"]["deployment.kubernetes.io/revision"],
+        "3"
+    );
+    assert_eq!(
+        d["status"]["observedGeneration"],
+        d["metadata"]["generation"]
+    );
+
+    // Self-heal: every pod force-deleted at once comes back under new names.
+    let before: Vec<String> = pods
+        .iter()
+        .map(|p| p["metadata"]["name"].as_str().unwrap().to_owned())
+        .collect();
+    c.kubectl(&[
+        "-n",
+        "demo",
+        "delete",
+        "pod",
+        "-l",
+        "app=hello-api",
+        "--force",
+        "--grace-period=0",
+    ]);
+    c.wait_ready(3);
+    let (pods, _) = c.hello_pods();
+    assert!(
+        pods.iter()
+            .all(|p| !before.contains(&p["metadata"]["name"].as_str().unwrap().to_owned()))
+    );
+
+    let describe = c.kubectl(&["-n", "demo", "describe", "deployment/hello-api"]);
+    eprintln!("{describe}");
+    for want in [
+        "Replicas:",
+        "3 desired | 3 updated | 3 total | 3 available",
+        "RollingUpdateStrategy:  1 max unavailable, 1 max surge",
+        "NewReplicaSet:",
+        "ScalingReplicaSet",
+    ] {
+        assert!(
+            describe.contains(want),
+            "describe lacks {want:?}:\n{describe}"
+        );
+    }
+    let pod = pods[0]["metadata"]["name"].as_str().unwrap();
+    let describe = c.kubectl(&["-n", "demo", "describe", "pod", pod]);
+    assert!(
+        describe.contains("Successfully assigned demo/"),
+        "{describe}"
+    );
+}
+
+#[test]
+fn scheduling_failures_read_like_kube_scheduler_and_resolve_when_room_appears() {
+    let c = Cluster::start("sched", &["small-1", "small-2"]);
+    c.kubectl(&["taint", "node", "small-2", "dedicated=db:NoSchedule"]);
+    c.kubectl_in(
+        &["apply", "-f", "-"],
+        Some(
+            r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: big, namespace: default}
+spec:
+  containers: [{name: c, image: weft/echo:dev, resources: {requests: {cpu: "6"}}}]
+"#,
+        ),
+    );
+    wait_for("a FailedScheduling event", Duration::from_secs(10), || {
+        c.kubectl(&["describe", "pod", "big"]).contains(
+            "0/2 nodes are available: 1 Insufficient cpu, 1 node(s) had untolerated taint {dedicated: db}.",
+        )
+    });
+    let pod = c.json(&["get", "pod", "big"]);
+    let sched = pod["status"]["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "PodScheduled")
+        .cloned()
+        .unwrap();
+    assert_eq!(
+        (sched["status"].as_str(), sched["reason"].as_str()),
+        (Some("False"), Some("Unschedulable"))
+    );
+    // A node with room arrives: the pod is bound to it.
+    let _more = HollowNodes::start(
+        &c.kubeconfig(),
+        &["large-1"],
+        Options {
+            cpu: "16".into(),
+            ..Options::default()
+        },
+    )
+    .unwrap();
+    wait_for("the pod on large-1", Duration::from_secs(15), || {
+        c.json(&["get", "pod", "big"])["spec"]["nodeName"] == "large-1"
+    });
+    // Binding an already bound pod is a conflict, as in Kubernetes.
+    let out = c.try_kubectl(&["create", "--raw", "/api/v1/namespaces/default/pods/big/binding", "-f", "-"],
+        Some(r#"{"apiVersion":"v1","kind":"Binding","metadata":{"name":"big"},"target":{"kind":"Node","name":"small-1"}}"#));
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("already assigned"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn a_lost_node_turns_not_ready_and_its_pods_come_back_elsewhere() {
+    let c = Cluster::start("lost", &["node-a", "node-b"]);
+    c.kubectl_in(&["apply", "-f", "-"], Some(SEED));
+    c.wait_ready(3);
+    let (pods, _) = c.hello_pods();
+    let on_b: Vec<String> = pods
+        .iter()
+        .filter(|p| p["spec"]["nodeName"] == "node-b")
+        .map(|p| p["metadata"]["name"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(!on_b.is_empty(), "spreading put a pod on node-b");
+    c.nodes.as_ref().unwrap().kill("node-b");
+    wait_for(
+        "node-b NotReady with the unreachable taint",
+        Duration::from_secs(15),
+        || {
+            let n = c.json(&["get", "node", "node-b"]);
+            let taints = n["spec"]["taints"].as_array().cloned().unwrap_or_default();
+            taints
+                .iter()
+                .any(|t| t["key"] == "node.kubernetes.io/unreachable" && t["effect"] == "NoExecute")
+                && c.kubectl(&["get", "node", "node-b"]).contains("NotReady")
+        },
+    );
+    wait_for(
+        "three ready pods on node-a",
+        Duration::from_secs(30),
+        || {
+            let (live, ready) = c.hello_pods();
+            ready == 3 && live.iter().filter(|p| ready_pod_on(p, "node-a")).count() == 3
+        },
+    );
+}
+
+fn ready_pod_on(p: &serde_json::Value, node: &str) -> bool {
+    p["spec"]["nodeName"] == node && ready(p)
+}
+
+#[test]
+fn cascading_deletion_in_background_foreground_and_orphan() {
+    let c = Cluster::start("gc", &["node-a"]);
+    let deploy = |name: &str| {
+        let yaml = SEED
+            .split("---")
+            .nth(1)
+            .unwrap()
+            .replace("hello-api", name)
+            .replace("namespace: demo", "namespace: default");
+        c.kubectl_in(&["apply", "-f", "-"], Some(&yaml));
+        wait_for(
+            &format!("{name} available"),
+            Duration::from_secs(30),
+            || c.json(&["get", "deployment", name])["status"]["availableReplicas"] == 3,
+        );
+    };
+    let count = |what: &str, label: &str| {
+        c.json(&["get", what, "-l", label])["items"]
+            .as_array()
+            .map_or(0, Vec::len)
+    };
+
+    deploy("bg");
+    c.kubectl(&["delete", "deployment", "bg"]);
+    wait_for(
+        "bg's ReplicaSet and pods collected",
+        Duration::from_secs(20),
+        || count("rs", "app=bg") == 0 && count("pods", "app=bg") == 0,
+    );
+
+    deploy("fg");
+    c.kubectl(&[
+        "delete",
+        "deployment",
+        "fg",
+        "--cascade=foreground",
+        "--wait=false",
+    ]);
+    // The Deployment waits for its dependents, then goes.
+    let d = c.json(&["get", "deployment", "fg"]);
+    assert!(
+        d["metadata"]["finalizers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f == "foregroundDeletion"),
+        "{d}"
+    );
+    wait_for(
+        "fg and everything under it gone",
+        Duration::from_secs(20),
+        || {
+            !c.try_kubectl(&["get", "deployment", "fg"], None)
+                .status
+                .success()
+                && count("rs", "app=fg") == 0
+                && count("pods", "app=fg") == 0
+        },
+    );
+
+    deploy("orphan");
+    c.kubectl(&["delete", "deployment", "orphan", "--cascade=orphan"]);
+    wait_for("orphan's Deployment gone", Duration::from_secs(20), || {
+        !c.try_kubectl(&["get", "deployment", "orphan"], None)
+            .status
+            .success()
+    });
+    let rs = c.json(&["get", "rs", "-l", "app=orphan"]);
+    let items = rs["items"].as_array().unwrap();
+    assert_eq!(items.len(), 1);
+    assert!(
+        items[0]["metadata"]["ownerReferences"]
+            .as_array()
+            .is_none_or(Vec::is_empty),
+        "{}",
+        items[0]
+    );
+    assert_eq!(
+        count("pods", "app=orphan"),
+        3,
+        "the pods stay with their ReplicaSet"
+    );
+
+    // A namespace being deleted is Terminating until its pods are gone, and refuses new content.
+    c.kubectl_in(&["apply", "-f", "-"], Some(SEED));
+    c.wait_ready(3);
+    c.kubectl(&["delete", "namespace", "demo", "--wait=false"]);
+    let out = c.try_kubectl(
+        &["apply", "-f", "-"],
+        Some("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: late, namespace: demo}\n"),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("because it is being terminated"),
+        "{err}"
+    );
+    wait_for("namespace demo gone", Duration::from_secs(20), || {
+        !c.try_kubectl(&["get", "namespace", "demo"], None)
+            .status
+            .success()
+    });
+}
