@@ -26,6 +26,9 @@ PACKAGES=(
   btrfs-progs     # weft-csi: mkfs.btrfs, btrfs filesystem resize
   nfs-ganesha     # a real NFS server for weft-csi's nfs backend tests (userspace, on 127.0.0.1)
   nfs-ganesha-vfs # its filesystem backend
+  containerd      # the container runtime weft node drives over CRI (weft starts its own, never the service)
+  runc            # containerd's OCI runtime
+  protobuf-compiler # protoc, for the CRI protobufs (k8s-cri's build)
 )
 missing=()
 for p in "${PACKAGES[@]}"; do

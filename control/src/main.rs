@@ -37,6 +37,45 @@ enum Cmd {
         #[command(flatten)]
         timing: Timing,
     },
+    /// Run the node agent: register this node and run the pods bound to it through a
+    /// container runtime's CRI (containerd), starting containerd itself unless --cri is given.
+    Node {
+        /// kubeconfig of the API server.
+        #[arg(long)]
+        kubeconfig: Option<PathBuf>,
+        /// The Node's name.
+        #[arg(long)]
+        node_name: String,
+        /// The node's address (its InternalIP).
+        #[arg(long)]
+        address: Option<String>,
+        /// The node's pod range (spec.podCIDR).
+        #[arg(long)]
+        pod_cidr: Option<String>,
+        /// The directory the node keeps its containerd, logs and state in.
+        #[arg(long, default_value = "/var/lib/weft/node")]
+        root_dir: PathBuf,
+        /// A running CRI runtime's socket; without it weft starts containerd under --root-dir.
+        #[arg(long)]
+        cri: Option<PathBuf>,
+        /// Directory of CNI plugins for the containerd weft starts (weft-cni, loopback).
+        #[arg(long, default_value = "/opt/cni/bin")]
+        cni_bin_dir: PathBuf,
+        /// Directory of CNI configuration for the containerd weft starts.
+        #[arg(long, default_value = "/etc/cni/net.d")]
+        cni_conf_dir: PathBuf,
+        /// The pause image (load it first with `weft image load`).
+        #[arg(long, default_value = "weft/pause:dev")]
+        sandbox_image: String,
+        /// The cgroup (cgroupfs path) pods' cgroups are made under.
+        #[arg(long, default_value = "/weft")]
+        cgroup_parent: String,
+    },
+    /// Build images without a registry, and load them into a node's containerd.
+    Image {
+        #[command(subcommand)]
+        cmd: ImageCmd,
+    },
     /// Run the controllers and the scheduler against an API server.
     Controllers {
         /// kubeconfig of the API server (default: $KUBECONFIG, ~/.kube/config, in-cluster).
@@ -44,6 +83,33 @@ enum Cmd {
         kubeconfig: Option<PathBuf>,
         #[command(flatten)]
         timing: Timing,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ImageCmd {
+    /// Pack a binary (and the shared libraries it loads) into an OCI image archive.
+    Build {
+        /// The binary: the image's entrypoint.
+        #[arg(long)]
+        from: PathBuf,
+        /// The image's name (`weft/echo:dev`).
+        #[arg(long)]
+        tag: String,
+        /// The archive to write.
+        #[arg(long, short)]
+        output: PathBuf,
+        /// Arguments the entrypoint always gets.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Import an OCI or docker-archive tarball into a node's containerd (namespace k8s.io).
+    Load {
+        /// The archive.
+        file: PathBuf,
+        /// containerd's socket.
+        #[arg(long)]
+        address: PathBuf,
     },
 }
 
@@ -172,6 +238,87 @@ fn main() -> anyhow::Result<()> {
                 }
             })
         }
+        Cmd::Node {
+            kubeconfig,
+            node_name,
+            address,
+            pod_cidr,
+            root_dir,
+            cri,
+            cni_bin_dir,
+            cni_conf_dir,
+            sandbox_image,
+            cgroup_parent,
+        } => {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            rt.block_on(async move {
+                let mut containerd = None;
+                let socket = match cri {
+                    Some(s) => s,
+                    None => {
+                        let layout = weft_node::containerd::Layout {
+                            dir: root_dir.join("containerd"),
+                            sandbox_image,
+                            cni_bin: cni_bin_dir,
+                            cni_conf: cni_conf_dir,
+                        };
+                        let socket = layout.socket();
+                        // A containerd left running by an agent that died is used as it is.
+                        if tokio::net::UnixStream::connect(&socket).await.is_err() {
+                            containerd = Some(layout.start().context("starting containerd")?);
+                        }
+                        if !weft_node::containerd::wait_for_socket(
+                            &socket,
+                            std::time::Duration::from_secs(20),
+                        )
+                        .await
+                        {
+                            anyhow::bail!("containerd did not open {}", socket.display());
+                        }
+                        socket
+                    }
+                };
+                let client = client_for(kubeconfig.as_deref()).await?;
+                let config = weft_node::agent::Config {
+                    node_name,
+                    cri_socket: socket,
+                    address,
+                    pod_cidr,
+                    log_dir: root_dir.join("pods"),
+                    cgroup_parent,
+                    resync: std::time::Duration::from_secs(2),
+                };
+                let result = tokio::select! {
+                    r = weft_node::agent::run(client, config) => r.context("node agent"),
+                    () = shutdown() => Ok(()),
+                };
+                // The containerd this agent started stops with it; the pods' shims do not, so
+                // pods keep running while the agent restarts, and the next agent (and its
+                // containerd) adopts them.
+                if let Some(mut c) = containerd {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(c.id() as i32),
+                        nix::sys::signal::Signal::SIGTERM,
+                    );
+                    let _ = c.wait();
+                }
+                result
+            })
+        }
+        Cmd::Image { cmd } => match cmd {
+            ImageCmd::Build {
+                from,
+                tag,
+                output,
+                args,
+            } => weft_node::image::build(&from, &tag, &args, &output)
+                .with_context(|| format!("building {tag}")),
+            ImageCmd::Load { file, address } => weft_node::image::load(&file, &address)
+                .with_context(|| format!("loading {}", file.display())),
+        },
         Cmd::Controllers { kubeconfig, timing } => {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
