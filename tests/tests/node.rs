@@ -1,0 +1,493 @@
+//! Privileged, end-to-end: real pods. A test node (a network namespace) runs `weft server`,
+//! `weft node`, and the containerd `weft node` starts with weft-cni as its CNI plugin; images
+//! are built from the workspace's `weft-pause` and `weft-echo` with `weft image build` and
+//! loaded with `weft image load`. kubectl creates a Deployment; the pods run under runc, get
+//! addresses from weft-cni, answer HTTP on them, run as the asked user with the asked CPU and
+//! memory limits in their cgroups; a missing image with `imagePullPolicy: Never` gives
+//! `ErrImageNeverPull`; an agent restart adopts the running pods without restarting them; and
+//! deleting everything leaves no sandbox, container, veth, address, cgroup or shim behind.
+
+use std::{
+    io::{Read, Write},
+    net::TcpStream,
+    path::{Path, PathBuf},
+    process::{Child, Command},
+    time::{Duration, Instant},
+};
+
+use weft_testbed::{Host, Lab};
+use weft_tests::{output_with_stdin, weft_binary};
+
+struct Node {
+    dir: PathBuf,
+    cgroup: String,
+    server: Option<Child>,
+    agent: Option<Child>,
+    lab: Lab,
+}
+
+fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn stop(child: &mut Option<Child>) {
+    if let Some(mut c) = child.take() {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(c.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let _ = c.wait();
+    }
+}
+
+/// Processes whose command line names `dir` (containerd, its shims, the pods' processes'
+/// parents).
+fn processes_under(dir: &Path) -> Vec<i32> {
+    let needle = dir.display().to_string();
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&needle))
+        })
+        .collect()
+}
+
+fn mounts_under(dir: &Path) -> Vec<String> {
+    let needle = dir.display().to_string();
+    std::fs::read_to_string("/proc/self/mounts")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .filter(|m| m.starts_with(&needle))
+        .map(str::to_owned)
+        .collect()
+}
+
+fn pod_cgroups(cgroup: &str) -> Vec<PathBuf> {
+    std::fs::read_dir("/sys/fs/cgroup")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .flat_map(|h| {
+            std::fs::read_dir(h.path().join(cgroup.trim_start_matches('/')))
+                .into_iter()
+                .flatten()
+                .flatten()
+        })
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("pod"))
+        })
+        .collect()
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        stop(&mut self.agent);
+        stop(&mut self.server);
+        for pid in processes_under(&self.dir) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        let mut mounts = mounts_under(&self.dir);
+        mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
+        for m in mounts {
+            let _ = nix::mount::umount2(m.as_str(), nix::mount::MntFlags::MNT_DETACH);
+        }
+        for c in pod_cgroups(&self.cgroup) {
+            if let Ok(children) = std::fs::read_dir(&c) {
+                for ch in children.flatten().filter(|e| e.path().is_dir()) {
+                    let _ = std::fs::remove_dir(ch.path());
+                }
+            }
+            let _ = std::fs::remove_dir(&c);
+        }
+        for h in std::fs::read_dir("/sys/fs/cgroup")
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let _ = std::fs::remove_dir(h.path().join(self.cgroup.trim_start_matches('/')));
+        }
+    }
+}
+
+impl Node {
+    fn host(&self) -> &Host {
+        self.lab.node(0)
+    }
+
+    fn kubeconfig(&self) -> PathBuf {
+        self.dir.join("kubeconfig")
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.join("node/containerd/containerd.sock")
+    }
+
+    fn start() -> Node {
+        let mut lab = Lab::new().unwrap();
+        lab.add_node().unwrap();
+        let dir = lab.temp_dir("node").unwrap();
+        let cgroup = format!("/{}", dir.file_name().unwrap().to_string_lossy());
+        // CNI as containerd's CRI plugin runs it: weft-cni (CNI 1.0.0 results: containerd 1.6's
+        // libcni reads no newer) and the reference loopback plugin.
+        let bin = dir.join("cni/bin");
+        let conf = dir.join("cni/net.d");
+        std::fs::create_dir_all(&bin).unwrap();
+        std::fs::create_dir_all(&conf).unwrap();
+        std::fs::copy(weft_binary("weft-cni"), bin.join("weft-cni")).unwrap();
+        std::fs::copy("/usr/lib/cni/loopback", bin.join("loopback"))
+            .expect("the reference CNI plugins (scripts/setup.sh)");
+        std::fs::write(
+            conf.join("10-weft.conflist"),
+            format!(
+                r#"{{"cniVersion": "1.0.0", "name": "weft", "plugins": [{{"type": "weft-cni", "bridge": "weft0",
+                    "ipam": {{"subnet": "10.244.1.0/24", "dataDir": "{}"}}}}]}}"#,
+                dir.join("ipam").display()
+            ),
+        )
+        .unwrap();
+        let server = lab
+            .node(0)
+            .command(weft_binary("weft"))
+            .unwrap()
+            .args(["server", "--listen", "127.0.0.1:0", "--kubeconfig"])
+            .arg(dir.join("kubeconfig"))
+            .spawn()
+            .unwrap();
+        let mut node = Node {
+            dir,
+            cgroup,
+            server: Some(server),
+            agent: None,
+            lab,
+        };
+        wait_for("the API server", Duration::from_secs(10), || {
+            node.kubeconfig().exists()
+        });
+        node.start_agent();
+        wait_for("containerd's socket", Duration::from_secs(30), || {
+            node.socket().exists()
+        });
+        for (bin, tag) in [
+            ("weft-pause", "weft/pause:dev"),
+            ("weft-echo", "weft/echo:dev"),
+        ] {
+            let archive = node.dir.join(format!("{bin}.tar"));
+            let ok = Command::new(weft_binary("weft"))
+                .args(["image", "build", "--from"])
+                .arg(weft_binary(bin))
+                .args(["--tag", tag, "-o"])
+                .arg(&archive)
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok, "weft image build {tag}");
+            let out = Command::new(weft_binary("weft"))
+                .args(["image", "load"])
+                .arg(&archive)
+                .arg("--address")
+                .arg(node.socket())
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "weft image load: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        wait_for("node1 Ready", Duration::from_secs(20), || {
+            node.kubectl(&["get", "node", "node1"], None)
+                .contains(" Ready ")
+        });
+        node
+    }
+
+    fn start_agent(&mut self) {
+        let agent = self
+            .host()
+            .command(weft_binary("weft"))
+            .unwrap()
+            .args([
+                "node",
+                "--node-name",
+                "node1",
+                "--address",
+                "10.200.0.10",
+                "--pod-cidr",
+                "10.244.1.0/24",
+                "--kubeconfig",
+            ])
+            .arg(self.kubeconfig())
+            .arg("--root-dir")
+            .arg(self.dir.join("node"))
+            .arg("--cni-bin-dir")
+            .arg(self.dir.join("cni/bin"))
+            .arg("--cni-conf-dir")
+            .arg(self.dir.join("cni/net.d"))
+            .args(["--cgroup-parent", &self.cgroup])
+            .spawn()
+            .unwrap();
+        self.agent = Some(agent);
+    }
+
+    fn kubectl(&self, args: &[&str], stdin: Option<&str>) -> String {
+        let mut cmd = self.host().command("kubectl").unwrap();
+        cmd.env("KUBECONFIG", self.kubeconfig()).args(args);
+        let out = match stdin {
+            Some(s) => output_with_stdin(cmd, s.as_bytes()),
+            None => cmd.output().unwrap(),
+        };
+        assert!(
+            out.status.success(),
+            "kubectl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn json(&self, args: &[&str]) -> serde_json::Value {
+        let mut all = args.to_vec();
+        all.extend(["-o", "json"]);
+        serde_json::from_str(&self.kubectl(&all, None)).unwrap()
+    }
+
+    fn running(&self, label: &str) -> Vec<serde_json::Value> {
+        self.json(&["get", "pods", "-l", label])["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|p| {
+                p["status"]["phase"] == "Running"
+                    && p["status"]["podIP"]
+                        .as_str()
+                        .is_some_and(|ip| !ip.is_empty())
+            })
+            .cloned()
+            .collect()
+    }
+
+    /// An HTTP GET from the node's namespace.
+    fn get(&self, addr: &str) -> Option<String> {
+        let addr = addr.to_owned();
+        self.host()
+            .run(move || {
+                let mut s =
+                    TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_secs(2))?;
+                s.set_read_timeout(Some(Duration::from_secs(2)))?;
+                s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
+                let mut body = String::new();
+                s.read_to_string(&mut body)?;
+                Ok::<_, std::io::Error>(body)
+            })
+            .ok()
+            .and_then(Result::ok)
+    }
+
+    fn links(&self) -> Vec<String> {
+        let out = self.host().output("ip", ["-br", "link"]).unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| l.split_whitespace().next().unwrap_or("").to_owned())
+            .collect()
+    }
+}
+
+const HELLO: &str = r#"
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: hello, namespace: default}
+spec:
+  replicas: 2
+  selector: {matchLabels: {app: hello}}
+  template:
+    metadata: {labels: {app: hello}}
+    spec:
+      securityContext: {runAsUser: 10001, runAsGroup: 10001}
+      containers:
+      - name: echo
+        image: weft/echo:dev
+        imagePullPolicy: Never
+        args: ["-listen=:5678", "-text=hello from a real pod"]
+        resources:
+          requests: {cpu: 100m, memory: 32Mi}
+          limits: {cpu: 250m, memory: 64Mi}
+"#;
+
+fn cgroup_value(node: &Node, controller: &str, uid: &str, file: &str) -> Option<String> {
+    let base = PathBuf::from("/sys/fs/cgroup")
+        .join(controller)
+        .join(node.cgroup.trim_start_matches('/'))
+        .join(format!("pod{uid}"));
+    std::fs::read_dir(&base)
+        .ok()?
+        .flatten()
+        .filter(|e| e.path().is_dir())
+        .find_map(|e| {
+            let v = std::fs::read_to_string(e.path().join(file)).ok()?;
+            let procs = std::fs::read_to_string(e.path().join("cgroup.procs")).unwrap_or_default();
+            // The container's cgroup (the sandbox's pause has no limits).
+            (!procs.trim().is_empty() && v.trim() != "-1" && !v.trim().starts_with("9223372036854"))
+                .then(|| v.trim().to_owned())
+        })
+}
+
+#[test]
+fn pods_run_under_containerd_networked_by_weft_cni_and_leave_nothing_behind() {
+    let mut node = Node::start();
+    node.kubectl(&["apply", "-f", "-"], Some(HELLO));
+    wait_for("two running pods", Duration::from_secs(60), || {
+        node.running("app=hello").len() == 2
+    });
+    let pods = node.running("app=hello");
+    for p in &pods {
+        let ip = p["status"]["podIP"].as_str().unwrap();
+        assert!(ip.starts_with("10.244.1."), "{ip}");
+        let reply = node.get(&format!("{ip}:5678")).unwrap_or_default();
+        assert!(reply.contains("hello from a real pod"), "{reply}");
+        let c = &p["status"]["containerStatuses"][0];
+        assert_eq!(c["ready"], true);
+        assert!(
+            c["containerID"]
+                .as_str()
+                .unwrap()
+                .starts_with("containerd://")
+        );
+        let uid = p["metadata"]["uid"].as_str().unwrap();
+        assert_eq!(
+            cgroup_value(&node, "cpu", uid, "cpu.cfs_quota_us").as_deref(),
+            Some("25000"),
+            "250m of CPU"
+        );
+        assert_eq!(
+            cgroup_value(&node, "memory", uid, "memory.limit_in_bytes").as_deref(),
+            Some("67108864"),
+            "64Mi"
+        );
+        // The container's process runs as the asked user.
+        let procs = std::fs::read_dir(
+            PathBuf::from("/sys/fs/cgroup/memory")
+                .join(node.cgroup.trim_start_matches('/'))
+                .join(format!("pod{uid}")),
+        )
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().is_dir())
+        .flat_map(|e| {
+            std::fs::read_to_string(e.path().join("cgroup.procs"))
+                .unwrap_or_default()
+                .lines()
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        })
+        .collect::<Vec<_>>();
+        let uids: Vec<String> = procs
+            .iter()
+            .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/status")).ok())
+            .filter(|s| s.contains("weft-echo"))
+            .filter_map(|s| s.lines().find(|l| l.starts_with("Uid:")).map(str::to_owned))
+            .collect();
+        assert!(
+            !uids.is_empty()
+                && uids
+                    .iter()
+                    .all(|u| u.split_whitespace().nth(1) == Some("10001")),
+            "{uids:?}"
+        );
+    }
+
+    // A missing image with pullPolicy Never is reported, not retried forever in silence.
+    node.kubectl(&["apply", "-f", "-"], Some("apiVersion: v1\nkind: Pod\nmetadata: {name: missing}\nspec:\n  containers: [{name: c, image: weft/nothing:1, imagePullPolicy: Never}]\n"));
+    wait_for("ErrImageNeverPull", Duration::from_secs(30), || {
+        node.json(&["get", "pod", "missing"])["status"]["containerStatuses"][0]["state"]["waiting"]
+            ["reason"]
+            == "ErrImageNeverPull"
+    });
+    assert!(
+        node.kubectl(&["get", "pod", "missing"], None)
+            .contains("ErrImageNeverPull")
+    );
+
+    // The agent restarts (and with it its containerd): the pods keep running, are adopted,
+    // and are not restarted.
+    let before: Vec<(String, String)> = pods
+        .iter()
+        .map(|p| {
+            (
+                p["metadata"]["name"].as_str().unwrap().to_owned(),
+                p["status"]["containerStatuses"][0]["containerID"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned(),
+            )
+        })
+        .collect();
+    stop(&mut node.agent);
+    let ip = pods[0]["status"]["podIP"].as_str().unwrap().to_owned();
+    assert!(
+        node.get(&format!("{ip}:5678"))
+            .is_some_and(|r| r.contains("hello")),
+        "serving while the agent is down"
+    );
+    node.start_agent();
+    std::thread::sleep(Duration::from_secs(5));
+    let after = node.running("app=hello");
+    assert_eq!(after.len(), 2);
+    for (name, id) in before {
+        let p = after
+            .iter()
+            .find(|p| p["metadata"]["name"] == name.as_str())
+            .expect("same pods");
+        assert_eq!(
+            p["status"]["containerStatuses"][0]["containerID"],
+            id.as_str(),
+            "not restarted"
+        );
+        assert_eq!(p["status"]["containerStatuses"][0]["restartCount"], 0);
+    }
+
+    // Deleting everything leaves nothing: no pod, veth, address, cgroup or shim.
+    node.kubectl(&["delete", "deployment", "hello"], None);
+    node.kubectl(&["delete", "pod", "missing"], None);
+    wait_for("every pod gone", Duration::from_secs(60), || {
+        node.json(&["get", "pods"])["items"]
+            .as_array()
+            .is_some_and(Vec::is_empty)
+    });
+    wait_for("the pods' links gone", Duration::from_secs(10), || {
+        node.links().iter().all(|l| !l.starts_with("wft"))
+    });
+    assert!(
+        pod_cgroups(&node.cgroup).is_empty(),
+        "{:?}",
+        pod_cgroups(&node.cgroup)
+    );
+    let ipam = std::fs::read_dir(node.dir.join("ipam/weft"))
+        .unwrap()
+        .flatten()
+        .map(|e| std::fs::read(e.path()).unwrap_or_default())
+        .collect::<Vec<_>>();
+    assert!(
+        ipam.iter()
+            .any(|s| String::from_utf8_lossy(s).contains(r#""allocations":{}"#)),
+        "every address released"
+    );
+    let shims = processes_under(&node.dir).into_iter().filter(|pid| {
+        std::fs::read(format!("/proc/{pid}/cmdline"))
+            .is_ok_and(|c| String::from_utf8_lossy(&c).contains("shim"))
+    });
+    assert_eq!(shims.count(), 0, "no shim left");
+}
