@@ -7,8 +7,9 @@
 //! which are API clients like kube-controller-manager and kube-scheduler. kubectl and kube-rs
 //! clients talk to it unchanged.
 //!
-//! Not here yet: the node agent, `weft up`, an etcd backend, authentication and TLS (the
-//! server is meant for loopback or a trusted network).
+//! The `weft` binary also fronts the node agent (`weft node`, from `weft-node`). Not here yet:
+//! `weft up`, an etcd backend, authentication and TLS (the server is meant for loopback or a
+//! trusted network).
 
 pub mod controllers;
 pub mod defaults;
