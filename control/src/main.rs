@@ -289,7 +289,7 @@ fn main() -> anyhow::Result<()> {
                     pod_cidr,
                     log_dir: root_dir.join("pods"),
                     cgroup_parent,
-                    resync: std::time::Duration::from_secs(2),
+                    resync: std::time::Duration::from_secs(1),
                 };
                 let result = tokio::select! {
                     r = weft_node::agent::run(client, config) => r.context("node agent"),

@@ -33,6 +33,8 @@ use kube::{
 use serde_json::{Value, json};
 use tonic::transport::Channel;
 
+use crate::probe::Tracker;
+
 const UID_LABEL: &str = "io.kubernetes.pod.uid";
 const NAME_LABEL: &str = "io.kubernetes.pod.name";
 const NS_LABEL: &str = "io.kubernetes.pod.namespace";
@@ -288,6 +290,7 @@ impl Agent {
     ) {
         let mut backoff: HashMap<String, (u32, tokio::time::Instant)> = HashMap::new();
         let mut failures = 0u32;
+        let mut trackers: HashMap<String, Tracker> = HashMap::new();
         loop {
             let pod = rx.borrow_and_update().clone();
             let Some(pod) = pod else {
@@ -317,7 +320,7 @@ impl Agent {
                     Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => return,
                     Err(e) => tracing::warn!(pod = %pod.name_any(), error = %e, "deleting"),
                 }
-            } else if let Err(e) = self.sync(&pod, &mut backoff).await {
+            } else if let Err(e) = self.sync(&pod, &mut backoff, &mut trackers).await {
                 tracing::warn!(pod = %pod.name_any(), error = %e, "syncing");
                 // Failing again at once would only repeat the error: back off (1 s doubling
                 // to 30 s) before the next attempt, whatever the API says meanwhile.
@@ -439,6 +442,7 @@ impl Agent {
         &self,
         pod: &Pod,
         backoff: &mut HashMap<String, (u32, tokio::time::Instant)>,
+        trackers: &mut HashMap<String, Tracker>,
     ) -> Result<(), NodeError> {
         let mut runtime = self.cri.runtime.clone();
         let uid = pod.uid().unwrap_or_default();
@@ -486,16 +490,54 @@ impl Agent {
             .unwrap_or_default();
         let mut statuses = Vec::new();
         let mut all_running = true;
+        let mut all_ready = true;
         for c in &spec.containers {
-            let st = self
+            let mut st = self
                 .ensure_container(pod, c, &sandbox, &sandbox_config, &pod_ip, backoff)
                 .await?;
-            all_running &= st.pointer("/state/running").is_some();
+            let running = st.pointer("/state/running").is_some();
+            all_running &= running;
+            let id = st["containerID"]
+                .as_str()
+                .and_then(|i| i.strip_prefix("containerd://"))
+                .unwrap_or("")
+                .to_owned();
+            if running && !id.is_empty() {
+                let tracker = trackers
+                    .entry(c.name.clone())
+                    .and_modify(|t| {
+                        if t.container_id != id {
+                            *t = Tracker::new(&id, c);
+                        }
+                    })
+                    .or_insert_with(|| Tracker::new(&id, c));
+                let verdict = tracker.step(c, &pod_ip, &mut runtime).await;
+                for why in &verdict.unhealthy {
+                    tracing::info!(pod = %name, container = %c.name, "{why}");
+                }
+                if let Some(why) = verdict.kill {
+                    tracing::info!(pod = %name, container = %c.name, "{why}");
+                    let grace = spec.termination_grace_period_seconds.unwrap_or(30);
+                    runtime
+                        .stop_container(cri::StopContainerRequest {
+                            container_id: id.clone(),
+                            timeout: grace,
+                        })
+                        .await?;
+                }
+                st["ready"] = json!(tracker.ready && tracker.started_ok);
+                st["started"] = json!(tracker.started_ok);
+            }
+            all_ready &= st["ready"] == true;
             statuses.push(st);
         }
-        let _ = (&ns, &name);
+        let _ = &ns;
         let t = now();
-        let ready = if all_running { "True" } else { "False" };
+        let ready = if all_running && all_ready {
+            "True"
+        } else {
+            "False"
+        };
         let started = pod
             .status
             .as_ref()

@@ -3,11 +3,13 @@
 //! configured and started by weft ([`containerd`]) with weft-cni as its CNI plugin; images are
 //! built and loaded without a registry ([`image`]).
 //!
-//! Not here yet: probes, volumes, init containers, logs/exec/port-forward streaming.
+//! Probes ([`probe`]) drive each container's readiness and restarts. Not here yet: volumes,
+//! init containers, logs/exec/port-forward streaming.
 
 pub mod agent;
 pub mod containerd;
 pub mod image;
+pub mod probe;
 
 /// A Kubernetes quantity (`500m`, `1.5`, `128Mi`, `1G`, `2e3`) as a number of base units.
 pub fn quantity(q: &str) -> Option<f64> {

@@ -314,7 +314,7 @@ spec:
   replicas: 2
   selector: {matchLabels: {app: hello}}
   template:
-    metadata: {labels: {app: hello}}
+    metadata: {labels: {app: hello, tier: web}}
     spec:
       securityContext: {runAsUser: 10001, runAsGroup: 10001}
       containers:
@@ -322,9 +322,42 @@ spec:
         image: weft/echo:dev
         imagePullPolicy: Never
         args: ["-listen=:5678", "-text=hello from a real pod"]
+        ports: [{name: http, containerPort: 5678}]
+        readinessProbe: {httpGet: {path: /, port: http}, periodSeconds: 1}
+        livenessProbe: {exec: {command: ["/weft-echo", "-version"]}, periodSeconds: 2}
         resources:
           requests: {cpu: 100m, memory: 32Mi}
           limits: {cpu: 250m, memory: 64Mi}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: default}
+spec:
+  selector: {tier: web}
+  ports: [{port: 80, targetPort: http}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: unready, namespace: default, labels: {tier: web, app: unready}}
+spec:
+  containers:
+  - name: echo
+    image: weft/echo:dev
+    imagePullPolicy: Never
+    args: ["-listen=:5678", "-status-code=500"]
+    ports: [{name: http, containerPort: 5678}]
+    readinessProbe: {httpGet: {path: /, port: http}, periodSeconds: 1}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: dies, namespace: default, labels: {app: dies}}
+spec:
+  containers:
+  - name: echo
+    image: weft/echo:dev
+    imagePullPolicy: Never
+    args: ["-listen=:5678"]
+    livenessProbe: {tcpSocket: {port: 5679}, periodSeconds: 1, failureThreshold: 2}
 "#;
 
 fn cgroup_value(node: &Node, controller: &str, uid: &str, file: &str) -> Option<String> {
@@ -351,6 +384,40 @@ fn pods_run_under_containerd_networked_by_weft_cni_and_leave_nothing_behind() {
     node.kubectl(&["apply", "-f", "-"], Some(HELLO));
     wait_for("two running pods", Duration::from_secs(60), || {
         node.running("app=hello").len() == 2
+    });
+    // Readiness comes from the probes: the pods answering 200 are ready, the one answering
+    // 500 is not, and the Service's EndpointSlice says so; a failing liveness probe restarts.
+    wait_for(
+        "the Service's endpoints follow readiness",
+        Duration::from_secs(30),
+        || {
+            let slices = node.json(&[
+                "get",
+                "endpointslices",
+                "-l",
+                "kubernetes.io/service-name=web",
+            ]);
+            let eps = slices["items"][0]["endpoints"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            let ready = eps
+                .iter()
+                .filter(|e| e["conditions"]["ready"] == true)
+                .count();
+            eps.len() == 3 && ready == 2
+        },
+    );
+    let unready = node.json(&["get", "pod", "unready"]);
+    assert_eq!(
+        unready["status"]["containerStatuses"][0]["ready"], false,
+        "{unready}"
+    );
+    wait_for("a liveness restart", Duration::from_secs(40), || {
+        node.json(&["get", "pod", "dies"])["status"]["containerStatuses"][0]["restartCount"]
+            .as_u64()
+            .unwrap_or(0)
+            >= 1
     });
     let pods = node.running("app=hello");
     for p in &pods {
@@ -461,7 +528,7 @@ fn pods_run_under_containerd_networked_by_weft_cni_and_leave_nothing_behind() {
 
     // Deleting everything leaves nothing: no pod, veth, address, cgroup or shim.
     node.kubectl(&["delete", "deployment", "hello"], None);
-    node.kubectl(&["delete", "pod", "missing"], None);
+    node.kubectl(&["delete", "pod", "missing", "unready", "dies"], None);
     wait_for("every pod gone", Duration::from_secs(60), || {
         node.json(&["get", "pods"])["items"]
             .as_array()
