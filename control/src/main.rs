@@ -70,6 +70,9 @@ enum Cmd {
         /// The cgroup (cgroupfs path) pods' cgroups are made under.
         #[arg(long, default_value = "/weft")]
         cgroup_parent: String,
+        /// Port of the node's HTTP endpoint (container logs for `kubectl logs`).
+        #[arg(long, default_value_t = 10250)]
+        port: u16,
     },
     /// Build images without a registry, and load them into a node's containerd.
     Image {
@@ -249,6 +252,7 @@ fn main() -> anyhow::Result<()> {
             cni_conf_dir,
             sandbox_image,
             cgroup_parent,
+            port,
         } => {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
@@ -290,6 +294,7 @@ fn main() -> anyhow::Result<()> {
                     log_dir: root_dir.join("pods"),
                     cgroup_parent,
                     resync: std::time::Duration::from_secs(1),
+                    port,
                 };
                 let result = tokio::select! {
                     r = weft_node::agent::run(client, config) => r.context("node agent"),

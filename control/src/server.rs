@@ -61,6 +61,8 @@ enum Sub {
     Binding,
     /// `pods/eviction`.
     Eviction,
+    /// `pods/log`, proxied to the pod's node.
+    Log,
 }
 
 fn subresource(r: &Resource, name: &str) -> Result<Sub, ApiError> {
@@ -69,6 +71,7 @@ fn subresource(r: &Resource, name: &str) -> Result<Sub, ApiError> {
         "scale" if r.scale => Ok(Sub::Scale),
         "binding" if r.kind == "Pod" => Ok(Sub::Binding),
         "eviction" if r.kind == "Pod" => Ok(Sub::Eviction),
+        "log" if r.kind == "Pod" => Ok(Sub::Log),
         _ => Err(ApiError::NoSuchResource),
     }
 }
@@ -210,6 +213,7 @@ fn discovery(parts: &[&str]) -> Option<Value> {
                 list.push(s);
             }
             if r.kind == "Pod" {
+                list.push(sub("log", "Pod", &["get"]));
                 list.push(sub("binding", "Binding", &["create"]));
                 let mut e = sub("eviction", "Eviction", &["create"]);
                 e["group"] = json!("policy");
@@ -376,6 +380,14 @@ async fn handle(
         if let Some(v) = discovery(&parts) {
             return json_response(StatusCode::OK, &v);
         }
+    }
+    if method == Method::GET
+        && let Ok(Target::Object(_, ns, name, Sub::Log)) = parse_target(&parts)
+    {
+        return match proxy_log(&store, &ns, &name, &query, uri.query().unwrap_or("")).await {
+            Ok(r) => r,
+            Err(e) => e.into_response(),
+        };
     }
     match serve(&store, &method, &parts, &query, &headers, &body) {
         Ok(Reply::Json(code, v)) => json_response(code, &v),
@@ -558,6 +570,121 @@ fn apply_patch(headers: &HeaderMap, body: &Bytes, object: &mut Value) -> Result<
         other => return Err(ApiError::UnsupportedMediaType(other.to_owned())),
     }
     Ok(())
+}
+
+/// `pods/log`: the pod's node serves its containers' logs (`/containerLogs/...` on the port
+/// its Node advertises); the answer is streamed through, `follow=true` included.
+async fn proxy_log(
+    store: &Store,
+    ns: &str,
+    name: &str,
+    params: &HashMap<String, String>,
+    query: &str,
+) -> Result<Response, ApiError> {
+    let pods = resources::find("", "v1", "pods").expect("served");
+    let nodes = resources::find("", "v1", "nodes").expect("served");
+    let pod = store.get(pods, ns, name)?;
+    let containers: Vec<String> = pod
+        .pointer("/spec/containers")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .chain(
+            pod.pointer("/spec/initContainers")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten(),
+        )
+        .filter_map(|c| c["name"].as_str().map(str::to_owned))
+        .collect();
+    let container = match params.get("container").filter(|c| !c.is_empty()) {
+        Some(c) if containers.contains(c) => c.clone(),
+        Some(c) => {
+            return Err(ApiError::BadRequest(format!(
+                "container {c} is not valid for pod {name}"
+            )));
+        }
+        None if containers.len() == 1 => containers[0].clone(),
+        None => {
+            return Err(ApiError::BadRequest(format!(
+                "a container name must be specified for pod {name}, choose one of: [{}]",
+                containers.join(" ")
+            )));
+        }
+    };
+    let node_name = pod
+        .pointer("/spec/nodeName")
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    if node_name.is_empty() {
+        return Err(ApiError::BadRequest(format!(
+            "pod {name} does not have a host assigned"
+        )));
+    }
+    let node = store.get(nodes, "", node_name)?;
+    let addresses = node
+        .pointer("/status/addresses")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    let address = ["InternalIP", "ExternalIP", "Hostname"]
+        .iter()
+        .find_map(|t| {
+            addresses
+                .iter()
+                .find(|a| a["type"] == *t)
+                .and_then(|a| a["address"].as_str())
+        })
+        .ok_or_else(|| ApiError::Internal(format!("node {node_name} has no address")))?
+        .to_owned();
+    let port = node
+        .pointer("/status/daemonEndpoints/kubeletEndpoint/Port")
+        .and_then(Value::as_u64)
+        .unwrap_or(10250);
+    let forward: Vec<String> = query
+        .split('&')
+        .filter(|kv| !kv.is_empty() && !kv.starts_with("container="))
+        .map(str::to_owned)
+        .collect();
+    let path = format!(
+        "/containerLogs/{ns}/{name}/{container}?{}",
+        forward.join("&")
+    );
+    let target = format!("{address}:{port}");
+    let unreachable = |e: &dyn std::fmt::Display| {
+        ApiError::Internal(format!("Get \"http://{target}{path}\": {e}"))
+    };
+    let stream = tokio::net::TcpStream::connect(&target)
+        .await
+        .map_err(|e| unreachable(&e))?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|e| unreachable(&e))?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let request = axum::http::Request::builder()
+        .uri(&path)
+        .header(header::HOST, &target)
+        .body(http_body_util::Empty::<Bytes>::new())
+        .map_err(|e| unreachable(&e))?;
+    let answer = sender
+        .send_request(request)
+        .await
+        .map_err(|e| unreachable(&e))?;
+    let code = answer.status();
+    if !code.is_success() {
+        let text = http_body_util::BodyExt::collect(answer.into_body())
+            .await
+            .map(|b| String::from_utf8_lossy(&b.to_bytes()).trim().to_owned())
+            .unwrap_or_default();
+        return Err(ApiError::BadRequest(text));
+    }
+    Ok(Response::builder()
+        .header(header::CONTENT_TYPE, "text/plain")
+        .body(Body::new(answer.into_body()))
+        .unwrap_or_default())
 }
 
 /// How long Events are kept (kube-apiserver's `--event-ttl` default).

@@ -71,6 +71,8 @@ pub struct Config {
     pub cgroup_parent: String,
     /// How often every pod is looked at even without an API change.
     pub resync: Duration,
+    /// The port of the node's HTTP endpoint (logs), as the Node advertises it.
+    pub port: u16,
 }
 
 /// The CRI clients.
@@ -116,6 +118,13 @@ pub async fn run(client: Client, config: Config) -> Result<(), NodeError> {
     });
     agent.register().await?;
     tokio::spawn(agent.clone().heartbeat());
+    let endpoint = std::net::SocketAddr::from(([0, 0, 0, 0], agent.config.port));
+    let log_dir = agent.config.log_dir.clone();
+    tokio::spawn(async move {
+        if let Err(e) = crate::server::serve(endpoint, log_dir).await {
+            tracing::error!(%endpoint, error = %e, "the node's endpoint stopped");
+        }
+    });
     let pods: Api<Pod> = Api::all(agent.client.clone());
     let selector = format!("spec.nodeName={}", agent.config.node_name);
     let mut events = watcher(pods, watcher::Config::default().fields(&selector))
@@ -196,6 +205,7 @@ impl Agent {
         let capacity = json!({"cpu": cpu_count().to_string(), "memory": format!("{}Ki", memory_kib()), "pods": "110"});
         json!({
             "capacity": capacity, "allocatable": capacity, "addresses": addresses,
+            "daemonEndpoints": {"kubeletEndpoint": {"Port": self.config.port}},
             "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady",
                             "message": "weft node is posting ready status", "lastHeartbeatTime": t, "lastTransitionTime": t}],
             "nodeInfo": {"kubeletVersion": format!("v1.32.0-weft.{}", env!("CARGO_PKG_VERSION")), "containerRuntimeVersion": "containerd",

@@ -3,13 +3,16 @@
 //! configured and started by weft ([`containerd`]) with weft-cni as its CNI plugin; images are
 //! built and loaded without a registry ([`image`]).
 //!
-//! Probes ([`probe`]) drive each container's readiness and restarts. Not here yet: volumes,
-//! init containers, logs/exec/port-forward streaming.
+//! Probes ([`probe`]) drive each container's readiness and restarts; the node's HTTP endpoint
+//! ([`server`]) serves container logs ([`logs`]) to the API server's `pods/log`. Not here yet:
+//! volumes, init containers, exec/attach/port-forward streaming.
 
 pub mod agent;
 pub mod containerd;
 pub mod image;
+pub mod logs;
 pub mod probe;
+pub mod server;
 
 /// A Kubernetes quantity (`500m`, `1.5`, `128Mi`, `1G`, `2e3`) as a number of base units.
 pub fn quantity(q: &str) -> Option<f64> {

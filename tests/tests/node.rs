@@ -476,6 +476,23 @@ fn pods_run_under_containerd_networked_by_weft_cni_and_leave_nothing_behind() {
         );
     }
 
+    // kubectl logs reaches the containers' output through the API server and the node.
+    let first = pods[0]["metadata"]["name"].as_str().unwrap();
+    let logs = node.kubectl(&["logs", first], None);
+    assert!(
+        logs.contains("server is listening on 0.0.0.0:5678")
+            && logs.contains("\"GET / HTTP/1.1\" 200"),
+        "{logs}"
+    );
+    let tail = node.kubectl(
+        &["logs", "-l", "app=hello", "--tail=1", "--timestamps"],
+        None,
+    );
+    assert_eq!(tail.lines().count(), 2, "one line per pod: {tail}");
+    assert!(tail.lines().all(|l| l.starts_with("20")), "{tail}");
+    let previous = node.kubectl(&["logs", "dies", "--previous"], None);
+    assert!(previous.contains("server is listening"), "{previous}");
+
     // A missing image with pullPolicy Never is reported, not retried forever in silence.
     node.kubectl(&["apply", "-f", "-"], Some("apiVersion: v1\nkind: Pod\nmetadata: {name: missing}\nspec:\n  containers: [{name: c, image: weft/nothing:1, imagePullPolicy: Never}]\n"));
     wait_for("ErrImageNeverPull", Duration::from_secs(30), || {
