@@ -106,15 +106,18 @@ struct Agent {
     client: Client,
     cri: Cri,
     config: Config,
+    events: weft_events::Recorder,
 }
 
 /// Runs the agent until the process ends.
 pub async fn run(client: Client, config: Config) -> Result<(), NodeError> {
     let cri = Cri::connect(&config.cri_socket).await?;
+    let events = weft_events::Recorder::for_node(client.clone(), &config.node_name);
     let agent = Arc::new(Agent {
         client,
         cri,
         config,
+        events,
     });
     agent.register().await?;
     tokio::spawn(agent.clone().heartbeat());
@@ -196,6 +199,34 @@ fn memory_kib() -> u64 {
 }
 
 impl Agent {
+    /// Records an Event about `pod` (and one of its containers), as kubelet does.
+    async fn event(
+        &self,
+        pod: &Pod,
+        container: Option<&str>,
+        warning: bool,
+        reason: &str,
+        message: &str,
+    ) {
+        let reference = k8s_openapi::api::core::v1::ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Pod".into()),
+            name: Some(pod.name_any()),
+            namespace: pod.namespace(),
+            uid: pod.uid(),
+            field_path: container.map(|c| format!("spec.containers{{{c}}}")),
+            ..Default::default()
+        };
+        let kind = if warning {
+            weft_events::Kind::Warning
+        } else {
+            weft_events::Kind::Normal
+        };
+        self.events
+            .record_for(reference, "kubelet", kind, reason, message)
+            .await;
+    }
+
     fn node_status(&self) -> Value {
         let t = now();
         let mut addresses = vec![json!({"type": "Hostname", "address": self.config.node_name})];
@@ -301,6 +332,7 @@ impl Agent {
         let mut backoff: HashMap<String, (u32, tokio::time::Instant)> = HashMap::new();
         let mut failures = 0u32;
         let mut trackers: HashMap<String, Tracker> = HashMap::new();
+        let mut stopping = false;
         loop {
             let pod = rx.borrow_and_update().clone();
             let Some(pod) = pod else {
@@ -310,6 +342,19 @@ impl Agent {
             };
             if pod.metadata.deletion_timestamp.is_some() {
                 let grace = pod.metadata.deletion_grace_period_seconds.unwrap_or(30);
+                if !stopping {
+                    stopping = true;
+                    for c in pod.spec.iter().flat_map(|s| s.containers.iter()) {
+                        self.event(
+                            &pod,
+                            Some(&c.name),
+                            false,
+                            "Killing",
+                            &format!("Stopping container {}", c.name),
+                        )
+                        .await;
+                    }
+                }
                 if let Err(e) = self.teardown(&uid, grace).await {
                     tracing::warn!(pod = %pod.name_any(), error = %e, "stopping");
                     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -475,6 +520,14 @@ impl Agent {
                 match r {
                     Ok(r) => r.into_inner().pod_sandbox_id,
                     Err(e) => {
+                        self.event(
+                            pod,
+                            None,
+                            true,
+                            "FailedCreatePodSandBox",
+                            &format!("Failed to create pod sandbox: {}", e.message()),
+                        )
+                        .await;
                         self.write_status(pod, json!({"phase": "Pending", "conditions": [
                             {"type": "PodScheduled", "status": "True", "lastTransitionTime": now()},
                             {"type": "Ready", "status": "False", "reason": "SandboxFailed", "message": e.message(), "lastTransitionTime": now()}]}))
@@ -523,9 +576,10 @@ impl Agent {
                     .or_insert_with(|| Tracker::new(&id, c));
                 let verdict = tracker.step(c, &pod_ip, &mut runtime).await;
                 for why in &verdict.unhealthy {
-                    tracing::info!(pod = %name, container = %c.name, "{why}");
+                    self.event(pod, Some(&c.name), true, "Unhealthy", why).await;
                 }
                 if let Some(why) = verdict.kill {
+                    self.event(pod, Some(&c.name), false, "Killing", &why).await;
                     tracing::info!(pod = %name, container = %c.name, "{why}");
                     let grace = spec.termination_grace_period_seconds.unwrap_or(30);
                     runtime
@@ -729,6 +783,20 @@ impl Agent {
                         .unwrap_or((0, tokio::time::Instant::now()));
                     let wait = Duration::from_secs((10u64 << n.min(5)).min(300));
                     if since.elapsed() < wait && n > 0 {
+                        self.event(
+                            pod,
+                            Some(&c.name),
+                            true,
+                            "BackOff",
+                            &format!(
+                                "Back-off restarting failed container {} in pod {}_{}({})",
+                                c.name,
+                                pod.name_any(),
+                                pod.namespace().unwrap_or_default(),
+                                pod.uid().unwrap_or_default()
+                            ),
+                        )
+                        .await;
                         let mut s = base(
                             json!({"waiting": {"reason": "CrashLoopBackOff",
                             "message": format!("back-off {}s restarting failed container={} pod={}", wait.as_secs(), c.name, pod.name_any())}}),
@@ -795,12 +863,36 @@ impl Agent {
                 }
             };
             if !reason.is_empty() {
+                self.event(pod, Some(&c.name), true, reason, &message).await;
                 return Ok(base(
                     json!({"waiting": {"reason": reason, "message": message}}),
                     false,
                     "",
                 ));
             }
+            self.event(
+                pod,
+                Some(&c.name),
+                false,
+                "Pulled",
+                &format!(
+                    "Successfully pulled image {:?}",
+                    c.image.as_deref().unwrap_or("")
+                ),
+            )
+            .await;
+        } else {
+            self.event(
+                pod,
+                Some(&c.name),
+                false,
+                "Pulled",
+                &format!(
+                    "Container image {:?} already present on machine",
+                    c.image.as_deref().unwrap_or("")
+                ),
+            )
+            .await;
         }
         let attempt = u32::try_from(existing.len()).unwrap_or(0);
         let config = self.container_config(pod, c, &image, attempt, pod_ip);
@@ -813,11 +905,27 @@ impl Agent {
             .await?
             .into_inner()
             .container_id;
+        self.event(
+            pod,
+            Some(&c.name),
+            false,
+            "Created",
+            &format!("Created container {}", c.name),
+        )
+        .await;
         runtime
             .start_container(cri::StartContainerRequest {
                 container_id: id.clone(),
             })
             .await?;
+        self.event(
+            pod,
+            Some(&c.name),
+            false,
+            "Started",
+            &format!("Started container {}", c.name),
+        )
+        .await;
         Ok(base(json!({"running": {"startedAt": now()}}), true, &id))
     }
 

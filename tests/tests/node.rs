@@ -493,6 +493,26 @@ fn pods_run_under_containerd_networked_by_weft_cni_and_leave_nothing_behind() {
     let previous = node.kubectl(&["logs", "dies", "--previous"], None);
     assert!(previous.contains("server is listening"), "{previous}");
 
+    // The node's Events read like kubelet's in kubectl describe.
+    let describe = node.kubectl(&["describe", "pod", first], None);
+    for want in [
+        "Scheduled",
+        "Successfully assigned default/",
+        "already present on machine",
+        "Created container echo",
+        "Started container echo",
+    ] {
+        assert!(
+            describe.contains(want),
+            "describe lacks {want:?}:\n{describe}"
+        );
+    }
+    let describe = node.kubectl(&["describe", "pod", "unready"], None);
+    assert!(
+        describe.contains("Readiness probe failed: HTTP probe failed with statuscode: 500"),
+        "{describe}"
+    );
+
     // A missing image with pullPolicy Never is reported, not retried forever in silence.
     node.kubectl(&["apply", "-f", "-"], Some("apiVersion: v1\nkind: Pod\nmetadata: {name: missing}\nspec:\n  containers: [{name: c, image: weft/nothing:1, imagePullPolicy: Never}]\n"));
     wait_for("ErrImageNeverPull", Duration::from_secs(30), || {

@@ -27,12 +27,11 @@ use kube::{
 use serde_json::{Value, json};
 
 use super::{
-    Ctx, Error, claim, drive,
-    events::Kind,
-    not_found, owner_ref, retry,
+    Ctx, Error, claim, drive, not_found, owner_ref, retry,
     rolling::{self, Rs},
 };
 use crate::selector::LabelSelector;
+use weft_events::Kind;
 
 const COMPONENT: &str = "deployment-controller";
 /// The label that ties a ReplicaSet and its pods to one template.

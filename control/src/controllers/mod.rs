@@ -12,7 +12,6 @@
 
 pub mod deployment;
 pub mod endpointslice;
-pub mod events;
 pub mod gc;
 pub mod nodelifecycle;
 pub mod replicaset;
@@ -44,7 +43,7 @@ pub struct Ctx {
     /// The API.
     pub client: Client,
     /// Where Events are recorded.
-    pub events: events::Recorder,
+    pub events: weft_events::Recorder,
     /// Timing knobs.
     pub options: Options,
 }
@@ -200,7 +199,7 @@ where
 /// Runs every controller and the scheduler against the API until one of them ends.
 pub async fn run(client: Client, options: Options) {
     let ctx = Arc::new(Ctx {
-        events: events::Recorder::new(client.clone()),
+        events: weft_events::Recorder::new(client.clone()),
         client,
         options,
     });

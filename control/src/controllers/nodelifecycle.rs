@@ -23,7 +23,8 @@ use kube::{
 };
 use serde_json::json;
 
-use super::{Ctx, Error, age_secs, events::Kind, not_found};
+use super::{Ctx, Error, age_secs, not_found};
+use weft_events::Kind;
 
 const COMPONENT: &str = "node-controller";
 /// Taint key of a node whose agent stopped renewing its Lease.

@@ -14,8 +14,9 @@ use kube::{
 };
 use serde_json::json;
 
-use super::{Ctx, Error, age_secs, claim, drive, events::Kind, not_found, owner_ref, retry};
+use super::{Ctx, Error, age_secs, claim, drive, not_found, owner_ref, retry};
 use crate::selector::LabelSelector;
+use weft_events::Kind;
 
 const COMPONENT: &str = "replicaset-controller";
 

@@ -27,7 +27,8 @@ use serde_json::json;
 pub use plugins::tolerates;
 use plugins::{NodeInfo, Snapshot};
 
-use crate::controllers::{Ctx, events::Kind};
+use crate::controllers::Ctx;
+use weft_events::Kind;
 
 const COMPONENT: &str = "default-scheduler";
 /// Bindings in flight at once.

@@ -1,5 +1,6 @@
-//! Events (`core/v1`), as `kubectl describe` lists them: one per object, reason and message,
-//! repeated ones counted on the first (`count`, `lastTimestamp`) instead of written again.
+//! `weft-events`: Events (`core/v1`) as weft's controllers and node agent record them, which
+//! is what `kubectl describe` lists: one per object, reason and message, repeated ones counted
+//! on the first (`count`, `lastTimestamp`) instead of written again. Owns nothing else.
 
 use std::{collections::HashMap, sync::Mutex};
 
@@ -19,6 +20,7 @@ type Repeat = (String, String, String);
 /// Writes Events; cheap to share.
 pub struct Recorder {
     client: Client,
+    host: Option<String>,
     /// (object uid, reason, message) → the Event's name and count.
     seen: Mutex<HashMap<Repeat, (String, i32)>>,
 }
@@ -43,7 +45,16 @@ impl Recorder {
     pub fn new(client: Client) -> Self {
         Self {
             client,
+            host: None,
             seen: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// A recorder for a node's agent: its Events name the node as their source host.
+    pub fn for_node(client: Client, node: &str) -> Self {
+        Self {
+            host: Some(node.to_owned()),
+            ..Self::new(client)
         }
     }
 
@@ -131,7 +142,7 @@ impl Recorder {
             ),
             source: Some(EventSource {
                 component: Some(component.to_owned()),
-                host: None,
+                host: self.host.clone(),
             }),
             first_timestamp: Some(now.clone()),
             last_timestamp: Some(now),
