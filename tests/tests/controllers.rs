@@ -554,6 +554,20 @@ fn cascading_deletion_in_background_foreground_and_orphan() {
     );
 
     deploy("fg");
+    // A finalizer of the test's own holds one pod, so the chain Deployment -> ReplicaSet ->
+    // pods stays in foreground deletion until the test lets it go.
+    let held = c.json(&["get", "pods", "-l", "app=fg"])["items"][0]["metadata"]["name"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    c.kubectl(&[
+        "patch",
+        "pod",
+        &held,
+        "--type=merge",
+        "-p",
+        r#"{"metadata":{"finalizers":["weft.test/hold"]}}"#,
+    ]);
     c.kubectl(&[
         "delete",
         "deployment",
@@ -562,15 +576,27 @@ fn cascading_deletion_in_background_foreground_and_orphan() {
         "--wait=false",
     ]);
     // The Deployment waits for its dependents, then goes.
+    wait_for("the held pod alone left", Duration::from_secs(20), || {
+        count("pods", "app=fg") == 1
+    });
     let d = c.json(&["get", "deployment", "fg"]);
     assert!(
         d["metadata"]["finalizers"]
             .as_array()
             .unwrap()
             .iter()
-            .any(|f| f == "foregroundDeletion"),
+            .any(|f| f == "foregroundDeletion")
+            && d["metadata"]["deletionTimestamp"].is_string(),
         "{d}"
     );
+    c.kubectl(&[
+        "patch",
+        "pod",
+        &held,
+        "--type=merge",
+        "-p",
+        r#"{"metadata":{"finalizers":null}}"#,
+    ]);
     wait_for(
         "fg and everything under it gone",
         Duration::from_secs(20),
