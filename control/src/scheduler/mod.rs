@@ -221,8 +221,8 @@ pub async fn run(ctx: Arc<Ctx>) {
                 Ok(watcher::Event::Init) => {}
                 Err(e) => tracing::debug!(error = %e, "scheduler: pod watch"),
             },
-            Some((k, pod, node, result)) = binds.next(), if !binds.is_empty() => {
-                bound(&ctx, &mut state, k, pod, node, result).await;
+            Some((k, pod, _, result)) = binds.next(), if !binds.is_empty() => {
+                bound(&mut state, k, pod, result);
             }
             _ = retry.tick() => state.retry_unschedulable(),
         }
@@ -247,7 +247,7 @@ pub async fn run(ctx: Arc<Ctx>) {
                     assumed.spec.get_or_insert_default().node_name = Some(node.clone());
                     state.place(assumed, &node);
                     state.pending.remove(&k);
-                    binds.push(Box::pin(bind(ctx.client.clone(), k, pod, node)));
+                    binds.push(Box::pin(bind(ctx.clone(), k, pod, node)));
                 }
                 Err(message) => {
                     state.unschedulable.insert(k);
@@ -258,8 +258,10 @@ pub async fn run(ctx: Arc<Ctx>) {
     }
 }
 
-async fn bind(client: kube::Client, k: (String, String), pod: Pod, node: String) -> Bound {
-    let api: Api<Pod> = Api::namespaced(client, &k.0);
+/// Binds the pod and, once bound, records `Scheduled` (bindings and their Events run
+/// concurrently, off the decision loop).
+async fn bind(ctx: Arc<Ctx>, k: (String, String), pod: Pod, node: String) -> Bound {
+    let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &k.0);
     let binding = Binding {
         metadata: ObjectMeta {
             name: Some(k.1.clone()),
@@ -282,29 +284,23 @@ async fn bind(client: kube::Client, k: (String, String), pod: Pod, node: String)
         )
         .await
         .map(|_| ());
+    if result.is_ok() {
+        ctx.events
+            .record(
+                &pod,
+                COMPONENT,
+                Kind::Normal,
+                "Scheduled",
+                &format!("Successfully assigned {}/{} to {node}", k.0, k.1),
+            )
+            .await;
+    }
     (k, pod, node, result)
 }
 
-async fn bound(
-    ctx: &Ctx,
-    state: &mut State,
-    k: (String, String),
-    pod: Pod,
-    node: String,
-    result: Result<(), kube::Error>,
-) {
+fn bound(state: &mut State, k: (String, String), pod: Pod, result: Result<(), kube::Error>) {
     match result {
-        Ok(()) => {
-            ctx.events
-                .record(
-                    &pod,
-                    COMPONENT,
-                    Kind::Normal,
-                    "Scheduled",
-                    &format!("Successfully assigned {}/{} to {node}", k.0, k.1),
-                )
-                .await;
-        }
+        Ok(()) => {}
         Err(e) => {
             // Gone, already bound or refused: forget the assumption; the watch brings the truth.
             tracing::debug!(pod = %k.1, error = %e, "binding failed");

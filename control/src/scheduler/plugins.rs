@@ -128,6 +128,21 @@ pub struct NodeInfo {
     pub requested_non_zero: Resources,
     /// Its pods (bound or assumed).
     pub pods: Vec<Pod>,
+    /// Those of its pods with required anti-affinity terms (checked against every incoming
+    /// pod, so kept apart to make that check cost nothing when there are none).
+    pub anti_affinity: Vec<Pod>,
+}
+
+fn required_anti_affinity(pod: &Pod) -> &[PodAffinityTerm] {
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.affinity.as_ref())
+        .and_then(|a| a.pod_anti_affinity.as_ref())
+        .and_then(|a| {
+            a.required_during_scheduling_ignored_during_execution
+                .as_deref()
+        })
+        .unwrap_or(&[])
 }
 
 impl NodeInfo {
@@ -138,6 +153,7 @@ impl NodeInfo {
             requested: Resources::default(),
             requested_non_zero: Resources::default(),
             pods: Vec::new(),
+            anti_affinity: Vec::new(),
         }
     }
 
@@ -145,6 +161,9 @@ impl NodeInfo {
     pub fn add(&mut self, pod: Pod) {
         self.requested.add(&requests(&pod, false));
         self.requested_non_zero.add(&requests(&pod, true));
+        if !required_anti_affinity(&pod).is_empty() {
+            self.anti_affinity.push(pod.clone());
+        }
         self.pods.push(pod);
     }
 
@@ -414,19 +433,8 @@ pub fn filter(pod: &Pod, node: &NodeInfo, snap: &Snapshot) -> Vec<String> {
     }
     // Existing pods' anti-affinity against the incoming one.
     for n in &snap.nodes {
-        for p in &n.pods {
-            for term in p
-                .spec
-                .as_ref()
-                .and_then(|s| s.affinity.as_ref())
-                .and_then(|a| a.pod_anti_affinity.as_ref())
-                .and_then(|a| {
-                    a.required_during_scheduling_ignored_during_execution
-                        .as_ref()
-                })
-                .into_iter()
-                .flatten()
-            {
+        for p in &n.anti_affinity {
+            for term in required_anti_affinity(p) {
                 let same_domain = n.label(&term.topology_key).is_some()
                     && n.label(&term.topology_key) == node.label(&term.topology_key);
                 if same_domain && term_selects(term, p, pod) {
