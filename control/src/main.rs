@@ -292,6 +292,7 @@ fn main() -> anyhow::Result<()> {
                     address,
                     pod_cidr,
                     log_dir: root_dir.join("pods"),
+                    state_dir: root_dir.join("state"),
                     cgroup_parent,
                     resync: std::time::Duration::from_secs(1),
                     port,

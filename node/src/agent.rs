@@ -67,6 +67,8 @@ pub struct Config {
     pub pod_cidr: Option<String>,
     /// Where pod logs go (`<dir>/<ns>_<name>_<uid>/<container>/<attempt>.log`).
     pub log_dir: std::path::PathBuf,
+    /// Where pods' volumes are made (`<dir>/<uid>/volumes/<name>`).
+    pub state_dir: std::path::PathBuf,
     /// The cgroup (cgroupfs path) pods' cgroups are made under.
     pub cgroup_parent: String,
     /// How often every pod is looked at even without an API change.
@@ -463,6 +465,7 @@ impl Agent {
                 .await?;
         }
         self.remove_cgroup(uid);
+        crate::volumes::remove(&self.config.state_dir, uid);
         Ok(())
     }
 
@@ -895,7 +898,43 @@ impl Agent {
             .await;
         }
         let attempt = u32::try_from(existing.len()).unwrap_or(0);
-        let config = self.container_config(pod, c, &image, attempt, pod_ip);
+        let volumes = match crate::volumes::prepare(&self.client, pod, &self.config.state_dir).await
+        {
+            Ok(v) => v,
+            Err(e) => {
+                let message = format!("MountVolume.SetUp failed: {e}");
+                self.event(pod, None, true, "FailedMount", &message).await;
+                return Ok(base(
+                    json!({"waiting": {"reason": "ContainerCreating", "message": message}}),
+                    false,
+                    "",
+                ));
+            }
+        };
+        let mut config = self.container_config(pod, c, &image, attempt, pod_ip);
+        for m in c.volume_mounts.iter().flatten() {
+            let Some(host) = volumes.get(&m.name) else {
+                continue;
+            };
+            let host = match m
+                .sub_path
+                .as_deref()
+                .filter(|p| !p.is_empty() && !p.split('/').any(|x| x == ".."))
+            {
+                Some(sub) => {
+                    let p = host.join(sub);
+                    let _ = std::fs::create_dir_all(&p);
+                    p
+                }
+                None => host.clone(),
+            };
+            config.mounts.push(cri::Mount {
+                container_path: m.mount_path.clone(),
+                host_path: host.display().to_string(),
+                readonly: m.read_only == Some(true),
+                ..Default::default()
+            });
+        }
         let id = runtime
             .create_container(cri::CreateContainerRequest {
                 pod_sandbox_id: sandbox.to_owned(),

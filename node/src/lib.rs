@@ -4,8 +4,9 @@
 //! built and loaded without a registry ([`image`]).
 //!
 //! Probes ([`probe`]) drive each container's readiness and restarts; the node's HTTP endpoint
-//! ([`server`]) serves container logs ([`logs`]) to the API server's `pods/log`. Not here yet:
-//! volumes, init containers, exec/attach/port-forward streaming.
+//! ([`server`]) serves container logs ([`logs`]) to the API server's `pods/log`; pods' volumes
+//! are made on the node ([`volumes`]). Not here yet: persistentVolumeClaim volumes through
+//! weft-csi, init containers, exec/attach/port-forward streaming.
 
 pub mod agent;
 pub mod containerd;
@@ -13,6 +14,7 @@ pub mod image;
 pub mod logs;
 pub mod probe;
 pub mod server;
+pub mod volumes;
 
 /// A Kubernetes quantity (`500m`, `1.5`, `128Mi`, `1G`, `2e3`) as a number of base units.
 pub fn quantity(q: &str) -> Option<f64> {

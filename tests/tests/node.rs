@@ -360,6 +360,64 @@ spec:
     livenessProbe: {tcpSocket: {port: 5679}, periodSeconds: 1, failureThreshold: 2}
 "#;
 
+const VOLUMES: &str = r#"
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: app-config, namespace: default}
+data: {greeting: "hello from a configmap", other: "second"}
+---
+apiVersion: v1
+kind: Secret
+metadata: {name: app-secret, namespace: default}
+stringData: {password: s3cret}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: vols, namespace: default, labels: {app: vols}}
+spec:
+  containers:
+  - name: echo
+    image: weft/echo:dev
+    imagePullPolicy: Never
+    args: ["-listen=:5678"]
+    volumeMounts:
+    - {name: config, mountPath: /etc/app}
+    - {name: secret, mountPath: /etc/secret, readOnly: true}
+    - {name: podinfo, mountPath: /etc/podinfo}
+    - {name: scratch, mountPath: /scratch}
+  volumes:
+  - name: config
+    configMap:
+      name: app-config
+      items: [{key: greeting, path: greeting}, {key: other, path: renamed.txt}]
+  - {name: secret, secret: {secretName: app-secret}}
+  - name: podinfo
+    downwardAPI:
+      items: [{path: name, fieldRef: {fieldPath: metadata.name}}, {path: labels, fieldRef: {fieldPath: metadata.labels}}]
+  - {name: scratch, emptyDir: {}}
+"#;
+
+/// The pid of the weft-echo process of the pod `uid`.
+fn echo_pid(node: &Node, uid: &str) -> Option<String> {
+    let base = PathBuf::from("/sys/fs/cgroup/memory")
+        .join(node.cgroup.trim_start_matches('/'))
+        .join(format!("pod{uid}"));
+    std::fs::read_dir(base)
+        .ok()?
+        .flatten()
+        .filter(|e| e.path().is_dir())
+        .find_map(|e| {
+            std::fs::read_to_string(e.path().join("cgroup.procs"))
+                .ok()?
+                .lines()
+                .find(|pid| {
+                    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                        .is_ok_and(|c| c.trim() == "weft-echo")
+                })
+                .map(str::to_owned)
+        })
+}
+
 fn cgroup_value(node: &Node, controller: &str, uid: &str, file: &str) -> Option<String> {
     let base = PathBuf::from("/sys/fs/cgroup")
         .join(controller)
@@ -513,6 +571,31 @@ fn pods_run_under_containerd_networked_by_weft_cni_and_leave_nothing_behind() {
         "{describe}"
     );
 
+    // Volumes: a ConfigMap, a Secret, the downward API and an emptyDir, seen from inside the
+    // container (through its process's root).
+    node.kubectl(&["apply", "-f", "-"], Some(VOLUMES));
+    wait_for("the volumes pod running", Duration::from_secs(60), || {
+        node.running("app=vols").len() == 1
+    });
+    let vols = node.running("app=vols").remove(0);
+    let pid = echo_pid(&node, vols["metadata"]["uid"].as_str().unwrap())
+        .expect("the container's process");
+    let inside = |p: &str| {
+        std::fs::read_to_string(format!("/proc/{pid}/root{p}"))
+            .unwrap_or_else(|e| format!("<{p}: {e}>"))
+    };
+    assert_eq!(inside("/etc/app/greeting"), "hello from a configmap");
+    assert_eq!(inside("/etc/app/renamed.txt"), "second");
+    assert_eq!(inside("/etc/secret/password"), "s3cret");
+    assert_eq!(inside("/etc/podinfo/name"), "vols");
+    assert!(inside("/etc/podinfo/labels").contains("app=\"vols\""));
+    assert!(std::path::Path::new(&format!("/proc/{pid}/root/scratch")).is_dir());
+    let vol_dir = node
+        .dir
+        .join("node/state")
+        .join(vols["metadata"]["uid"].as_str().unwrap());
+    assert!(vol_dir.exists());
+
     // A missing image with pullPolicy Never is reported, not retried forever in silence.
     node.kubectl(&["apply", "-f", "-"], Some("apiVersion: v1\nkind: Pod\nmetadata: {name: missing}\nspec:\n  containers: [{name: c, image: weft/nothing:1, imagePullPolicy: Never}]\n"));
     wait_for("ErrImageNeverPull", Duration::from_secs(30), || {
@@ -565,7 +648,10 @@ fn pods_run_under_containerd_networked_by_weft_cni_and_leave_nothing_behind() {
 
     // Deleting everything leaves nothing: no pod, veth, address, cgroup or shim.
     node.kubectl(&["delete", "deployment", "hello"], None);
-    node.kubectl(&["delete", "pod", "missing", "unready", "dies"], None);
+    node.kubectl(
+        &["delete", "pod", "missing", "unready", "dies", "vols"],
+        None,
+    );
     wait_for("every pod gone", Duration::from_secs(60), || {
         node.json(&["get", "pods"])["items"]
             .as_array()
@@ -579,6 +665,7 @@ fn pods_run_under_containerd_networked_by_weft_cni_and_leave_nothing_behind() {
         "{:?}",
         pod_cgroups(&node.cgroup)
     );
+    assert!(!vol_dir.exists(), "the pod's volumes are removed with it");
     let ipam = std::fs::read_dir(node.dir.join("ipam/weft"))
         .unwrap()
         .flatten()

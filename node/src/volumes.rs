@@ -1,0 +1,298 @@
+//! Pod volumes, made on the node before a pod's containers are created and mounted into them
+//! through CRI mounts: `emptyDir` (a directory of the pod's), `configMap` and `secret` (their
+//! keys as files, `items` and `defaultMode` honoured), `downwardAPI` (the pod's name,
+//! namespace, uid, labels and annotations), `projected` (the three together) and `hostPath`.
+//! Everything lives under `<state dir>/<pod uid>/volumes/` and goes with the pod.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+};
+
+use k8s_openapi::{
+    ByteString,
+    api::core::v1::{ConfigMap, DownwardAPIVolumeFile, KeyToPath, Pod, Secret, Volume},
+};
+use kube::{Api, Client, ResourceExt};
+
+/// A volume could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum VolumeError {
+    /// A ConfigMap or Secret it needs is missing (or the API failed).
+    #[error("{kind} {name:?} for volume {volume:?}: {reason}")]
+    Source {
+        /// ConfigMap or Secret.
+        kind: &'static str,
+        /// Its name.
+        name: String,
+        /// The volume.
+        volume: String,
+        /// Why.
+        reason: String,
+    },
+    /// Writing the files failed.
+    #[error("volume {volume:?} at {path}: {source}")]
+    Io {
+        /// The volume.
+        volume: String,
+        /// Where.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A kind of volume the node does not make yet.
+    #[error("volume {0:?}: this kind of volume is not supported by weft node yet")]
+    Unsupported(String),
+}
+
+/// The directory of the pod `uid`'s volumes.
+pub fn pod_dir(state_dir: &Path, uid: &str) -> PathBuf {
+    state_dir.join(uid)
+}
+
+fn write_files(
+    dir: &Path,
+    volume: &str,
+    files: &BTreeMap<String, Vec<u8>>,
+    mode: u32,
+) -> Result<(), VolumeError> {
+    let io = |path: &Path, source| VolumeError::Io {
+        volume: volume.to_owned(),
+        path: path.to_owned(),
+        source,
+    };
+    std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+    for (rel, bytes) in files {
+        // Paths come from the API: no escaping the volume.
+        if rel.split('/').any(|c| c == ".." || c.is_empty()) {
+            continue;
+        }
+        let path = dir.join(rel);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| io(parent, e))?;
+        }
+        std::fs::write(&path, bytes).map_err(|e| io(&path, e))?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))
+            .map_err(|e| io(&path, e))?;
+    }
+    Ok(())
+}
+
+fn select(
+    data: BTreeMap<String, Vec<u8>>,
+    items: Option<&Vec<KeyToPath>>,
+) -> BTreeMap<String, Vec<u8>> {
+    match items {
+        None => data,
+        Some(items) => items
+            .iter()
+            .filter_map(|i| data.get(&i.key).map(|v| (i.path.clone(), v.clone())))
+            .collect(),
+    }
+}
+
+fn downward(pod: &Pod, items: &[DownwardAPIVolumeFile]) -> BTreeMap<String, Vec<u8>> {
+    let map = |m: &BTreeMap<String, String>| {
+        m.iter()
+            .map(|(k, v)| format!("{k}={v:?}\n"))
+            .collect::<String>()
+    };
+    items
+        .iter()
+        .filter_map(|i| {
+            let value = match i.field_ref.as_ref()?.field_path.as_str() {
+                "metadata.name" => pod.name_any(),
+                "metadata.namespace" => pod.namespace().unwrap_or_default(),
+                "metadata.uid" => pod.uid().unwrap_or_default(),
+                "metadata.labels" => map(pod.labels()),
+                "metadata.annotations" => map(pod.annotations()),
+                "spec.nodeName" => pod.spec.as_ref()?.node_name.clone().unwrap_or_default(),
+                _ => return None,
+            };
+            Some((i.path.clone(), value.into_bytes()))
+        })
+        .collect()
+}
+
+async fn config_map(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    volume: &str,
+    optional: bool,
+) -> Result<BTreeMap<String, Vec<u8>>, VolumeError> {
+    match Api::<ConfigMap>::namespaced(client.clone(), ns)
+        .get_opt(name)
+        .await
+    {
+        Ok(Some(cm)) => {
+            let mut out: BTreeMap<String, Vec<u8>> = cm
+                .data
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(k, v)| (k, v.into_bytes()))
+                .collect();
+            out.extend(
+                cm.binary_data
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|(k, ByteString(v))| (k, v)),
+            );
+            Ok(out)
+        }
+        Ok(None) if optional => Ok(BTreeMap::new()),
+        Ok(None) => Err(VolumeError::Source {
+            kind: "configmap",
+            name: name.to_owned(),
+            volume: volume.to_owned(),
+            reason: format!("configmap {name:?} not found"),
+        }),
+        Err(e) => Err(VolumeError::Source {
+            kind: "configmap",
+            name: name.to_owned(),
+            volume: volume.to_owned(),
+            reason: e.to_string(),
+        }),
+    }
+}
+
+async fn secret(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    volume: &str,
+    optional: bool,
+) -> Result<BTreeMap<String, Vec<u8>>, VolumeError> {
+    match Api::<Secret>::namespaced(client.clone(), ns)
+        .get_opt(name)
+        .await
+    {
+        Ok(Some(s)) => {
+            let mut out: BTreeMap<String, Vec<u8>> = s
+                .data
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(k, ByteString(v))| (k, v))
+                .collect();
+            out.extend(
+                s.string_data
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|(k, v)| (k, v.into_bytes())),
+            );
+            Ok(out)
+        }
+        Ok(None) if optional => Ok(BTreeMap::new()),
+        Ok(None) => Err(VolumeError::Source {
+            kind: "secret",
+            name: name.to_owned(),
+            volume: volume.to_owned(),
+            reason: format!("secret {name:?} not found"),
+        }),
+        Err(e) => Err(VolumeError::Source {
+            kind: "secret",
+            name: name.to_owned(),
+            volume: volume.to_owned(),
+            reason: e.to_string(),
+        }),
+    }
+}
+
+fn mode(m: Option<i32>) -> u32 {
+    u32::try_from(m.unwrap_or(0o644)).unwrap_or(0o644)
+}
+
+/// Makes every volume of `pod` under `state_dir` and returns where each is on the node.
+pub async fn prepare(
+    client: &Client,
+    pod: &Pod,
+    state_dir: &Path,
+) -> Result<HashMap<String, PathBuf>, VolumeError> {
+    let uid = pod.uid().unwrap_or_default();
+    let ns = pod.namespace().unwrap_or_default();
+    let base = pod_dir(state_dir, &uid).join("volumes");
+    let mut out = HashMap::new();
+    let volumes: Vec<Volume> = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.volumes.clone())
+        .unwrap_or_default();
+    for v in volumes {
+        let dir = base.join(&v.name);
+        let io = |path: &Path, source| VolumeError::Io {
+            volume: v.name.clone(),
+            path: path.to_owned(),
+            source,
+        };
+        if let Some(h) = &v.host_path {
+            let path = PathBuf::from(&h.path);
+            if matches!(h.type_.as_deref(), Some("DirectoryOrCreate")) {
+                std::fs::create_dir_all(&path).map_err(|e| io(&path, e))?;
+            }
+            out.insert(v.name.clone(), path);
+            continue;
+        }
+        if v.empty_dir.is_some() {
+            std::fs::create_dir_all(&dir).map_err(|e| io(&dir, e))?;
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777))
+                .map_err(|e| io(&dir, e))?;
+        } else if let Some(c) = &v.config_map {
+            let data = config_map(client, &ns, &c.name, &v.name, c.optional == Some(true)).await?;
+            write_files(
+                &dir,
+                &v.name,
+                &select(data, c.items.as_ref()),
+                mode(c.default_mode),
+            )?;
+        } else if let Some(s) = &v.secret {
+            let name = s.secret_name.clone().unwrap_or_default();
+            let data = secret(client, &ns, &name, &v.name, s.optional == Some(true)).await?;
+            write_files(
+                &dir,
+                &v.name,
+                &select(data, s.items.as_ref()),
+                mode(s.default_mode),
+            )?;
+        } else if let Some(d) = &v.downward_api {
+            write_files(
+                &dir,
+                &v.name,
+                &downward(pod, d.items.as_deref().unwrap_or(&[])),
+                mode(d.default_mode),
+            )?;
+        } else if let Some(p) = &v.projected {
+            let mut files = BTreeMap::new();
+            for src in p.sources.iter().flatten() {
+                if let Some(c) = &src.config_map {
+                    let data =
+                        config_map(client, &ns, &c.name, &v.name, c.optional == Some(true)).await?;
+                    files.extend(select(data, c.items.as_ref()));
+                }
+                if let Some(s) = &src.secret {
+                    let data =
+                        secret(client, &ns, &s.name, &v.name, s.optional == Some(true)).await?;
+                    files.extend(select(data, s.items.as_ref()));
+                }
+                if let Some(d) = &src.downward_api {
+                    files.extend(downward(pod, d.items.as_deref().unwrap_or(&[])));
+                }
+            }
+            write_files(&dir, &v.name, &files, mode(p.default_mode))?;
+        } else {
+            return Err(VolumeError::Unsupported(v.name.clone()));
+        }
+        out.insert(v.name.clone(), dir);
+    }
+    Ok(out)
+}
+
+/// Removes everything the pod `uid` had on the node.
+pub fn remove(state_dir: &Path, uid: &str) {
+    let dir = pod_dir(state_dir, uid);
+    if dir.exists()
+        && let Err(e) = std::fs::remove_dir_all(&dir)
+    {
+        tracing::warn!(dir = %dir.display(), error = %e, "removing a pod's volumes");
+    }
+}
