@@ -173,6 +173,32 @@ impl Env {
 }
 
 impl Env {
+    /// Waits until `weft-proxy policy status` counts `n` endpoints in the kernel's maps.
+    fn wait_for_endpoints(&self, n: usize) {
+        let start = Instant::now();
+        loop {
+            let out = self
+                .lab
+                .node(0)
+                .command(BIN)
+                .unwrap()
+                .arg("--pin-dir")
+                .arg(&self.pin)
+                .args(["policy", "status"])
+                .output()
+                .unwrap();
+            let counts: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+            if counts["endpoints"].as_u64() == Some(n as u64) {
+                return;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "the agent did not program {n} endpoints: {counts}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// `weft-proxy flows observe --json` in the node: the verdicts waiting in the ring.
     fn observe(&self) -> Vec<serde_json::Value> {
         let out = self
@@ -208,6 +234,10 @@ impl Drop for Env {
 fn reachability_matrices_match_the_reference_semantics() {
     let mut env = Env::new();
     env.scenario("no policy", "", &[]);
+    // "No policy" holds before the agent has done anything; the connection below must be one
+    // the agent saw, so wait until the kernel holds every pod's endpoint (the agent attaches
+    // its programs to the interfaces before it writes them).
+    env.wait_for_endpoints(PODS.len());
     // A connection established before a policy isolates its destination keeps working (upstream
     // leaves this to the implementation; weft keeps established connections, as Cilium does).
     let established = env
