@@ -911,7 +911,31 @@ impl Agent {
                 ));
             }
         };
-        let mut config = self.container_config(pod, c, &image, attempt, pod_ip);
+        let fields = crate::env::PodFields {
+            pod,
+            pod_ip,
+            node_name: &self.config.node_name,
+            host_ip: self.config.address.as_deref(),
+        };
+        let envs = match crate::env::resolve(&self.client, c, &fields).await {
+            Ok(e) => e,
+            Err(message) => {
+                self.event(
+                    pod,
+                    Some(&c.name),
+                    true,
+                    "Failed",
+                    &format!("Error: {message}"),
+                )
+                .await;
+                return Ok(base(
+                    json!({"waiting": {"reason": "CreateContainerConfigError", "message": message}}),
+                    false,
+                    "",
+                ));
+            }
+        };
+        let mut config = self.container_config(pod, c, &image, attempt, envs);
         for m in c.volume_mounts.iter().flatten() {
             let Some(host) = volumes.get(&m.name) else {
                 continue;
@@ -974,42 +998,13 @@ impl Agent {
         c: &Container,
         image: &str,
         attempt: u32,
-        pod_ip: &str,
+        envs: Vec<cri::KeyValue>,
     ) -> cri::ContainerConfig {
         let mut labels = HashMap::new();
         labels.insert(CONTAINER_LABEL.to_owned(), c.name.clone());
         labels.insert(UID_LABEL.to_owned(), pod.uid().unwrap_or_default());
         labels.insert(NAME_LABEL.to_owned(), pod.name_any());
         labels.insert(NS_LABEL.to_owned(), pod.namespace().unwrap_or_default());
-        let field = |path: &str| -> Option<String> {
-            match path {
-                "metadata.name" => Some(pod.name_any()),
-                "metadata.namespace" => pod.namespace(),
-                "metadata.uid" => pod.uid(),
-                "status.podIP" => Some(pod_ip.to_owned()),
-                "spec.nodeName" => Some(self.config.node_name.clone()),
-                "status.hostIP" => self.config.address.clone(),
-                _ => None,
-            }
-        };
-        let envs = c
-            .env
-            .iter()
-            .flatten()
-            .filter_map(|e| {
-                let value = match (&e.value, &e.value_from) {
-                    (Some(v), _) => Some(v.clone()),
-                    (None, Some(from)) => {
-                        from.field_ref.as_ref().and_then(|f| field(&f.field_path))
-                    }
-                    _ => Some(String::new()),
-                }?;
-                Some(cri::KeyValue {
-                    key: e.name.clone(),
-                    value,
-                })
-            })
-            .collect();
         let pod_sc = pod
             .spec
             .as_ref()

@@ -10,6 +10,7 @@
 
 pub mod agent;
 pub mod containerd;
+pub mod env;
 pub mod image;
 pub mod logs;
 pub mod probe;

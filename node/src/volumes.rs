@@ -115,7 +115,7 @@ fn downward(pod: &Pod, items: &[DownwardAPIVolumeFile]) -> BTreeMap<String, Vec<
         .collect()
 }
 
-async fn config_map(
+pub(crate) async fn config_map(
     client: &Client,
     ns: &str,
     name: &str,
@@ -157,7 +157,7 @@ async fn config_map(
     }
 }
 
-async fn secret(
+pub(crate) async fn secret(
     client: &Client,
     ns: &str,
     name: &str,

@@ -381,6 +381,11 @@ spec:
     image: weft/echo:dev
     imagePullPolicy: Never
     args: ["-listen=:5678"]
+    env:
+    - {name: GREETING, valueFrom: {configMapKeyRef: {name: app-config, key: greeting}}}
+    - {name: PASSWORD, valueFrom: {secretKeyRef: {name: app-secret, key: password}}}
+    - {name: MY_POD, valueFrom: {fieldRef: {fieldPath: metadata.name}}}
+    envFrom: [{prefix: CFG_, configMapRef: {name: app-config}}]
     volumeMounts:
     - {name: config, mountPath: /etc/app}
     - {name: secret, mountPath: /etc/secret, readOnly: true}
@@ -396,6 +401,16 @@ spec:
     downwardAPI:
       items: [{path: name, fieldRef: {fieldPath: metadata.name}}, {path: labels, fieldRef: {fieldPath: metadata.labels}}]
   - {name: scratch, emptyDir: {}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: badenv, namespace: default}
+spec:
+  containers:
+  - name: echo
+    image: weft/echo:dev
+    imagePullPolicy: Never
+    env: [{name: X, valueFrom: {configMapKeyRef: {name: no-such-config, key: k}}}]
 "#;
 
 /// The pid of the weft-echo process of the pod `uid`.
@@ -591,6 +606,31 @@ fn pods_run_under_containerd_networked_by_weft_cni_and_leave_nothing_behind() {
     assert_eq!(inside("/etc/podinfo/name"), "vols");
     assert!(inside("/etc/podinfo/labels").contains("app=\"vols\""));
     assert!(std::path::Path::new(&format!("/proc/{pid}/root/scratch")).is_dir());
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+    let environ: Vec<String> = environ
+        .split(|b| *b == 0)
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+        .collect();
+    for want in [
+        "GREETING=hello from a configmap",
+        "PASSWORD=s3cret",
+        "MY_POD=vols",
+        "CFG_other=second",
+    ] {
+        assert!(
+            environ.iter().any(|e| e == want),
+            "{want} not in {environ:?}"
+        );
+    }
+    wait_for(
+        "CreateContainerConfigError",
+        Duration::from_secs(30),
+        || {
+            node.json(&["get", "pod", "badenv"])["status"]["containerStatuses"][0]["state"]["waiting"]
+                ["reason"]
+                == "CreateContainerConfigError"
+        },
+    );
     let vol_dir = node
         .dir
         .join("node/state")
@@ -650,7 +690,9 @@ fn pods_run_under_containerd_networked_by_weft_cni_and_leave_nothing_behind() {
     // Deleting everything leaves nothing: no pod, veth, address, cgroup or shim.
     node.kubectl(&["delete", "deployment", "hello"], None);
     node.kubectl(
-        &["delete", "pod", "missing", "unready", "dies", "vols"],
+        &[
+            "delete", "pod", "missing", "unready", "dies", "vols", "badenv",
+        ],
         None,
     );
     wait_for("every pod gone", Duration::from_secs(60), || {
