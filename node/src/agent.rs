@@ -397,11 +397,14 @@ impl Agent {
         }
     }
 
-    async fn sandbox_of(&self, uid: &str) -> Result<Option<cri::PodSandbox>, NodeError> {
-        let mut runtime = self.cri.runtime.clone();
+    /// Every sandbox of the pod `uid`, whatever its state.
+    async fn sandboxes_of(&self, uid: &str) -> Result<Vec<cri::PodSandbox>, NodeError> {
         let mut labels = HashMap::new();
         labels.insert(UID_LABEL.to_owned(), uid.to_owned());
-        let list = runtime
+        Ok(self
+            .cri
+            .runtime
+            .clone()
             .list_pod_sandbox(cri::ListPodSandboxRequest {
                 filter: Some(cri::PodSandboxFilter {
                     label_selector: labels,
@@ -410,8 +413,14 @@ impl Agent {
             })
             .await?
             .into_inner()
-            .items;
-        Ok(list
+            .items)
+    }
+
+    /// The pod's newest ready sandbox.
+    async fn sandbox_of(&self, uid: &str) -> Result<Option<cri::PodSandbox>, NodeError> {
+        Ok(self
+            .sandboxes_of(uid)
+            .await?
             .into_iter()
             .filter(|s| s.state == cri::PodSandboxState::SandboxReady as i32)
             .max_by_key(|s| s.created_at))
@@ -420,18 +429,7 @@ impl Agent {
     /// Stops and removes everything of the pod `uid`, giving its containers `grace` seconds.
     async fn teardown(&self, uid: &str, grace: i64) -> Result<(), NodeError> {
         let mut runtime = self.cri.runtime.clone();
-        let mut labels = HashMap::new();
-        labels.insert(UID_LABEL.to_owned(), uid.to_owned());
-        let sandboxes = runtime
-            .list_pod_sandbox(cri::ListPodSandboxRequest {
-                filter: Some(cri::PodSandboxFilter {
-                    label_selector: labels,
-                    ..Default::default()
-                }),
-            })
-            .await?
-            .into_inner()
-            .items;
+        let sandboxes = self.sandboxes_of(uid).await?;
         for sb in sandboxes {
             let containers = runtime
                 .list_containers(cri::ListContainersRequest {

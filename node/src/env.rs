@@ -75,34 +75,27 @@ pub async fn resolve(
             (None, Some(from)) => {
                 if let Some(f) = &from.field_ref {
                     fields.get(&f.field_path).unwrap_or_default()
-                } else if let Some(k) = &from.config_map_key_ref {
-                    let optional = k.optional == Some(true);
-                    let data = volumes::config_map(client, &ns, &k.name, "env", optional)
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    match data.get(&k.key) {
-                        Some(v) => text(v.clone()),
-                        None if optional => continue,
-                        None => {
-                            return Err(format!(
-                                "couldn't find key {} in ConfigMap {ns}/{}",
-                                k.key, k.name
-                            ));
-                        }
+                } else if let Some((kind, name, key, optional)) = from
+                    .config_map_key_ref
+                    .as_ref()
+                    .map(|k| ("ConfigMap", &k.name, &k.key, k.optional == Some(true)))
+                    .or_else(|| {
+                        from.secret_key_ref
+                            .as_ref()
+                            .map(|k| ("Secret", &k.name, &k.key, k.optional == Some(true)))
+                    })
+                {
+                    let data = if kind == "ConfigMap" {
+                        volumes::config_map(client, &ns, name, "env", optional).await
+                    } else {
+                        volumes::secret(client, &ns, name, "env", optional).await
                     }
-                } else if let Some(k) = &from.secret_key_ref {
-                    let optional = k.optional == Some(true);
-                    let data = volumes::secret(client, &ns, &k.name, "env", optional)
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    match data.get(&k.key) {
+                    .map_err(|e| e.to_string())?;
+                    match data.get(key) {
                         Some(v) => text(v.clone()),
                         None if optional => continue,
                         None => {
-                            return Err(format!(
-                                "couldn't find key {} in Secret {ns}/{}",
-                                k.key, k.name
-                            ));
+                            return Err(format!("couldn't find key {key} in {kind} {ns}/{name}"));
                         }
                     }
                 } else {

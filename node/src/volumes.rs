@@ -115,6 +115,38 @@ fn downward(pod: &Pod, items: &[DownwardAPIVolumeFile]) -> BTreeMap<String, Vec<
         .collect()
 }
 
+/// The data of a ConfigMap or Secret (`None` from `get` when it does not exist), as files.
+async fn source<K, F>(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    volume: &str,
+    optional: bool,
+    kind: &'static str,
+    files: F,
+) -> Result<BTreeMap<String, Vec<u8>>, VolumeError>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+    F: FnOnce(K) -> BTreeMap<String, Vec<u8>>,
+{
+    let failed = |reason: String| VolumeError::Source {
+        kind,
+        name: name.to_owned(),
+        volume: volume.to_owned(),
+        reason,
+    };
+    match Api::<K>::namespaced(client.clone(), ns).get_opt(name).await {
+        Ok(Some(o)) => Ok(files(o)),
+        Ok(None) if optional => Ok(BTreeMap::new()),
+        Ok(None) => Err(failed(format!("{kind} {name:?} not found"))),
+        Err(e) => Err(failed(e.to_string())),
+    }
+}
+
+/// A ConfigMap's keys (data and binaryData) as files.
 pub(crate) async fn config_map(
     client: &Client,
     ns: &str,
@@ -122,11 +154,14 @@ pub(crate) async fn config_map(
     volume: &str,
     optional: bool,
 ) -> Result<BTreeMap<String, Vec<u8>>, VolumeError> {
-    match Api::<ConfigMap>::namespaced(client.clone(), ns)
-        .get_opt(name)
-        .await
-    {
-        Ok(Some(cm)) => {
+    source(
+        client,
+        ns,
+        name,
+        volume,
+        optional,
+        "configmap",
+        |cm: ConfigMap| {
             let mut out: BTreeMap<String, Vec<u8>> = cm
                 .data
                 .unwrap_or_default()
@@ -139,24 +174,13 @@ pub(crate) async fn config_map(
                     .into_iter()
                     .map(|(k, ByteString(v))| (k, v)),
             );
-            Ok(out)
-        }
-        Ok(None) if optional => Ok(BTreeMap::new()),
-        Ok(None) => Err(VolumeError::Source {
-            kind: "configmap",
-            name: name.to_owned(),
-            volume: volume.to_owned(),
-            reason: format!("configmap {name:?} not found"),
-        }),
-        Err(e) => Err(VolumeError::Source {
-            kind: "configmap",
-            name: name.to_owned(),
-            volume: volume.to_owned(),
-            reason: e.to_string(),
-        }),
-    }
+            out
+        },
+    )
+    .await
 }
 
+/// A Secret's keys (data and stringData) as files.
 pub(crate) async fn secret(
     client: &Client,
     ns: &str,
@@ -164,39 +188,22 @@ pub(crate) async fn secret(
     volume: &str,
     optional: bool,
 ) -> Result<BTreeMap<String, Vec<u8>>, VolumeError> {
-    match Api::<Secret>::namespaced(client.clone(), ns)
-        .get_opt(name)
-        .await
-    {
-        Ok(Some(s)) => {
-            let mut out: BTreeMap<String, Vec<u8>> = s
-                .data
+    source(client, ns, name, volume, optional, "secret", |s: Secret| {
+        let mut out: BTreeMap<String, Vec<u8>> = s
+            .data
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(k, ByteString(v))| (k, v))
+            .collect();
+        out.extend(
+            s.string_data
                 .unwrap_or_default()
                 .into_iter()
-                .map(|(k, ByteString(v))| (k, v))
-                .collect();
-            out.extend(
-                s.string_data
-                    .unwrap_or_default()
-                    .into_iter()
-                    .map(|(k, v)| (k, v.into_bytes())),
-            );
-            Ok(out)
-        }
-        Ok(None) if optional => Ok(BTreeMap::new()),
-        Ok(None) => Err(VolumeError::Source {
-            kind: "secret",
-            name: name.to_owned(),
-            volume: volume.to_owned(),
-            reason: format!("secret {name:?} not found"),
-        }),
-        Err(e) => Err(VolumeError::Source {
-            kind: "secret",
-            name: name.to_owned(),
-            volume: volume.to_owned(),
-            reason: e.to_string(),
-        }),
-    }
+                .map(|(k, v)| (k, v.into_bytes())),
+        );
+        out
+    })
+    .await
 }
 
 fn mode(m: Option<i32>) -> u32 {

@@ -283,19 +283,7 @@ impl Node {
 
     /// An HTTP GET from the node's namespace.
     fn get(&self, addr: &str) -> Option<String> {
-        let addr = addr.to_owned();
-        self.host()
-            .run(move || {
-                let mut s =
-                    TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_secs(2))?;
-                s.set_read_timeout(Some(Duration::from_secs(2)))?;
-                s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
-                let mut body = String::new();
-                s.read_to_string(&mut body)?;
-                Ok::<_, std::io::Error>(body)
-            })
-            .ok()
-            .and_then(Result::ok)
+        get_from(self.host(), addr)
     }
 
     fn links(&self) -> Vec<String> {
