@@ -382,6 +382,59 @@ fn the_seed_demo_deploys_scales_rolls_back_and_heals() {
         d["metadata"]["generation"]
     );
 
+    // Paused, a template change makes no new ReplicaSet; resumed, it rolls out. `rollout
+    // restart` rolls out the same template again.
+    let replicasets = |c: &Cluster| {
+        c.json(&["-n", "demo", "get", "rs", "-l", "app=hello-api"])["items"]
+            .as_array()
+            .map_or(0, Vec::len)
+    };
+    let before_pause = replicasets(&c);
+    c.kubectl(&["-n", "demo", "rollout", "pause", "deployment/hello-api"]);
+    c.kubectl(&[
+        "-n",
+        "demo",
+        "set",
+        "env",
+        "deployment/hello-api",
+        "PAUSED=yes",
+    ]);
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(replicasets(&c), before_pause, "no rollout while paused");
+    let d = c.json(&["-n", "demo", "get", "deployment", "hello-api"]);
+    let progressing = d["status"]["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "Progressing")
+        .cloned()
+        .unwrap();
+    assert_eq!(progressing["reason"], "DeploymentPaused", "{progressing}");
+    c.kubectl(&["-n", "demo", "rollout", "resume", "deployment/hello-api"]);
+    let status = c.kubectl(&[
+        "-n",
+        "demo",
+        "rollout",
+        "status",
+        "deployment/hello-api",
+        "--timeout=60s",
+    ]);
+    assert!(status.contains("successfully rolled out"), "{status}");
+    assert_eq!(replicasets(&c), before_pause + 1);
+    c.kubectl(&["-n", "demo", "rollout", "restart", "deployment/hello-api"]);
+    let status = c.kubectl(&[
+        "-n",
+        "demo",
+        "rollout",
+        "status",
+        "deployment/hello-api",
+        "--timeout=60s",
+    ]);
+    assert!(status.contains("successfully rolled out"), "{status}");
+    assert_eq!(replicasets(&c), before_pause + 2);
+    c.wait_ready(3);
+    let (pods, _) = c.hello_pods();
+
     // Self-heal: every pod force-deleted at once comes back under new names.
     let before: Vec<String> = pods
         .iter()
