@@ -181,6 +181,23 @@ pub async fn run(client: Client, config: Config) -> Result<(), NodeError> {
     }
 }
 
+/// Renews (or creates) the node's Lease in `kube-node-lease`: the heartbeat the node
+/// lifecycle controller watches.
+pub async fn renew_lease(leases: &Api<Lease>, name: &str) {
+    let lease = json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+        "metadata": {"name": name, "namespace": "kube-node-lease"},
+        "spec": {"holderIdentity": name, "leaseDurationSeconds": 40, "renewTime": MicroTime(Timestamp::now())}});
+    if leases
+        .patch(name, &PatchParams::default(), &Patch::Merge(&lease))
+        .await
+        .is_err()
+        && let Ok(typed) = serde_json::from_value::<Lease>(lease)
+        && let Err(e) = leases.create(&PostParams::default(), &typed).await
+    {
+        tracing::debug!(node = name, error = %e, "renewing the Lease");
+    }
+}
+
 fn now() -> Time {
     Time(Timestamp::now())
 }
@@ -284,17 +301,7 @@ impl Agent {
         let mut n = 0u64;
         loop {
             tick.tick().await;
-            let lease = json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
-                "metadata": {"name": name, "namespace": "kube-node-lease"},
-                "spec": {"holderIdentity": name, "leaseDurationSeconds": 40, "renewTime": MicroTime(Timestamp::now())}});
-            if leases
-                .patch(&name, &PatchParams::default(), &Patch::Merge(&lease))
-                .await
-                .is_err()
-                && let Ok(typed) = serde_json::from_value::<Lease>(lease)
-            {
-                let _ = leases.create(&PostParams::default(), &typed).await;
-            }
+            renew_lease(&leases, &name).await;
             n += 1;
             if n.is_multiple_of(6) {
                 let status = json!({"status": self.node_status()});

@@ -22,7 +22,7 @@ use k8s_openapi::{
         coordination::v1::Lease,
         core::v1::{Node, Pod},
     },
-    apimachinery::pkg::apis::meta::v1::{MicroTime, Time},
+    apimachinery::pkg::apis::meta::v1::Time,
     jiff::Timestamp,
 };
 use kube::{
@@ -172,20 +172,7 @@ async fn heartbeat(client: Client, name: String, hollow: Arc<Hollow>) {
         if !hollow.alive.load(Ordering::SeqCst) {
             break;
         }
-        let lease = json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
-            "metadata": {"name": name, "namespace": "kube-node-lease"},
-            "spec": {"holderIdentity": name, "leaseDurationSeconds": 40, "renewTime": MicroTime(Timestamp::now())}});
-        if leases
-            .patch(&name, &PatchParams::default(), &Patch::Merge(&lease))
-            .await
-            .is_err()
-        {
-            let typed: Lease = match serde_json::from_value(lease) {
-                Ok(l) => l,
-                Err(_) => continue,
-            };
-            let _ = leases.create(&PostParams::default(), &typed).await;
-        }
+        weft_node::agent::renew_lease(&leases, &name).await;
     }
 }
 
