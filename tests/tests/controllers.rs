@@ -130,6 +130,19 @@ impl Cluster {
         self.dir.join("kubeconfig")
     }
 
+    /// `kubectl rollout status` of the seed's Deployment reports success within a minute.
+    fn rolled_out(&self) {
+        let status = self.kubectl(&[
+            "-n",
+            "demo",
+            "rollout",
+            "status",
+            "deployment/hello-api",
+            "--timeout=60s",
+        ]);
+        assert!(status.contains("successfully rolled out"), "{status}");
+    }
+
     fn try_kubectl(&self, args: &[&str], stdin: Option<&str>) -> std::process::Output {
         let mut cmd = Command::new("kubectl");
         cmd.env("KUBECONFIG", self.kubeconfig()).args(args);
@@ -327,15 +340,7 @@ fn the_seed_demo_deploys_scales_rolls_back_and_heals() {
         "-n", "demo", "patch", "deployment/hello-api", "--type=json",
         "-p", r#"[{"op":"replace","path":"/spec/template/spec/containers/0/args/1","value":"-text=hello again"}]"#,
     ]);
-    let status = c.kubectl(&[
-        "-n",
-        "demo",
-        "rollout",
-        "status",
-        "deployment/hello-api",
-        "--timeout=60s",
-    ]);
-    assert!(status.contains("successfully rolled out"), "{status}");
+    c.rolled_out();
     c.wait_ready(3);
     let (max_live, min_ready, events) = bounds.stop();
     eprintln!("rollout: at most {max_live} pods, at least {min_ready} ready, {events} events");
@@ -357,15 +362,7 @@ fn the_seed_demo_deploys_scales_rolls_back_and_heals() {
     let history = c.kubectl(&["-n", "demo", "rollout", "history", "deployment/hello-api"]);
     assert!(history.contains('1') && history.contains('2'), "{history}");
     c.kubectl(&["-n", "demo", "rollout", "undo", "deployment/hello-api"]);
-    let status = c.kubectl(&[
-        "-n",
-        "demo",
-        "rollout",
-        "status",
-        "deployment/hello-api",
-        "--timeout=60s",
-    ]);
-    assert!(status.contains("successfully rolled out"), "{status}");
+    c.rolled_out();
     c.wait_ready(3);
     let (pods, _) = c.hello_pods();
     assert!(
@@ -411,26 +408,10 @@ fn the_seed_demo_deploys_scales_rolls_back_and_heals() {
         .unwrap();
     assert_eq!(progressing["reason"], "DeploymentPaused", "{progressing}");
     c.kubectl(&["-n", "demo", "rollout", "resume", "deployment/hello-api"]);
-    let status = c.kubectl(&[
-        "-n",
-        "demo",
-        "rollout",
-        "status",
-        "deployment/hello-api",
-        "--timeout=60s",
-    ]);
-    assert!(status.contains("successfully rolled out"), "{status}");
+    c.rolled_out();
     assert_eq!(replicasets(&c), before_pause + 1);
     c.kubectl(&["-n", "demo", "rollout", "restart", "deployment/hello-api"]);
-    let status = c.kubectl(&[
-        "-n",
-        "demo",
-        "rollout",
-        "status",
-        "deployment/hello-api",
-        "--timeout=60s",
-    ]);
-    assert!(status.contains("successfully rolled out"), "{status}");
+    c.rolled_out();
     assert_eq!(replicasets(&c), before_pause + 2);
     c.wait_ready(3);
     let (pods, _) = c.hello_pods();
