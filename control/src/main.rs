@@ -96,6 +96,10 @@ enum ImageCmd {
         /// The binary: the image's entrypoint.
         #[arg(long)]
         from: PathBuf,
+        /// A tool to add at /bin/<name> with its libraries (a shell, tar for kubectl cp);
+        /// repeatable.
+        #[arg(long = "add")]
+        tools: Vec<PathBuf>,
         /// The image's name (`weft/echo:dev`).
         #[arg(long)]
         tag: String,
@@ -317,10 +321,11 @@ fn main() -> anyhow::Result<()> {
         Cmd::Image { cmd } => match cmd {
             ImageCmd::Build {
                 from,
+                tools,
                 tag,
                 output,
                 args,
-            } => weft_node::image::build(&from, &tag, &args, &output)
+            } => weft_node::image::build(&from, &tools, &tag, &args, &output)
                 .with_context(|| format!("building {tag}")),
             ImageCmd::Load { file, address } => weft_node::image::load(&file, &address)
                 .with_context(|| format!("loading {}", file.display())),

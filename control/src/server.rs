@@ -8,8 +8,8 @@ use std::{collections::HashMap, convert::Infallible, sync::Arc, time::Duration};
 use axum::{
     Router,
     body::{Body, Bytes},
-    extract::{Query, State},
-    http::{HeaderMap, Method, StatusCode, Uri, header},
+    extract::State,
+    http::{HeaderMap, Method, StatusCode, header},
     response::{IntoResponse, Response},
 };
 use futures::StreamExt;
@@ -63,6 +63,8 @@ enum Sub {
     Eviction,
     /// `pods/log`, proxied to the pod's node.
     Log,
+    /// `pods/exec`, `pods/attach`, `pods/portforward`: upgraded streams to the pod's node.
+    Stream(weft_node::stream::Kind),
 }
 
 fn subresource(r: &Resource, name: &str) -> Result<Sub, ApiError> {
@@ -72,6 +74,9 @@ fn subresource(r: &Resource, name: &str) -> Result<Sub, ApiError> {
         "binding" if r.kind == "Pod" => Ok(Sub::Binding),
         "eviction" if r.kind == "Pod" => Ok(Sub::Eviction),
         "log" if r.kind == "Pod" => Ok(Sub::Log),
+        "exec" if r.kind == "Pod" => Ok(Sub::Stream(weft_node::stream::Kind::Exec)),
+        "attach" if r.kind == "Pod" => Ok(Sub::Stream(weft_node::stream::Kind::Attach)),
+        "portforward" if r.kind == "Pod" => Ok(Sub::Stream(weft_node::stream::Kind::PortForward)),
         _ => Err(ApiError::NoSuchResource),
     }
 }
@@ -214,6 +219,9 @@ fn discovery(parts: &[&str]) -> Option<Value> {
             }
             if r.kind == "Pod" {
                 list.push(sub("log", "Pod", &["get"]));
+                for stream in ["exec", "attach", "portforward"] {
+                    list.push(sub(stream, "PodExecOptions", &["create", "get"]));
+                }
                 list.push(sub("binding", "Binding", &["create"]));
                 let mut e = sub("eviction", "Eviction", &["create"]);
                 e["group"] = json!("policy");
@@ -362,14 +370,35 @@ fn body_json(headers: &HeaderMap, body: &Bytes) -> Result<Value, ApiError> {
         .map_err(|e| ApiError::BadRequest(format!("the body is not valid JSON: {e}")))
 }
 
-async fn handle(
-    State(store): State<Arc<Store>>,
-    method: Method,
-    uri: Uri,
-    Query(query): Query<HashMap<String, String>>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
+/// The largest request body accepted (kube-apiserver's limit).
+const MAX_BODY: usize = 3 * 1024 * 1024;
+
+async fn handle(State(store): State<Arc<Store>>, req: axum::extract::Request) -> Response {
+    let uri = req.uri().clone();
+    {
+        let path = uri.path().trim_end_matches('/');
+        let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
+        if let Ok(Target::Object(_, ns, name, Sub::Stream(kind))) = parse_target(&parts) {
+            return match proxy_stream(&store, kind, &ns, &name, req).await {
+                Ok(r) => r,
+                Err(e) => e.into_response(),
+            };
+        }
+    }
+    let (head, body) = req.into_parts();
+    let (method, headers) = (head.method, head.headers);
+    let query: HashMap<String, String> = match serde_urlencoded::from_str(uri.query().unwrap_or(""))
+    {
+        Ok(q) => q,
+        Err(e) => return ApiError::BadRequest(format!("invalid query: {e}")).into_response(),
+    };
+    let body = match axum::body::to_bytes(body, MAX_BODY).await {
+        Ok(b) => b,
+        Err(e) => {
+            return ApiError::RequestEntityTooLarge(format!("reading the request body: {e}"))
+                .into_response();
+        }
+    };
     let path = uri.path().trim_end_matches('/');
     let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
     tracing::debug!(%method, %uri, "request");
@@ -581,66 +610,8 @@ async fn proxy_log(
     params: &HashMap<String, String>,
     query: &str,
 ) -> Result<Response, ApiError> {
-    let pods = resources::find("", "v1", "pods").expect("served");
-    let nodes = resources::find("", "v1", "nodes").expect("served");
-    let pod = store.get(pods, ns, name)?;
-    let containers: Vec<String> = pod
-        .pointer("/spec/containers")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-        .chain(
-            pod.pointer("/spec/initContainers")
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten(),
-        )
-        .filter_map(|c| c["name"].as_str().map(str::to_owned))
-        .collect();
-    let container = match params.get("container").filter(|c| !c.is_empty()) {
-        Some(c) if containers.contains(c) => c.clone(),
-        Some(c) => {
-            return Err(ApiError::BadRequest(format!(
-                "container {c} is not valid for pod {name}"
-            )));
-        }
-        None if containers.len() == 1 => containers[0].clone(),
-        None => {
-            return Err(ApiError::BadRequest(format!(
-                "a container name must be specified for pod {name}, choose one of: [{}]",
-                containers.join(" ")
-            )));
-        }
-    };
-    let node_name = pod
-        .pointer("/spec/nodeName")
-        .and_then(Value::as_str)
-        .unwrap_or("");
-    if node_name.is_empty() {
-        return Err(ApiError::BadRequest(format!(
-            "pod {name} does not have a host assigned"
-        )));
-    }
-    let node = store.get(nodes, "", node_name)?;
-    let addresses = node
-        .pointer("/status/addresses")
-        .and_then(Value::as_array)
-        .cloned()
-        .unwrap_or_default();
-    let address = ["InternalIP", "ExternalIP", "Hostname"]
-        .iter()
-        .find_map(|t| {
-            addresses
-                .iter()
-                .find(|a| a["type"] == *t)
-                .and_then(|a| a["address"].as_str())
-        })
-        .ok_or_else(|| ApiError::Internal(format!("node {node_name} has no address")))?
-        .to_owned();
-    let port = node
-        .pointer("/status/daemonEndpoints/kubeletEndpoint/Port")
-        .and_then(Value::as_u64)
-        .unwrap_or(10250);
+    let (pod, target) = pod_node(store, ns, name)?;
+    let container = pick_container(&pod, name, params)?;
     let forward: Vec<String> = query
         .split('&')
         .filter(|kv| !kv.is_empty() && !kv.starts_with("container="))
@@ -650,7 +621,6 @@ async fn proxy_log(
         "/containerLogs/{ns}/{name}/{container}?{}",
         forward.join("&")
     );
-    let target = format!("{address}:{port}");
     let unreachable = |e: &dyn std::fmt::Display| {
         ApiError::Internal(format!("Get \"http://{target}{path}\": {e}"))
     };
@@ -685,6 +655,112 @@ async fn proxy_log(
         .header(header::CONTENT_TYPE, "text/plain")
         .body(Body::new(answer.into_body()))
         .unwrap_or_default())
+}
+
+/// A pod and its node's endpoint (`address:port`), as the Node advertises it.
+fn pod_node(store: &Store, ns: &str, name: &str) -> Result<(Value, String), ApiError> {
+    let pods = resources::find("", "v1", "pods").expect("served");
+    let nodes = resources::find("", "v1", "nodes").expect("served");
+    let pod = store.get(pods, ns, name)?;
+    let node_name = pod
+        .pointer("/spec/nodeName")
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    if node_name.is_empty() {
+        return Err(ApiError::BadRequest(format!(
+            "pod {name} does not have a host assigned"
+        )));
+    }
+    let node = store.get(nodes, "", node_name)?;
+    let addresses = node
+        .pointer("/status/addresses")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    let address = ["InternalIP", "ExternalIP", "Hostname"]
+        .iter()
+        .find_map(|t| {
+            addresses
+                .iter()
+                .find(|a| a["type"] == *t)
+                .and_then(|a| a["address"].as_str())
+        })
+        .ok_or_else(|| ApiError::Internal(format!("node {node_name} has no address")))?
+        .to_owned();
+    let port = node
+        .pointer("/status/daemonEndpoints/kubeletEndpoint/Port")
+        .and_then(Value::as_u64)
+        .unwrap_or(10250);
+    Ok((pod, format!("{address}:{port}")))
+}
+
+/// The container a request names (`container=`), or the pod's only one.
+fn pick_container(
+    pod: &Value,
+    name: &str,
+    params: &HashMap<String, String>,
+) -> Result<String, ApiError> {
+    let containers: Vec<String> = pod
+        .pointer("/spec/containers")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .chain(
+            pod.pointer("/spec/initContainers")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten(),
+        )
+        .filter_map(|c| c["name"].as_str().map(str::to_owned))
+        .collect();
+    match params.get("container").filter(|c| !c.is_empty()) {
+        Some(c) if containers.contains(c) => Ok(c.clone()),
+        Some(c) => Err(ApiError::BadRequest(format!(
+            "container {c} is not valid for pod {name}"
+        ))),
+        None if containers.len() == 1 => Ok(containers[0].clone()),
+        None => Err(ApiError::BadRequest(format!(
+            "a container name must be specified for pod {name}, choose one of: [{}]",
+            containers.join(" ")
+        ))),
+    }
+}
+
+/// `pods/exec`, `pods/attach`, `pods/portforward`: the upgrade request goes on to the pod's
+/// node (`/exec/{ns}/{pod}/{container}?...` as kubelet serves it), which answers it through the
+/// runtime; the streams are spliced through, whatever protocol the two ends agree on.
+async fn proxy_stream(
+    store: &Store,
+    kind: weft_node::stream::Kind,
+    ns: &str,
+    name: &str,
+    req: axum::extract::Request,
+) -> Result<Response, ApiError> {
+    let params: HashMap<String, String> =
+        serde_urlencoded::from_str::<Vec<(String, String)>>(req.uri().query().unwrap_or(""))
+            .unwrap_or_default()
+            .into_iter()
+            .collect();
+    let (pod, target) = pod_node(store, ns, name)?;
+    if pod.pointer("/status/phase").and_then(Value::as_str) != Some("Running") {
+        return Err(ApiError::BadRequest(format!(
+            "unable to upgrade connection: pod {name} is not running"
+        )));
+    }
+    let query = req.uri().query().unwrap_or("");
+    let path = match kind {
+        weft_node::stream::Kind::PortForward => format!("/portForward/{ns}/{name}?{query}"),
+        weft_node::stream::Kind::Exec | weft_node::stream::Kind::Attach => {
+            let container = pick_container(&pod, name, &params)?;
+            let verb = if kind == weft_node::stream::Kind::Exec {
+                "exec"
+            } else {
+                "attach"
+            };
+            format!("/{verb}/{ns}/{name}/{container}?{query}")
+        }
+    };
+    Ok(weft_node::stream::proxy_upgrade(req, &target, &path).await)
 }
 
 /// How long Events are kept (kube-apiserver's `--event-ttl` default).

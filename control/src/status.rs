@@ -60,6 +60,9 @@ pub enum ApiError {
     /// The path names nothing the server serves.
     #[error("the server could not find the requested resource")]
     NoSuchResource,
+    /// The request body is larger than the server accepts.
+    #[error("{0}")]
+    RequestEntityTooLarge(String),
     /// The store could not be written.
     #[error("storing the change failed: {0}")]
     Internal(String),
@@ -77,6 +80,7 @@ impl ApiError {
             Self::Forbidden(_) => 403,
             Self::MethodNotAllowed => 405,
             Self::UnsupportedMediaType(_) => 415,
+            Self::RequestEntityTooLarge(_) => 413,
             Self::Internal(_) => 500,
         }
     }
@@ -93,6 +97,7 @@ impl ApiError {
             Self::Forbidden(_) => "Forbidden",
             Self::MethodNotAllowed => "MethodNotAllowed",
             Self::UnsupportedMediaType(_) => "UnsupportedMediaType",
+            Self::RequestEntityTooLarge(_) => "RequestEntityTooLarge",
             Self::Internal(_) => "InternalError",
         }
     }

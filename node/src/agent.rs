@@ -35,10 +35,10 @@ use tonic::transport::Channel;
 
 use crate::probe::Tracker;
 
-const UID_LABEL: &str = "io.kubernetes.pod.uid";
-const NAME_LABEL: &str = "io.kubernetes.pod.name";
-const NS_LABEL: &str = "io.kubernetes.pod.namespace";
-const CONTAINER_LABEL: &str = "io.kubernetes.container.name";
+pub(crate) const UID_LABEL: &str = "io.kubernetes.pod.uid";
+pub(crate) const NAME_LABEL: &str = "io.kubernetes.pod.name";
+pub(crate) const NS_LABEL: &str = "io.kubernetes.pod.namespace";
+pub(crate) const CONTAINER_LABEL: &str = "io.kubernetes.container.name";
 
 /// The agent failed.
 #[derive(Debug, thiserror::Error)]
@@ -125,8 +125,9 @@ pub async fn run(client: Client, config: Config) -> Result<(), NodeError> {
     tokio::spawn(agent.clone().heartbeat());
     let endpoint = std::net::SocketAddr::from(([0, 0, 0, 0], agent.config.port));
     let log_dir = agent.config.log_dir.clone();
+    let cri = agent.cri.clone();
     tokio::spawn(async move {
-        if let Err(e) = crate::server::serve(endpoint, log_dir).await {
+        if let Err(e) = crate::server::serve(endpoint, log_dir, cri).await {
             tracing::error!(%endpoint, error = %e, "the node's endpoint stopped");
         }
     });

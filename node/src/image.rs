@@ -91,20 +91,44 @@ fn blob(out: &mut tar::Builder<std::fs::File>, bytes: &[u8]) -> Result<String, I
     Ok(format!("sha256:{digest}"))
 }
 
-/// Writes an OCI image archive to `out` whose one layer holds `binary` at `/<name>` (and its
-/// libraries at their paths), run as the entrypoint with `args`.
-pub fn build(binary: &Path, tag: &str, args: &[String], out: &Path) -> Result<(), ImageError> {
-    let name = binary
+fn file_name(binary: &Path) -> Result<String, ImageError> {
+    binary
         .file_name()
         .and_then(|n| n.to_str())
-        .ok_or_else(|| ImageError::Tool(format!("{} has no file name", binary.display())))?
-        .to_owned();
+        .map(str::to_owned)
+        .ok_or_else(|| ImageError::Tool(format!("{} has no file name", binary.display())))
+}
+
+/// Writes an OCI image archive to `out` whose one layer holds `binary` at `/<name>` (and its
+/// libraries at their paths), run as the entrypoint with `args`; each of `tools` (a shell,
+/// `tar` for `kubectl cp`, ...) is added at `/bin/<name>` with its libraries.
+pub fn build(
+    binary: &Path,
+    tools: &[PathBuf],
+    tag: &str,
+    args: &[String],
+    out: &Path,
+) -> Result<(), ImageError> {
+    let name = file_name(binary)?;
     let mut layer = tar::Builder::new(Vec::new());
-    let mut files = vec![(binary.to_owned(), PathBuf::from(&name), 0o755)];
-    for lib in libraries(binary)? {
-        let inside = lib.strip_prefix("/").unwrap_or(&lib).to_owned();
-        files.push((lib, inside, 0o755));
+    let mut placed = std::collections::BTreeMap::new();
+    placed.insert(PathBuf::from(&name), binary.to_owned());
+    for tool in tools {
+        placed.insert(Path::new("bin").join(file_name(tool)?), tool.clone());
     }
+    for from in [binary]
+        .into_iter()
+        .chain(tools.iter().map(PathBuf::as_path))
+    {
+        for lib in libraries(from)? {
+            let inside = lib.strip_prefix("/").unwrap_or(&lib).to_owned();
+            placed.entry(inside).or_insert(lib);
+        }
+    }
+    let files: Vec<(PathBuf, PathBuf, u32)> = placed
+        .into_iter()
+        .map(|(inside, from)| (from, inside, 0o755))
+        .collect();
     let mut dirs = std::collections::BTreeSet::new();
     for (_, inside, _) in &files {
         for a in inside.ancestors().skip(1) {
@@ -144,7 +168,7 @@ pub fn build(binary: &Path, tag: &str, args: &[String], out: &Path) -> Result<()
     entrypoint.extend(args.iter().cloned());
     let config = serde_json::to_vec(&json!({
         "architecture": "amd64", "os": "linux",
-        "config": {"Entrypoint": entrypoint, "Env": ["PATH=/"], "WorkingDir": "/"},
+        "config": {"Entrypoint": entrypoint, "Env": ["PATH=/:/bin"], "WorkingDir": "/"},
         "rootfs": {"type": "layers", "diff_ids": [layer_digest]},
         "history": [{"created_by": format!("weft image build --from {}", binary.display())}],
     }))

@@ -4,9 +4,9 @@
 //! built and loaded without a registry ([`image`]).
 //!
 //! Probes ([`probe`]) drive each container's readiness and restarts; the node's HTTP endpoint
-//! ([`server`]) serves container logs ([`logs`]) to the API server's `pods/log`; pods' volumes
-//! are made on the node ([`volumes`]). Not here yet: persistentVolumeClaim volumes through
-//! weft-csi, init containers, exec/attach/port-forward streaming.
+//! ([`server`]) serves container logs ([`logs`]) to the API server's `pods/log` and the
+//! runtime's exec/attach/port-forward streams ([`stream`]); pods' volumes are made on the node
+//! ([`volumes`]). Not here yet: persistentVolumeClaim volumes through weft-csi, init containers.
 
 pub mod agent;
 pub mod containerd;
@@ -15,6 +15,7 @@ pub mod image;
 pub mod logs;
 pub mod probe;
 pub mod server;
+pub mod stream;
 pub mod volumes;
 
 /// A Kubernetes quantity (`500m`, `1.5`, `128Mi`, `1G`, `2e3`) as a number of base units.

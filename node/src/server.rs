@@ -1,19 +1,28 @@
 //! The node's HTTP endpoint (kubelet's port, 10250 by default): `GET
 //! /containerLogs/{namespace}/{pod}/{container}` with the `pods/log` query, which the API server
-//! proxies `kubectl logs` to, and `/healthz`.
+//! proxies `kubectl logs` to; `/exec`, `/attach` and `/portForward` ([`crate::stream`]), which
+//! it forwards `kubectl exec`, `attach`, `cp` and `port-forward` to; and `/healthz`.
 
 use std::{collections::HashMap, net::SocketAddr, path::PathBuf, time::Duration};
 
 use axum::{
     Router,
     body::{Body, Bytes},
+    extract::Request,
     extract::{Path, Query, State},
     http::StatusCode,
     response::{IntoResponse, Response},
     routing::get,
 };
 
-use crate::logs;
+use crate::{agent::Cri, logs, stream};
+
+/// What the endpoint serves from.
+#[derive(Clone, Debug)]
+struct Ctx {
+    log_dir: PathBuf,
+    cri: Cri,
+}
 
 fn query(q: &HashMap<String, String>) -> logs::Query {
     let flag = |k: &str| q.get(k).is_some_and(|v| v == "true" || v == "1");
@@ -27,7 +36,7 @@ fn query(q: &HashMap<String, String>) -> logs::Query {
 }
 
 async fn container_logs(
-    State(log_dir): State<PathBuf>,
+    State(Ctx { log_dir, .. }): State<Ctx>,
     Path((ns, pod, container)): Path<(String, String, String)>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Response {
@@ -72,12 +81,42 @@ async fn container_logs(
     Response::new(Body::from_stream(futures::StreamExt::chain(start, rest)))
 }
 
+async fn exec(
+    State(ctx): State<Ctx>,
+    Path((ns, pod, container)): Path<(String, String, String)>,
+    req: Request,
+) -> Response {
+    stream::serve(&ctx.cri, stream::Kind::Exec, &ns, &pod, &container, req).await
+}
+
+async fn attach(
+    State(ctx): State<Ctx>,
+    Path((ns, pod, container)): Path<(String, String, String)>,
+    req: Request,
+) -> Response {
+    stream::serve(&ctx.cri, stream::Kind::Attach, &ns, &pod, &container, req).await
+}
+
+async fn port_forward(
+    State(ctx): State<Ctx>,
+    Path((ns, pod)): Path<(String, String)>,
+    req: Request,
+) -> Response {
+    stream::serve(&ctx.cri, stream::Kind::PortForward, &ns, &pod, "", req).await
+}
+
 /// Serves the node's endpoint on `addr` until the process ends.
-pub async fn serve(addr: SocketAddr, log_dir: PathBuf) -> std::io::Result<()> {
+pub async fn serve(addr: SocketAddr, log_dir: PathBuf, cri: Cri) -> std::io::Result<()> {
     let app = Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/containerLogs/{ns}/{pod}/{container}", get(container_logs))
-        .with_state(log_dir);
+        .route("/exec/{ns}/{pod}/{container}", get(exec).post(exec))
+        .route("/attach/{ns}/{pod}/{container}", get(attach).post(attach))
+        .route(
+            "/portForward/{ns}/{pod}",
+            get(port_forward).post(port_forward),
+        )
+        .with_state(Ctx { log_dir, cri });
     let listener = tokio::net::TcpListener::bind(addr).await?;
     axum::serve(listener, app).await
 }

@@ -188,9 +188,17 @@ impl Node {
             ("weft-echo", "weft/echo:dev"),
         ] {
             let archive = node.dir.join(format!("{bin}.tar"));
-            let ok = Command::new(weft_binary("weft"))
+            let mut build = Command::new(weft_binary("weft"));
+            build
                 .args(["image", "build", "--from"])
-                .arg(weft_binary(bin))
+                .arg(weft_binary(bin));
+            if bin == "weft-echo" {
+                // A shell and tar inside, for kubectl exec and kubectl cp.
+                for tool in ["sh", "cat", "tar", "id"] {
+                    build.arg("--add").arg(format!("/usr/bin/{tool}"));
+                }
+            }
+            let ok = build
                 .args(["--tag", tag, "-o"])
                 .arg(&archive)
                 .status()
@@ -555,6 +563,58 @@ fn pods_run_under_containerd_networked_by_weft_cni_and_leave_nothing_behind() {
     let previous = node.kubectl(&["logs", "dies", "--previous"], None);
     assert!(previous.contains("server is listening"), "{previous}");
 
+    // kubectl exec, exec with stdin, cp and port-forward: through the API server and the node
+    // to containerd's streaming server.
+    let said = node.kubectl(
+        &[
+            "exec",
+            first,
+            "--",
+            "sh",
+            "-c",
+            "echo in $HOSTNAME as $(id -u)",
+        ],
+        None,
+    );
+    assert_eq!(said.trim(), format!("in {first} as 10001"));
+    node.kubectl(
+        &["exec", "-i", first, "--", "sh", "-c", "cat > /tmp/note"],
+        Some("written through stdin\n"),
+    );
+    let copied = node.dir.join("note");
+    node.kubectl(
+        &[
+            "cp",
+            &format!("{first}:/tmp/note"),
+            &copied.display().to_string(),
+        ],
+        None,
+    );
+    assert_eq!(
+        std::fs::read_to_string(&copied).unwrap_or_default(),
+        "written through stdin\n"
+    );
+    let failed = node
+        .host()
+        .command("kubectl")
+        .unwrap()
+        .env("KUBECONFIG", node.kubeconfig())
+        .args(["exec", first, "--", "sh", "-c", "exit 3"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        failed.status.code(),
+        Some(3),
+        "the command's exit code comes back"
+    );
+    for (target, port) in [
+        (format!("pod/{first}"), "5678"),
+        ("svc/web".to_owned(), "80"),
+    ] {
+        let reply = port_forward(&node, &target, port);
+        assert!(reply.contains("hello from a real pod"), "{target}: {reply}");
+    }
+
     // The node's Events read like kubelet's in kubectl describe.
     let describe = node.kubectl(&["describe", "pod", first], None);
     for want in [
@@ -752,6 +812,36 @@ spec:
 "#;
 
 /// An HTTP GET from the external host; the body, if any.
+/// `kubectl port-forward TARGET :PORT` in the node's namespace, and one HTTP GET through the
+/// local end it opens.
+fn port_forward(node: &Node, target: &str, port: &str) -> String {
+    let mut child = node
+        .host()
+        .command("kubectl")
+        .unwrap()
+        .env("KUBECONFIG", node.kubeconfig())
+        .args(["port-forward", target, &format!(":{port}")])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    // "Forwarding from 127.0.0.1:41234 -> 5678"
+    let local = line
+        .split_whitespace()
+        .nth(2)
+        .unwrap_or_default()
+        .to_owned();
+    let reply = node
+        .get(&local)
+        .unwrap_or_else(|| format!("no answer on {local:?} ({line:?})"));
+    let _ = child.kill();
+    let _ = child.wait();
+    reply
+}
+
 fn get_from(host: &Host, addr: &str) -> Option<String> {
     let addr = addr.to_owned();
     host.run(move || {
