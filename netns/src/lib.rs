@@ -15,10 +15,12 @@ pub mod bpffs;
 pub mod bpfsys;
 mod nl;
 mod ns;
+mod procs;
 pub mod sockdiag;
 
 pub use nl::{LinkInfo, Netlink, RouteInfo};
 pub use ns::NetNs;
+pub use procs::kill_processes_in;
 
 use std::path::PathBuf;
 

@@ -1,10 +1,7 @@
 //! Removing what the test bed creates: namespaces (and the processes in them), bpffs and scratch
 //! directories, both for the current lab and for leftovers of earlier runs that crashed.
 
-use std::{
-    os::unix::fs::MetadataExt as _,
-    path::{Path, PathBuf},
-};
+use std::path::{Path, PathBuf};
 
 use crate::{NETNS_DIR, PREFIX};
 
@@ -146,49 +143,14 @@ pub(crate) fn remove_dir(dir: &Path) {
     }
 }
 
-/// Kills (SIGKILL) and reaps-by-waiting every process whose network namespace is the one at `ns`.
+/// Kills (SIGKILL) every process whose network namespace is the one at `ns`.
 pub(crate) fn kill_processes_in(ns: &Path) {
-    kill_processes_in_ns(ns, "net")
+    weft_netns::kill_processes_in(ns, "net")
 }
 
 /// Kills every process whose namespace of `kind` (`net`, `mnt`, ...) is the one at `ns`.
 pub(crate) fn kill_processes_in_ns(ns: &Path, kind: &str) {
-    let Ok(target) = std::fs::metadata(ns) else {
-        return;
-    };
-    let (dev, ino) = (target.dev(), target.ino());
-    let me = std::process::id() as i32;
-    let mut killed = Vec::new();
-    if let Ok(procs) = std::fs::read_dir("/proc") {
-        for p in procs.flatten() {
-            let Ok(pid) = p.file_name().to_string_lossy().parse::<i32>() else {
-                continue;
-            };
-            if pid == me {
-                continue;
-            }
-            let Ok(m) = std::fs::metadata(p.path().join("ns").join(kind)) else {
-                continue;
-            };
-            if m.dev() == dev && m.ino() == ino {
-                let pid = nix::unistd::Pid::from_raw(pid);
-                if nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).is_ok() {
-                    killed.push(pid);
-                }
-            }
-        }
-    }
-    // Give the kernel a moment to tear them down so the namespace can go away with them.
-    for pid in killed {
-        for _ in 0..100 {
-            if !Path::new(&format!("/proc/{pid}")).exists() {
-                break;
-            }
-            // Our own children stay zombies until reaped.
-            let _ = nix::sys::wait::waitpid(pid, Some(nix::sys::wait::WaitPidFlag::WNOHANG));
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
-    }
+    weft_netns::kill_processes_in(ns, kind)
 }
 
 #[cfg(test)]
