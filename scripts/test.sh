@@ -20,6 +20,9 @@ leaks=$( { ls /run/netns 2>/dev/null; ls /sys/fs/bpf 2>/dev/null; ls "${TMPDIR:-
 # ...and loop devices whose backing file was in a test's directory, and processes still using one.
 leaks+=$(losetup --list --noheadings --output NAME,BACK-FILE 2>/dev/null | grep 'weft-tb-' || true)
 leaks+=$(pgrep -a -f '/weft-tb-' || true)
+# ...and the clusters tests/tests/up.rs starts with weft up (weft-up-test-<pid>-...).
+leaks+=$( { ls /run/netns 2>/dev/null; ls /sys/fs/bpf 2>/dev/null; ls /sys/fs/cgroup/*/ 2>/dev/null; } | grep '^weft-up-test-' || true)
+leaks+=$(pgrep -a -f 'weft-up-test-' || true)
 if [ -n "$leaks" ]; then
   echo "test: objects left behind by the tests:" >&2
   echo "$leaks" >&2

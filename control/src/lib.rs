@@ -7,8 +7,9 @@
 //! which are API clients like kube-controller-manager and kube-scheduler. kubectl and kube-rs
 //! clients talk to it unchanged.
 //!
-//! The `weft` binary also fronts the node agent (`weft node`, from `weft-node`). Not here yet:
-//! `weft up`, an etcd backend, authentication and TLS (the server is meant for loopback or a
+//! The `weft` binary also fronts the node agent (`weft node`, from `weft-node`), and [`up`]
+//! composes everything into a cluster on this machine (`weft up`, `weft down`, `weft status`).
+//! Not here yet: an etcd backend, authentication and TLS (the server is meant for loopback or a
 //! trusted network).
 
 pub mod controllers;
@@ -21,3 +22,13 @@ pub mod server;
 pub mod status;
 pub mod store;
 pub mod table;
+pub mod up;
+
+/// A kubeconfig for the API server at `server` (plain HTTP, no credentials).
+pub fn kubeconfig(server: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: weft\n  cluster:\n    server: {server}\n\
+         contexts:\n- name: weft\n  context:\n    cluster: weft\n    user: weft\n    namespace: default\n\
+         current-context: weft\nusers:\n- name: weft\n  user: {{}}\n"
+    )
+}

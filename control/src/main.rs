@@ -17,9 +17,13 @@ struct Cli {
 enum Cmd {
     /// Serve the Kubernetes API (plain HTTP) from an embedded store.
     Server {
-        /// Address to listen on.
+        /// Address to listen on (repeatable; the first one goes into --kubeconfig).
         #[arg(long, default_value = "127.0.0.1:6443")]
-        listen: SocketAddr,
+        listen: Vec<SocketAddr>,
+        /// Also serve on this inherited listening socket (repeatable), as `weft up` passes the
+        /// one it opened on the machine's loopback to a server in another network namespace.
+        #[arg(long)]
+        listen_fd: Vec<i32>,
         /// File the store is kept in (created when missing); without it nothing survives a
         /// restart.
         #[arg(long)]
@@ -74,6 +78,36 @@ enum Cmd {
         #[arg(long, default_value_t = 10250)]
         port: u16,
     },
+    /// Start a whole cluster on this machine: the API server, controllers and scheduler, and
+    /// on each node (a network namespace on a private underlay) containerd, weft node,
+    /// weft-cni, weft-proxy and, with several nodes, weft-overlay. Prints the kubeconfig to use.
+    Up {
+        #[command(flatten)]
+        cluster: ClusterArgs,
+        /// How many nodes.
+        #[arg(long, default_value_t = 1)]
+        nodes: usize,
+        /// The API server's port on this machine's loopback (0: any free port).
+        #[arg(long, default_value_t = 6443)]
+        port: u16,
+        /// Where weft's binaries are (default: beside this one).
+        #[arg(long)]
+        bin_dir: Option<PathBuf>,
+        /// Stay attached: run the supervisor in this process (Ctrl-C takes the cluster down).
+        #[arg(long)]
+        foreground: bool,
+    },
+    /// Take a cluster started by `weft up` down and remove everything it made (also after a
+    /// crash).
+    Down {
+        #[command(flatten)]
+        cluster: ClusterArgs,
+    },
+    /// Show what a cluster started by `weft up` runs.
+    Status {
+        #[command(flatten)]
+        cluster: ClusterArgs,
+    },
     /// Build images without a registry, and load them into a node's containerd.
     Image {
         #[command(subcommand)]
@@ -87,6 +121,47 @@ enum Cmd {
         #[command(flatten)]
         timing: Timing,
     },
+}
+
+/// Which cluster `weft up`, `down` and `status` mean.
+#[derive(Debug, clap::Args)]
+struct ClusterArgs {
+    /// The cluster's name (the prefix of its network namespaces and cgroups).
+    #[arg(long, default_value = "weft")]
+    name: String,
+    /// Where the cluster keeps everything (default: /var/lib/weft/<name>).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+}
+
+impl ClusterArgs {
+    fn dir(&self) -> PathBuf {
+        self.dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("/var/lib/weft").join(&self.name))
+    }
+
+    fn options(
+        &self,
+        nodes: usize,
+        port: u16,
+        bin_dir: Option<PathBuf>,
+    ) -> anyhow::Result<weft_control::up::Options> {
+        let bin_dir = match bin_dir {
+            Some(d) => d,
+            None => std::env::current_exe()?
+                .parent()
+                .context("the binary's directory")?
+                .to_owned(),
+        };
+        Ok(weft_control::up::Options {
+            name: self.name.clone(),
+            dir: self.dir(),
+            nodes,
+            port,
+            bin_dir,
+        })
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -152,14 +227,6 @@ async fn client_for(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<kube
     Ok(kube::Client::try_from(config)?)
 }
 
-fn kubeconfig(server: &str) -> String {
-    format!(
-        "apiVersion: v1\nkind: Config\nclusters:\n- name: weft\n  cluster:\n    server: {server}\n\
-         contexts:\n- name: weft\n  context:\n    cluster: weft\n    user: weft\n    namespace: default\n\
-         current-context: weft\nusers:\n- name: weft\n  user: {{}}\n"
-    )
-}
-
 /// Resolves on SIGINT or SIGTERM.
 async fn shutdown() {
     let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
@@ -187,6 +254,7 @@ fn main() -> anyhow::Result<()> {
     match cli.cmd {
         Cmd::Server {
             listen,
+            listen_fd,
             data,
             service_cidr,
             kubeconfig: kubeconfig_path,
@@ -205,12 +273,32 @@ fn main() -> anyhow::Result<()> {
                 .enable_all()
                 .build()?;
             rt.block_on(async move {
-                let listener = tokio::net::TcpListener::bind(listen)
-                    .await
-                    .with_context(|| format!("listening on {listen}"))?;
-                let bound = listener.local_addr()?;
+                let mut listeners = Vec::new();
+                for addr in &listen {
+                    listeners.push(
+                        tokio::net::TcpListener::bind(addr)
+                            .await
+                            .with_context(|| format!("listening on {addr}"))?,
+                    );
+                }
+                for fd in &listen_fd {
+                    // SAFETY: the parent handed this descriptor over as a listening TCP socket
+                    // for this process to own; it is taken over once, here.
+                    let std = unsafe {
+                        <std::net::TcpListener as std::os::fd::FromRawFd>::from_raw_fd(*fd)
+                    };
+                    std.set_nonblocking(true)?;
+                    listeners.push(
+                        tokio::net::TcpListener::from_std(std)
+                            .with_context(|| format!("serving on descriptor {fd}"))?,
+                    );
+                }
+                let bound = listeners
+                    .first()
+                    .context("nothing to listen on")?
+                    .local_addr()?;
                 if let Some(path) = kubeconfig_path {
-                    std::fs::write(&path, kubeconfig(&format!("http://{bound}")))
+                    std::fs::write(&path, weft_control::kubeconfig(&format!("http://{bound}")))
                         .with_context(|| format!("writing {}", path.display()))?;
                 }
                 tracing::info!(%bound, store = ?data, "serving the Kubernetes API");
@@ -229,15 +317,18 @@ fn main() -> anyhow::Result<()> {
                     shutdown().await;
                     let _ = stop.send(true);
                 });
-                let mut graceful = stopping.clone();
-                let mut deadline = stopping;
-                let serve = axum::serve(listener, server::router(store)).with_graceful_shutdown(
-                    async move {
-                        let _ = graceful.wait_for(|s| *s).await;
-                    },
-                );
+                let mut deadline = stopping.clone();
+                let router = server::router(store);
+                let serve = futures::future::try_join_all(listeners.into_iter().map(|l| {
+                    let mut graceful = stopping.clone();
+                    axum::serve(l, router.clone())
+                        .with_graceful_shutdown(async move {
+                            let _ = graceful.wait_for(|s| *s).await;
+                        })
+                        .into_future()
+                }));
                 tokio::select! {
-                    r = serve => r.context("serving"),
+                    r = serve => r.map(|_| ()).context("serving"),
                     () = async move {
                         let _ = deadline.wait_for(|s| *s).await;
                         tokio::time::sleep(std::time::Duration::from_secs(1)).await;
@@ -317,6 +408,43 @@ fn main() -> anyhow::Result<()> {
                 }
                 result
             })
+        }
+        Cmd::Up {
+            cluster,
+            nodes,
+            port,
+            bin_dir,
+            foreground,
+        } => {
+            anyhow::ensure!(
+                (1..=80).contains(&nodes),
+                "--nodes must be between 1 and 80 (underlay addresses 10.200.0.11-90)"
+            );
+            let opts = cluster.options(nodes, port, bin_dir)?;
+            if foreground {
+                return weft_control::up::supervise(&opts).context("weft up");
+            }
+            let kubeconfig = weft_control::up::up(&opts).context("weft up")?;
+            println!(
+                "\nThe cluster is up. Use it with:\n  export KUBECONFIG={}\n  kubectl get nodes\nweft status --name {} shows it; weft down --name {} removes it.",
+                kubeconfig.display(),
+                opts.name,
+                opts.name
+            );
+            Ok(())
+        }
+        Cmd::Down { cluster } => {
+            let opts = cluster.options(0, 0, None)?;
+            weft_control::up::down(&opts).context("weft down")?;
+            println!("cluster {:?} is down; nothing of it is left", opts.name);
+            Ok(())
+        }
+        Cmd::Status { cluster } => {
+            print!(
+                "{}",
+                weft_control::up::status(&cluster.dir()).context("weft status")?
+            );
+            Ok(())
         }
         Cmd::Image { cmd } => match cmd {
             ImageCmd::Build {

@@ -774,44 +774,6 @@ fn pods_run_under_containerd_networked_by_weft_cni_and_leave_nothing_behind() {
     assert_eq!(shims.count(), 0, "no shim left");
 }
 
-const SEED: &str = r#"
-apiVersion: v1
-kind: Namespace
-metadata: {name: demo}
----
-apiVersion: apps/v1
-kind: Deployment
-metadata: {name: hello-api, namespace: demo, labels: {app: hello-api}}
-spec:
-  replicas: 3
-  selector: {matchLabels: {app: hello-api}}
-  strategy: {type: RollingUpdate, rollingUpdate: {maxSurge: 1, maxUnavailable: 1}}
-  template:
-    metadata: {labels: {app: hello-api}}
-    spec:
-      securityContext: {runAsUser: 10001, runAsNonRoot: true}
-      containers:
-      - name: http-echo
-        image: weft/echo:dev
-        imagePullPolicy: Never
-        args: ["-listen=:5678", "-text=hello from weft"]
-        ports: [{name: http, containerPort: 5678}]
-        readinessProbe: {httpGet: {path: /, port: http}, periodSeconds: 1}
-        livenessProbe: {tcpSocket: {port: http}, periodSeconds: 5}
-        resources:
-          requests: {cpu: 50m, memory: 32Mi}
-          limits: {cpu: 250m, memory: 64Mi}
----
-apiVersion: v1
-kind: Service
-metadata: {name: hello-svc, namespace: demo}
-spec:
-  type: NodePort
-  selector: {app: hello-api}
-  ports: [{port: 80, targetPort: http, nodePort: 30080}]
-"#;
-
-/// An HTTP GET from the external host; the body, if any.
 /// `kubectl port-forward TARGET :PORT` in the node's namespace, and one HTTP GET through the
 /// local end it opens.
 fn port_forward(node: &Node, target: &str, port: &str) -> String {
@@ -842,6 +804,7 @@ fn port_forward(node: &Node, target: &str, port: &str) -> String {
     reply
 }
 
+/// An HTTP GET from `host`; the answer, if it is a 200.
 fn get_from(host: &Host, addr: &str) -> Option<String> {
     let addr = addr.to_owned();
     host.run(move || {
@@ -855,107 +818,4 @@ fn get_from(host: &Host, addr: &str) -> Option<String> {
     .ok()
     .and_then(Result::ok)
     .filter(|b| b.starts_with("HTTP/1.1 200"))
-}
-
-#[test]
-fn the_seed_demo_nodeport_reaches_real_pods_through_weft_proxy() {
-    let mut node = Node::start();
-    let pin = node.lab.bpffs_dir("proxy").unwrap();
-    let cgroup = node.lab.cgroup("pods").unwrap();
-    let mut proxy = Some(
-        weft_tests::proxy_agent_from(
-            node.host(),
-            &weft_binary("weft-proxy"),
-            &pin,
-            ("--kubeconfig", &node.kubeconfig()),
-            &cgroup,
-            100,
-        )
-        .args(["--nodeport-iface", "eth0", "--metrics-addr", "off"])
-        .spawn()
-        .unwrap(),
-    );
-    node.kubectl(&["apply", "-f", "-"], Some(SEED));
-    let ready = |n: &Node| {
-        n.json(&["-n", "demo", "get", "pods", "-l", "app=hello-api"])["items"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|p| p["metadata"]["deletionTimestamp"].is_null())
-            .filter(|p| {
-                p["status"]["conditions"].as_array().is_some_and(|c| {
-                    c.iter()
-                        .any(|c| c["type"] == "Ready" && c["status"] == "True")
-                })
-            })
-            .count()
-    };
-    wait_for("three ready replicas", Duration::from_secs(60), || {
-        ready(&node) == 3
-    });
-    let ext = node.lab.host("ext").unwrap();
-    let nodeport = format!("{}:30080", node.host().underlay_addr().unwrap());
-    wait_for(
-        "the NodePort answering from the external host",
-        Duration::from_secs(30),
-        || get_from(ext, &nodeport).is_some_and(|b| b.contains("hello from weft")),
-    );
-
-    node.kubectl(
-        &[
-            "-n",
-            "demo",
-            "scale",
-            "deployment/hello-api",
-            "--replicas=5",
-        ],
-        None,
-    );
-    wait_for("five ready replicas", Duration::from_secs(60), || {
-        ready(&node) == 5
-    });
-
-    // A rolling update of the text: the NodePort ends up serving the new one, polled the whole
-    // time from outside.
-    node.kubectl(
-        &["-n", "demo", "patch", "deployment/hello-api", "--type=json", "-p",
-          r#"[{"op":"replace","path":"/spec/template/spec/containers/0/args/1","value":"-text=hello again"}]"#],
-        None,
-    );
-    let (mut ok, mut failed) = (0, 0);
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        match get_from(ext, &nodeport) {
-            Some(b) => {
-                ok += 1;
-                let status = node.json(&["-n", "demo", "get", "deployment", "hello-api"]);
-                let done = status["status"]["updatedReplicas"] == 5
-                    && status["status"]["availableReplicas"] == 5
-                    && status["status"]["replicas"] == 5;
-                if b.contains("hello again") && done {
-                    break;
-                }
-            }
-            None => failed += 1,
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the rollout did not finish ({ok} ok, {failed} failed)"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    eprintln!("during the rollout: {ok} requests answered, {failed} failed");
-    // Only the new text is served now.
-    std::thread::sleep(Duration::from_secs(2));
-    for _ in 0..10 {
-        let b = get_from(ext, &nodeport).unwrap_or_default();
-        assert!(b.contains("hello again"), "{b}");
-    }
-    stop(&mut proxy);
-    node.kubectl(&["delete", "namespace", "demo"], None);
-    wait_for("the demo namespace gone", Duration::from_secs(60), || {
-        node.json(&["get", "namespaces"])["items"]
-            .as_array()
-            .is_some_and(|n| n.iter().all(|n| n["metadata"]["name"] != "demo"))
-    });
 }

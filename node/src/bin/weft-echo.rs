@@ -1,6 +1,12 @@
 //! `weft-echo`: a small HTTP server answering every request with a fixed text, with the flags
 //! of hashicorp/http-echo (`-text`, `-listen`, `-status-code`, `-version`), so the seed demo's
 //! manifests run with only the image changed. Logs one line per request to stdout.
+//!
+//! On SIGTERM it keeps serving for `-shutdown-delay` (default `2s`) before it exits: a pod being
+//! deleted is taken out of its Services at the same moment as it is told to stop, and the
+//! proxies learn that a little later, so a server that stopped at once would refuse the
+//! connections still sent its way. This lame-duck period is what lets a rolling update finish
+//! without a failed request (hashicorp/http-echo exits at once).
 
 use std::io::{BufRead, BufReader, Write};
 
@@ -15,8 +21,17 @@ fn flag(args: &[String], name: &str) -> Option<String> {
     })
 }
 
-/// Exits on SIGTERM or SIGINT (a container's PID 1 has no default action for them).
-fn exit_on_signals() {
+/// A Go-style duration (`2s`, `500ms`, `0`) in milliseconds.
+fn millis(d: &str) -> Option<u64> {
+    if let Some(ms) = d.strip_suffix("ms") {
+        return ms.parse().ok();
+    }
+    let secs: f64 = d.strip_suffix('s').unwrap_or(d).parse().ok()?;
+    Some((secs * 1000.0) as u64)
+}
+
+/// Exits `delay` after SIGTERM or SIGINT (a container's PID 1 has no default action for them).
+fn exit_on_signals(delay: std::time::Duration) {
     use nix::sys::signal::{SigSet, Signal};
     let mut set = SigSet::empty();
     set.add(Signal::SIGTERM);
@@ -24,15 +39,24 @@ fn exit_on_signals() {
     if set.thread_block().is_ok() {
         std::thread::spawn(move || {
             let _ = set.wait();
-            println!("[weft-echo] shutting down");
+            println!("[weft-echo] shutting down in {delay:?}");
+            std::thread::sleep(delay);
             std::process::exit(0);
         });
     }
 }
 
 fn main() {
-    exit_on_signals();
     let args: Vec<String> = std::env::args().skip(1).collect();
+    let delay = flag(&args, "shutdown-delay")
+        .map(|d| {
+            millis(&d).unwrap_or_else(|| {
+                eprintln!("-shutdown-delay: not a duration: {d}");
+                std::process::exit(2);
+            })
+        })
+        .unwrap_or(2000);
+    exit_on_signals(std::time::Duration::from_millis(delay));
     if args.iter().any(|a| a.trim_start_matches('-') == "version") {
         println!("weft-echo {}", env!("CARGO_PKG_VERSION"));
         return;
@@ -62,7 +86,8 @@ fn main() {
             let peer = conn.peer_addr().map(|a| a.to_string()).unwrap_or_default();
             let mut reader = BufReader::new(&conn);
             let mut request = String::new();
-            if reader.read_line(&mut request).is_err() {
+            // A TCP probe connects and closes without a request: nothing to answer or log.
+            if reader.read_line(&mut request).is_err() || request.trim().is_empty() {
                 return;
             }
             let mut line = String::new();
@@ -78,5 +103,17 @@ fn main() {
                 body.len()
             );
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn durations_parse_like_go() {
+        assert_eq!(super::millis("2s"), Some(2000));
+        assert_eq!(super::millis("500ms"), Some(500));
+        assert_eq!(super::millis("1.5s"), Some(1500));
+        assert_eq!(super::millis("0"), Some(0));
+        assert_eq!(super::millis("soon"), None);
     }
 }

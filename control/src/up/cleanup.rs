@@ -1,0 +1,126 @@
+//! Removing what a `weft up` cluster leaves on the machine, whether it stopped cleanly or its
+//! supervisor was killed: the processes in its namespaces and in its pods' cgroups, the mounts
+//! under its directory (containerd's overlay snapshots, pod network namespaces, volumes), its
+//! cgroups in every hierarchy, its bpffs pins and its namespaces. Every step is idempotent.
+
+use std::path::{Path, PathBuf};
+
+/// Every cgroup hierarchy's mount point (v1 controllers and the unified v2 one).
+pub fn hierarchies() -> Vec<PathBuf> {
+    std::fs::read_to_string("/proc/self/mounts")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let (_, path, fstype) = (f.next()?, f.next()?, f.next()?);
+            matches!(fstype, "cgroup" | "cgroup2").then(|| PathBuf::from(path))
+        })
+        .collect()
+}
+
+/// The unified (v2) hierarchy's mount point.
+pub fn unified() -> Option<PathBuf> {
+    std::fs::read_to_string("/proc/self/mounts")
+        .ok()?
+        .lines()
+        .find_map(|l| {
+            let mut f = l.split_whitespace();
+            let (_, path, fstype) = (f.next()?, f.next()?, f.next()?);
+            (fstype == "cgroup2").then(|| PathBuf::from(path))
+        })
+}
+
+/// Every directory of the cgroup tree at `dir`, deepest first.
+fn tree(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if e.file_type().is_ok_and(|t| t.is_dir()) {
+            out.extend(tree(&e.path()));
+        }
+    }
+    if dir.is_dir() {
+        out.push(dir.to_owned());
+    }
+    out
+}
+
+/// Kills every process in the cgroup `relative` (and below) of every hierarchy, then removes
+/// the cgroups, deepest first.
+pub fn remove_cgroups(relative: &str) {
+    let relative = relative.trim_start_matches('/');
+    for _ in 0..50 {
+        let mut alive = false;
+        for h in hierarchies() {
+            for dir in tree(&h.join(relative)) {
+                for pid in std::fs::read_to_string(dir.join("cgroup.procs"))
+                    .unwrap_or_default()
+                    .lines()
+                    .filter_map(|l| l.trim().parse::<i32>().ok())
+                {
+                    alive = true;
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+            }
+        }
+        if !alive {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    for h in hierarchies() {
+        for dir in tree(&h.join(relative)) {
+            if let Err(e) = std::fs::remove_dir(&dir) {
+                tracing::warn!(cgroup = %dir.display(), error = %e, "removing a cgroup");
+            }
+        }
+    }
+}
+
+/// Processes whose command line names `dir` (containerd and its shims, started with paths
+/// under it).
+pub fn kill_processes_naming(dir: &Path) {
+    let needle = dir.display().to_string();
+    let me = std::process::id() as i32;
+    for pid in std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| *pid != me)
+    {
+        let named = std::fs::read(format!("/proc/{pid}/cmdline"))
+            .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&needle));
+        if named {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+/// Mount points under `dir`, deepest first.
+pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
+    let mut mounts: Vec<PathBuf> = std::fs::read_to_string("/proc/self/mounts")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .map(PathBuf::from)
+        .filter(|m| m.starts_with(dir))
+        .collect();
+    mounts.sort_by_key(|m| std::cmp::Reverse(m.as_os_str().len()));
+    mounts.dedup();
+    mounts
+}
+
+/// Unmounts everything under `dir` (lazily, so a busy mount still goes).
+pub fn unmount_under(dir: &Path) {
+    for m in mounts_under(dir) {
+        if let Err(e) = nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH) {
+            tracing::warn!(mount = %m.display(), error = %e, "unmounting");
+        }
+    }
+}

@@ -1,0 +1,294 @@
+//! Privileged, end to end: `weft up` as a user runs it. The seed demo (`scripts/seed-demo.sh`,
+//! the same sequence README's main command runs) goes through a one-node cluster with the real
+//! kubectl on this machine and must report no failed request; a two-node cluster runs pods on
+//! both nodes that reach each other over the overlay, survives the loss of its supervisor, and
+//! `weft down` then removes everything: namespaces, processes, cgroups, mounts, pins.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use weft_tests::weft_binary;
+
+/// A cluster name and directory of this test process; `weft down` on drop.
+struct Cluster {
+    name: String,
+    dir: PathBuf,
+}
+
+impl Cluster {
+    fn new(label: &str) -> Self {
+        let name = format!("weft-up-test-{}-{label}", std::process::id());
+        let dir = std::env::temp_dir().join(&name);
+        Self { name, dir }
+    }
+
+    fn weft(&self, args: &[&str]) -> std::process::Output {
+        Command::new(weft_binary("weft"))
+            .args(args)
+            .args(["--name", &self.name])
+            .arg("--dir")
+            .arg(&self.dir)
+            .output()
+            .unwrap()
+    }
+
+    fn kubectl(&self, args: &[&str]) -> String {
+        let out = Command::new("kubectl")
+            .env("KUBECONFIG", self.dir.join("kubeconfig"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "kubectl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// What of the cluster is still on the machine.
+    fn leftovers(&self) -> Vec<String> {
+        let mut left: Vec<String> = Vec::new();
+        let prefix = format!("{}-", self.name);
+        for e in std::fs::read_dir("/run/netns")
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let n = e.file_name().to_string_lossy().into_owned();
+            if n.starts_with(&prefix) {
+                left.push(format!("netns {n}"));
+            }
+        }
+        for h in std::fs::read_dir("/sys/fs/cgroup")
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            for e in std::fs::read_dir(h.path()).into_iter().flatten().flatten() {
+                if e.file_name().to_string_lossy().starts_with(&prefix) {
+                    left.push(format!("cgroup {}", e.path().display()));
+                }
+            }
+        }
+        for e in std::fs::read_dir("/sys/fs/bpf")
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if e.file_name().to_string_lossy().starts_with(&prefix) {
+                left.push(format!("pins {}", e.path().display()));
+            }
+        }
+        let needle = self.dir.display().to_string();
+        for m in std::fs::read_to_string("/proc/self/mounts")
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(1))
+            .filter(|m| m.starts_with(&needle))
+        {
+            left.push(format!("mount {m}"));
+        }
+        for pid in std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|p| *p != std::process::id())
+        {
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            if cmd.contains(&needle) {
+                left.push(format!("process {pid}: {cmd}"));
+            }
+        }
+        if self.dir.exists() {
+            left.push(format!("directory {}", self.dir.display()));
+        }
+        left
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = self.weft(&["down"]);
+    }
+}
+
+fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+#[test]
+fn the_seed_demo_runs_over_weft_up_without_a_failed_request() {
+    let cluster = Cluster::new("seed");
+    let bin = weft_binary("weft");
+    let out = Command::new("bash")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/seed-demo.sh"))
+        .env("WEFT_BIN", bin.parent().unwrap())
+        .env("WEFT_NAME", &cluster.name)
+        .env("WEFT_DIR", &cluster.dir)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "the seed demo failed:\n{stdout}\n{stderr}"
+    );
+    for want in [
+        "hello from weft",
+        "hello again",
+        "answered, 0 failed",
+        "successfully rolled out",
+        "runs as uid 10001",
+        "dropped by the policy",
+        "every step passed",
+        "nothing of it is left",
+    ] {
+        assert!(
+            stdout.contains(want),
+            "the demo never said {want:?}:\n{stdout}"
+        );
+    }
+    let left = cluster.leftovers();
+    assert!(left.is_empty(), "left behind: {left:#?}");
+}
+
+const SPREAD: &str = r#"
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: spread, namespace: default}
+spec:
+  replicas: 4
+  selector: {matchLabels: {app: spread}}
+  template:
+    metadata: {labels: {app: spread}}
+    spec:
+      containers:
+      - name: echo
+        image: weft/echo:dev
+        args: ["-listen=:5678", "-text=spread"]
+        readinessProbe: {httpGet: {path: /, port: 5678}, periodSeconds: 1}
+"#;
+
+#[test]
+fn two_nodes_run_pods_that_reach_each_other_and_weft_down_cleans_up_after_a_crash() {
+    let cluster = Cluster::new("two");
+    let out = cluster.weft(&["up", "--nodes", "2", "--port", "0"]);
+    assert!(
+        out.status.success(),
+        "weft up: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        std::fs::read_to_string(cluster.dir.join("up.log")).unwrap_or_default()
+    );
+    let nodes = cluster.kubectl(&["get", "nodes"]);
+    assert_eq!(nodes.matches(" Ready ").count(), 2, "{nodes}");
+
+    let manifest = cluster.dir.join("spread.yaml");
+    std::fs::write(&manifest, SPREAD).unwrap();
+    cluster.kubectl(&["apply", "-f", &manifest.display().to_string()]);
+    let running = || -> Vec<(String, String, String)> {
+        let pods: serde_json::Value = serde_json::from_str(&cluster.kubectl(&[
+            "get",
+            "pods",
+            "-l",
+            "app=spread",
+            "-o",
+            "json",
+        ]))
+        .unwrap();
+        pods["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|p| p["status"]["phase"] == "Running" && p["status"]["podIP"].is_string())
+            .map(|p| {
+                (
+                    p["metadata"]["name"].as_str().unwrap().to_owned(),
+                    p["spec"]["nodeName"].as_str().unwrap_or("").to_owned(),
+                    p["status"]["podIP"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect()
+    };
+    wait_for("four running pods", Duration::from_secs(90), || {
+        running().len() == 4
+    });
+    let pods = running();
+    let on = |n: &str| {
+        pods.iter()
+            .filter(|p| p.1 == n)
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    let (one, two) = (on("node1"), on("node2"));
+    assert!(
+        !one.is_empty() && !two.is_empty(),
+        "spread over both nodes: {pods:?}"
+    );
+    assert!(two[0].2.starts_with("10.244.2."), "{pods:?}");
+    // A pod on node1 reaches a pod on node2 across the VXLAN overlay.
+    let mut reply = String::new();
+    wait_for(
+        "node1's pod reaching node2's",
+        Duration::from_secs(30),
+        || {
+            let out = Command::new("kubectl")
+                .env("KUBECONFIG", cluster.dir.join("kubeconfig"))
+                .args(["exec", &one[0].0, "--", "curl", "-s", "-m", "2"])
+                .arg(format!("http://{}:5678/", two[0].2))
+                .output()
+                .unwrap();
+            reply = String::from_utf8_lossy(&out.stdout).into_owned();
+            reply.contains("spread")
+        },
+    );
+
+    let status = String::from_utf8_lossy(&cluster.weft(&["status"]).stdout).into_owned();
+    for want in [
+        ["api", "running"],
+        ["overlay2", "running"],
+        ["proxy1", "running"],
+        ["node2", "true"],
+    ] {
+        assert!(
+            status.lines().any(|l| l
+                .split_whitespace()
+                .step_by(if want[1] == "true" { 1 } else { 2 })
+                .eq(want)),
+            "weft status lacks {want:?}:\n{status}"
+        );
+    }
+
+    // The supervisor dies (kill -9): the cluster's processes are orphaned but weft down still
+    // finds and removes everything.
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(cluster.dir.join("cluster.json")).unwrap()).unwrap();
+    let supervisor = state["supervisor"].as_i64().unwrap() as i32;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(supervisor),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    wait_for(
+        "weft status to see the supervisor gone",
+        Duration::from_secs(10),
+        || String::from_utf8_lossy(&cluster.weft(&["status"]).stdout).contains("NOT RUNNING"),
+    );
+    let down = cluster.weft(&["down"]);
+    assert!(
+        down.status.success(),
+        "weft down: {}",
+        String::from_utf8_lossy(&down.stderr)
+    );
+    let left = cluster.leftovers();
+    assert!(left.is_empty(), "left behind: {left:#?}");
+}
