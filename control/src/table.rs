@@ -375,8 +375,15 @@ fn pod_status(o: &Value) -> String {
             continue;
         }
         initializing = true;
-        reason = match c.pointer("/state/waiting/reason").and_then(Value::as_str) {
-            Some(r) if r != "PodInitializing" => format!("Init:{r}"),
+        reason = match (
+            c.pointer("/state/terminated"),
+            c.pointer("/state/waiting/reason").and_then(Value::as_str),
+        ) {
+            (Some(t), _) => match t["reason"].as_str().filter(|r| !r.is_empty()) {
+                Some(r) => format!("Init:{r}"),
+                None => format!("Init:ExitCode:{}", t["exitCode"]),
+            },
+            (None, Some(r)) if r != "PodInitializing" => format!("Init:{r}"),
             _ => format!("Init:{i}/{init_total}"),
         };
         break;
@@ -481,5 +488,33 @@ mod tests {
             "application/json;as=Table;v=v1;g=meta.k8s.io,application/json"
         ));
         assert!(!wanted("application/json"));
+    }
+
+    #[test]
+    fn pod_status_reads_like_kubectls() {
+        let init = |state: Value| {
+            json!({"spec": {"initContainers": [{"name": "a"}, {"name": "b"}]},
+                   "status": {"phase": "Pending", "initContainerStatuses": [
+                       {"name": "a", "state": {"terminated": {"exitCode": 0, "reason": "Completed"}}},
+                       {"name": "b", "state": state}]}})
+        };
+        assert_eq!(pod_status(&init(json!({"running": {}}))), "Init:1/2");
+        assert_eq!(
+            pod_status(&init(
+                json!({"terminated": {"exitCode": 1, "reason": "Error"}})
+            )),
+            "Init:Error"
+        );
+        assert_eq!(
+            pod_status(&init(json!({"terminated": {"exitCode": 3}}))),
+            "Init:ExitCode:3"
+        );
+        assert_eq!(
+            pod_status(&init(json!({"waiting": {"reason": "CrashLoopBackOff"}}))),
+            "Init:CrashLoopBackOff"
+        );
+        let app = json!({"status": {"phase": "Pending", "containerStatuses": [
+            {"name": "c", "state": {"waiting": {"reason": "CreateContainerConfigError"}}}]}});
+        assert_eq!(pod_status(&app), "CreateContainerConfigError");
     }
 }

@@ -104,6 +104,13 @@ impl Cri {
     }
 }
 
+/// The pod sandbox containers are made in.
+struct Sandbox<'a> {
+    id: &'a str,
+    config: &'a cri::PodSandboxConfig,
+    ip: &'a str,
+}
+
 struct Agent {
     client: Client,
     cri: Cri,
@@ -560,13 +567,78 @@ impl Agent {
             .as_ref()
             .map(|n| n.ip.clone())
             .unwrap_or_default();
+        let sb = Sandbox {
+            id: &sandbox,
+            config: &sandbox_config,
+            ip: &pod_ip,
+        };
+        let t = now();
+        let started = pod
+            .status
+            .as_ref()
+            .and_then(|s| s.start_time.clone())
+            .unwrap_or_else(now);
+        let keep_time = |kind: &str, status: &str| -> Value {
+            pod.status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .and_then(|c| c.iter().find(|c| c.type_ == kind && c.status == status))
+                .and_then(|c| c.last_transition_time.clone())
+                .map_or(json!(t), |x| json!(x))
+        };
+        // Init containers, in order: each must exit 0 before the next one starts, and all of
+        // them before the app containers.
+        let policy = spec.restart_policy.as_deref().unwrap_or("Always");
+        let waiting = |c: &Container| {
+            json!({"name": c.name, "image": c.image, "imageID": "", "ready": false, "started": false,
+                   "restartCount": 0, "state": {"waiting": {"reason": "PodInitializing"}}})
+        };
+        let mut init_statuses = Vec::new();
+        let mut pending: Vec<String> = Vec::new();
+        let mut failed = false;
+        for c in spec.init_containers.iter().flatten() {
+            if !pending.is_empty() {
+                init_statuses.push(waiting(c));
+                pending.push(c.name.clone());
+                continue;
+            }
+            let mut st = self.ensure_container(pod, c, &sb, backoff, true).await?;
+            match st
+                .pointer("/state/terminated/exitCode")
+                .and_then(Value::as_i64)
+            {
+                Some(0) => st["ready"] = json!(true),
+                Some(_) if policy == "Never" => {
+                    failed = true;
+                    pending.push(c.name.clone());
+                }
+                _ => pending.push(c.name.clone()),
+            }
+            init_statuses.push(st);
+        }
+        if !pending.is_empty() {
+            let message = format!("containers with incomplete status: [{}]", pending.join(" "));
+            let status = json!({
+                "phase": if failed { "Failed" } else { "Pending" },
+                "podIP": pod_ip, "podIPs": [{"ip": pod_ip}],
+                "hostIP": self.config.address, "startTime": started,
+                "conditions": [
+                    {"type": "PodScheduled", "status": "True", "lastTransitionTime": keep_time("PodScheduled", "True")},
+                    {"type": "Initialized", "status": "False", "reason": "ContainersNotInitialized", "message": message,
+                     "lastTransitionTime": keep_time("Initialized", "False")},
+                    {"type": "ContainersReady", "status": "False", "reason": "ContainersNotReady", "lastTransitionTime": keep_time("ContainersReady", "False")},
+                    {"type": "Ready", "status": "False", "reason": "ContainersNotReady", "lastTransitionTime": keep_time("Ready", "False")},
+                ],
+                "initContainerStatuses": init_statuses,
+                "containerStatuses": spec.containers.iter().map(waiting).collect::<Vec<_>>(),
+            });
+            return self.write_status(pod, status).await;
+        }
         let mut statuses = Vec::new();
         let mut all_running = true;
         let mut all_ready = true;
         for c in &spec.containers {
-            let mut st = self
-                .ensure_container(pod, c, &sandbox, &sandbox_config, &pod_ip, backoff)
-                .await?;
+            let mut st = self.ensure_container(pod, c, &sb, backoff, false).await?;
             let running = st.pointer("/state/running").is_some();
             all_running &= running;
             let id = st["containerID"]
@@ -605,26 +677,12 @@ impl Agent {
             statuses.push(st);
         }
         let _ = &ns;
-        let t = now();
         let ready = if all_running && all_ready {
             "True"
         } else {
             "False"
         };
-        let started = pod
-            .status
-            .as_ref()
-            .and_then(|s| s.start_time.clone())
-            .unwrap_or_else(now);
-        let keep_time = |kind: &str, status: &str| -> Value {
-            pod.status
-                .as_ref()
-                .and_then(|s| s.conditions.as_ref())
-                .and_then(|c| c.iter().find(|c| c.type_ == kind && c.status == status))
-                .and_then(|c| c.last_transition_time.clone())
-                .map_or(json!(t), |x| json!(x))
-        };
-        let status = json!({
+        let mut status = json!({
             "phase": if all_running { "Running" } else { "Pending" },
             "podIP": pod_ip, "podIPs": [{"ip": pod_ip}],
             "hostIP": self.config.address, "startTime": started,
@@ -636,6 +694,9 @@ impl Agent {
             ],
             "containerStatuses": statuses,
         });
+        if !init_statuses.is_empty() {
+            status["initContainerStatuses"] = json!(init_statuses);
+        }
         self.write_status(pod, status).await
     }
 
@@ -710,16 +771,18 @@ impl Agent {
         }
     }
 
-    /// The status of container `c` after making it run if it should.
+    /// The status of container `c` after making it run if it should. An `init` container is
+    /// restarted only when it failed (and the pod's restartPolicy is not Never); one that exited 0
+    /// is done.
     async fn ensure_container(
         &self,
         pod: &Pod,
         c: &Container,
-        sandbox: &str,
-        sandbox_config: &cri::PodSandboxConfig,
-        pod_ip: &str,
+        sb: &Sandbox<'_>,
         backoff: &mut HashMap<String, (u32, tokio::time::Instant)>,
+        init: bool,
     ) -> Result<Value, NodeError> {
+        let (sandbox, sandbox_config, pod_ip) = (sb.id, sb.config, sb.ip);
         let mut runtime = self.cri.runtime.clone();
         let image = crate::image::normalize(c.image.as_deref().unwrap_or(""));
         let mut labels = HashMap::new();
@@ -778,8 +841,11 @@ impl Agent {
                         .as_ref()
                         .and_then(|s| s.restart_policy.as_deref())
                         .unwrap_or("Always");
-                    let restart =
-                        policy == "Always" || (policy == "OnFailure" && st.exit_code != 0);
+                    let restart = if init {
+                        policy != "Never" && st.exit_code != 0
+                    } else {
+                        policy == "Always" || (policy == "OnFailure" && st.exit_code != 0)
+                    };
                     let terminated = json!({"terminated": {"exitCode": st.exit_code, "reason": if st.reason.is_empty() { "Error".to_owned() } else { st.reason.clone() },
                                                            "startedAt": ts(st.started_at), "finishedAt": ts(st.finished_at), "containerID": format!("containerd://{}", l.id)}});
                     if !restart {
@@ -820,21 +886,8 @@ impl Agent {
             }
         }
         // Create (or re-create) the container.
-        let present = self
-            .cri
-            .images
-            .clone()
-            .image_status(cri::ImageStatusRequest {
-                image: Some(cri::ImageSpec {
-                    image: image.clone(),
-                    ..Default::default()
-                }),
-                verbose: false,
-            })
-            .await?
-            .into_inner()
-            .image
-            .is_some();
+        let mut found = self.image_of(&image).await?;
+        let present = found.is_some();
         if !present {
             let policy = c.image_pull_policy.as_deref().unwrap_or("IfNotPresent");
             let (reason, message) = if policy == "Never" {
@@ -902,6 +955,29 @@ impl Agent {
                 ),
             )
             .await;
+        }
+        if !present {
+            found = self.image_of(&image).await?;
+        }
+        if let Some(refusal) = crate::security::non_root_violation(
+            pod,
+            c,
+            found.as_ref().and_then(|i| i.uid.as_ref()).map(|u| u.value),
+            found.as_ref().map_or("", |i| i.username.as_str()),
+        ) {
+            self.event(
+                pod,
+                Some(&c.name),
+                true,
+                "Failed",
+                &format!("Error: {refusal}"),
+            )
+            .await;
+            return Ok(base(
+                json!({"waiting": {"reason": "CreateContainerConfigError", "message": refusal}}),
+                false,
+                "",
+            ));
         }
         let attempt = u32::try_from(existing.len()).unwrap_or(0);
         let volumes = match crate::volumes::prepare(&self.client, pod, &self.config.state_dir).await
@@ -998,6 +1074,24 @@ impl Agent {
         Ok(base(json!({"running": {"startedAt": now()}}), true, &id))
     }
 
+    /// The runtime's record of `image`, if it has the image.
+    async fn image_of(&self, image: &str) -> Result<Option<cri::Image>, NodeError> {
+        Ok(self
+            .cri
+            .images
+            .clone()
+            .image_status(cri::ImageStatusRequest {
+                image: Some(cri::ImageSpec {
+                    image: image.to_owned(),
+                    ..Default::default()
+                }),
+                verbose: false,
+            })
+            .await?
+            .into_inner()
+            .image)
+    }
+
     fn container_config(
         &self,
         pod: &Pod,
@@ -1011,14 +1105,8 @@ impl Agent {
         labels.insert(UID_LABEL.to_owned(), pod.uid().unwrap_or_default());
         labels.insert(NAME_LABEL.to_owned(), pod.name_any());
         labels.insert(NS_LABEL.to_owned(), pod.namespace().unwrap_or_default());
-        let pod_sc = pod
-            .spec
-            .as_ref()
-            .and_then(|s| s.security_context.clone())
-            .unwrap_or_default();
         let sc = c.security_context.clone().unwrap_or_default();
-        let user = sc.run_as_user.or(pod_sc.run_as_user);
-        let group = sc.run_as_group.or(pod_sc.run_as_group);
+        let crate::security::Identity { user, group, .. } = crate::security::identity(pod, c);
         let limits: BTreeMap<String, String> = c
             .resources
             .as_ref()

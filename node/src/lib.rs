@@ -6,7 +6,8 @@
 //! Probes ([`probe`]) drive each container's readiness and restarts; the node's HTTP endpoint
 //! ([`server`]) serves container logs ([`logs`]) to the API server's `pods/log` and the
 //! runtime's exec/attach/port-forward streams ([`stream`]); pods' volumes are made on the node
-//! ([`volumes`]). Not here yet: persistentVolumeClaim volumes through weft-csi, init containers.
+//! ([`volumes`]); a container's user and kubelet's runAsNonRoot check are in [`security`]. Not here
+//! yet: persistentVolumeClaim volumes through weft-csi.
 
 pub mod agent;
 pub mod containerd;
@@ -14,6 +15,7 @@ pub mod env;
 pub mod image;
 pub mod logs;
 pub mod probe;
+pub mod security;
 pub mod server;
 pub mod stream;
 pub mod volumes;

@@ -697,6 +697,39 @@ fn pods_run_under_containerd_networked_by_weft_cni_and_leave_nothing_behind() {
             .contains("ErrImageNeverPull")
     );
 
+    // Init containers run in order to completion before the app container, sharing its
+    // volumes; a failing one with restartPolicy Never fails the pod; runAsNonRoot refuses an
+    // image that would run as root, as kubelet does.
+    node.kubectl(&["apply", "-f", "-"], Some(INIT));
+    wait_for(
+        "the initialized pod running",
+        Duration::from_secs(60),
+        || node.running("app=inited").len() == 1,
+    );
+    let inited = node.running("app=inited").remove(0);
+    let inits = inited["status"]["initContainerStatuses"]
+        .as_array()
+        .unwrap();
+    assert_eq!(inits.len(), 2, "{inited}");
+    for i in inits {
+        assert_eq!(i["state"]["terminated"]["exitCode"], 0, "{i}");
+        assert_eq!(i["state"]["terminated"]["reason"], "Completed", "{i}");
+    }
+    let ip = inited["status"]["podIP"].as_str().unwrap();
+    let reply = node.get(&format!("{ip}:5678")).unwrap_or_default();
+    assert!(reply.contains("first then second"), "{reply}");
+    wait_for("the failed init container", Duration::from_secs(30), || {
+        node.json(&["get", "pod", "badinit"])["status"]["phase"] == "Failed"
+    });
+    let table = node.kubectl(&["get", "pod", "badinit"], None);
+    assert!(table.contains("Init:Error"), "{table}");
+    wait_for("runAsNonRoot refused", Duration::from_secs(30), || {
+        node.json(&["get", "pod", "rootless"])["status"]["containerStatuses"][0]["state"]["waiting"]
+            ["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("container has runAsNonRoot and image will run as root"))
+    });
+
     // The agent restarts (and with it its containerd): the pods keep running, are adopted,
     // and are not restarted.
     let before: Vec<(String, String)> = pods
@@ -739,7 +772,8 @@ fn pods_run_under_containerd_networked_by_weft_cni_and_leave_nothing_behind() {
     node.kubectl(&["delete", "deployment", "hello"], None);
     node.kubectl(
         &[
-            "delete", "pod", "missing", "unready", "dies", "vols", "badenv",
+            "delete", "pod", "missing", "unready", "dies", "vols", "badenv", "inited", "badinit",
+            "rootless",
         ],
         None,
     );
@@ -773,6 +807,38 @@ fn pods_run_under_containerd_networked_by_weft_cni_and_leave_nothing_behind() {
     });
     assert_eq!(shims.count(), 0, "no shim left");
 }
+
+const INIT: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: inited, namespace: default, labels: {app: inited}}
+spec:
+  securityContext: {runAsUser: 10001, runAsNonRoot: true}
+  volumes: [{name: work, emptyDir: {}}]
+  initContainers:
+  - {name: first, image: weft/echo:dev, command: [sh, -c, "echo -n first > /work/text"], volumeMounts: [{name: work, mountPath: /work}]}
+  - {name: second, image: weft/echo:dev, command: [sh, -c, "echo -n ' then second' >> /work/text"], volumeMounts: [{name: work, mountPath: /work}]}
+  containers:
+  - name: echo
+    image: weft/echo:dev
+    command: [sh, -c, 'exec /weft-echo -listen=:5678 -text="$(cat /work/text)"']
+    volumeMounts: [{name: work, mountPath: /work}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: badinit, namespace: default}
+spec:
+  restartPolicy: Never
+  initContainers: [{name: fails, image: weft/echo:dev, command: [sh, -c, "exit 1"]}]
+  containers: [{name: echo, image: weft/echo:dev}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: rootless, namespace: default}
+spec:
+  securityContext: {runAsNonRoot: true}
+  containers: [{name: echo, image: weft/echo:dev}]
+"#;
 
 /// `kubectl port-forward TARGET :PORT` in the node's namespace, and one HTTP GET through the
 /// local end it opens.
