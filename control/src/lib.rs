@@ -15,6 +15,7 @@
 pub mod controllers;
 pub mod defaults;
 pub mod patch;
+pub mod protobuf;
 pub mod resources;
 pub mod scheduler;
 pub mod selector;

@@ -363,6 +363,14 @@ fn body_json(headers: &HeaderMap, body: &Bytes) -> Result<Value, ApiError> {
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("application/json");
+    if ct.starts_with(crate::protobuf::CONTENT_TYPE) {
+        return crate::protobuf::decode(body).map_err(|e| match e {
+            crate::protobuf::ProtoError::UnknownKind { .. } => {
+                ApiError::UnsupportedMediaType(e.to_string())
+            }
+            _ => ApiError::BadRequest(e.to_string()),
+        });
+    }
     if !ct.starts_with("application/json") && !ct.contains("patch+json") {
         return Err(ApiError::UnsupportedMediaType(ct.to_owned()));
     }

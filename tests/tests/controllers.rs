@@ -685,3 +685,125 @@ fn cascading_deletion_in_background_foreground_and_orphan() {
             .success()
     });
 }
+
+#[test]
+fn kubectl_create_run_and_drain_send_protobuf_and_work() {
+    // kubectl 1.32 sends these built-in objects as application/vnd.kubernetes.protobuf.
+    let c = Cluster::start("protobuf", &["n1", "n2"]);
+    c.kubectl(&["create", "namespace", "pb"]);
+    c.kubectl(&[
+        "-n",
+        "pb",
+        "create",
+        "deployment",
+        "web",
+        "--image=weft/echo:dev",
+        "--replicas=3",
+        "--port=5678",
+        "--",
+        "/weft-echo",
+        "-text=hi",
+    ]);
+    c.kubectl(&[
+        "-n",
+        "pb",
+        "create",
+        "configmap",
+        "cfg",
+        "--from-literal=greeting=hello",
+    ]);
+    c.kubectl(&[
+        "-n",
+        "pb",
+        "create",
+        "secret",
+        "generic",
+        "s",
+        "--from-literal=password=s3cret",
+    ]);
+    c.kubectl(&[
+        "-n",
+        "pb",
+        "create",
+        "service",
+        "clusterip",
+        "web",
+        "--tcp=80:5678",
+    ]);
+    c.kubectl(&[
+        "-n",
+        "pb",
+        "run",
+        "one",
+        "--image=weft/echo:dev",
+        "--labels=app=one",
+        "--env=X=1",
+        "--",
+        "-text=run",
+    ]);
+    let d = c.json(&["-n", "pb", "get", "deployment", "web"]);
+    assert_eq!(d["spec"]["replicas"], 3, "{d}");
+    let container = &d["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(container["image"], "weft/echo:dev");
+    assert_eq!(
+        container["command"],
+        serde_json::json!(["/weft-echo", "-text=hi"])
+    );
+    assert_eq!(container["ports"][0]["containerPort"], 5678);
+    assert_eq!(d["spec"]["selector"]["matchLabels"]["app"], "web");
+    let cm = c.json(&["-n", "pb", "get", "configmap", "cfg"]);
+    assert_eq!(cm["data"]["greeting"], "hello");
+    let s = c.json(&["-n", "pb", "get", "secret", "s"]);
+    assert_eq!(s["data"]["password"], "czNjcmV0");
+    let svc = c.json(&["-n", "pb", "get", "service", "web"]);
+    assert_eq!(svc["spec"]["ports"][0]["port"], 80);
+    assert_eq!(svc["spec"]["ports"][0]["targetPort"], 5678);
+    assert!(
+        svc["spec"]["clusterIP"]
+            .as_str()
+            .is_some_and(|ip| ip.starts_with("10.96."))
+    );
+    let pod = c.json(&["-n", "pb", "get", "pod", "one"]);
+    assert_eq!(
+        pod["spec"]["containers"][0]["env"][0],
+        serde_json::json!({"name": "X", "value": "1"})
+    );
+    assert_eq!(
+        pod["spec"]["containers"][0]["args"],
+        serde_json::json!(["-text=run"])
+    );
+    // The Deployment runs (on the hollow nodes), then drain evicts (protobuf Evictions) what
+    // runs on n1 and the ReplicaSet puts it back on n2.
+    wait_for("three ready web pods", Duration::from_secs(30), || {
+        let pods = c.json(&["-n", "pb", "get", "pods", "-l", "app=web"]);
+        pods["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|p| ready(p))
+            .count()
+            == 3
+    });
+    let out = c.try_kubectl(
+        &[
+            "drain",
+            "n1",
+            "--ignore-daemonsets",
+            "--force",
+            "--delete-emptydir-data",
+            "--timeout=60s",
+        ],
+        None,
+    );
+    assert!(
+        out.status.success(),
+        "kubectl drain: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_for("every web pod back, on n2", Duration::from_secs(30), || {
+        let pods = c.json(&["-n", "pb", "get", "pods", "-l", "app=web"]);
+        let items = pods["items"].as_array().unwrap();
+        items.iter().filter(|p| ready(p)).count() == 3
+            && items.iter().all(|p| p["spec"]["nodeName"] == "n2")
+    });
+}
