@@ -102,6 +102,19 @@ fn columns(kind: &str) -> Vec<(&'static str, u8)> {
             ("Images", 1),
             ("Selector", 1),
         ],
+        "DaemonSet" => vec![
+            ("Name", 0),
+            ("Desired", 0),
+            ("Current", 0),
+            ("Ready", 0),
+            ("Up-to-date", 0),
+            ("Available", 0),
+            ("Node Selector", 0),
+            ("Age", 0),
+            ("Containers", 1),
+            ("Images", 1),
+            ("Selector", 1),
+        ],
         "ReplicaSet" => vec![
             ("Name", 0),
             ("Desired", 0),
@@ -272,6 +285,31 @@ fn cells(kind: &str, o: &Value) -> Vec<Value> {
                 )),
                 json!(n("/status/updatedReplicas")),
                 json!(n("/status/availableReplicas")),
+                age,
+                json!(containers),
+                json!(images),
+                json!(or_none(label_selector(o.pointer("/spec/selector")))),
+            ]
+        }
+        "DaemonSet" => {
+            let n = |p: &str| json!(o.pointer(p).and_then(Value::as_i64).unwrap_or(0));
+            let (containers, images) =
+                containers_images(o.pointer("/spec/template/spec/containers"));
+            let selector: Vec<String> = o
+                .pointer("/spec/template/spec/nodeSelector")
+                .and_then(Value::as_object)
+                .into_iter()
+                .flatten()
+                .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
+                .collect();
+            vec![
+                name,
+                n("/status/desiredNumberScheduled"),
+                n("/status/currentNumberScheduled"),
+                n("/status/numberReady"),
+                n("/status/updatedNumberScheduled"),
+                n("/status/numberAvailable"),
+                json!(or_none(selector.join(","))),
                 age,
                 json!(containers),
                 json!(images),

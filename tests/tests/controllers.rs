@@ -807,3 +807,99 @@ fn kubectl_create_run_and_drain_send_protobuf_and_work() {
             && items.iter().all(|p| p["spec"]["nodeName"] == "n2")
     });
 }
+
+const DAEMON: &str = r#"
+apiVersion: apps/v1
+kind: DaemonSet
+metadata: {name: agent, namespace: default}
+spec:
+  selector: {matchLabels: {app: agent}}
+  updateStrategy: {type: RollingUpdate, rollingUpdate: {maxUnavailable: 1}}
+  template:
+    metadata: {labels: {app: agent}}
+    spec:
+      containers: [{name: agent, image: weft/echo:dev, args: ["-text=v1"]}]
+"#;
+
+#[test]
+fn a_daemonset_runs_one_pod_per_eligible_node_and_rolls_node_by_node() {
+    let c = Cluster::start("daemonset", &["n1", "n2", "n3"]);
+    c.kubectl(&["taint", "nodes", "n3", "dedicated=db:NoSchedule"]);
+    c.kubectl_in(&["apply", "-f", "-"], Some(DAEMON));
+    let placed = || -> Vec<(String, String, bool)> {
+        let pods = c.json(&["get", "pods", "-l", "app=agent"]);
+        let mut v: Vec<(String, String, bool)> = pods["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|p| p["metadata"]["deletionTimestamp"].is_null())
+            .map(|p| {
+                (
+                    p["spec"]["nodeName"].as_str().unwrap_or("").to_owned(),
+                    p["metadata"]["labels"]["controller-revision-hash"]
+                        .as_str()
+                        .unwrap_or("")
+                        .to_owned(),
+                    ready(p),
+                )
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    wait_for(
+        "a ready pod on n1 and n2, none on the tainted n3",
+        Duration::from_secs(30),
+        || {
+            let p = placed();
+            p.len() == 2 && p[0].0 == "n1" && p[1].0 == "n2" && p.iter().all(|x| x.2)
+        },
+    );
+    let status = c.kubectl(&["rollout", "status", "daemonset/agent", "--timeout=30s"]);
+    assert!(status.contains("successfully rolled out"), "{status}");
+    let table = c.kubectl(&["get", "daemonset", "agent"]);
+    assert!(
+        table.lines().nth(1).is_some_and(|l| l
+            .split_whitespace()
+            .take(6)
+            .eq(["agent", "2", "2", "2", "2", "2"])),
+        "{table}"
+    );
+    // A cordoned node keeps its daemon; the taint going away brings one to n3.
+    c.kubectl(&["cordon", "n1"]);
+    c.kubectl(&["taint", "nodes", "n3", "dedicated-"]);
+    wait_for("a pod on every node", Duration::from_secs(30), || {
+        let p = placed();
+        p.len() == 3
+            && p.iter().map(|x| x.0.as_str()).eq(["n1", "n2", "n3"])
+            && p.iter().all(|x| x.2)
+    });
+    // A template change rolls out: never more than one node without a ready pod.
+    let before = placed()[0].1.clone();
+    c.kubectl(&["set", "env", "daemonset/agent", "VERSION=2"]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let p = placed();
+        let ready_nodes: std::collections::BTreeSet<&str> =
+            p.iter().filter(|x| x.2).map(|x| x.0.as_str()).collect();
+        assert!(
+            ready_nodes.len() >= 2,
+            "more than maxUnavailable nodes down: {p:?}"
+        );
+        if p.len() == 3 && p.iter().all(|x| x.1 != before && x.2) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the rollout did not finish: {p:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let status = c.kubectl(&["rollout", "status", "daemonset/agent", "--timeout=30s"]);
+    assert!(status.contains("successfully rolled out"), "{status}");
+    // Deleting the DaemonSet takes its pods with it.
+    c.kubectl(&["delete", "daemonset", "agent"]);
+    wait_for("the daemon pods gone", Duration::from_secs(30), || {
+        placed().is_empty()
+    });
+}

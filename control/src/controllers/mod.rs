@@ -6,10 +6,12 @@
 //! * [`replicaset`]: a ReplicaSet keeps its number of pods.
 //! * [`deployment`]: a Deployment owns ReplicaSets by pod-template hash and rolls between them
 //!   ([`rolling`] is the pure planner).
+//! * [`daemonset`]: a DaemonSet keeps one pod on every eligible node.
 //! * [`endpointslice`]: Services' EndpointSlices and Endpoints from their pods' readiness.
 //! * [`gc`]: ownerReference cascading deletion.
 //! * [`nodelifecycle`]: nodes whose Lease stops being renewed turn NotReady and lose their pods.
 
+pub mod daemonset;
 pub mod deployment;
 pub mod endpointslice;
 pub mod gc;
@@ -206,6 +208,7 @@ pub async fn run(client: Client, options: Options) {
     tokio::join!(
         replicaset::run(ctx.clone()),
         deployment::run(ctx.clone()),
+        daemonset::run(ctx.clone()),
         endpointslice::run(ctx.clone()),
         gc::run(ctx.clone()),
         nodelifecycle::run(ctx.clone()),

@@ -321,6 +321,20 @@ fn pods_in_domain<'a>(
         .flat_map(|n| n.pods.iter())
 }
 
+/// Whether a daemon pod belongs on the node, as kube's DaemonSet controller decides it: the
+/// pod's node selector and required affinity match and it tolerates the node's NoSchedule and
+/// NoExecute taints (resources are the scheduler's business: a daemon pod that does not fit
+/// stays Pending there).
+pub fn daemon_eligible(pod: &Pod, node: &NodeInfo) -> bool {
+    let tol = tolerations(pod);
+    affinity_fits(pod, node)
+        && node
+            .taints()
+            .iter()
+            .filter(|t| t.effect == "NoSchedule" || t.effect == "NoExecute")
+            .all(|t| tol.iter().any(|x| tolerates(x, t)))
+}
+
 /// The reasons `node` cannot take `pod` (empty when it can), from the first filter that
 /// refuses it, in kube-scheduler's order.
 pub fn filter(pod: &Pod, node: &NodeInfo, snap: &Snapshot) -> Vec<String> {
