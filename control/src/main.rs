@@ -77,6 +77,10 @@ enum Cmd {
         /// Port of the node's HTTP endpoint (container logs for `kubectl logs`).
         #[arg(long, default_value_t = 10250)]
         port: u16,
+        /// weft-csi's socket on this node: persistentVolumeClaim volumes are provisioned and
+        /// mounted through it.
+        #[arg(long)]
+        csi_socket: Option<PathBuf>,
     },
     /// Start a whole cluster on this machine: the API server, controllers and scheduler, and
     /// on each node (a network namespace on a private underlay) containerd, weft node,
@@ -348,6 +352,7 @@ fn main() -> anyhow::Result<()> {
             sandbox_image,
             cgroup_parent,
             port,
+            csi_socket,
         } => {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
@@ -391,6 +396,7 @@ fn main() -> anyhow::Result<()> {
                     cgroup_parent,
                     resync: std::time::Duration::from_secs(1),
                     port,
+                    csi_socket,
                 };
                 let result = tokio::select! {
                     r = weft_node::agent::run(client, config) => r.context("node agent"),

@@ -75,6 +75,8 @@ pub struct Config {
     pub resync: Duration,
     /// The port of the node's HTTP endpoint (logs), as the Node advertises it.
     pub port: u16,
+    /// weft-csi's socket on this node, for persistentVolumeClaim volumes.
+    pub csi_socket: Option<std::path::PathBuf>,
 }
 
 /// The CRI clients.
@@ -114,6 +116,7 @@ struct Sandbox<'a> {
 struct Agent {
     client: Client,
     cri: Cri,
+    csi: Option<crate::csi::Csi>,
     config: Config,
     events: weft_events::Recorder,
 }
@@ -121,10 +124,19 @@ struct Agent {
 /// Runs the agent until the process ends.
 pub async fn run(client: Client, config: Config) -> Result<(), NodeError> {
     let cri = Cri::connect(&config.cri_socket).await?;
+    let csi = match &config.csi_socket {
+        Some(socket) => Some(
+            crate::csi::Csi::connect(socket, &config.node_name, config.state_dir.join("csi"))
+                .await
+                .map_err(|e| NodeError::Connect(socket.display().to_string(), e))?,
+        ),
+        None => None,
+    };
     let events = weft_events::Recorder::for_node(client.clone(), &config.node_name);
     let agent = Arc::new(Agent {
         client,
         cri,
+        csi,
         config,
         events,
     });
@@ -310,6 +322,9 @@ impl Agent {
         loop {
             tick.tick().await;
             renew_lease(&leases, &name).await;
+            if let Some(csi) = &self.csi {
+                csi.reclaim(&self.client).await;
+            }
             n += 1;
             if n.is_multiple_of(6) {
                 let status = json!({"status": self.node_status()});
@@ -478,7 +493,7 @@ impl Agent {
                 .await?;
         }
         self.remove_cgroup(uid);
-        crate::volumes::remove(&self.config.state_dir, uid);
+        crate::volumes::release(&self.config.state_dir, uid, self.csi.as_ref()).await;
         Ok(())
     }
 
@@ -980,7 +995,13 @@ impl Agent {
             ));
         }
         let attempt = u32::try_from(existing.len()).unwrap_or(0);
-        let volumes = match crate::volumes::prepare(&self.client, pod, &self.config.state_dir).await
+        let volumes = match crate::volumes::prepare(
+            &self.client,
+            pod,
+            &self.config.state_dir,
+            self.csi.as_ref(),
+        )
+        .await
         {
             Ok(v) => v,
             Err(e) => {
@@ -1163,6 +1184,19 @@ impl Agent {
                 security_context: Some(cri::LinuxContainerSecurityContext {
                     run_as_user: user.map(|value| cri::Int64Value { value }),
                     run_as_group: group.map(|value| cri::Int64Value { value }),
+                    supplemental_groups: pod
+                        .spec
+                        .as_ref()
+                        .and_then(|s| s.security_context.as_ref())
+                        .map(|sc| {
+                            sc.supplemental_groups
+                                .iter()
+                                .flatten()
+                                .copied()
+                                .chain(sc.fs_group)
+                                .collect()
+                        })
+                        .unwrap_or_default(),
                     namespace_options: Some(cri::NamespaceOption {
                         network: cri::NamespaceMode::Pod as i32,
                         pid: cri::NamespaceMode::Container as i32,

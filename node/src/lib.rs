@@ -6,11 +6,12 @@
 //! Probes ([`probe`]) drive each container's readiness and restarts; the node's HTTP endpoint
 //! ([`server`]) serves container logs ([`logs`]) to the API server's `pods/log` and the
 //! runtime's exec/attach/port-forward streams ([`stream`]); pods' volumes are made on the node
-//! ([`volumes`]); a container's user and kubelet's runAsNonRoot check are in [`security`]. Not here
-//! yet: persistentVolumeClaim volumes through weft-csi.
+//! ([`volumes`]); a container's user and kubelet's runAsNonRoot check are in [`security`]. Claims are
+//! provisioned and mounted through weft-csi ([`csi`]).
 
 pub mod agent;
 pub mod containerd;
+pub mod csi;
 pub mod env;
 pub mod image;
 pub mod logs;

@@ -1,8 +1,10 @@
 //! Pod volumes, made on the node before a pod's containers are created and mounted into them
 //! through CRI mounts: `emptyDir` (a directory of the pod's), `configMap` and `secret` (their
 //! keys as files, `items` and `defaultMode` honoured), `downwardAPI` (the pod's name,
-//! namespace, uid, labels and annotations), `projected` (the three together) and `hostPath`.
-//! Everything lives under `<state dir>/<pod uid>/volumes/` and goes with the pod.
+//! namespace, uid, labels and annotations), `projected` (the three together), `hostPath`, and
+//! `persistentVolumeClaim` through weft-csi ([`crate::csi`]). Everything lives under
+//! `<state dir>/<pod uid>/volumes/` and goes with the pod; a persistent volume is unpublished
+//! first, and a pod directory that still has a mount under it is never removed.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -40,6 +42,14 @@ pub enum VolumeError {
         path: PathBuf,
         /// Why.
         source: std::io::Error,
+    },
+    /// A persistentVolumeClaim could not be provisioned, bound or mounted.
+    #[error("volume {volume:?}: {reason}")]
+    Claim {
+        /// The volume.
+        volume: String,
+        /// Why.
+        reason: String,
     },
     /// A kind of volume the node does not make yet.
     #[error("volume {0:?}: this kind of volume is not supported by weft node yet")]
@@ -215,6 +225,7 @@ pub async fn prepare(
     client: &Client,
     pod: &Pod,
     state_dir: &Path,
+    csi: Option<&crate::csi::Csi>,
 ) -> Result<HashMap<String, PathBuf>, VolumeError> {
     let uid = pod.uid().unwrap_or_default();
     let ns = pod.namespace().unwrap_or_default();
@@ -232,6 +243,22 @@ pub async fn prepare(
             path: path.to_owned(),
             source,
         };
+        if let Some(c) = &v.persistent_volume_claim {
+            let csi = csi.ok_or_else(|| VolumeError::Claim {
+                volume: v.name.clone(),
+                reason: "this node runs no CSI driver (weft node --csi-socket)".into(),
+            })?;
+            let pv = csi
+                .bound_volume(client, &ns, &c.claim_name, &v.name)
+                .await?;
+            let published = csi
+                .publish(pod, &pv, &dir, c.read_only == Some(true), &v.name)
+                .await?;
+            let pod_dir = pod_dir(state_dir, &uid);
+            crate::csi::record(&pod_dir, &[published]).map_err(|e| io(&pod_dir, e))?;
+            out.insert(v.name.clone(), dir);
+            continue;
+        }
         if let Some(h) = &v.host_path {
             let path = PathBuf::from(&h.path);
             if matches!(h.type_.as_deref(), Some("DirectoryOrCreate")) {
@@ -294,8 +321,38 @@ pub async fn prepare(
     Ok(out)
 }
 
+/// Mount points under `dir`.
+fn mounts_under(dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_to_string("/proc/self/mounts")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .map(PathBuf::from)
+        .filter(|m| m.starts_with(dir))
+        .collect()
+}
+
+/// Unpublishes the persistent volumes the pod `uid` has, then removes everything it had on
+/// the node. A directory with a mount left under it stays (removing it would delete the
+/// volume's data); the next teardown tries again.
+pub async fn release(state_dir: &Path, uid: &str, csi: Option<&crate::csi::Csi>) {
+    let dir = pod_dir(state_dir, uid);
+    for p in crate::csi::recorded(&dir) {
+        let Some(csi) = csi else { break };
+        if let Err(e) = csi.unpublish(&p).await {
+            tracing::warn!(target = %p.target.display(), error = %e.message(), "unpublishing a volume");
+        }
+    }
+    let left = mounts_under(&dir);
+    if !left.is_empty() {
+        tracing::error!(dir = %dir.display(), mounts = ?left, "a pod's directory still has mounts; not removing it");
+        return;
+    }
+    remove(state_dir, uid);
+}
+
 /// Removes everything the pod `uid` had on the node.
-pub fn remove(state_dir: &Path, uid: &str) {
+fn remove(state_dir: &Path, uid: &str) {
     let dir = pod_dir(state_dir, uid);
     if dir.exists()
         && let Err(e) = std::fs::remove_dir_all(&dir)

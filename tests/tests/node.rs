@@ -23,6 +23,7 @@ struct Node {
     cgroup: String,
     server: Option<Child>,
     agent: Option<Child>,
+    csi: Option<Child>,
     lab: Lab,
 }
 
@@ -93,6 +94,7 @@ fn pod_cgroups(cgroup: &str) -> Vec<PathBuf> {
 impl Drop for Node {
     fn drop(&mut self) {
         stop(&mut self.agent);
+        stop(&mut self.csi);
         stop(&mut self.server);
         for pid in processes_under(&self.dir) {
             let _ = nix::sys::signal::kill(
@@ -169,11 +171,20 @@ impl Node {
             .arg(dir.join("kubeconfig"))
             .spawn()
             .unwrap();
+        // weft-csi, the node's CSI driver (controller and node roles, the local backend).
+        let csi = Command::new(weft_binary("weft-csi"))
+            .arg("--endpoint")
+            .arg(format!("unix://{}", dir.join("csi/csi.sock").display()))
+            .args(["--node-id", "node0", "--capacity", "1Gi", "--state-dir"])
+            .arg(dir.join("csi"))
+            .spawn()
+            .unwrap();
         let mut node = Node {
             dir,
             cgroup,
             server: Some(server),
             agent: None,
+            csi: Some(csi),
             lab,
         };
         wait_for("the API server", Duration::from_secs(10), || {
@@ -248,6 +259,8 @@ impl Node {
             .arg("--cni-conf-dir")
             .arg(self.dir.join("cni/net.d"))
             .args(["--cgroup-parent", &self.cgroup])
+            .arg("--csi-socket")
+            .arg(self.dir.join("csi/csi.sock"))
             .spawn()
             .unwrap();
         self.agent = Some(agent);
@@ -685,6 +698,61 @@ fn pods_run_under_containerd_networked_by_weft_cni_and_leave_nothing_behind() {
         .join(vols["metadata"]["uid"].as_str().unwrap());
     assert!(vol_dir.exists());
 
+    // A PersistentVolumeClaim: provisioned by weft-csi on this node when its first pod comes,
+    // bound, mounted with the pod's fsGroup; the data outlives the pod and its successor reads
+    // it; deleting the claim deletes the volume.
+    node.kubectl(
+        &["apply", "-f", "-"],
+        Some(&claim_pod(
+            "writer",
+            "echo -n persisted > /data/note; exec /weft-echo -listen=:5678 -text=writer",
+        )),
+    );
+    wait_for("the writer running", Duration::from_secs(60), || {
+        node.running("app=writer").len() == 1
+    });
+    let pvc = node.json(&["get", "pvc", "data"]);
+    assert_eq!(pvc["status"]["phase"], "Bound", "{pvc}");
+    let pv_name = pvc["spec"]["volumeName"].as_str().unwrap().to_owned();
+    let pv = node.json(&["get", "pv", &pv_name]);
+    assert_eq!(pv["spec"]["csi"]["driver"], "csi.weft.io", "{pv}");
+    assert_eq!(
+        pv["spec"]["nodeAffinity"]["required"]["nodeSelectorTerms"][0]["matchExpressions"][0]["values"]
+            [0],
+        "node0"
+    );
+    node.kubectl(&["delete", "pod", "writer"], None);
+    wait_for("the writer gone", Duration::from_secs(60), || {
+        node.json(&["get", "pods", "-l", "app=writer"])["items"]
+            .as_array()
+            .is_some_and(Vec::is_empty)
+    });
+    node.kubectl(
+        &["apply", "-f", "-"],
+        Some(&claim_pod(
+            "reader",
+            r#"exec /weft-echo -listen=:5678 -text="read $(cat /data/note)""#,
+        )),
+    );
+    wait_for("the reader running", Duration::from_secs(60), || {
+        node.running("app=reader").len() == 1
+    });
+    let reader = node.running("app=reader").remove(0);
+    let ip = reader["status"]["podIP"].as_str().unwrap();
+    let reply = node.get(&format!("{ip}:5678")).unwrap_or_default();
+    assert!(reply.contains("read persisted"), "{reply}");
+    node.kubectl(&["delete", "pod", "reader"], None);
+    node.kubectl(&["delete", "pvc", "data"], None);
+    wait_for("the volume reclaimed", Duration::from_secs(60), || {
+        node.json(&["get", "pv"])["items"]
+            .as_array()
+            .is_some_and(Vec::is_empty)
+    });
+    assert!(
+        std::fs::read_dir(node.dir.join("csi/local/volumes")).map_or(true, |d| d.count() == 0),
+        "weft-csi still has the volume"
+    );
+
     // A missing image with pullPolicy Never is reported, not retried forever in silence.
     node.kubectl(&["apply", "-f", "-"], Some("apiVersion: v1\nkind: Pod\nmetadata: {name: missing}\nspec:\n  containers: [{name: c, image: weft/nothing:1, imagePullPolicy: Never}]\n"));
     wait_for("ErrImageNeverPull", Duration::from_secs(30), || {
@@ -806,6 +874,40 @@ fn pods_run_under_containerd_networked_by_weft_cni_and_leave_nothing_behind() {
             .is_ok_and(|c| String::from_utf8_lossy(&c).contains("shim"))
     });
     assert_eq!(shims.count(), 0, "no shim left");
+}
+
+/// A StorageClass of weft-csi, the claim `data`, and a pod `name` running `script` with the
+/// claim at /data (as user 10001 with fsGroup 10001).
+fn claim_pod(name: &str, script: &str) -> String {
+    format!(
+        r#"
+apiVersion: storage.k8s.io/v1
+kind: StorageClass
+metadata: {{name: weft-local, annotations: {{storageclass.kubernetes.io/is-default-class: "true"}}}}
+provisioner: csi.weft.io
+reclaimPolicy: Delete
+volumeBindingMode: WaitForFirstConsumer
+---
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata: {{name: data, namespace: default}}
+spec:
+  accessModes: [ReadWriteOnce]
+  resources: {{requests: {{storage: 64Mi}}}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: {name}, namespace: default, labels: {{app: {name}}}}}
+spec:
+  securityContext: {{runAsUser: 10001, runAsGroup: 10001, fsGroup: 10001}}
+  volumes: [{{name: data, persistentVolumeClaim: {{claimName: data}}}}]
+  containers:
+  - name: echo
+    image: weft/echo:dev
+    command: [sh, -c, {script:?}]
+    volumeMounts: [{{name: data, mountPath: /data}}]
+"#
+    )
 }
 
 const INIT: &str = r#"
