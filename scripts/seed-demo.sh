@@ -2,7 +2,8 @@
 # The seed demo, run as a user would run it: `weft up`, then the real kubectl on this machine
 # against the cluster: deploy, expose (NodePort from the external host, port-forward on
 # loopback), scale, rolling update with `kubectl edit`, rollback, self-heal, describe, logs,
-# exec, and a NetworkPolicy (only the frontend may reach the API); `weft down` at the end, also
+# exec, a NetworkPolicy (only the frontend may reach the API) and a persistent volume that
+# outlives its pod; `weft down` at the end, also
 # when a step fails. A client polls the NodePort during scale, update and rollback and counts
 # its failures: the demo fails unless that count is 0.
 #
@@ -163,6 +164,21 @@ done
 [ "${DENIED:-0}" = 1 ] || fail "the intruder still reaches hello-api"
 echo "(timed out: dropped by the policy)"
 show kubectl -n demo delete networkpolicy hello-api-from-frontend
+
+step "storage: a pod writes to a weft-csi volume, is deleted, and its successor reads the data"
+show kubectl apply -f examples/notes.yaml
+phase() { kubectl -n demo get pod "$1" -o jsonpath='{.status.phase}' 2>/dev/null || true; }
+for _ in $(seq 300); do [ "$(phase notes-writer)" = Running ] && break; sleep 0.2; done
+[ "$(phase notes-writer)" = Running ] || fail "the writer did not start: $(kubectl -n demo describe pod notes-writer)"
+show kubectl -n demo get pvc,pv
+show kubectl -n demo delete pod notes-writer
+show kubectl apply -f examples/notes-reader.yaml
+for _ in $(seq 300); do [ "$(phase notes-reader)" = Running ] && break; sleep 0.2; done
+[ "$(phase notes-reader)" = Running ] || fail "the reader did not start: $(kubectl -n demo describe pod notes-reader)"
+printf '$ kubectl -n demo exec notes-reader -- cat /data/note\n'
+NOTE=$(kubectl -n demo exec notes-reader -- cat /data/note)
+echo "$NOTE"
+[ "$NOTE" = "written by notes-writer" ] || fail "the successor read '$NOTE'"
 
 echo
 echo "seed demo: every step passed"

@@ -385,6 +385,15 @@ fn main() -> anyhow::Result<()> {
                         socket
                     }
                 };
+                if let Some(csi) = &csi_socket
+                    && !weft_node::containerd::wait_for_socket(
+                        csi,
+                        std::time::Duration::from_secs(30),
+                    )
+                    .await
+                {
+                    anyhow::bail!("weft-csi does not answer on {}", csi.display());
+                }
                 let client = client_for(kubeconfig.as_deref()).await?;
                 let config = weft_node::agent::Config {
                     node_name,

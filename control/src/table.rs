@@ -85,6 +85,36 @@ fn columns(kind: &str) -> Vec<(&'static str, u8)> {
             ("Pod-CIDR", 1),
         ],
         "NetworkPolicy" => vec![("Name", 0), ("Pod-Selector", 0), ("Age", 0)],
+        "PersistentVolumeClaim" => vec![
+            ("Name", 0),
+            ("Status", 0),
+            ("Volume", 0),
+            ("Capacity", 0),
+            ("Access Modes", 0),
+            ("StorageClass", 0),
+            ("Age", 0),
+            ("VolumeMode", 1),
+        ],
+        "PersistentVolume" => vec![
+            ("Name", 0),
+            ("Capacity", 0),
+            ("Access Modes", 0),
+            ("Reclaim Policy", 0),
+            ("Status", 0),
+            ("Claim", 0),
+            ("StorageClass", 0),
+            ("Reason", 0),
+            ("Age", 0),
+            ("VolumeMode", 1),
+        ],
+        "StorageClass" => vec![
+            ("Name", 0),
+            ("Provisioner", 0),
+            ("ReclaimPolicy", 0),
+            ("VolumeBindingMode", 0),
+            ("AllowVolumeExpansion", 0),
+            ("Age", 0),
+        ],
         "EndpointSlice" => vec![
             ("Name", 0),
             ("AddressType", 0),
@@ -135,6 +165,23 @@ fn columns(kind: &str) -> Vec<(&'static str, u8)> {
         "Endpoints" => vec![("Name", 0), ("Endpoints", 0), ("Age", 0)],
         _ => vec![("Name", 0), ("Age", 0)],
     }
+}
+
+/// Access modes as kubectl abbreviates them (`RWO,RWX`).
+fn access_modes(v: Option<&Value>) -> String {
+    v.and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .map(|m| match m {
+            "ReadWriteOnce" => "RWO",
+            "ReadOnlyMany" => "ROX",
+            "ReadWriteMany" => "RWX",
+            "ReadWriteOncePod" => "RWOP",
+            other => other,
+        })
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 fn cells(kind: &str, o: &Value) -> Vec<Value> {
@@ -289,6 +336,65 @@ fn cells(kind: &str, o: &Value) -> Vec<Value> {
                 json!(containers),
                 json!(images),
                 json!(or_none(label_selector(o.pointer("/spec/selector")))),
+            ]
+        }
+        "PersistentVolumeClaim" => vec![
+            name,
+            json!(s(o, "/status/phase")),
+            json!(s(o, "/spec/volumeName")),
+            json!(s(o, "/status/capacity/storage")),
+            json!(access_modes(o.pointer("/status/accessModes"))),
+            json!(or_none(s(o, "/spec/storageClassName").to_owned())),
+            age,
+            json!(s(o, "/spec/volumeMode")),
+        ],
+        "PersistentVolume" => {
+            let claim = match (
+                s(o, "/spec/claimRef/namespace"),
+                s(o, "/spec/claimRef/name"),
+            ) {
+                (_, "") => String::new(),
+                (ns, n) => format!("{ns}/{n}"),
+            };
+            vec![
+                name,
+                json!(s(o, "/spec/capacity/storage")),
+                json!(access_modes(o.pointer("/spec/accessModes"))),
+                json!(s(o, "/spec/persistentVolumeReclaimPolicy")),
+                json!(s(o, "/status/phase")),
+                json!(claim),
+                json!(s(o, "/spec/storageClassName")),
+                json!(s(o, "/status/reason")),
+                age,
+                json!(s(o, "/spec/volumeMode")),
+            ]
+        }
+        "StorageClass" => {
+            let default = o
+                .pointer("/metadata/annotations/storageclass.kubernetes.io~1is-default-class")
+                .and_then(Value::as_str)
+                == Some("true");
+            vec![
+                json!(if default {
+                    format!("{} (default)", s(o, "/metadata/name"))
+                } else {
+                    s(o, "/metadata/name").to_owned()
+                }),
+                json!(s(o, "/provisioner")),
+                json!(match s(o, "/reclaimPolicy") {
+                    "" => "Delete",
+                    p => p,
+                }),
+                json!(match s(o, "/volumeBindingMode") {
+                    "" => "Immediate",
+                    m => m,
+                }),
+                json!(
+                    o.pointer("/allowVolumeExpansion")
+                        .and_then(Value::as_bool)
+                        .unwrap_or(false)
+                ),
+                age,
             ]
         }
         "DaemonSet" => {
@@ -554,5 +660,54 @@ mod tests {
         let app = json!({"status": {"phase": "Pending", "containerStatuses": [
             {"name": "c", "state": {"waiting": {"reason": "CreateContainerConfigError"}}}]}});
         assert_eq!(pod_status(&app), "CreateContainerConfigError");
+    }
+
+    #[test]
+    fn storage_kinds_show_kubectls_columns() {
+        let find = |plural| {
+            crate::resources::find(
+                if plural == "storageclasses" {
+                    "storage.k8s.io"
+                } else {
+                    ""
+                },
+                "v1",
+                plural,
+            )
+            .unwrap()
+        };
+        let pvc = json!({"metadata": {"name": "notes"}, "spec": {"volumeName": "pvc-1", "storageClassName": "weft-local", "volumeMode": "Filesystem"},
+                         "status": {"phase": "Bound", "capacity": {"storage": "64Mi"}, "accessModes": ["ReadWriteOnce"]}});
+        let t = table(find("persistentvolumeclaims"), &[pvc], "1");
+        assert_eq!(
+            t["rows"][0]["cells"].as_array().unwrap()[..6],
+            [
+                json!("notes"),
+                json!("Bound"),
+                json!("pvc-1"),
+                json!("64Mi"),
+                json!("RWO"),
+                json!("weft-local")
+            ]
+        );
+        let pv = json!({"metadata": {"name": "pvc-1"}, "spec": {"capacity": {"storage": "64Mi"}, "accessModes": ["ReadWriteOnce", "ReadWriteMany"],
+                        "persistentVolumeReclaimPolicy": "Delete", "claimRef": {"namespace": "demo", "name": "notes"}, "storageClassName": "weft-local"},
+                        "status": {"phase": "Bound"}});
+        let t = table(find("persistentvolumes"), &[pv], "1");
+        assert_eq!(t["rows"][0]["cells"][2], "RWO,RWX");
+        assert_eq!(t["rows"][0]["cells"][5], "demo/notes");
+        let sc = json!({"metadata": {"name": "weft-local", "annotations": {"storageclass.kubernetes.io/is-default-class": "true"}},
+                        "provisioner": "csi.weft.io", "volumeBindingMode": "WaitForFirstConsumer"});
+        let t = table(find("storageclasses"), &[sc], "1");
+        assert_eq!(
+            t["rows"][0]["cells"].as_array().unwrap()[..5],
+            [
+                json!("weft-local (default)"),
+                json!("csi.weft.io"),
+                json!("Delete"),
+                json!("WaitForFirstConsumer"),
+                json!(false)
+            ]
+        );
     }
 }

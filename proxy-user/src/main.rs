@@ -357,6 +357,12 @@ fn cgroup_or_root(cgroup: Option<PathBuf>) -> anyhow::Result<PathBuf> {
 }
 
 fn run(layout: PinLayout, args: RunArgs) -> anyhow::Result<()> {
+    // Signals are caught before anything is loaded: a stop asked for while the agent starts is
+    // honoured once it has started, with a clean exit and consistent pins.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(sig, stop.clone())?;
+    }
     let source = match args.manifests {
         Some(dir) => agent::SourceConfig::Manifests(dir),
         None => {
@@ -394,10 +400,6 @@ fn run(layout: PinLayout, args: RunArgs) -> anyhow::Result<()> {
         tracing::info!(%bound, "serving metrics");
     }
     tracing::info!(cgroup = %config.cgroup.display(), source = %config.source, "weft-proxy running");
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
-        signal_hook::flag::register(sig, stop.clone())?;
-    }
     let mut first = true;
     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
         match agent.sync(first) {

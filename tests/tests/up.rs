@@ -105,6 +105,21 @@ impl Cluster {
                 left.push(format!("process {pid}: {cmd}"));
             }
         }
+        for e in std::fs::read_dir("/sys/block")
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let backing =
+                std::fs::read_to_string(e.path().join("loop/backing_file")).unwrap_or_default();
+            if backing.starts_with(&needle) {
+                left.push(format!(
+                    "loop device {}: {}",
+                    e.file_name().to_string_lossy(),
+                    backing.trim()
+                ));
+            }
+        }
         if self.dir.exists() {
             left.push(format!("directory {}", self.dir.display()));
         }
@@ -150,6 +165,7 @@ fn the_seed_demo_runs_over_weft_up_without_a_failed_request() {
         "successfully rolled out",
         "runs as uid 10001",
         "dropped by the policy",
+        "written by notes-writer",
         "every step passed",
         "nothing of it is left",
     ] {

@@ -1,7 +1,8 @@
 //! Removing what a `weft up` cluster leaves on the machine, whether it stopped cleanly or its
 //! supervisor was killed: the processes in its namespaces and in its pods' cgroups, the mounts
-//! under its directory (containerd's overlay snapshots, pod network namespaces, volumes), its
-//! cgroups in every hierarchy, its bpffs pins and its namespaces. Every step is idempotent.
+//! under its directory (containerd's overlay snapshots, pod network namespaces, volumes), the
+//! loop devices of its volume images, its cgroups in every hierarchy, its bpffs pins and its
+//! namespaces. Every step is idempotent.
 
 use std::path::{Path, PathBuf};
 
@@ -121,6 +122,39 @@ pub fn unmount_under(dir: &Path) {
     for m in mounts_under(dir) {
         if let Err(e) = nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH) {
             tracing::warn!(mount = %m.display(), error = %e, "unmounting");
+        }
+    }
+}
+
+/// Detaches the loop devices whose backing file is under `dir` (weft-csi's volume images), with
+/// util-linux `losetup`.
+pub fn detach_loops_under(dir: &Path) {
+    for e in std::fs::read_dir("/sys/block")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !name.starts_with("loop") {
+            continue;
+        }
+        let Ok(backing) = std::fs::read_to_string(e.path().join("loop/backing_file")) else {
+            continue;
+        };
+        let backing = backing.trim_end().trim_end_matches(" (deleted)");
+        if Path::new(backing).starts_with(dir) {
+            let dev = Path::new("/dev").join(&name);
+            match std::process::Command::new("losetup")
+                .arg("-d")
+                .arg(&dev)
+                .output()
+            {
+                Ok(o) if o.status.success() => {}
+                Ok(o) => {
+                    tracing::warn!(device = %dev.display(), stderr = %String::from_utf8_lossy(&o.stderr), "detaching a loop device")
+                }
+                Err(e) => tracing::warn!(error = %e, "running losetup"),
+            }
         }
     }
 }

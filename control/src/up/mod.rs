@@ -6,7 +6,8 @@
 //! an external host; then runs, each in its place and restarted with back-off when it exits:
 //! `weft server` in the underlay namespace (also answering on `127.0.0.1:<port>` in the machine's
 //! namespace, through a socket it inherits, for kubectl), and on every node `weft node` (which
-//! starts that node's containerd, with weft-cni as its CNI plugin), `weft-proxy` (Services and
+//! starts that node's containerd, with weft-cni as its CNI plugin), `weft-csi` (the node's
+//! volumes, behind the default StorageClass `weft-local`), `weft-proxy` (Services and
 //! NetworkPolicy, its socket load balancer attached to the node's own cgroup) and, with more
 //! than one node, `weft-overlay`. The pause and http-echo-compatible images are built from the
 //! workspace's binaries and loaded into every node's containerd. It writes a kubeconfig and
@@ -109,6 +110,10 @@ impl Options {
 
     fn node_dir(&self, i: usize) -> PathBuf {
         self.dir.join("nodes").join(format!("node{i}"))
+    }
+
+    fn csi_socket(&self, i: usize) -> PathBuf {
+        self.node_dir(i).join("csi/csi.sock")
     }
 
     fn cgroup(&self, i: usize) -> String {
@@ -259,6 +264,39 @@ fn api_get(api: SocketAddr, path: &str) -> Option<String> {
     s.read_to_string(&mut answer).ok()?;
     let (head, body) = answer.split_once("\r\n\r\n")?;
     head.starts_with("HTTP/1.1 200").then(|| body.to_owned())
+}
+
+/// A POST of `body` to the API server's `path`: whether it was created (or already existed).
+fn api_post(api: SocketAddr, path: &str, body: &Value) -> bool {
+    let Ok(mut s) = TcpStream::connect_timeout(&api, Duration::from_secs(2)) else {
+        return false;
+    };
+    let body = body.to_string();
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    if write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: {api}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .is_err()
+    {
+        return false;
+    }
+    let mut answer = String::new();
+    let _ = s.read_to_string(&mut answer);
+    answer.starts_with("HTTP/1.1 201") || answer.starts_with("HTTP/1.1 409")
+}
+
+/// The cluster's default StorageClass: weft-csi's local volumes, made on the node of the first
+/// pod that uses a claim.
+fn storage_class() -> Value {
+    serde_json::json!({
+        "apiVersion": "storage.k8s.io/v1", "kind": "StorageClass",
+        "metadata": {"name": "weft-local", "annotations": {"storageclass.kubernetes.io/is-default-class": "true"}},
+        "provisioner": "csi.weft.io", "reclaimPolicy": "Delete",
+        "volumeBindingMode": "WaitForFirstConsumer", "allowVolumeExpansion": true,
+        "parameters": {"csi.storage.k8s.io/fstype": "ext4"},
+    })
 }
 
 /// The Nodes and whether each is Ready.
@@ -422,6 +460,19 @@ fn processes(opts: &Options, listener_fd: i32) -> Vec<Proc> {
         let cgroup = unified
             .as_ref()
             .map(|u| u.join(opts.cgroup(i).trim_start_matches('/')));
+        let (o, n) = (opts.clone(), ns.clone());
+        add(
+            format!("csi{i}"),
+            Box::new(move || {
+                let mut cmd = command_in(&o.bin("weft-csi"), &n, None)?;
+                cmd.arg("--endpoint")
+                    .arg(format!("unix://{}", o.csi_socket(i).display()))
+                    .args(["--node-id", &format!("node{i}"), "--capacity", "4Gi"])
+                    .arg("--state-dir")
+                    .arg(o.node_dir(i).join("csi"));
+                Ok(cmd)
+            }),
+        );
         let (o, n, cg) = (opts.clone(), ns.clone(), cgroup.clone());
         add(
             format!("node{i}"),
@@ -438,7 +489,9 @@ fn processes(opts: &Options, listener_fd: i32) -> Vec<Proc> {
                     .arg(o.dir.join("cni/bin"))
                     .arg("--cni-conf-dir")
                     .arg(o.node_dir(i).join("cni"))
-                    .args(["--cgroup-parent", &o.cgroup(i)]);
+                    .args(["--cgroup-parent", &o.cgroup(i)])
+                    .arg("--csi-socket")
+                    .arg(o.csi_socket(i));
                 Ok(cmd)
             }),
         );
@@ -577,8 +630,17 @@ fn run(opts: &Options, stop: &AtomicBool) -> Result<(), UpError> {
         wait("the API server", Duration::from_secs(30), stop, || {
             api_get(api, "/readyz").is_some()
         })?;
+        if !api_post(
+            api,
+            "/apis/storage.k8s.io/v1/storageclasses",
+            &storage_class(),
+        ) {
+            return Err(UpError::Failed(
+                "creating the default StorageClass failed".into(),
+            ));
+        }
         say(&format!(
-            "» {} node(s): containerd, weft node, weft-cni, weft-proxy{}",
+            "» {} node(s): containerd, weft node, weft-cni, weft-proxy, weft-csi{}",
             opts.nodes,
             if opts.nodes > 1 { ", weft-overlay" } else { "" }
         ));
@@ -658,6 +720,7 @@ pub fn teardown(opts: &Options) {
         cleanup::remove_cgroups(&opts.cgroup(i));
     }
     cleanup::unmount_under(&opts.dir);
+    cleanup::detach_loops_under(&opts.dir);
     for i in 1..=nodes {
         let pins = opts.pin_dir(i);
         if pins.exists()
