@@ -20,7 +20,7 @@ pub mod sockdiag;
 
 pub use nl::{LinkInfo, Netlink, RouteInfo};
 pub use ns::NetNs;
-pub use procs::kill_processes_in;
+pub use procs::{join_cgroup_at_exec, kill_processes_in};
 
 use std::path::PathBuf;
 

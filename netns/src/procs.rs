@@ -1,7 +1,31 @@
-//! Finding and killing the processes that live in a namespace: what removing a namespace (a
-//! test bed's, or a cluster `weft up` made) needs first.
+//! Processes and the namespaces and cgroups they live in: killing those of a namespace (what
+//! removing one, a test bed's or a cluster `weft up` made, needs first) and starting a command
+//! inside a cgroup.
 
-use std::{os::unix::fs::MetadataExt as _, path::Path};
+use std::{
+    os::unix::{fs::MetadataExt as _, process::CommandExt as _},
+    path::Path,
+    process::Command,
+};
+
+/// Makes `cmd`'s process join the cgroup (v1 or v2 directory) `cgroup` before it execs, so
+/// everything it does, cgroup BPF programs' view of its sockets included, happens there.
+pub fn join_cgroup_at_exec(cmd: &mut Command, cgroup: &Path) -> std::io::Result<()> {
+    let procs = std::fs::File::options()
+        .write(true)
+        .open(cgroup.join("cgroup.procs"))?;
+    // SAFETY: runs in the forked child before exec and only calls write(2) on a descriptor
+    // opened before the fork and kept open by the closure, which is async-signal-safe. Writing
+    // "0" moves the writing process.
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::unistd::write(&procs, b"0")
+                .map(|_| ())
+                .map_err(std::io::Error::from)
+        });
+    }
+    Ok(())
+}
 
 /// Kills (SIGKILL) every process whose namespace of `kind` (`net`, `mnt`, ...) is the one at
 /// `ns` (a bind mount such as `/run/netns/x`), and waits a moment for each to go (reaping the

@@ -125,20 +125,25 @@ pub enum Kind {
     PortForward,
 }
 
+/// The CRI labels naming pod `ns/pod` (and one of its containers).
+fn pod_labels(ns: &str, pod: &str, container: Option<&str>) -> HashMap<String, String> {
+    [
+        (crate::agent::NS_LABEL, Some(ns)),
+        (crate::agent::NAME_LABEL, Some(pod)),
+        (crate::agent::CONTAINER_LABEL, container),
+    ]
+    .into_iter()
+    .filter_map(|(k, v)| Some((k.to_owned(), v?.to_owned())))
+    .collect()
+}
+
 async fn running_container(
     cri: &Cri,
     ns: &str,
     pod: &str,
     container: &str,
 ) -> Result<String, Response> {
-    let labels: HashMap<String, String> = [
-        (crate::agent::NS_LABEL, ns),
-        (crate::agent::NAME_LABEL, pod),
-        (crate::agent::CONTAINER_LABEL, container),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v.to_owned()))
-    .collect();
+    let labels = pod_labels(ns, pod, Some(container));
     let found = cri
         .runtime
         .clone()
@@ -168,13 +173,7 @@ async fn running_container(
 }
 
 async fn ready_sandbox(cri: &Cri, ns: &str, pod: &str) -> Result<String, Response> {
-    let labels: HashMap<String, String> = [
-        (crate::agent::NS_LABEL, ns),
-        (crate::agent::NAME_LABEL, pod),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v.to_owned()))
-    .collect();
+    let labels = pod_labels(ns, pod, None);
     let found = cri
         .runtime
         .clone()

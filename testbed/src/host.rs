@@ -3,7 +3,6 @@
 use std::{
     ffi::OsStr,
     net::Ipv4Addr,
-    os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
     process::{Command, Output},
 };
@@ -79,22 +78,10 @@ impl Host {
     /// cgroup before exec, so cgroup BPF programs see all of its sockets).
     pub fn command_in_cgroup(&self, program: impl AsRef<OsStr>, cgroup: &Path) -> Result<Command> {
         let mut cmd = self.command(program)?;
-        let procs = std::fs::File::options()
-            .write(true)
-            .open(cgroup.join("cgroup.procs"))
-            .map_err(|source| Error::Io {
-                what: format!("opening {}/cgroup.procs", cgroup.display()),
-                source,
-            })?;
-        // SAFETY: runs in the forked child before exec and only calls write(2) on an fd opened
-        // before the fork, which is async-signal-safe. Writing "0" moves the writing process.
-        unsafe {
-            cmd.pre_exec(move || {
-                nix::unistd::write(&procs, b"0")
-                    .map(|_| ())
-                    .map_err(std::io::Error::from)
-            });
-        }
+        weft_netns::join_cgroup_at_exec(&mut cmd, cgroup).map_err(|source| Error::Io {
+            what: format!("opening {}/cgroup.procs", cgroup.display()),
+            source,
+        })?;
         Ok(cmd)
     }
 

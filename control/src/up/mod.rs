@@ -234,19 +234,8 @@ fn say(line: &str) {
 fn command_in(program: &Path, ns: &Path, cgroup: Option<&Path>) -> Result<Command, UpError> {
     let mut cmd = weft_netns::NetNs::open(ns)?.command(program)?;
     if let Some(cg) = cgroup {
-        let procs = File::options()
-            .write(true)
-            .open(cg.join("cgroup.procs"))
+        weft_netns::join_cgroup_at_exec(&mut cmd, cg)
             .map_err(io(format!("opening {}", cg.display())))?;
-        // SAFETY: runs in the forked child before exec and only calls write(2), which is
-        // async-signal-safe, on a descriptor opened before the fork and kept open by the closure.
-        unsafe {
-            cmd.pre_exec(move || {
-                nix::unistd::write(&procs, b"0")
-                    .map(|_| ())
-                    .map_err(std::io::Error::from)
-            });
-        }
     }
     Ok(cmd)
 }
