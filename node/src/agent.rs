@@ -309,6 +309,9 @@ impl Agent {
                     .await?;
             }
         }
+        if let Some(csi) = &self.csi {
+            csi.register(&self.client, name).await;
+        }
         tracing::info!(node = %name, "registered");
         Ok(())
     }

@@ -101,6 +101,60 @@ impl Csi {
         })
     }
 
+    /// What kubelet's CSI plugin registration does: the driver's topology (NodeGetInfo)
+    /// becomes labels of the Node, so the scheduler can match volumes' node affinity, and the
+    /// CSINode object lists the driver. Failures are logged: volumes then wait.
+    pub async fn register(&self, client: &Client, node: &str) {
+        let info = match self
+            .node
+            .clone()
+            .node_get_info(csi::NodeGetInfoRequest {})
+            .await
+        {
+            Ok(i) => i.into_inner(),
+            Err(e) => {
+                tracing::warn!(error = %e.message(), "weft-csi NodeGetInfo");
+                return;
+            }
+        };
+        let segments = info
+            .accessible_topology
+            .map(|t| t.segments)
+            .unwrap_or_default();
+        let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(client.clone());
+        if let Err(e) = nodes
+            .patch(
+                node,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"metadata": {"labels": segments}})),
+            )
+            .await
+        {
+            tracing::warn!(error = %e, "labelling the node with the driver's topology");
+        }
+        let csinode = json!({"apiVersion": "storage.k8s.io/v1", "kind": "CSINode",
+            "metadata": {"name": node},
+            "spec": {"drivers": [{"name": weft_csi::service::DRIVER_NAME, "nodeID": info.node_id,
+                                  "topologyKeys": segments.keys().collect::<Vec<_>>()}]}});
+        let csinodes: Api<k8s_openapi::api::storage::v1::CSINode> = Api::all(client.clone());
+        let result = match serde_json::from_value(csinode.clone()) {
+            Ok(typed) => match csinodes.create(&PostParams::default(), &typed).await {
+                Err(kube::Error::Api(r)) if r.code == 409 => csinodes
+                    .patch(node, &PatchParams::default(), &Patch::Merge(&csinode))
+                    .await
+                    .map(|_| ()),
+                r => r.map(|_| ()),
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "the CSINode object");
+                return;
+            }
+        };
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "registering the CSI driver on the node");
+        }
+    }
+
     /// The PersistentVolume bound to claim `ns/name`, provisioning it on this node first when
     /// the claim is unbound and its class is weft-csi's.
     pub async fn bound_volume(

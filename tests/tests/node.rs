@@ -721,6 +721,17 @@ fn pods_run_under_containerd_networked_by_weft_cni_and_leave_nothing_behind() {
             [0],
         "node0"
     );
+    // The driver is registered on the node as kubelet registers CSI plugins.
+    let n = node.json(&["get", "node", "node0"]);
+    assert_eq!(
+        n["metadata"]["labels"]["topology.weft.io/node"], "node0",
+        "{n}"
+    );
+    let csinode = node.json(&["get", "csinode", "node0"]);
+    assert_eq!(
+        csinode["spec"]["drivers"][0]["name"], "csi.weft.io",
+        "{csinode}"
+    );
     node.kubectl(&["delete", "pod", "writer"], None);
     wait_for("the writer gone", Duration::from_secs(60), || {
         node.json(&["get", "pods", "-l", "app=writer"])["items"]

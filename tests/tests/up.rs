@@ -268,6 +268,62 @@ fn two_nodes_run_pods_that_reach_each_other_and_weft_down_cleans_up_after_a_cras
         },
     );
 
+    // A claim's volume is made on its first pod's node; the pod's successors go to that node
+    // (the PersistentVolume's node affinity against the labels weft-csi's topology gave the
+    // nodes), five times over, though spreading alone would pick the other node about half the
+    // time.
+    let claim = cluster.dir.join("claim.yaml");
+    let pod_on_claim = |name: &str| {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: default}}\nspec:\n  \
+             volumes: [{{name: d, persistentVolumeClaim: {{claimName: shared}}}}]\n  \
+             containers: [{{name: c, image: weft/echo:dev, volumeMounts: [{{name: d, mountPath: /d}}]}}]\n"
+        )
+    };
+    std::fs::write(
+        &claim,
+        format!(
+            "apiVersion: v1\nkind: PersistentVolumeClaim\nmetadata: {{name: shared, namespace: default}}\n\
+             spec: {{accessModes: [ReadWriteOnce], resources: {{requests: {{storage: 32Mi}}}}}}\n---\n{}",
+            pod_on_claim("first")
+        ),
+    )
+    .unwrap();
+    cluster.kubectl(&["apply", "-f", &claim.display().to_string()]);
+    let node_of = |name: &str| -> Option<String> {
+        let p: serde_json::Value =
+            serde_json::from_str(&cluster.kubectl(&["get", "pod", name, "-o", "json"])).ok()?;
+        (p["status"]["phase"] == "Running")
+            .then(|| p["spec"]["nodeName"].as_str().unwrap_or("").to_owned())
+    };
+    let mut home = None;
+    wait_for(
+        "the first claim pod running",
+        Duration::from_secs(60),
+        || {
+            home = node_of("first");
+            home.is_some()
+        },
+    );
+    let home = home.unwrap();
+    for i in 0..5 {
+        let name = format!("next{i}");
+        let previous = if i == 0 {
+            "first".to_owned()
+        } else {
+            format!("next{}", i - 1)
+        };
+        cluster.kubectl(&["delete", "pod", &previous, "--wait=false"]);
+        std::fs::write(&claim, pod_on_claim(&name)).unwrap();
+        cluster.kubectl(&["apply", "-f", &claim.display().to_string()]);
+        let mut at = None;
+        wait_for("the successor running", Duration::from_secs(60), || {
+            at = node_of(&name);
+            at.is_some()
+        });
+        assert_eq!(at.as_ref(), Some(&home), "{name} left its volume's node");
+    }
+
     let status = String::from_utf8_lossy(&cluster.weft(&["status"]).stdout).into_owned();
     for want in [
         ["api", "running"],
@@ -299,6 +355,31 @@ fn two_nodes_run_pods_that_reach_each_other_and_weft_down_cleans_up_after_a_cras
         Duration::from_secs(10),
         || String::from_utf8_lossy(&cluster.weft(&["status"]).stdout).contains("NOT RUNNING"),
     );
+    // The pods' sandboxes as containerd recorded them: killed with it, each leaves libcni's
+    // cached results, which weft down must remove too.
+    let sandboxes: Vec<String> = (1..=2)
+        .flat_map(|i| {
+            std::fs::read_dir(cluster.dir.join(format!(
+                "nodes/node{i}/containerd/root/io.containerd.grpc.v1.cri/sandboxes"
+            )))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+        })
+        .collect();
+    assert!(!sandboxes.is_empty());
+    let tasks: Vec<(usize, String)> = (1..=2)
+        .flat_map(|i| {
+            std::fs::read_dir(cluster.dir.join(format!(
+                "nodes/node{i}/containerd/state/io.containerd.runtime.v2.task/k8s.io"
+            )))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(move |e| (i, e.file_name().to_string_lossy().into_owned()))
+        })
+        .collect();
     let down = cluster.weft(&["down"]);
     assert!(
         down.status.success(),
@@ -307,4 +388,25 @@ fn two_nodes_run_pods_that_reach_each_other_and_weft_down_cleans_up_after_a_cras
     );
     let left = cluster.leftovers();
     assert!(left.is_empty(), "left behind: {left:#?}");
+    let cached: Vec<String> = std::fs::read_dir("/var/lib/cni/results")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| sandboxes.iter().any(|id| n.contains(id.as_str())))
+        .collect();
+    assert!(cached.is_empty(), "libcni results left: {cached:?}");
+    // ...and the shims' sockets, named by a hash of containerd's address, namespace and id.
+    for (i, id) in &tasks {
+        use sha2::Digest as _;
+        let key = cluster.dir.join(format!(
+            "nodes/node{i}/containerd/containerd.sock/k8s.io/{id}"
+        ));
+        let hex: String = sha2::Sha256::digest(key.as_os_str().as_encoded_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let socket = Path::new("/run/containerd/s").join(hex);
+        assert!(!socket.exists(), "shim socket left: {}", socket.display());
+    }
 }

@@ -239,7 +239,11 @@ pub async fn run(ctx: Arc<Ctx>) {
             };
             let tie = state.ties;
             state.ties = state.ties.wrapping_add(1);
-            match plugins::choose(&pod, &state.snap, tie) {
+            let decided = match with_volume_affinity(&ctx, &pod).await {
+                Ok(constrained) => plugins::choose(&constrained, &state.snap, tie),
+                Err(message) => Err(message),
+            };
+            match decided {
                 Ok(i) => {
                     let node = state.snap.nodes[i].node.name_any();
                     // Counted at once, so the next decision sees it.
@@ -256,6 +260,65 @@ pub async fn run(ctx: Arc<Ctx>) {
             }
         }
     }
+}
+
+/// The pod as the filters should see it: with the node selector terms of the PersistentVolumes
+/// its bound claims use ([`plugins::VOLUME_AFFINITY`]); a claim that does not exist makes the
+/// pod unschedulable, as in kube-scheduler. Unbound claims add nothing: their volume is made on
+/// the node the pod goes to.
+async fn with_volume_affinity(ctx: &Ctx, pod: &Pod) -> Result<Pod, String> {
+    let claims: Vec<String> = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.volumes.as_ref())
+        .into_iter()
+        .flatten()
+        .filter_map(|v| Some(v.persistent_volume_claim.as_ref()?.claim_name.clone()))
+        .collect();
+    if claims.is_empty() {
+        return Ok(pod.clone());
+    }
+    let ns = pod.namespace().unwrap_or_default();
+    let pvcs: Api<k8s_openapi::api::core::v1::PersistentVolumeClaim> =
+        Api::namespaced(ctx.client.clone(), &ns);
+    let pvs: Api<k8s_openapi::api::core::v1::PersistentVolume> = Api::all(ctx.client.clone());
+    let mut volumes = Vec::new();
+    for name in claims {
+        let pvc = match pvcs.get_opt(&name).await {
+            Ok(Some(c)) => c,
+            Ok(None) => return Err(format!("persistentvolumeclaim \"{name}\" not found")),
+            Err(e) => return Err(format!("persistentvolumeclaim \"{name}\": {e}")),
+        };
+        let Some(pv) = pvc
+            .spec
+            .and_then(|s| s.volume_name)
+            .filter(|v| !v.is_empty())
+        else {
+            continue;
+        };
+        let terms = match pvs.get_opt(&pv).await {
+            Ok(Some(pv)) => pv
+                .spec
+                .and_then(|s| s.node_affinity)
+                .and_then(|a| a.required)
+                .map(|r| r.node_selector_terms),
+            Ok(None) => {
+                return Err(format!(
+                    "persistentvolume \"{pv}\" of claim \"{name}\" not found"
+                ));
+            }
+            Err(e) => return Err(format!("persistentvolume \"{pv}\": {e}")),
+        };
+        volumes.extend(terms);
+    }
+    let mut constrained = pod.clone();
+    if !volumes.is_empty() {
+        constrained.annotations_mut().insert(
+            plugins::VOLUME_AFFINITY.into(),
+            serde_json::to_string(&volumes).unwrap_or_default(),
+        );
+    }
+    Ok(constrained)
 }
 
 /// Binds the pod and, once bound, records `Scheduled` (bindings and their Events run

@@ -321,6 +321,28 @@ fn pods_in_domain<'a>(
         .flat_map(|n| n.pods.iter())
 }
 
+/// The annotation the scheduler puts on its own copy of a pod (never written to the API) with
+/// the node selector terms of the PersistentVolumes the pod's claims are bound to: a JSON list,
+/// one list of terms per volume, each satisfied by any of its terms.
+pub const VOLUME_AFFINITY: &str = "scheduler.weft.io/volume-node-affinity";
+
+/// Whether the node can reach every bound volume of the pod (kube-scheduler's VolumeBinding
+/// filter for bound claims).
+fn volumes_reachable(pod: &Pod, node: &NodeInfo) -> bool {
+    let Some(raw) = pod
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(VOLUME_AFFINITY))
+    else {
+        return true;
+    };
+    let volumes: Vec<Vec<NodeSelectorTerm>> = serde_json::from_str(raw).unwrap_or_default();
+    volumes
+        .iter()
+        .all(|terms| terms.iter().any(|t| term_matches(t, node)))
+}
+
 /// Whether a daemon pod belongs on the node, as kube's DaemonSet controller decides it: the
 /// pod's node selector and required affinity match and it tolerates the node's NoSchedule and
 /// NoExecute taints (resources are the scheduler's business: a daemon pod that does not fit
@@ -368,6 +390,9 @@ pub fn filter(pod: &Pod, node: &NodeInfo, snap: &Snapshot) -> Vec<String> {
     }
     if !affinity_fits(pod, node) {
         return vec!["node(s) didn't match Pod's node affinity/selector".into()];
+    }
+    if !volumes_reachable(pod, node) {
+        return vec!["node(s) had volume node affinity conflict".into()];
     }
     let wanted = host_ports(pod);
     if !wanted.is_empty() {
@@ -673,6 +698,40 @@ mod tests {
             json!({"spec": {"nodeSelector": {"kubernetes.io/hostname": "a"}}}),
         );
         assert_eq!(choose(&selected, &snap, 0), Ok(0));
+    }
+
+    #[test]
+    fn pods_follow_their_bound_volumes() {
+        let snap = Snapshot {
+            nodes: vec![
+                node("a", "4", "1Gi", json!({})),
+                node(
+                    "b",
+                    "4",
+                    "1Gi",
+                    json!({"metadata": {"labels": {"topology.weft.io/node": "b"}}}),
+                ),
+            ],
+        };
+        let on = |terms: serde_json::Value| {
+            pod(
+                "100m",
+                json!({"metadata": {"annotations": {VOLUME_AFFINITY: terms.to_string()}}}),
+            )
+        };
+        let to_b = on(
+            json!([[{"matchExpressions": [{"key": "topology.weft.io/node", "operator": "In", "values": ["b"]}]}]]),
+        );
+        assert_eq!(choose(&to_b, &snap, 0), Ok(1));
+        assert_eq!(choose(&to_b, &snap, 1), Ok(1));
+        let nowhere = on(
+            json!([[{"matchExpressions": [{"key": "topology.weft.io/node", "operator": "In", "values": ["z"]}]}]]),
+        );
+        assert!(
+            choose(&nowhere, &snap, 0).unwrap_err().starts_with(
+                "0/2 nodes are available: 2 node(s) had volume node affinity conflict."
+            ),
+        );
     }
 
     #[test]

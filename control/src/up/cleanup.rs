@@ -158,3 +158,53 @@ pub fn detach_loops_under(dir: &Path) {
         }
     }
 }
+
+/// The task ids (sandboxes and containers) containerd ran from the directory `containerd_dir`
+/// (its root and state there, as `weft node` lays them out).
+fn containerd_tasks(containerd_dir: &Path) -> Vec<String> {
+    [
+        "state/io.containerd.runtime.v2.task/k8s.io",
+        "root/io.containerd.grpc.v1.cri/sandboxes",
+    ]
+    .iter()
+    .flat_map(|d| {
+        std::fs::read_dir(containerd_dir.join(d))
+            .into_iter()
+            .flatten()
+            .flatten()
+    })
+    .filter_map(|e| e.file_name().to_str().map(str::to_owned))
+    .collect()
+}
+
+/// containerd 1.6 keeps two things outside its own directories for every pod: its shim's
+/// socket (`/run/containerd/s/<sha256 of address/namespace/id>`) and libcni's cached results
+/// (`/var/lib/cni/results/<network>-<sandbox id>-<interface>`). A pod stopped one by one leaves
+/// neither; one whose containerd and shims were killed (weft down) leaves both. Removes those of
+/// every sandbox and task of the containerd in `containerd_dir`.
+pub fn forget_containerd_leftovers(containerd_dir: &Path) {
+    use sha2::Digest as _;
+    let tasks = containerd_tasks(containerd_dir);
+    if tasks.is_empty() {
+        return;
+    }
+    let address = containerd_dir.join("containerd.sock");
+    for id in &tasks {
+        let key = address.join("k8s.io").join(id);
+        let hex: String = sha2::Sha256::digest(key.as_os_str().as_encoded_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let _ = std::fs::remove_file(Path::new("/run/containerd/s").join(hex));
+    }
+    for e in std::fs::read_dir("/var/lib/cni/results")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if tasks.iter().any(|id| name.contains(&format!("-{id}-"))) {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}

@@ -704,6 +704,9 @@ pub fn teardown(opts: &Options) {
         weft_netns::kill_processes_in(ns, "net");
     }
     cleanup::kill_processes_naming(&opts.dir.join("nodes"));
+    for i in 1..=opts.nodes.max(namespaces.len()) {
+        cleanup::forget_containerd_leftovers(&opts.node_dir(i).join("containerd"));
+    }
     let nodes = opts.nodes.max(namespaces.len());
     for i in 1..=nodes {
         cleanup::remove_cgroups(&opts.cgroup(i));
