@@ -132,6 +132,16 @@ fn columns(kind: &str) -> Vec<(&'static str, u8)> {
             ("Images", 1),
             ("Selector", 1),
         ],
+        "Job" => vec![
+            ("Name", 0),
+            ("Status", 0),
+            ("Completions", 0),
+            ("Duration", 0),
+            ("Age", 0),
+            ("Containers", 1),
+            ("Images", 1),
+            ("Selector", 1),
+        ],
         "DaemonSet" => vec![
             ("Name", 0),
             ("Desired", 0),
@@ -395,6 +405,54 @@ fn cells(kind: &str, o: &Value) -> Vec<Value> {
                         .unwrap_or(false)
                 ),
                 age,
+            ]
+        }
+        "Job" => {
+            let condition = |t: &str| {
+                o.pointer("/status/conditions")
+                    .and_then(Value::as_array)
+                    .is_some_and(|c| c.iter().any(|c| c["type"] == t && c["status"] == "True"))
+            };
+            let status = if condition("Complete") {
+                "Complete"
+            } else if condition("Failed") {
+                "Failed"
+            } else if o.pointer("/spec/suspend") == Some(&json!(true)) {
+                "Suspended"
+            } else {
+                "Running"
+            };
+            let secs = |p: &str| {
+                o.pointer(p)
+                    .and_then(Value::as_str)
+                    .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+            };
+            let duration = match (secs("/status/startTime"), secs("/status/completionTime")) {
+                (Some(a), Some(b)) => format!("{}s", (b - a).num_seconds()),
+                (Some(a), None) => {
+                    format!("{}s", (chrono::Utc::now().fixed_offset() - a).num_seconds())
+                }
+                _ => String::new(),
+            };
+            let (containers, images) =
+                containers_images(o.pointer("/spec/template/spec/containers"));
+            vec![
+                name,
+                json!(status),
+                json!(format!(
+                    "{}/{}",
+                    o.pointer("/status/succeeded")
+                        .and_then(Value::as_i64)
+                        .unwrap_or(0),
+                    o.pointer("/spec/completions")
+                        .and_then(Value::as_i64)
+                        .unwrap_or(1)
+                )),
+                json!(duration),
+                age,
+                json!(containers),
+                json!(images),
+                json!(or_none(label_selector(o.pointer("/spec/selector")))),
             ]
         }
         "DaemonSet" => {

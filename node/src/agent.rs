@@ -700,8 +700,29 @@ impl Agent {
         } else {
             "False"
         };
+        // A pod whose containers all ended and will not be restarted is done: Succeeded when
+        // every one exited 0, else Failed.
+        let exits: Vec<Option<i64>> = statuses
+            .iter()
+            .map(|s| {
+                s.pointer("/state/terminated/exitCode")
+                    .and_then(Value::as_i64)
+            })
+            .collect();
+        let phase = if policy != "Always" && !exits.is_empty() && exits.iter().all(Option::is_some)
+        {
+            if exits.iter().all(|e| *e == Some(0)) {
+                "Succeeded"
+            } else {
+                "Failed"
+            }
+        } else if all_running {
+            "Running"
+        } else {
+            "Pending"
+        };
         let mut status = json!({
-            "phase": if all_running { "Running" } else { "Pending" },
+            "phase": phase,
             "podIP": pod_ip, "podIPs": [{"ip": pod_ip}],
             "hostIP": self.config.address, "startTime": started,
             "conditions": [

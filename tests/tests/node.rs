@@ -764,6 +764,52 @@ fn pods_run_under_containerd_networked_by_weft_cni_and_leave_nothing_behind() {
         "weft-csi still has the volume"
     );
 
+    // Jobs: pods that exit 0 are Succeeded and count towards completions; a Job whose pods fail
+    // stops at its backoff limit.
+    node.kubectl(&["apply", "-f", "-"], Some(JOBS));
+    let out = node.kubectl(
+        &[
+            "wait",
+            "--for=condition=complete",
+            "job/twice",
+            "--timeout=90s",
+        ],
+        None,
+    );
+    assert!(out.contains("condition met"), "{out}");
+    let job = node.json(&["get", "job", "twice"]);
+    assert_eq!(job["status"]["succeeded"], 2, "{job}");
+    let table = node.kubectl(&["get", "job", "twice"], None);
+    assert!(
+        table.contains("Complete") && table.contains("2/2"),
+        "{table}"
+    );
+    let job_pods = node.json(&["get", "pods", "-l", "job-name=twice"]);
+    assert!(
+        job_pods["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|p| p["status"]["phase"] == "Succeeded"),
+        "{job_pods}"
+    );
+    let out = node.kubectl(
+        &[
+            "wait",
+            "--for=condition=failed",
+            "job/fails",
+            "--timeout=90s",
+        ],
+        None,
+    );
+    assert!(out.contains("condition met"), "{out}");
+    let job = node.json(&["get", "job", "fails"]);
+    assert_eq!(
+        job["status"]["failed"], 2,
+        "backoffLimit 1: two failed pods, then no more: {job}"
+    );
+    node.kubectl(&["delete", "job", "twice", "fails"], None);
+
     // A missing image with pullPolicy Never is reported, not retried forever in silence.
     node.kubectl(&["apply", "-f", "-"], Some("apiVersion: v1\nkind: Pod\nmetadata: {name: missing}\nspec:\n  containers: [{name: c, image: weft/nothing:1, imagePullPolicy: Never}]\n"));
     wait_for("ErrImageNeverPull", Duration::from_secs(30), || {
@@ -920,6 +966,29 @@ spec:
 "#
     )
 }
+
+const JOBS: &str = r#"
+apiVersion: batch/v1
+kind: Job
+metadata: {name: twice, namespace: default}
+spec:
+  completions: 2
+  parallelism: 1
+  template:
+    spec:
+      restartPolicy: Never
+      containers: [{name: work, image: weft/echo:dev, command: [sh, -c, "echo working; exit 0"]}]
+---
+apiVersion: batch/v1
+kind: Job
+metadata: {name: fails, namespace: default}
+spec:
+  backoffLimit: 1
+  template:
+    spec:
+      restartPolicy: Never
+      containers: [{name: work, image: weft/echo:dev, command: [sh, -c, "exit 3"]}]
+"#;
 
 const INIT: &str = r#"
 apiVersion: v1

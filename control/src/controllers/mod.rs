@@ -8,6 +8,7 @@
 //!   ([`rolling`] is the pure planner).
 //! * [`daemonset`]: a DaemonSet keeps one pod on every eligible node.
 //! * [`endpointslice`]: Services' EndpointSlices and Endpoints from their pods' readiness.
+//! * [`job`]: a Job runs pods until enough of them succeed.
 //! * [`gc`]: ownerReference cascading deletion.
 //! * [`nodelifecycle`]: nodes whose Lease stops being renewed turn NotReady and lose their pods.
 
@@ -15,6 +16,7 @@ pub mod daemonset;
 pub mod deployment;
 pub mod endpointslice;
 pub mod gc;
+pub mod job;
 pub mod nodelifecycle;
 pub mod replicaset;
 pub mod rolling;
@@ -209,6 +211,7 @@ pub async fn run(client: Client, options: Options) {
         replicaset::run(ctx.clone()),
         deployment::run(ctx.clone()),
         daemonset::run(ctx.clone()),
+        job::run(ctx.clone()),
         endpointslice::run(ctx.clone()),
         gc::run(ctx.clone()),
         nodelifecycle::run(ctx.clone()),
