@@ -20,12 +20,12 @@ use k8s_openapi::api::{
 };
 use kube::{
     Api, ResourceExt,
-    api::{DeleteParams, ListParams, Patch, PatchParams, PostParams},
+    api::{DeleteParams, ListParams, Patch, PatchParams},
     runtime::{Controller, controller::Action, reflector::ObjectRef, watcher},
 };
 use serde_json::json;
 
-use super::{Ctx, Error, claim, drive, not_found, owner_ref, retry};
+use super::{Ctx, Error, claim, create_pod, drive, not_found, owner_ref, retry};
 use crate::{
     controllers::replicaset::{is_active, is_ready, ready_since},
     scheduler::plugins::{NodeInfo, daemon_eligible},
@@ -279,34 +279,14 @@ async fn reconcile(ds: Arc<DaemonSet>, ctx: Arc<Ctx>) -> Result<Action, Error> {
         }
     }
     for node in &create {
-        match pods_api
-            .create(&PostParams::default(), &pinned(template.clone(), node))
-            .await
-        {
-            Ok(p) => {
-                ctx.events
-                    .record(
-                        &*ds,
-                        COMPONENT,
-                        Kind::Normal,
-                        "SuccessfulCreate",
-                        &format!("Created pod: {}", p.name_any()),
-                    )
-                    .await;
-            }
-            Err(e) => {
-                ctx.events
-                    .record(
-                        &*ds,
-                        COMPONENT,
-                        Kind::Warning,
-                        "FailedCreate",
-                        &format!("Error creating: {e}"),
-                    )
-                    .await;
-                return Err(e.into());
-            }
-        }
+        create_pod(
+            &ctx,
+            &pods_api,
+            &*ds,
+            COMPONENT,
+            &pinned(template.clone(), node),
+        )
+        .await?;
     }
     write_status(&ds, &ctx, &pods_api, &eligible, &hash).await?;
     Ok(Action::await_change())

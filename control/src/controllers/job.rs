@@ -16,12 +16,12 @@ use k8s_openapi::{
 };
 use kube::{
     Api, ResourceExt,
-    api::{DeleteParams, ListParams, Patch, PatchParams, PostParams},
+    api::{DeleteParams, ListParams, Patch, PatchParams},
     runtime::{Controller, controller::Action, watcher},
 };
 use serde_json::{Value, json};
 
-use super::{Ctx, Error, age_secs, controller_of, drive, not_found, owner_ref, retry};
+use super::{Ctx, Error, age_secs, controller_of, create_pod, drive, not_found, owner_ref, retry};
 use crate::controllers::replicaset::is_ready;
 use weft_events::Kind;
 
@@ -143,7 +143,6 @@ async fn reconcile(job: Arc<Job>, ctx: Arc<Ctx>) -> Result<Action, Error> {
     };
     let suspended = spec.suspend == Some(true);
     // A finished or suspended Job keeps no pod running.
-    let mut deleted = 0;
     if done || verdict.is_some() || suspended {
         for p in &active {
             match pods_api
@@ -151,7 +150,7 @@ async fn reconcile(job: Arc<Job>, ctx: Arc<Ctx>) -> Result<Action, Error> {
                 .await
             {
                 Err(e) if !not_found(&e) => return Err(e.into()),
-                _ => deleted += 1,
+                _ => {}
             }
         }
     }
@@ -162,35 +161,8 @@ async fn reconcile(job: Arc<Job>, ctx: Arc<Ctx>) -> Result<Action, Error> {
         let remaining = (completions - succeeded).max(0);
         let want = parallelism.min(remaining);
         for _ in (active.len() as i32)..want {
-            match pods_api
-                .create(&PostParams::default(), &new_pod(&job)?)
-                .await
-            {
-                Ok(p) => {
-                    created += 1;
-                    ctx.events
-                        .record(
-                            &*job,
-                            COMPONENT,
-                            Kind::Normal,
-                            "SuccessfulCreate",
-                            &format!("Created pod: {}", p.name_any()),
-                        )
-                        .await;
-                }
-                Err(e) => {
-                    ctx.events
-                        .record(
-                            &*job,
-                            COMPONENT,
-                            Kind::Warning,
-                            "FailedCreate",
-                            &format!("Error creating: {e}"),
-                        )
-                        .await;
-                    return Err(e.into());
-                }
-            }
+            create_pod(&ctx, &pods_api, &*job, COMPONENT, &new_pod(&job)?).await?;
+            created += 1;
         }
     }
     let now = Time(Timestamp::now());
@@ -257,7 +229,6 @@ async fn reconcile(job: Arc<Job>, ctx: Arc<Ctx>) -> Result<Action, Error> {
             )
             .await?;
     }
-    let _ = deleted;
     // The deadline passes without any event: look again then.
     if let (Some(deadline), false) = (spec.active_deadline_seconds, done || verdict.is_some()) {
         let started = job.status.as_ref().and_then(|s| s.start_time.as_ref());

@@ -166,6 +166,43 @@ where
         .await?)
 }
 
+/// Creates `pod` for `owner` and records the Event kube-controller-manager records for it
+/// (`SuccessfulCreate`, or `FailedCreate` with the error, which is returned).
+pub async fn create_pod<O: Resource<DynamicType = ()>>(
+    ctx: &Ctx,
+    api: &Api<k8s_openapi::api::core::v1::Pod>,
+    owner: &O,
+    component: &str,
+    pod: &k8s_openapi::api::core::v1::Pod,
+) -> Result<k8s_openapi::api::core::v1::Pod, Error> {
+    match api.create(&kube::api::PostParams::default(), pod).await {
+        Ok(p) => {
+            ctx.events
+                .record(
+                    owner,
+                    component,
+                    weft_events::Kind::Normal,
+                    "SuccessfulCreate",
+                    &format!("Created pod: {}", p.name_any()),
+                )
+                .await;
+            Ok(p)
+        }
+        Err(e) => {
+            ctx.events
+                .record(
+                    owner,
+                    component,
+                    weft_events::Kind::Warning,
+                    "FailedCreate",
+                    &format!("Error creating: {e}"),
+                )
+                .await;
+            Err(e.into())
+        }
+    }
+}
+
 /// Whether an API error is a 404.
 pub fn not_found(e: &kube::Error) -> bool {
     matches!(e, kube::Error::Api(r) if r.code == 404)
