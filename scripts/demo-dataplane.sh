@@ -87,7 +87,7 @@ done
 say "weft server (the Kubernetes API) on node1; kubectl writes the Service, the Node and the Pods"
 mkdir -p "$DIR/manifests" "$CG"
 export KUBECONFIG="$DIR/kubeconfig"
-in_ns node1 "$BIN/weft" server --listen 127.0.0.1:6443 --data "$DIR/store.json" \
+in_ns node1 "$BIN/weft" server --listen 127.0.0.1:6443 --data "$DIR/store.db" \
   --kubeconfig "$KUBECONFIG" 2>/dev/null &
 for _ in $(seq 1 100); do [ -s "$KUBECONFIG" ] && break; sleep 0.1; done
 kube() { in_ns node1 kubectl "$@"; }

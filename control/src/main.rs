@@ -24,8 +24,8 @@ enum Cmd {
         /// one it opened on the machine's loopback to a server in another network namespace.
         #[arg(long)]
         listen_fd: Vec<i32>,
-        /// File the store is kept in (created when missing); without it nothing survives a
-        /// restart.
+        /// SQLite database the store is kept in (created when missing; a JSON store of earlier
+        /// releases there is converted once); without it nothing survives a restart.
         #[arg(long)]
         data: Option<PathBuf>,
         /// Range Services get their cluster IPs from.

@@ -1,6 +1,9 @@
-//! The embedded store: every object of every served resource in memory, one resourceVersion
-//! counter for all of them, a bounded history of changes for watches that resume, and a single
-//! JSON file written atomically after every change so a restart loses nothing.
+//! The API server's store: every object of every served resource in memory (the watch cache),
+//! one resourceVersion counter for all of them, and a bounded history of changes for watches
+//! that resume, over a [`weft_store::Backend`] that every change is written through before it is
+//! acknowledged: SQLite (`Options::path`) or memory. A restart reloads the objects and the
+//! history from the backend's log, so a watch resumes from a resourceVersion it was given before
+//! the restart; a store in the JSON file format of earlier weft releases is converted once.
 //!
 //! Writes follow kube-apiserver's rules where clients notice them: names are unique per
 //! namespace, a namespaced object needs its namespace, an update that carries a stale
@@ -18,6 +21,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet, VecDeque},
     net::Ipv4Addr,
+    path::Path,
     path::PathBuf,
     sync::{Arc, Mutex, MutexGuard},
 };
@@ -25,6 +29,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::sync::broadcast;
+use weft_store::Backend;
 
 use crate::{
     resources::{self, Resource},
@@ -65,13 +70,14 @@ type Key = (String, String, String);
 /// Store settings.
 #[derive(Clone, Debug)]
 pub struct Options {
-    /// File the store is kept in; `None` keeps it in memory only.
+    /// SQLite database the store is kept in; `None` keeps it in memory only.
     pub path: Option<PathBuf>,
     /// Cluster IPs are allocated from here.
     pub service_cidr: ipnet::Ipv4Net,
     /// Node ports are allocated from here (inclusive).
     pub node_ports: (u16, u16),
-    /// How many changes a resuming watch can catch up on.
+    /// How many changes a resuming watch can catch up on (the backend's log is compacted to
+    /// keep at least this many).
     pub history: usize,
 }
 
@@ -86,7 +92,8 @@ impl Default for Options {
     }
 }
 
-#[derive(Default, Serialize, Deserialize)]
+/// The JSON file earlier releases kept the store in.
+#[derive(Deserialize)]
 struct Saved {
     rv: u64,
     objects: Vec<(String, Value)>,
@@ -104,6 +111,7 @@ pub struct Store {
     inner: Mutex<Inner>,
     tx: broadcast::Sender<Arc<Event>>,
     options: Options,
+    backend: Box<dyn Backend>,
 }
 
 impl std::fmt::Debug for Inner {
@@ -126,6 +134,165 @@ fn invalid(r: &Resource, name: &str, message: impl Into<String>) -> ApiError {
         name: name.to_owned(),
         message: message.into(),
     }
+}
+
+/// How often (in writes) the backend's log is compacted.
+const COMPACT_EVERY: u64 = 1000;
+
+/// The backend's key of an object: `<group>/<plural>/<namespace>/<name>`.
+fn backend_key(key: &Key) -> String {
+    format!("{}/{}/{}", key.0, key.1, key.2)
+}
+
+/// The object key of a backend key (names and namespaces have no `/`; a resource key may).
+fn parse_key(key: &str) -> Option<Key> {
+    let mut parts = key.rsplitn(3, '/');
+    let name = parts.next()?;
+    let namespace = parts.next()?;
+    let resource = parts.next()?;
+    Some((resource.to_owned(), namespace.to_owned(), name.to_owned()))
+}
+
+/// An object as the backend keeps it, with the resourceVersion of the write that made it.
+fn decode(value: &[u8], rev: Option<u64>) -> Result<Value, ApiError> {
+    let mut object: Value = serde_json::from_slice(value)
+        .map_err(|e| ApiError::Internal(format!("a stored object is not JSON: {e}")))?;
+    if let Some(rev) = rev
+        && object.get("metadata").is_some_and(Value::is_object)
+    {
+        object["metadata"]["resourceVersion"] = json!(rev.to_string());
+    }
+    Ok(object)
+}
+
+fn rv_of(object: &Value) -> u64 {
+    meta(object, "resourceVersion")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+fn backend_error(e: weft_store::Error) -> ApiError {
+    match e {
+        weft_store::Error::Compacted { asked, compacted } => ApiError::Gone {
+            asked,
+            oldest: compacted + 1,
+        },
+        weft_store::Error::Conflict { .. } => ApiError::Conflict(format!(
+            "Operation cannot be fulfilled: the object has been modified; please apply your changes to the latest version and try again ({e})"
+        )),
+        weft_store::Error::Engine { .. } => ApiError::Internal(format!("store: {e}")),
+    }
+}
+
+/// A change of the backend's log as a watch event (`None` for keys weft does not write).
+fn event_of(change: &weft_store::Change) -> Result<Option<Event>, ApiError> {
+    let Some((resource, namespace, _)) = parse_key(&change.key) else {
+        return Ok(None);
+    };
+    let previous = change
+        .previous
+        .as_deref()
+        .map(|v| decode(v, None))
+        .transpose()?;
+    let (kind, object, previous) = match (&change.value, previous) {
+        (Some(v), None) => (EventType::Added, decode(v, Some(change.rev))?, None),
+        (Some(v), Some(p)) => (EventType::Modified, decode(v, Some(change.rev))?, Some(p)),
+        (None, Some(mut p)) => {
+            p["metadata"]["resourceVersion"] = json!(change.rev.to_string());
+            (EventType::Deleted, p, None)
+        }
+        (None, None) => return Ok(None),
+    };
+    Ok(Some(Event {
+        rv: change.rev,
+        kind,
+        resource,
+        namespace,
+        object,
+        previous,
+    }))
+}
+
+/// Opens the SQLite store at `path`; a JSON store of earlier releases there is converted first
+/// (and kept beside it as `<name>.before-sqlite`).
+fn open_sqlite(path: &Path) -> Result<weft_store::Sqlite, ApiError> {
+    let io = |e: std::io::Error| ApiError::Internal(format!("opening {}: {e}", path.display()));
+    let converting = path.with_extension("converting");
+    let mut backup = path.as_os_str().to_owned();
+    backup.push(".before-sqlite");
+    let backup = PathBuf::from(backup);
+    if !path.exists() && converting.exists() && backup.exists() {
+        // A conversion stopped between its two renames: finish it.
+        std::fs::rename(&converting, path).map_err(io)?;
+    }
+    let json = match std::fs::read(path) {
+        Ok(bytes) => bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{'),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+        Err(e) => return Err(io(e)),
+    };
+    if json {
+        convert_json(path, &converting, &backup)?;
+    }
+    weft_store::Sqlite::open(path).map_err(backend_error)
+}
+
+/// Converts the JSON store at `path` into a SQLite one at the same path.
+fn convert_json(path: &Path, converting: &Path, backup: &Path) -> Result<(), ApiError> {
+    let io = |e: std::io::Error| ApiError::Internal(format!("converting {}: {e}", path.display()));
+    let saved: Saved = serde_json::from_slice(&std::fs::read(path).map_err(io)?)
+        .map_err(|e| ApiError::Internal(format!("reading {}: {e}", path.display())))?;
+    let mut revisions = BTreeSet::new();
+    let mut records = Vec::with_capacity(saved.objects.len());
+    for (resource, object) in &saved.objects {
+        let key = (
+            resource.clone(),
+            meta(object, "namespace").unwrap_or("").to_owned(),
+            meta(object, "name").unwrap_or("").to_owned(),
+        );
+        let rev = rv_of(object);
+        if rev == 0 || rev > saved.rv || !revisions.insert(rev) {
+            return Err(ApiError::Internal(format!(
+                "converting {}: {} has resourceVersion {rev:?}, which is not a revision of its own",
+                path.display(),
+                backend_key(&key)
+            )));
+        }
+        let value = serde_json::to_vec(object)
+            .map_err(|e| ApiError::Internal(format!("encoding {}: {e}", key.2)))?;
+        records.push(weft_store::Record {
+            key: backend_key(&key),
+            rev,
+            value,
+        });
+    }
+    for leftover in [
+        converting.to_owned(),
+        converting.with_extension("converting-wal"),
+    ] {
+        match std::fs::remove_file(&leftover) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(e)),
+            _ => {}
+        }
+    }
+    {
+        let db = weft_store::Sqlite::open(converting).map_err(backend_error)?;
+        db.import(saved.rv, &records).map_err(backend_error)?;
+    }
+    std::fs::rename(path, backup).map_err(io)?;
+    std::fs::rename(converting, path).map_err(io)?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io)?;
+    }
+    tracing::info!(
+        store = %path.display(),
+        objects = records.len(),
+        revision = saved.rv,
+        backup = %backup.display(),
+        "converted a JSON store to SQLite"
+    );
+    Ok(())
 }
 
 /// A DNS-1123 label or subdomain, as object names must be.
@@ -336,44 +503,56 @@ pub fn set_condition(
 }
 
 impl Store {
-    /// Opens the store, reading its file if it exists, and makes sure the `default`,
-    /// `kube-system` and `kube-public` namespaces exist.
+    /// Opens the store (the SQLite database at `options.path`, converting a store in the JSON
+    /// format of earlier releases; in memory without a path) and makes sure the `default`,
+    /// `kube-system`, `kube-public` and `kube-node-lease` namespaces exist.
     pub fn open(options: Options) -> Result<Self, ApiError> {
+        let backend: Box<dyn Backend> = match &options.path {
+            None => Box::new(weft_store::Memory::new()),
+            Some(path) => Box::new(open_sqlite(path)?),
+        };
+        Self::with_backend(options, backend)
+    }
+
+    /// Opens the store over `backend`: loads every live object, and the newest changes (up to
+    /// `options.history`) for watches that resume from before a restart.
+    pub fn with_backend(options: Options, backend: Box<dyn Backend>) -> Result<Self, ApiError> {
+        let snapshot = backend.snapshot().map_err(backend_error)?;
         let mut inner = Inner {
-            rv: 0,
+            rv: snapshot.rev,
             objects: BTreeMap::new(),
             history: VecDeque::new(),
         };
-        if let Some(path) = &options.path {
-            match std::fs::read(path) {
-                Ok(bytes) => {
-                    let saved: Saved = serde_json::from_slice(&bytes).map_err(|e| {
-                        ApiError::Internal(format!("reading {}: {e}", path.display()))
-                    })?;
-                    inner.rv = saved.rv;
-                    for (resource, object) in saved.objects {
-                        let key = (
-                            resource,
-                            meta(&object, "namespace").unwrap_or("").to_owned(),
-                            meta(&object, "name").unwrap_or("").to_owned(),
-                        );
-                        inner.objects.insert(key, object);
-                    }
+        for record in &snapshot.records {
+            match parse_key(&record.key) {
+                Some(key) => {
+                    inner
+                        .objects
+                        .insert(key, decode(&record.value, Some(record.rev))?);
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => {
-                    return Err(ApiError::Internal(format!(
-                        "reading {}: {e}",
-                        path.display()
-                    )));
-                }
+                None => tracing::warn!(key = record.key, "ignoring a key weft does not write"),
             }
         }
+        let keep = u64::try_from(options.history).unwrap_or(u64::MAX);
+        let after = snapshot.compacted.max(snapshot.rev.saturating_sub(keep));
+        for change in backend.changes(after).map_err(backend_error)? {
+            if let Some(event) = event_of(&change)? {
+                inner.history.push_back(Arc::new(event));
+            }
+        }
+        tracing::info!(
+            backend = backend.name(),
+            revision = inner.rv,
+            objects = inner.objects.len(),
+            history = inner.history.len(),
+            "store opened"
+        );
         let (tx, _) = broadcast::channel(options.history.max(16));
         let store = Self {
             inner: Mutex::new(inner),
             tx,
             options,
+            backend,
         };
         let ns = resources::find("", "v1", "namespaces").expect("served");
         for name in ["default", "kube-system", "kube-public", "kube-node-lease"] {
@@ -402,25 +581,16 @@ impl Store {
         )
     }
 
-    fn save(&self, inner: &Inner) -> Result<(), ApiError> {
-        let Some(path) = &self.options.path else {
-            return Ok(());
-        };
-        let saved = Saved {
-            rv: inner.rv,
-            objects: inner
-                .objects
-                .iter()
-                .map(|((r, _, _), o)| (r.clone(), o.clone()))
-                .collect(),
-        };
-        let tmp = path.with_extension("tmp");
-        let write = || -> std::io::Result<()> {
-            std::fs::write(&tmp, serde_json::to_vec(&saved)?)?;
-            std::fs::File::open(&tmp)?.sync_all()?;
-            std::fs::rename(&tmp, path)
-        };
-        write().map_err(|e| ApiError::Internal(format!("writing {}: {e}", path.display())))
+    /// Compacts the backend's log now and then, keeping the history watches can resume from.
+    fn written(&self, inner: &mut Inner, rv: u64) {
+        inner.rv = rv;
+        let keep = u64::try_from(self.options.history).unwrap_or(u64::MAX);
+        if rv.is_multiple_of(COMPACT_EVERY)
+            && rv > keep
+            && let Err(e) = self.backend.compact(rv - keep)
+        {
+            tracing::warn!(error = %e, "compacting the store");
+        }
     }
 
     fn record(&self, inner: &mut Inner, event: Event) {
@@ -544,7 +714,6 @@ impl Store {
                 name,
             });
         }
-        let rv = inner.rv + 1;
         {
             let o = object.as_object_mut().expect("checked");
             o.insert("apiVersion".into(), json!(r.api_version()));
@@ -561,7 +730,6 @@ impl Store {
             }
             m.insert("uid".into(), json!(uuid::Uuid::new_v4().to_string()));
             m.insert("creationTimestamp".into(), json!(now()));
-            m.insert("resourceVersion".into(), json!(rv.to_string()));
             m.insert("generation".into(), json!(1));
             m.remove("deletionTimestamp");
             if r.kind == "Namespace" {
@@ -592,22 +760,30 @@ impl Store {
         if r.kind == "Service" {
             self.allocate(&inner, &name, &mut object)?;
         }
-        self.commit(&mut inner, rv, key, object.clone(), None)?;
-        Ok(object)
+        self.commit(&mut inner, key, object, None)
     }
 
-    /// Stores a created or changed object at version `rv`, writes the file, and tells watchers.
+    /// Writes a created or changed object through to the backend, then to the cache, and tells
+    /// watchers; returns it with the resourceVersion the write made.
     fn commit(
         &self,
         inner: &mut Inner,
-        rv: u64,
         key: Key,
-        object: Value,
+        mut object: Value,
         previous: Option<Value>,
-    ) -> Result<(), ApiError> {
-        inner.rv = rv;
+    ) -> Result<Value, ApiError> {
+        let expected = previous.as_ref().map_or(0, rv_of);
+        object["metadata"]["resourceVersion"] = json!((inner.rv + 1).to_string());
+        let bytes = serde_json::to_vec(&object)
+            .map_err(|e| ApiError::Internal(format!("encoding {}: {e}", key.2)))?;
+        let rv = self
+            .backend
+            .write(&backend_key(&key), expected, Some(&bytes))
+            .map_err(backend_error)?;
+        // Another writer of a shared backend may have taken the revision this one expected.
+        object["metadata"]["resourceVersion"] = json!(rv.to_string());
+        self.written(inner, rv);
         inner.objects.insert(key.clone(), object.clone());
-        self.save(inner)?;
         let kind = if previous.is_some() {
             EventType::Modified
         } else {
@@ -620,11 +796,11 @@ impl Store {
                 kind,
                 resource: key.0,
                 namespace: key.1,
-                object,
+                object: object.clone(),
                 previous,
             },
         );
-        Ok(())
+        Ok(object)
     }
 
     /// Cluster IP and node ports for a new Service.
@@ -854,14 +1030,11 @@ impl Store {
             let g = stored["metadata"]["generation"].as_u64().unwrap_or(1);
             next["metadata"]["generation"] = json!(g + 1);
         }
-        let rv = inner.rv + 1;
-        next["metadata"]["resourceVersion"] = json!(rv.to_string());
-        self.commit(&mut inner, rv, key.clone(), next.clone(), Some(stored))?;
+        let next = self.commit(&mut inner, key.clone(), next, Some(stored))?;
         // The last finalizer of an object being deleted is gone: the deletion completes (a pod
         // still in its grace period waits for its node).
         if terminating(&next) && finalizers(&next).is_empty() && Self::due(r, &next) {
-            let gone = self.remove(&mut inner, &key);
-            self.save(&inner)?;
+            let gone = self.remove(&mut inner, &key)?;
             return Ok(gone.unwrap_or(next));
         }
         Ok(next)
@@ -904,10 +1077,7 @@ impl Store {
             let g = stored["metadata"]["generation"].as_u64().unwrap_or(1);
             next["metadata"]["generation"] = json!(g + 1);
         }
-        let rv = inner.rv + 1;
-        next["metadata"]["resourceVersion"] = json!(rv.to_string());
-        self.commit(&mut inner, rv, key, next.clone(), Some(stored))?;
-        Ok(next)
+        self.commit(&mut inner, key, next, Some(stored))
     }
 
     /// `pods/binding`: assigns a pending pod to a node, as the scheduler does.
@@ -988,14 +1158,10 @@ impl Store {
         };
         let already = terminating(&stored);
         if r.kind == "Namespace" {
-            let out = self.terminate_namespace(&mut inner, &key, stored)?;
-            self.save(&inner)?;
-            return Ok(out);
+            return self.terminate_namespace(&mut inner, &key, stored);
         }
         if fin.is_empty() && grace == 0 {
-            let gone = self.remove(&mut inner, &key).unwrap_or(Value::Null);
-            self.save(&inner)?;
-            return Ok(gone);
+            return Ok(self.remove(&mut inner, &key)?.unwrap_or(Value::Null));
         }
         let mut next = stored.clone();
         let m = &mut next["metadata"];
@@ -1016,10 +1182,7 @@ impl Store {
         if next == stored {
             return Ok(stored);
         }
-        let rv = inner.rv + 1;
-        next["metadata"]["resourceVersion"] = json!(rv.to_string());
-        self.commit(&mut inner, rv, key, next.clone(), Some(stored))?;
-        Ok(next)
+        self.commit(&mut inner, key, next, Some(stored))
     }
 
     /// Deletes every object of `r` in `namespace` (all when `None`) that `filter` accepts
@@ -1047,10 +1210,18 @@ impl Store {
 
     /// Removes an object now (a DELETED event); the namespace it was the last object of goes
     /// too if it is terminating.
-    fn remove(&self, inner: &mut Inner, key: &Key) -> Option<Value> {
-        let mut object = inner.objects.remove(key)?;
-        let rv = inner.rv + 1;
-        inner.rv = rv;
+    fn remove(&self, inner: &mut Inner, key: &Key) -> Result<Option<Value>, ApiError> {
+        let Some(stored) = inner.objects.get(key) else {
+            return Ok(None);
+        };
+        let rv = self
+            .backend
+            .write(&backend_key(key), rv_of(stored), None)
+            .map_err(backend_error)?;
+        self.written(inner, rv);
+        let Some(mut object) = inner.objects.remove(key) else {
+            return Ok(None);
+        };
         object["metadata"]["resourceVersion"] = json!(rv.to_string());
         self.record(
             inner,
@@ -1064,21 +1235,20 @@ impl Store {
             },
         );
         if !key.1.is_empty() {
-            self.finish_namespace(inner, &key.1);
+            self.finish_namespace(inner, &key.1)?;
         }
-        Some(object)
+        Ok(Some(object))
     }
 
     /// A namespace that is being deleted goes once nothing is left in it.
-    fn finish_namespace(&self, inner: &mut Inner, ns: &str) {
+    fn finish_namespace(&self, inner: &mut Inner, ns: &str) -> Result<(), ApiError> {
         let ns_key = ("/namespaces".to_owned(), String::new(), ns.to_owned());
-        if !inner.objects.get(&ns_key).is_some_and(terminating) {
-            return;
+        if !inner.objects.get(&ns_key).is_some_and(terminating)
+            || inner.objects.keys().any(|(_, n, _)| n == ns)
+        {
+            return Ok(());
         }
-        if inner.objects.keys().any(|(_, n, _)| n == ns) {
-            return;
-        }
-        self.remove(inner, &ns_key);
+        self.remove(inner, &ns_key).map(drop)
     }
 
     /// Marks a namespace `Terminating` and deletes its content (pods gracefully, objects with
@@ -1095,9 +1265,7 @@ impl Store {
             next["metadata"]["deletionTimestamp"] = json!(now());
             next["metadata"]["deletionGracePeriodSeconds"] = json!(0);
             next["status"]["phase"] = json!("Terminating");
-            let rv = inner.rv + 1;
-            next["metadata"]["resourceVersion"] = json!(rv.to_string());
-            self.commit(inner, rv, key.clone(), next, Some(stored))?;
+            self.commit(inner, key.clone(), next, Some(stored))?;
         }
         let content: Vec<Key> = inner
             .objects
@@ -1112,17 +1280,15 @@ impl Store {
             let pod = k.0 == "/pods";
             let grace = if pod { pod_grace(&object, None) } else { 0 };
             if finalizers(&object).is_empty() && grace == 0 {
-                self.remove(inner, &k);
+                self.remove(inner, &k)?;
             } else if !terminating(&object) {
                 let mut next = object.clone();
                 next["metadata"]["deletionTimestamp"] = json!(timestamp_in(grace));
                 next["metadata"]["deletionGracePeriodSeconds"] = json!(grace);
-                let rv = inner.rv + 1;
-                next["metadata"]["resourceVersion"] = json!(rv.to_string());
-                self.commit(inner, rv, k, next, Some(object))?;
+                self.commit(inner, k, next, Some(object))?;
             }
         }
-        self.finish_namespace(inner, &name);
+        self.finish_namespace(inner, &name)?;
         Ok(inner
             .objects
             .get(key)
@@ -1278,12 +1444,18 @@ mod tests {
         assert_eq!(store.watch(cm, Some(from)).unwrap().backlog.len(), 3);
     }
 
-    #[test]
-    fn the_file_keeps_everything_across_a_restart() {
-        let dir = std::env::temp_dir().join(format!("weft-store-{}", std::process::id()));
+    fn temp_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("weft-store-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn the_database_keeps_objects_and_history_across_a_restart() {
+        let dir = temp_dir("restart");
         let options = Options {
-            path: Some(dir.join("store.json")),
+            path: Some(dir.join("store.db")),
             ..Options::default()
         };
         let store = Store::open(options.clone()).unwrap();
@@ -1295,15 +1467,139 @@ mod tests {
                 json!({"metadata": {"name": "kept"}, "data": {"k": "v"}}),
             )
             .unwrap();
+        let from = store.revision();
+        store
+            .modify(cm, "default", "kept", |o| {
+                o["data"]["k"] = json!("w");
+                Ok(())
+            })
+            .unwrap();
+        store
+            .create(cm, "default", json!({"metadata": {"name": "gone"}}))
+            .unwrap();
+        store
+            .delete(cm, "default", "gone", &DeleteOptions::default())
+            .unwrap();
         let rv = store.revision();
         drop(store);
         let again = Store::open(options).unwrap();
         assert_eq!(again.revision(), rv);
-        assert_eq!(again.get(cm, "default", "kept").unwrap()["data"]["k"], "v");
+        let kept = again.get(cm, "default", "kept").unwrap();
+        assert_eq!(kept["data"]["k"], "w");
+        assert_eq!(kept["metadata"]["resourceVersion"], (from + 1).to_string());
+        // A watch given a version before the restart resumes: the change, the creation and the
+        // deletion after it, in order.
+        let backlog = again.watch(cm, Some(from)).unwrap().backlog;
+        let seen: Vec<(EventType, &str)> = backlog
+            .iter()
+            .map(|e| (e.kind, meta(&e.object, "name").unwrap()))
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                (EventType::Modified, "kept"),
+                (EventType::Added, "gone"),
+                (EventType::Deleted, "gone")
+            ]
+        );
+        assert_eq!(backlog[0].previous.as_ref().unwrap()["data"]["k"], "v");
+        assert_eq!(backlog[2].rv, rv);
+        // Writes go on from the stored revision.
+        let next = again
+            .create(cm, "default", json!({"metadata": {"name": "after"}}))
+            .unwrap();
+        assert_eq!(next["metadata"]["resourceVersion"], (rv + 1).to_string());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_restarted_store_resumes_watches_within_its_history_and_refuses_older_ones() {
+        let dir = temp_dir("compact");
+        let options = Options {
+            path: Some(dir.join("store.db")),
+            history: 50,
+            ..Options::default()
+        };
+        let store = Store::open(options.clone()).unwrap();
+        let cm = resources::find("", "v1", "configmaps").unwrap();
+        store
+            .create(cm, "default", json!({"metadata": {"name": "c"}}))
+            .unwrap();
+        while store.revision() < COMPACT_EVERY + 10 {
+            store
+                .modify(cm, "default", "c", |o| {
+                    o["data"]["n"] = json!((rv_of(o) + 1).to_string());
+                    Ok(())
+                })
+                .unwrap();
+        }
+        let rv = store.revision();
+        drop(store);
+        let again = Store::open(options).unwrap();
+        // The backend was compacted at COMPACT_EVERY - 50 and 50 changes are reloaded: older
+        // versions are gone, newer ones resume.
         assert!(matches!(
-            again.watch(cm, Some(1)),
+            again.watch(cm, Some(COMPACT_EVERY - 100)),
             Err(ApiError::Gone { .. })
         ));
+        let backlog = again.watch(cm, Some(rv - 5)).unwrap().backlog;
+        assert_eq!(backlog.len(), 5);
+        assert!(backlog.iter().all(|e| e.kind == EventType::Modified));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_json_store_of_an_earlier_release_is_converted_once() {
+        let dir = temp_dir("convert");
+        let path = dir.join("store.json");
+        let old = json!({"rv": 12, "objects": [
+            ["/namespaces", {"apiVersion": "v1", "kind": "Namespace",
+                "metadata": {"name": "demo", "resourceVersion": "5"}, "status": {"phase": "Active"}}],
+            ["/configmaps", {"apiVersion": "v1", "kind": "ConfigMap",
+                "metadata": {"name": "c", "namespace": "demo", "resourceVersion": "9"}, "data": {"a": "b"}}],
+        ]});
+        std::fs::write(&path, serde_json::to_vec(&old).unwrap()).unwrap();
+        let options = Options {
+            path: Some(path.clone()),
+            ..Options::default()
+        };
+        let store = Store::open(options.clone()).unwrap();
+        let cm = resources::find("", "v1", "configmaps").unwrap();
+        let c = store.get(cm, "demo", "c").unwrap();
+        assert_eq!(c["data"]["a"], "b");
+        assert_eq!(c["metadata"]["resourceVersion"], "9");
+        // The missing system namespaces were created after the stored revision.
+        assert!(store.revision() > 12);
+        drop(store);
+        assert!(dir.join("store.json.before-sqlite").exists());
+        assert!(
+            std::fs::read(&path)
+                .unwrap()
+                .starts_with(b"SQLite format 3")
+        );
+        let again = Store::open(options).unwrap();
+        assert_eq!(again.get(cm, "demo", "c").unwrap()["data"]["a"], "b");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_json_store_with_shared_versions_is_refused_untouched() {
+        let dir = temp_dir("refuse");
+        let path = dir.join("store.json");
+        let bad = br#"{"rv": 3, "objects": [
+            ["/configmaps", {"metadata": {"name": "a", "namespace": "default", "resourceVersion": "2"}}],
+            ["/configmaps", {"metadata": {"name": "b", "namespace": "default", "resourceVersion": "2"}}]]}"#;
+        std::fs::write(&path, bad).unwrap();
+        let err = Store::open(Options {
+            path: Some(path.clone()),
+            ..Options::default()
+        })
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("not a revision of its own"),
+            "{err}"
+        );
+        assert_eq!(std::fs::read(&path).unwrap(), bad);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -77,15 +77,6 @@ impl std::fmt::Debug for HollowNodes {
     }
 }
 
-async fn client(kubeconfig: &Path) -> Result<Client, kube::Error> {
-    let k = kube::config::Kubeconfig::read_from(kubeconfig)
-        .map_err(|e| kube::Error::Service(Box::new(e)))?;
-    let config = kube::Config::from_custom_kubeconfig(k, &Default::default())
-        .await
-        .map_err(|e| kube::Error::Service(Box::new(e)))?;
-    Client::try_from(config)
-}
-
 impl HollowNodes {
     /// Registers `names` as Ready nodes of the API server at `kubeconfig` and starts serving
     /// them.
@@ -95,7 +86,7 @@ impl HollowNodes {
             .enable_all()
             .build()
             .map_err(|e| kube::Error::Service(Box::new(e)))?;
-        let client = rt.block_on(client(kubeconfig))?;
+        let client = rt.block_on(crate::kube_client(kubeconfig))?;
         let nodes: Arc<Mutex<HashMap<String, Arc<Hollow>>>> = Arc::default();
         for (i, name) in names.iter().enumerate() {
             let hollow = Arc::new(Hollow {

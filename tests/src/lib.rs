@@ -159,3 +159,13 @@ impl BenchArgs {
         &self.0
     }
 }
+
+/// A kube-rs client for the API server a kubeconfig file names.
+pub async fn kube_client(kubeconfig: &Path) -> Result<kube::Client, kube::Error> {
+    let k = kube::config::Kubeconfig::read_from(kubeconfig)
+        .map_err(|e| kube::Error::Service(Box::new(e)))?;
+    let config = kube::Config::from_custom_kubeconfig(k, &Default::default())
+        .await
+        .map_err(|e| kube::Error::Service(Box::new(e)))?;
+    kube::Client::try_from(config)
+}

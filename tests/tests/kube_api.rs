@@ -64,7 +64,7 @@ impl Env {
             .command(weft_binary("weft"))
             .unwrap()
             .args(["server", "--listen", API, "--data"])
-            .arg(self.dir.join("store.json"))
+            .arg(self.dir.join("store.db"))
             .arg("--kubeconfig")
             .arg(self.kubeconfig())
             .spawn()

@@ -429,7 +429,7 @@ fn processes(opts: &Options, listener_fd: i32) -> Vec<Proc> {
                 .args(["--listen", &format!("{}:6443", topology::API_ADDR)])
                 .args(["--listen-fd", "3"])
                 .arg("--data")
-                .arg(o.dir.join("store.json"));
+                .arg(o.dir.join("store.db"));
             // SAFETY: runs in the forked child before exec and only calls dup2(2), which is
             // async-signal-safe; the listener stays open in the parent for every restart.
             unsafe {
