@@ -29,6 +29,7 @@ PACKAGES=(
   containerd      # the container runtime weft node drives over CRI (weft starts its own, never the service)
   runc            # containerd's OCI runtime
   protobuf-compiler # protoc, for the CRI protobufs (k8s-cri's build)
+  etcd-server     # etcd 3.4: the store backend for clusters that outgrow one machine (tests start their own members)
 )
 missing=()
 for p in "${PACKAGES[@]}"; do

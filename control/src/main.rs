@@ -26,8 +26,15 @@ enum Cmd {
         listen_fd: Vec<i32>,
         /// SQLite database the store is kept in (created when missing; a JSON store of earlier
         /// releases there is converted once); without it nothing survives a restart.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "etcd_servers")]
         data: Option<PathBuf>,
+        /// Keep the store in etcd v3 instead: the members' client URLs, comma-separated
+        /// (`http://127.0.0.1:2379`), as kube-apiserver's flag of the same name.
+        #[arg(long, value_delimiter = ',')]
+        etcd_servers: Vec<String>,
+        /// The key prefix of the store in etcd.
+        #[arg(long, default_value = "/registry/")]
+        etcd_prefix: String,
         /// Range Services get their cluster IPs from.
         #[arg(long, default_value = "10.96.0.0/16")]
         service_cidr: ipnet::Ipv4Net,
@@ -97,6 +104,10 @@ enum Cmd {
         /// Where weft's binaries are (default: beside this one).
         #[arg(long)]
         bin_dir: Option<PathBuf>,
+        /// The API server's store: `sqlite` (embedded, one file) or `etcd` (an etcd member this
+        /// cluster runs beside the API server, as clusters that outgrow one machine use).
+        #[arg(long, value_enum, default_value_t = weft_control::up::StoreKind::Sqlite)]
+        store: weft_control::up::StoreKind,
         /// Stay attached: run the supervisor in this process (Ctrl-C takes the cluster down).
         #[arg(long)]
         foreground: bool,
@@ -164,6 +175,7 @@ impl ClusterArgs {
             nodes,
             port,
             bin_dir,
+            store: weft_control::up::StoreKind::Sqlite,
         })
     }
 }
@@ -260,13 +272,25 @@ fn main() -> anyhow::Result<()> {
             listen,
             listen_fd,
             data,
+            etcd_servers,
+            etcd_prefix,
             service_cidr,
             kubeconfig: kubeconfig_path,
             controllers: run_controllers,
             timing,
         } => {
+            let etcd = (!etcd_servers.is_empty()).then(|| store::Etcd {
+                endpoints: etcd_servers.clone(),
+                prefix: etcd_prefix.clone(),
+            });
+            let described = match (&etcd, &data) {
+                (Some(e), _) => format!("etcd {}", e.endpoints.join(",")),
+                (None, Some(p)) => format!("sqlite {}", p.display()),
+                (None, None) => "memory".to_owned(),
+            };
             let store = store::Store::open(store::Options {
                 path: data.clone(),
+                etcd,
                 service_cidr,
                 ..store::Options::default()
             })
@@ -305,7 +329,7 @@ fn main() -> anyhow::Result<()> {
                     std::fs::write(&path, weft_control::kubeconfig(&format!("http://{bound}")))
                         .with_context(|| format!("writing {}", path.display()))?;
                 }
-                tracing::info!(%bound, store = ?data, "serving the Kubernetes API");
+                tracing::info!(%bound, store = described, "serving the Kubernetes API");
                 let store = Arc::new(store);
                 tokio::spawn(server::sweep_events(store.clone()));
                 if run_controllers {
@@ -429,13 +453,15 @@ fn main() -> anyhow::Result<()> {
             nodes,
             port,
             bin_dir,
+            store,
             foreground,
         } => {
             anyhow::ensure!(
                 (1..=80).contains(&nodes),
                 "--nodes must be between 1 and 80 (underlay addresses 10.200.0.11-90)"
             );
-            let opts = cluster.options(nodes, port, bin_dir)?;
+            let mut opts = cluster.options(nodes, port, bin_dir)?;
+            opts.store = store;
             if foreground {
                 return weft_control::up::supervise(&opts).context("weft up");
             }

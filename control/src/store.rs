@@ -72,6 +72,8 @@ type Key = (String, String, String);
 pub struct Options {
     /// SQLite database the store is kept in; `None` keeps it in memory only.
     pub path: Option<PathBuf>,
+    /// Keep the store in etcd instead (wins over `path`).
+    pub etcd: Option<Etcd>,
     /// Cluster IPs are allocated from here.
     pub service_cidr: ipnet::Ipv4Net,
     /// Node ports are allocated from here (inclusive).
@@ -81,10 +83,20 @@ pub struct Options {
     pub history: usize,
 }
 
+/// Where in etcd the store is kept.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Etcd {
+    /// The members' client URLs.
+    pub endpoints: Vec<String>,
+    /// The key prefix (kube-apiserver's default is `/registry`).
+    pub prefix: String,
+}
+
 impl Default for Options {
     fn default() -> Self {
         Self {
             path: None,
+            etcd: None,
             service_cidr: "10.96.0.0/16".parse().expect("literal"),
             node_ports: (30000, 32767),
             history: 10_000,
@@ -139,9 +151,11 @@ fn invalid(r: &Resource, name: &str, message: impl Into<String>) -> ApiError {
 /// How often (in writes) the backend's log is compacted.
 const COMPACT_EVERY: u64 = 1000;
 
-/// The backend's key of an object: `<group>/<plural>/<namespace>/<name>`.
+/// The backend's key of an object: `<plural>/<namespace>/<name>` for the core group,
+/// `<group>/<plural>/<namespace>/<name>` for the others (the namespace is empty for
+/// cluster-scoped objects); under etcd's `/registry/` prefix, kube-apiserver's layout.
 fn backend_key(key: &Key) -> String {
-    format!("{}/{}/{}", key.0, key.1, key.2)
+    format!("{}/{}/{}", key.0.trim_start_matches('/'), key.1, key.2)
 }
 
 /// The object key of a backend key (names and namespaces have no `/`; a resource key may).
@@ -150,7 +164,12 @@ fn parse_key(key: &str) -> Option<Key> {
     let name = parts.next()?;
     let namespace = parts.next()?;
     let resource = parts.next()?;
-    Some((resource.to_owned(), namespace.to_owned(), name.to_owned()))
+    let resource = if resource.contains('/') {
+        resource.to_owned()
+    } else {
+        format!("/{resource}")
+    };
+    Some((resource, namespace.to_owned(), name.to_owned()))
 }
 
 /// An object as the backend keeps it, with the resourceVersion of the write that made it.
@@ -503,13 +522,17 @@ pub fn set_condition(
 }
 
 impl Store {
-    /// Opens the store (the SQLite database at `options.path`, converting a store in the JSON
-    /// format of earlier releases; in memory without a path) and makes sure the `default`,
+    /// Opens the store (in etcd when `options.etcd` says so; else the SQLite database at
+    /// `options.path`, converting a store in the JSON format of earlier releases; in memory
+    /// without a path) and makes sure the `default`,
     /// `kube-system`, `kube-public` and `kube-node-lease` namespaces exist.
     pub fn open(options: Options) -> Result<Self, ApiError> {
-        let backend: Box<dyn Backend> = match &options.path {
-            None => Box::new(weft_store::Memory::new()),
-            Some(path) => Box::new(open_sqlite(path)?),
+        let backend: Box<dyn Backend> = match (&options.etcd, &options.path) {
+            (Some(etcd), _) => Box::new(
+                weft_store::Etcd::connect(&etcd.endpoints, &etcd.prefix).map_err(backend_error)?,
+            ),
+            (None, Some(path)) => Box::new(open_sqlite(path)?),
+            (None, None) => Box::new(weft_store::Memory::new()),
         };
         Self::with_backend(options, backend)
     }
@@ -535,7 +558,12 @@ impl Store {
         }
         let keep = u64::try_from(options.history).unwrap_or(u64::MAX);
         let after = snapshot.compacted.max(snapshot.rev.saturating_sub(keep));
-        for change in backend.changes(after).map_err(backend_error)? {
+        let changes = match backend.changes(after) {
+            // Another server compacted further than this one knew.
+            Err(weft_store::Error::Compacted { compacted, .. }) => backend.changes(compacted),
+            other => other,
+        };
+        for change in changes.map_err(backend_error)? {
             if let Some(event) = event_of(&change)? {
                 inner.history.push_back(Arc::new(event));
             }
@@ -1580,6 +1608,22 @@ mod tests {
         let again = Store::open(options).unwrap();
         assert_eq!(again.get(cm, "demo", "c").unwrap()["data"]["a"], "b");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn backend_keys_round_trip() {
+        for key in [
+            ("/configmaps", "default", "c"),
+            ("apps/deployments", "demo", "web"),
+            ("/nodes", "", "n1"),
+        ] {
+            let key = (key.0.to_owned(), key.1.to_owned(), key.2.to_owned());
+            assert_eq!(parse_key(&backend_key(&key)), Some(key));
+        }
+        assert_eq!(
+            backend_key(&("/pods".into(), "ns".into(), "p".into())),
+            "pods/ns/p"
+        );
     }
 
     #[test]

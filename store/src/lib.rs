@@ -1,7 +1,9 @@
 //! weft-store owns the durable half of weft's API server: a revisioned key-value log, the
 //! [`Backend`] trait every storage engine implements, and two engines: [`Sqlite`] (the embedded
-//! default, a single SQLite database in WAL mode, as k3s's kine keeps Kubernetes on SQLite) and
-//! [`Memory`] (a server that keeps nothing on disk).
+//! default, a single SQLite database in WAL mode, as k3s's kine keeps Kubernetes on SQLite),
+//! [`Etcd`] (etcd v3, for clusters that outgrow one machine) and [`Memory`] (a server that keeps
+//! nothing on disk). One conformance suite ([`conformance`], with the `conformance` feature)
+//! runs against all three.
 //!
 //! The model is etcd v3's, so that an etcd backend fits the same trait:
 //!
@@ -16,12 +18,14 @@
 //! What a key and a value mean (Kubernetes objects as JSON) is the API server's business, not
 //! this crate's.
 
+mod etcd;
 mod memory;
 mod sqlite;
 
 #[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
 
+pub use etcd::Etcd;
 pub use memory::Memory;
 pub use sqlite::Sqlite;
 
@@ -126,6 +130,8 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     fn changes(&self, after: Revision) -> Result<Vec<Change>>;
 
     /// Forgets the changes at or before `upto` that no live key needs (superseded values and
-    /// deletions). Later reads of changes at or before `upto` are [`Error::Compacted`].
+    /// deletions). Later reads of changes at or before `upto` are [`Error::Compacted`]. `upto`
+    /// is capped below the newest revision (the newest write always stays, as etcd requires);
+    /// an older point than the current one changes nothing.
     fn compact(&self, upto: Revision) -> Result<()>;
 }

@@ -112,7 +112,7 @@ impl Backend for Memory {
 
     fn compact(&self, upto: Revision) -> Result<()> {
         let mut log = self.lock();
-        let upto = upto.min(log.rev);
+        let upto = upto.min(log.rev.saturating_sub(1));
         if upto <= log.compacted {
             return Ok(());
         }

@@ -239,7 +239,7 @@ impl Backend for Sqlite {
         let tx = db
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(fail)?;
-        let upto = upto.min(current(&tx).map_err(fail)?);
+        let upto = upto.min(current(&tx).map_err(fail)?.saturating_sub(1));
         if upto <= meta(&tx, "compacted").map_err(fail)? {
             return Ok(());
         }

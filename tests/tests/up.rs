@@ -1,6 +1,6 @@
 //! Privileged, end to end: `weft up` as a user runs it. The seed demo (`scripts/seed-demo.sh`,
 //! the same sequence README's main command runs) goes through a one-node cluster with the real
-//! kubectl on this machine and must report no failed request; a two-node cluster runs pods on
+//! kubectl on this machine and must report no failed request; a two-node cluster on etcd (`--store etcd`) runs pods on
 //! both nodes that reach each other over the overlay, survives the loss of its supervisor, and
 //! `weft down` then removes everything: namespaces, processes, cgroups, mounts, pins.
 
@@ -196,9 +196,9 @@ spec:
 "#;
 
 #[test]
-fn two_nodes_run_pods_that_reach_each_other_and_weft_down_cleans_up_after_a_crash() {
+fn two_nodes_on_etcd_run_pods_that_reach_each_other_and_weft_down_cleans_up_after_a_crash() {
     let cluster = Cluster::new("two");
-    let out = cluster.weft(&["up", "--nodes", "2", "--port", "0"]);
+    let out = cluster.weft(&["up", "--nodes", "2", "--port", "0", "--store", "etcd"]);
     assert!(
         out.status.success(),
         "weft up: {}\n{}",
@@ -326,6 +326,7 @@ fn two_nodes_run_pods_that_reach_each_other_and_weft_down_cleans_up_after_a_cras
 
     let status = String::from_utf8_lossy(&cluster.weft(&["status"]).stdout).into_owned();
     for want in [
+        ["etcd", "running"],
         ["api", "running"],
         ["overlay2", "running"],
         ["proxy1", "running"],

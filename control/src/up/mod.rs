@@ -79,7 +79,25 @@ pub struct Options {
     /// Where weft's binaries are (weft, weft-cni, weft-proxy, weft-overlay, weft-pause,
     /// weft-echo).
     pub bin_dir: PathBuf,
+    /// The API server's store.
+    #[serde(default)]
+    pub store: StoreKind,
 }
+
+/// Which store the cluster's API server keeps its objects in.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    /// The embedded SQLite database `<dir>/store.db`.
+    #[default]
+    Sqlite,
+    /// An etcd member the supervisor runs in the underlay namespace (data in `<dir>/etcd`),
+    /// on that namespace's loopback.
+    Etcd,
+}
+
+/// The client URL of a cluster's etcd, on the underlay namespace's loopback.
+const ETCD_CLIENT: &str = "http://127.0.0.1:2379";
 
 /// What a running cluster records about itself (`<dir>/cluster.json`).
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -167,6 +185,13 @@ pub fn up(opts: &Options) -> Result<PathBuf, UpError> {
         .arg(&opts.dir)
         .arg("--bin-dir")
         .arg(&opts.bin_dir)
+        .args([
+            "--store",
+            match opts.store {
+                StoreKind::Sqlite => "sqlite",
+                StoreKind::Etcd => "etcd",
+            },
+        ])
         .stdin(Stdio::null())
         .stdout(out)
         .stderr(log)
@@ -416,6 +441,28 @@ fn processes(opts: &Options, listener_fd: i32) -> Vec<Proc> {
             next_start: Instant::now(),
         });
     };
+    if opts.store == StoreKind::Etcd {
+        let o = opts.clone();
+        add(
+            "etcd".into(),
+            Box::new(move || {
+                let mut cmd = command_in(
+                    Path::new("etcd"),
+                    &topology::netns_path(&o.name, "underlay"),
+                    None,
+                )?;
+                let peer = "http://127.0.0.1:2380";
+                cmd.arg("--name=weft")
+                    .arg(format!("--data-dir={}", o.dir.join("etcd").display()))
+                    .arg(format!("--listen-client-urls={ETCD_CLIENT}"))
+                    .arg(format!("--advertise-client-urls={ETCD_CLIENT}"))
+                    .arg(format!("--listen-peer-urls={peer}"))
+                    .arg(format!("--initial-advertise-peer-urls={peer}"))
+                    .arg(format!("--initial-cluster=weft={peer}"));
+                Ok(cmd)
+            }),
+        );
+    }
     let o = opts.clone();
     add(
         "api".into(),
@@ -427,9 +474,11 @@ fn processes(opts: &Options, listener_fd: i32) -> Vec<Proc> {
             )?;
             cmd.arg("server")
                 .args(["--listen", &format!("{}:6443", topology::API_ADDR)])
-                .args(["--listen-fd", "3"])
-                .arg("--data")
-                .arg(o.dir.join("store.db"));
+                .args(["--listen-fd", "3"]);
+            match o.store {
+                StoreKind::Sqlite => cmd.arg("--data").arg(o.dir.join("store.db")),
+                StoreKind::Etcd => cmd.args(["--etcd-servers", ETCD_CLIENT]),
+            };
             // SAFETY: runs in the forked child before exec and only calls dup2(2), which is
             // async-signal-safe; the listener stays open in the parent for every restart.
             unsafe {
@@ -610,11 +659,16 @@ fn run(opts: &Options, stop: &AtomicBool) -> Result<(), UpError> {
     let logs = opts.dir.join("logs");
     std::fs::create_dir_all(&logs).map_err(io("creating the log directory"))?;
     let mut procs = processes(opts, listener.as_raw_fd());
+    // The control plane comes first in `procs`: etcd (when asked for), then the API server.
+    let control = if opts.store == StoreKind::Etcd { 2 } else { 1 };
     let result = (|| {
         say(&format!(
-            "» the API server, controllers and scheduler (http://{api})"
+            "» {}the API server, controllers and scheduler (http://{api})",
+            if control == 2 { "etcd, " } else { "" }
         ));
-        procs[0].start(&logs)?;
+        for p in procs.iter_mut().take(control) {
+            p.start(&logs)?;
+        }
         write_state(opts, api, &procs);
         wait("the API server", Duration::from_secs(30), stop, || {
             api_get(api, "/readyz").is_some()
@@ -633,7 +687,7 @@ fn run(opts: &Options, stop: &AtomicBool) -> Result<(), UpError> {
             opts.nodes,
             if opts.nodes > 1 { ", weft-overlay" } else { "" }
         ));
-        for p in procs.iter_mut().skip(1) {
+        for p in procs.iter_mut().skip(control) {
             p.start(&logs)?;
         }
         write_state(opts, api, &procs);

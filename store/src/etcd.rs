@@ -1,0 +1,472 @@
+//! The etcd v3 backend, for clusters that outgrow one machine: the log is etcd's own MVCC
+//! history under one key prefix. A revision is etcd's revision, a write is a transaction
+//! conditional on the key's `mod_revision` (`0` for a key that must not exist), the log is read
+//! with a watch from the revision asked for (with the previous values), and compaction is etcd's
+//! compaction, whose point a watch from revision 1 reports. etcd keeps the compaction revision
+//! itself readable; the backend treats it as compacted, so that the first change it replays
+//! after that point still has the value it replaced (the trait's contract).
+//!
+//! etcd's client is async; the [`Backend`] trait is not (the API server's store serialises its
+//! writes under one lock, as it does for SQLite). Each call runs on this backend's own runtime
+//! and the caller waits for the answer.
+
+use std::{
+    future::Future,
+    sync::atomic::{AtomicU64, Ordering},
+    time::Duration,
+};
+
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Txn, TxnOp, TxnOpResponse,
+    WatchOptions,
+};
+
+use crate::{Backend, Change, Error, Record, Result, Revision, Snapshot};
+
+/// How long connecting waits for a member to answer.
+const CONNECT_WAIT: Duration = Duration::from_secs(20);
+
+/// How many keys one range request reads while loading a snapshot.
+const PAGE: i64 = 500;
+
+/// How long a watch replaying history may stay silent before it has sent everything: etcd 3.4
+/// sends a catching-up watcher its events every 100 ms and answers progress requests at once,
+/// caught up or not, so silence is the only sign.
+const QUIET: Duration = Duration::from_millis(500);
+
+/// The etcd backend.
+pub struct Etcd {
+    client: Client,
+    prefix: String,
+    endpoints: Vec<String>,
+    /// etcd's compaction revision as this backend last saw it (probed on connect, raised by its
+    /// own compactions and by `Compacted` answers).
+    compacted: AtomicU64,
+    rt: tokio::runtime::Runtime,
+}
+
+impl std::fmt::Debug for Etcd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Etcd")
+            .field("endpoints", &self.endpoints)
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+fn engine(context: &str, e: etcd_client::Error) -> Error {
+    Error::engine(context, e)
+}
+
+fn rev_of(v: i64) -> Revision {
+    Revision::try_from(v).unwrap_or(0)
+}
+
+fn signed(v: Revision) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// The first key after every key that starts with `prefix`.
+fn range_end(prefix: &str) -> Vec<u8> {
+    let mut end = prefix.as_bytes().to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
+impl Etcd {
+    /// Connects to the etcd cluster at `endpoints` (`http://host:port`) and keeps the store
+    /// under `prefix` (for example `/weft/`).
+    pub fn connect(endpoints: &[String], prefix: &str) -> Result<Self> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("weft-store-etcd")
+            .enable_all()
+            .build()
+            .map_err(|e| Error::engine("starting the etcd client", e))?;
+        let options = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(5))
+            .with_timeout(Duration::from_secs(30))
+            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5));
+        let eps = endpoints.to_vec();
+        let what = format!("connecting to etcd at {}", endpoints.join(","));
+        let client = rt.block_on(async {
+            let mut client = Client::connect(eps, Some(options))
+                .await
+                .map_err(|e| engine(&what, e))?;
+            // Wait for a member to answer (etcd may be starting beside this server), and fail
+            // now rather than at the first write when none does.
+            let deadline = tokio::time::Instant::now() + CONNECT_WAIT;
+            loop {
+                let e = match tokio::time::timeout(Duration::from_secs(2), client.status()).await {
+                    Ok(Ok(_)) => return Ok(client),
+                    Ok(Err(e)) => e.to_string(),
+                    Err(_) => "no answer within 2 s".to_owned(),
+                };
+                if tokio::time::Instant::now() > deadline {
+                    return Err(Error::engine(&what, e));
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        })?;
+        let compacted = rt.block_on(Self::compaction_point(client.clone(), prefix.to_owned()))?;
+        Ok(Self {
+            client,
+            prefix: prefix.to_owned(),
+            endpoints: endpoints.to_vec(),
+            compacted: AtomicU64::new(compacted),
+            rt,
+        })
+    }
+
+    /// The members this backend talks to.
+    pub fn endpoints(&self) -> &[String] {
+        &self.endpoints
+    }
+
+    /// Runs `f` on the backend's runtime and waits for it (from any thread, also from inside
+    /// another runtime, where `block_on` is not allowed).
+    fn run<T: Send + 'static>(
+        &self,
+        f: impl Future<Output = Result<T>> + Send + 'static,
+    ) -> Result<T> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        self.rt.spawn(async move {
+            // The caller waits on `rx` until this sends.
+            let _ = tx.send(f.await);
+        });
+        rx.recv()
+            .map_err(|_| Error::engine("etcd", "the client's runtime stopped"))?
+    }
+
+    fn full(&self, key: &str) -> String {
+        format!("{}{key}", self.prefix)
+    }
+
+    fn short<'a>(&self, key: &'a [u8]) -> Option<&'a str> {
+        std::str::from_utf8(key)
+            .ok()?
+            .strip_prefix(self.prefix.as_str())
+    }
+
+    /// etcd's compaction revision (0: never compacted). A watch from revision 1 of a compacted
+    /// store is cancelled with it within etcd's sync interval (100 ms); the watch is on a key
+    /// nothing writes, so a store never compacted sends nothing and the probe gives up after
+    /// [`QUIET`].
+    async fn compaction_point(mut client: Client, prefix: String) -> Result<Revision> {
+        let fail = |e| engine("probing etcd's compaction", e);
+        let (mut watcher, mut stream) = client
+            .watch(
+                format!("{prefix}\u{0}compaction-probe"),
+                Some(WatchOptions::new().with_start_revision(1)),
+            )
+            .await
+            .map_err(fail)?;
+        let mut point = 0;
+        while let Ok(next) = tokio::time::timeout(QUIET, stream.message()).await {
+            match next.map_err(fail)? {
+                Some(r) if r.compact_revision() > 0 => {
+                    point = rev_of(r.compact_revision());
+                    break;
+                }
+                Some(r) if r.created() => {}
+                _ => break,
+            }
+        }
+        let _ = watcher.cancel().await;
+        Ok(point)
+    }
+
+    /// The store's newest revision.
+    fn current(&self) -> Result<Revision> {
+        let mut client = self.client.clone();
+        let prefix = self.prefix.clone();
+        self.run(async move {
+            Ok(client
+                .get(
+                    prefix,
+                    Some(GetOptions::new().with_prefix().with_count_only()),
+                )
+                .await
+                .map_err(|e| engine("reading the revision", e))?
+                .header()
+                .map_or(0, |h| rev_of(h.revision())))
+        })
+    }
+}
+
+impl Backend for Etcd {
+    fn name(&self) -> &'static str {
+        "etcd"
+    }
+
+    fn snapshot(&self) -> Result<Snapshot> {
+        let mut client = self.client.clone();
+        let prefix = self.prefix.clone();
+        let (rev, kvs) = self.run(async move {
+            let end = range_end(&prefix);
+            let mut from = prefix.as_bytes().to_vec();
+            let mut rev = 0;
+            let mut kvs = Vec::new();
+            loop {
+                let mut options = GetOptions::new().with_range(end.clone()).with_limit(PAGE);
+                if rev > 0 {
+                    // Every page at the revision of the first: one consistent view.
+                    options = options.with_revision(rev);
+                }
+                let page = client
+                    .get(from.clone(), Some(options))
+                    .await
+                    .map_err(|e| engine("reading the store", e))?;
+                if rev == 0 {
+                    rev = page.header().map_or(0, |h| h.revision());
+                }
+                for kv in page.kvs() {
+                    kvs.push((kv.key().to_vec(), kv.mod_revision(), kv.value().to_vec()));
+                }
+                match page.kvs().last() {
+                    Some(last) if page.more() => {
+                        from = last.key().to_vec();
+                        from.push(0);
+                    }
+                    _ => break,
+                }
+            }
+            Ok((rev, kvs))
+        })?;
+        let compacted = self.compacted.load(Ordering::Relaxed);
+        let records = kvs
+            .into_iter()
+            .filter_map(|(key, mod_rev, value)| {
+                Some(Record {
+                    key: self.short(&key)?.to_owned(),
+                    rev: rev_of(mod_rev),
+                    value,
+                })
+            })
+            .collect();
+        Ok(Snapshot {
+            rev: rev_of(rev),
+            compacted,
+            records,
+        })
+    }
+
+    fn write(&self, key: &str, expected: Revision, value: Option<&[u8]>) -> Result<Revision> {
+        let mut client = self.client.clone();
+        let full = self.full(key);
+        let value = value.map(<[u8]>::to_vec);
+        let (ok, rev, actual) = self.run(async move {
+            let op = match value.clone() {
+                Some(v) => TxnOp::put(full.clone(), v, None),
+                None => TxnOp::delete(full.clone(), None),
+            };
+            let mut when = vec![Compare::mod_revision(
+                full.clone(),
+                CompareOp::Equal,
+                signed(expected),
+            )];
+            if value.is_none() {
+                // A deletion needs the key (mod_revision 0 would match a missing one).
+                when.push(Compare::create_revision(
+                    full.clone(),
+                    CompareOp::Greater,
+                    0,
+                ));
+            }
+            let txn = Txn::new()
+                .when(when)
+                .and_then(vec![op])
+                .or_else(vec![TxnOp::get(full.clone(), None)]);
+            let resp = client
+                .txn(txn)
+                .await
+                .map_err(|e| engine(&format!("writing {full}"), e))?;
+            let rev = resp.header().map_or(0, |h| h.revision());
+            let actual = resp
+                .op_responses()
+                .into_iter()
+                .find_map(|r| match r {
+                    TxnOpResponse::Get(g) => {
+                        Some(g.kvs().first().map_or(0, |kv| kv.mod_revision()))
+                    }
+                    _ => None,
+                })
+                .unwrap_or(0);
+            Ok((resp.succeeded(), rev, actual))
+        })?;
+        if !ok {
+            return Err(Error::Conflict {
+                key: key.to_owned(),
+                expected,
+                actual: rev_of(actual),
+            });
+        }
+        Ok(rev_of(rev))
+    }
+
+    fn changes(&self, after: Revision) -> Result<Vec<Change>> {
+        let now = self.current()?;
+        if now <= after {
+            return Ok(Vec::new());
+        }
+        let mut client = self.client.clone();
+        let prefix = self.prefix.clone();
+        let compacted = self.compacted.load(Ordering::Relaxed);
+        if after < compacted {
+            return Err(Error::Compacted {
+                asked: after,
+                compacted,
+            });
+        }
+        let raw = self.run(async move {
+            let (mut watcher, mut stream) = client
+                .watch(
+                    prefix.clone(),
+                    Some(
+                        WatchOptions::new()
+                            .with_prefix()
+                            .with_prev_key()
+                            // From `after` itself, so that etcd refuses it when it is the
+                            // compaction revision (see the module doc); it is skipped below.
+                            .with_start_revision(signed(after.max(1))),
+                    ),
+                )
+                .await
+                .map_err(|e| engine("reading the log", e))?;
+            let mut out = Vec::new();
+            // Until the newest revision has been seen, or the watch has been quiet for a while
+            // (the newest revisions may belong to keys outside the prefix).
+            while out
+                .last()
+                .map_or(after, |c: &(Vec<u8>, Revision, _, _)| c.1)
+                < now
+            {
+                let Ok(next) = tokio::time::timeout(QUIET, stream.message()).await else {
+                    break;
+                };
+                let Some(r) = next.map_err(|e| engine("reading the log", e))? else {
+                    return Err(Error::engine("reading the log", "the watch ended"));
+                };
+                if r.compact_revision() > 0 {
+                    let _ = watcher.cancel().await;
+                    return Err(Error::Compacted {
+                        asked: after,
+                        compacted: rev_of(r.compact_revision()),
+                    });
+                }
+                if r.canceled() {
+                    return Err(Error::engine(
+                        "reading the log",
+                        format!("etcd cancelled the watch: {}", r.cancel_reason()),
+                    ));
+                }
+                for e in r.events() {
+                    let Some(kv) = e.kv() else { continue };
+                    out.push((
+                        kv.key().to_vec(),
+                        rev_of(kv.mod_revision()),
+                        matches!(e.event_type(), EventType::Put).then(|| kv.value().to_vec()),
+                        e.prev_kv().map(|p| p.value().to_vec()),
+                    ));
+                }
+            }
+            let _ = watcher.cancel().await;
+            Ok(out)
+        })?;
+        Ok(raw
+            .into_iter()
+            .filter(|(_, rev, _, _)| *rev > after)
+            .filter_map(|(key, rev, value, previous)| {
+                Some(Change {
+                    rev,
+                    key: self.short(&key)?.to_owned(),
+                    value,
+                    previous,
+                })
+            })
+            .collect())
+    }
+
+    fn compact(&self, upto: Revision) -> Result<()> {
+        let upto = upto.min(self.current()?.saturating_sub(1));
+        if upto <= self.compacted.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let mut client = self.client.clone();
+        let done = self.run(async move {
+            client
+                .compact(signed(upto), None)
+                .await
+                .map_err(|e| engine(&format!("compacting to {upto}"), e))
+                .map(drop)
+        });
+        match done {
+            Ok(()) => {
+                self.compacted.fetch_max(upto, Ordering::Relaxed);
+                Ok(())
+            }
+            // Another server compacted further already.
+            Err(e) if e.to_string().contains("compacted") => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+    use crate::conformance::EtcdCluster;
+
+    #[test]
+    fn the_range_of_a_prefix_ends_after_its_last_key() {
+        assert_eq!(range_end("/weft/"), b"/weft0");
+        assert_eq!(range_end("a"), b"b");
+    }
+
+    #[test]
+    fn conforms_on_one_member_and_keeps_everything_across_a_reconnect() {
+        let etcd = EtcdCluster::start("one", 1);
+        let n = AtomicUsize::new(0);
+        crate::conformance::run(&|| {
+            let prefix = format!("/conformance-{}/", n.fetch_add(1, Ordering::Relaxed));
+            Box::new(Etcd::connect(&etcd.endpoints(), &prefix).expect("connect"))
+        });
+        crate::conformance::run_durable(&|| {
+            Box::new(Etcd::connect(&etcd.endpoints(), "/durable/").expect("connect"))
+        });
+    }
+
+    #[test]
+    fn a_three_member_cluster_conforms_and_keeps_serving_without_one_member() {
+        let mut etcd = EtcdCluster::start("three", 3);
+        let backend = Etcd::connect(&etcd.endpoints(), "/ha/").expect("connect");
+        let first = backend.write("/k", 0, Some(b"1")).expect("write");
+        etcd.stop(0);
+        // Two of three members are a quorum: once they have a leader (a new election if the
+        // stopped member led), writes and reads go on.
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let second = loop {
+            match backend.write("/k", first, Some(b"2")) {
+                Ok(rev) => break rev,
+                Err(Error::Engine { .. }) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                Err(e) => panic!("write with a member down: {e}"),
+            }
+        };
+        let s = backend.snapshot().expect("snapshot");
+        assert_eq!((s.rev, s.records[0].value.as_slice()), (second, &b"2"[..]));
+        let n = AtomicUsize::new(0);
+        crate::conformance::run(&|| {
+            let prefix = format!("/ha-{}/", n.fetch_add(1, Ordering::Relaxed));
+            Box::new(Etcd::connect(&etcd.endpoints()[1..], &prefix).expect("connect"))
+        });
+    }
+}
