@@ -139,9 +139,32 @@ pub fn apply(kind: &str, object: &mut Value) {
             }
             template(spec);
         }
-        "ReplicaSet" | "StatefulSet" => {
+        "ReplicaSet" => {
             if let Some(spec) = obj(object, "spec") {
                 set(spec, "replicas", json!(1));
+                template(spec);
+            }
+        }
+        "StatefulSet" => {
+            if let Some(spec) = obj(object, "spec") {
+                set(spec, "replicas", json!(1));
+                set(spec, "podManagementPolicy", json!("OrderedReady"));
+                set(spec, "revisionHistoryLimit", json!(10));
+                set(
+                    spec,
+                    "persistentVolumeClaimRetentionPolicy",
+                    json!({"whenDeleted": "Retain", "whenScaled": "Retain"}),
+                );
+                let strategy = spec.entry("updateStrategy").or_insert_with(|| json!({}));
+                if let Some(st) = strategy.as_object_mut() {
+                    set(st, "type", json!("RollingUpdate"));
+                    if st.get("type") == Some(&json!("RollingUpdate")) {
+                        let ru = st.entry("rollingUpdate").or_insert_with(|| json!({}));
+                        if let Some(ru) = ru.as_object_mut() {
+                            set(ru, "partition", json!(0));
+                        }
+                    }
+                }
                 template(spec);
             }
         }

@@ -1,17 +1,19 @@
 //! `weft`: the control plane. It owns the Kubernetes-compatible API server and its embedded
 //! store ([`server`], [`store`]): discovery, CRUD, list and watch with resourceVersion, label
 //! and field selectors, the status and scale subresources, pods' binding and eviction, graceful
-//! deletion with finalizers, and the patch types kubectl sends, for the kinds in [`resources`];
-//! and the reconcile loops that act on those objects ([`controllers`]: ReplicaSets,
-//! Deployments, EndpointSlices, garbage collection, node lifecycle) and the [`scheduler`],
+//! deletion with finalizers, the patch types kubectl sends and server-side apply with field
+//! ownership ([`apply`]), for the kinds in [`resources`]; and the reconcile loops that act on
+//! those objects ([`controllers`]: ReplicaSets, Deployments, StatefulSets, DaemonSets, Jobs,
+//! EndpointSlices, garbage collection, node lifecycle) and the [`scheduler`],
 //! which are API clients like kube-controller-manager and kube-scheduler. kubectl and kube-rs
 //! clients talk to it unchanged.
 //!
 //! The `weft` binary also fronts the node agent (`weft node`, from `weft-node`), and [`up`]
 //! composes everything into a cluster on this machine (`weft up`, `weft down`, `weft status`).
-//! Not here yet: an etcd backend, authentication and TLS (the server is meant for loopback or a
-//! trusted network).
+//! The store's backends (SQLite, etcd, memory) are `weft-store`'s. Not here yet:
+//! authentication and TLS (the server is meant for loopback or a trusted network).
 
+pub mod apply;
 pub mod controllers;
 pub mod defaults;
 pub mod patch;

@@ -27,7 +27,7 @@ pub fn merge(target: &mut Value, patch: &Value) {
 
 /// The merge key of a list field, as the Kubernetes types declare it
 /// (`patchMergeKey`), decided by the field name and what its elements carry.
-fn merge_key(field: &str, elements: &[&Value]) -> Option<&'static str> {
+pub(crate) fn merge_key(field: &str, elements: &[&Value]) -> Option<&'static str> {
     let candidates: &[&str] = match field {
         "ports" => &["containerPort", "port"],
         "containers"

@@ -16,7 +16,7 @@ use futures::StreamExt;
 use serde_json::{Value, json};
 
 use crate::{
-    patch,
+    apply, patch,
     resources::{self, RESOURCES, Resource},
     selector::{FieldSelector, LabelSelector},
     status::ApiError,
@@ -358,6 +358,14 @@ fn accept(headers: &HeaderMap) -> &str {
         .unwrap_or("")
 }
 
+/// Whether a PATCH is a server-side apply.
+fn is_apply(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("application/apply-patch"))
+}
+
 fn body_json(headers: &HeaderMap, body: &Bytes) -> Result<Value, ApiError> {
     let ct = headers
         .get(header::CONTENT_TYPE)
@@ -371,7 +379,10 @@ fn body_json(headers: &HeaderMap, body: &Bytes) -> Result<Value, ApiError> {
             _ => ApiError::BadRequest(e.to_string()),
         });
     }
-    if !ct.starts_with("application/json") && !ct.contains("patch+json") {
+    if !ct.starts_with("application/json")
+        && !ct.contains("patch+json")
+        && !ct.starts_with("application/apply-patch")
+    {
         return Err(ApiError::UnsupportedMediaType(ct.to_owned()));
     }
     serde_json::from_slice(body)
@@ -456,6 +467,14 @@ fn serve(
     }
     let target = parse_target(parts)?;
     let ok = |v: Value| Ok(Reply::Json(StatusCode::OK, v));
+    let manager = || {
+        apply::manager(
+            query.get("fieldManager").map(String::as_str),
+            headers
+                .get(header::USER_AGENT)
+                .and_then(|v| v.to_str().ok()),
+        )
+    };
     let selectors = || -> Result<_, ApiError> {
         let labels = LabelSelector::parse(query.get("labelSelector").map_or("", String::as_str))
             .map_err(|e| ApiError::BadRequest(e.to_string()))?;
@@ -496,8 +515,9 @@ fn serve(
             ok(list_of(r, rv, items))
         }
         (&Method::POST, Target::Collection(r, ns)) => {
-            let object = body_json(headers, body)?;
+            let mut object = body_json(headers, body)?;
             strict_fields(r, query, &object)?;
+            apply::record_update(None, &mut object, &manager(), &r.api_version());
             let created = store.create(r, ns.as_deref().unwrap_or(""), object)?;
             Ok(Reply::Json(StatusCode::CREATED, created))
         }
@@ -535,14 +555,52 @@ fn serve(
             ok(write_scale(store, r, &ns, &name, &scale)?)
         }
         (&Method::PUT, Target::Object(r, ns, name, sub @ (Sub::Main | Sub::Status))) => {
-            let object = body_json(headers, body)?;
+            let mut object = body_json(headers, body)?;
             strict_fields(r, query, &object)?;
+            if sub == Sub::Main {
+                let old = store.get(r, &ns, &name)?;
+                apply::record_update(Some(&old), &mut object, &manager(), &r.api_version());
+            }
             ok(store.update(r, &ns, &name, object, sub == Sub::Status)?)
+        }
+        (&Method::PATCH, Target::Object(r, ns, name, Sub::Main)) if is_apply(headers) => {
+            let config = body_json(headers, body)?;
+            strict_fields(r, query, &config)?;
+            let Some(manager) = query.get("fieldManager").filter(|m| !m.is_empty()) else {
+                return Err(ApiError::BadRequest(
+                    "PATCH: fieldManager is required for apply requests".into(),
+                ));
+            };
+            let force = query.get("force").is_some_and(|f| f == "true");
+            let live = match store.get(r, &ns, &name) {
+                Ok(o) => Some(o),
+                Err(ApiError::NotFound { .. }) => None,
+                Err(e) => return Err(e),
+            };
+            let mut object =
+                apply::apply(live.as_ref(), &config, manager, &r.api_version(), force)?;
+            object["metadata"]["name"] = json!(name);
+            match live {
+                None => Ok(Reply::Json(
+                    StatusCode::CREATED,
+                    store.create(r, &ns, object)?,
+                )),
+                Some(live) => {
+                    // The apply is to the object it read: a write in between is a conflict.
+                    object["metadata"]["resourceVersion"] =
+                        live["metadata"]["resourceVersion"].clone();
+                    ok(store.update(r, &ns, &name, object, false)?)
+                }
+            }
         }
         (&Method::PATCH, Target::Object(r, ns, name, sub @ (Sub::Main | Sub::Status))) => {
             let mut object = store.get(r, &ns, &name)?;
             let rv = object["metadata"]["resourceVersion"].clone();
+            let old = (sub == Sub::Main).then(|| object.clone());
             apply_patch(headers, body, &mut object)?;
+            if let Some(old) = &old {
+                apply::record_update(Some(old), &mut object, &manager(), &r.api_version());
+            }
             strict_fields(r, query, &object)?;
             // A patch applies to the current object unless it names a version itself.
             if object["metadata"]["resourceVersion"] == Value::Null {

@@ -142,6 +142,14 @@ fn columns(kind: &str) -> Vec<(&'static str, u8)> {
             ("Images", 1),
             ("Selector", 1),
         ],
+        "StatefulSet" => vec![
+            ("Name", 0),
+            ("Ready", 0),
+            ("Age", 0),
+            ("Containers", 1),
+            ("Images", 1),
+        ],
+        "ControllerRevision" => vec![("Name", 0), ("Controller", 0), ("Revision", 0), ("Age", 0)],
         "DaemonSet" => vec![
             ("Name", 0),
             ("Desired", 0),
@@ -453,6 +461,48 @@ fn cells(kind: &str, o: &Value) -> Vec<Value> {
                 json!(containers),
                 json!(images),
                 json!(or_none(label_selector(o.pointer("/spec/selector")))),
+            ]
+        }
+        "StatefulSet" => {
+            let (containers, images) =
+                containers_images(o.pointer("/spec/template/spec/containers"));
+            vec![
+                name,
+                json!(format!(
+                    "{}/{}",
+                    o.pointer("/status/readyReplicas")
+                        .and_then(Value::as_i64)
+                        .unwrap_or(0),
+                    o.pointer("/spec/replicas")
+                        .and_then(Value::as_i64)
+                        .unwrap_or(1)
+                )),
+                age,
+                json!(containers),
+                json!(images),
+            ]
+        }
+        "ControllerRevision" => {
+            let controller = o
+                .pointer("/metadata/ownerReferences")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .find(|r| r["controller"] == json!(true))
+                .map(|r| {
+                    let kind = r["kind"].as_str().unwrap_or("").to_lowercase();
+                    let group = r["apiVersion"]
+                        .as_str()
+                        .and_then(|v| v.split_once('/'))
+                        .map_or(String::new(), |(g, _)| format!(".{g}"));
+                    format!("{kind}{group}/{}", r["name"].as_str().unwrap_or(""))
+                })
+                .unwrap_or_else(|| "<none>".into());
+            vec![
+                name,
+                json!(controller),
+                json!(o.get("revision").and_then(Value::as_i64).unwrap_or(0)),
+                age,
             ]
         }
         "DaemonSet" => {

@@ -307,6 +307,11 @@ impl EtcdCluster {
         cluster
     }
 
+    /// Where the members keep their data.
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.clone()
+    }
+
     /// The client URLs of the members.
     pub fn endpoints(&self) -> Vec<String> {
         self.clients.clone()

@@ -169,3 +169,26 @@ pub async fn kube_client(kubeconfig: &Path) -> Result<kube::Client, kube::Error>
         .map_err(|e| kube::Error::Service(Box::new(e)))?;
     kube::Client::try_from(config)
 }
+
+/// The resident memory of process `pid` in MiB (0 when it cannot be read).
+pub fn rss_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|v| v.parse::<f64>().ok())
+            })
+        })
+        .map_or(0.0, |kib| kib / 1024.0)
+}
+
+/// The `p` quantile (0..=1) of `v` (sorted in place); 0 for no samples.
+pub fn percentile(v: &mut [f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[((v.len() as f64 - 1.0) * p).round() as usize]
+}

@@ -897,9 +897,296 @@ fn a_daemonset_runs_one_pod_per_eligible_node_and_rolls_node_by_node() {
     }
     let status = c.kubectl(&["rollout", "status", "daemonset/agent", "--timeout=30s"]);
     assert!(status.contains("successfully rolled out"), "{status}");
+    // Each template is a ControllerRevision: history lists both, undo goes back to the first.
+    let history = c.kubectl(&["rollout", "history", "daemonset/agent"]);
+    assert!(history.contains('1') && history.contains('2'), "{history}");
+    c.kubectl(&["rollout", "undo", "daemonset/agent"]);
+    wait_for(
+        "the first template back on every node",
+        Duration::from_secs(60),
+        || {
+            let p = placed();
+            p.len() == 3 && p.iter().all(|x| x.1 == before && x.2)
+        },
+    );
     // Deleting the DaemonSet takes its pods with it.
     c.kubectl(&["delete", "daemonset", "agent"]);
     wait_for("the daemon pods gone", Duration::from_secs(30), || {
         placed().is_empty()
     });
+}
+
+const WEB: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec: {clusterIP: None, selector: {app: web}, ports: [{port: 80}]}
+---
+apiVersion: apps/v1
+kind: StatefulSet
+metadata: {name: web}
+spec:
+  serviceName: web
+  replicas: 3
+  selector: {matchLabels: {app: web}}
+  persistentVolumeClaimRetentionPolicy: {whenScaled: Delete}
+  template:
+    metadata: {labels: {app: web}}
+    spec:
+      containers:
+      - {name: c, image: weft/echo:dev, env: [{name: VERSION, value: "1"}]}
+  volumeClaimTemplates:
+  - metadata: {name: data}
+    spec: {accessModes: [ReadWriteOnce], resources: {requests: {storage: 16Mi}}}
+"#;
+
+/// (name, ready) of the pods not being deleted, at one watch event.
+type PodStates = Vec<(String, bool)>;
+
+#[test]
+fn a_statefulset_keeps_ordered_stable_pods_with_their_claims_and_rolls_back() {
+    let c = Cluster::start("statefulset", &["n1", "n2"]);
+    // Every pod event, in order: (name, ready) of the pods not being deleted.
+    let seen: Arc<Mutex<Vec<PodStates>>> = Arc::default();
+    let api: Api<Pod> = Api::namespaced(c.client(), "default");
+    let log = seen.clone();
+    let task = c.rt.spawn(async move {
+        let mut pods = std::collections::BTreeMap::new();
+        let mut events = watcher(api, watcher::Config::default().labels("app=web"))
+            .default_backoff()
+            .boxed();
+        while let Some(Ok(e)) = events.next().await {
+            match e {
+                watcher::Event::Apply(p) | watcher::Event::InitApply(p) => {
+                    pods.insert(p.name_any(), p);
+                }
+                watcher::Event::Delete(p) => {
+                    pods.remove(&p.name_any());
+                }
+                _ => continue,
+            }
+            let live: Vec<(String, bool)> = pods
+                .values()
+                .filter(|p| p.metadata.deletion_timestamp.is_none())
+                .map(|p| {
+                    let ready = p
+                        .status
+                        .as_ref()
+                        .and_then(|s| s.conditions.as_ref())
+                        .is_some_and(|c| {
+                            c.iter().any(|c| c.type_ == "Ready" && c.status == "True")
+                        });
+                    (p.name_any(), ready)
+                })
+                .collect();
+            log.lock().unwrap().push(live);
+        }
+    });
+    c.kubectl_in(&["apply", "-f", "-"], Some(WEB));
+    let status = c.kubectl(&["rollout", "status", "statefulset/web", "--timeout=60s"]);
+    assert!(status.contains("roll out complete"), "{status}");
+    // OrderedReady: web-n appeared only once web-0..n-1 were all ready.
+    for state in seen.lock().unwrap().iter() {
+        for (name, _) in state {
+            let n: usize = name.trim_start_matches("web-").parse().unwrap();
+            for m in 0..n {
+                assert!(
+                    state.iter().any(|(o, r)| *o == format!("web-{m}") && *r),
+                    "{name} existed before web-{m} was ready: {state:?}"
+                );
+            }
+        }
+    }
+    let pods = c.json(&["get", "pods", "-l", "app=web"]);
+    let mut names: Vec<(String, String, String)> = pods["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["metadata"]["name"].as_str().unwrap().to_owned(),
+                p["spec"]["hostname"].as_str().unwrap_or("").to_owned(),
+                p["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_owned(),
+            )
+        })
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        (0..3)
+            .map(|i| (
+                format!("web-{i}"),
+                format!("web-{i}"),
+                format!("data-web-{i}")
+            ))
+            .collect::<Vec<_>>()
+    );
+    let claims = c.kubectl(&["get", "pvc", "-o", "name"]);
+    for i in 0..3 {
+        assert!(claims.contains(&format!("data-web-{i}")), "{claims}");
+    }
+    let table = c.kubectl(&["get", "sts", "web"]);
+    assert!(table.contains("3/3"), "{table}");
+
+    // A deleted pod comes back under its name, with its claim.
+    let uid = c.json(&["get", "pod", "web-1"])["metadata"]["uid"].clone();
+    c.kubectl(&["delete", "pod", "web-1", "--wait=false"]);
+    wait_for("web-1 back", Duration::from_secs(30), || {
+        let p = c.json(&["get", "pods", "-l", "app=web"]);
+        p["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["metadata"]["name"] == "web-1" && p["metadata"]["uid"] != uid && ready(p))
+    });
+
+    // A template change rolls from the highest ordinal down, one pod at a time.
+    seen.lock().unwrap().clear();
+    c.kubectl(&["set", "env", "statefulset/web", "VERSION=2"]);
+    let status = c.kubectl(&["rollout", "status", "statefulset/web", "--timeout=60s"]);
+    assert!(status.contains("roll out complete"), "{status}");
+    wait_for(
+        "the update revision current",
+        Duration::from_secs(30),
+        || {
+            let s = c.json(&["get", "sts", "web"]);
+            s["status"]["currentRevision"] == s["status"]["updateRevision"]
+                && s["status"]["updatedReplicas"] == 3
+        },
+    );
+    let mut order = Vec::new();
+    for state in seen.lock().unwrap().iter() {
+        assert!(
+            state.len() >= 2,
+            "more than one pod down at once: {state:?}"
+        );
+        for i in 0..3 {
+            let name = format!("web-{i}");
+            if !state.iter().any(|(n, _)| *n == name) && order.last() != Some(&name) {
+                order.push(name);
+            }
+        }
+    }
+    assert_eq!(order, ["web-2", "web-1", "web-0"], "replacement order");
+    let history = c.kubectl(&["rollout", "history", "statefulset/web"]);
+    assert!(
+        history.contains('1') && history.contains('2'),
+        "two revisions: {history}"
+    );
+    let revisions = c.kubectl(&["get", "controllerrevisions"]);
+    assert!(revisions.contains("statefulset.apps/web"), "{revisions}");
+
+    // Undo returns to the first template.
+    c.kubectl(&["rollout", "undo", "statefulset/web"]);
+    wait_for(
+        "VERSION=1 again on every pod",
+        Duration::from_secs(60),
+        || {
+            let p = c.json(&["get", "pods", "-l", "app=web"]);
+            let items = p["items"].as_array().unwrap();
+            items.len() == 3
+                && items
+                    .iter()
+                    .all(|p| ready(p) && p["spec"]["containers"][0]["env"][0]["value"] == "1")
+        },
+    );
+
+    // Scaling down removes the highest ordinals and, by policy, their claims.
+    c.kubectl(&["scale", "statefulset/web", "--replicas=1"]);
+    wait_for(
+        "one pod and one claim left",
+        Duration::from_secs(60),
+        || {
+            let p = c.json(&["get", "pods", "-l", "app=web"]);
+            let claims = c.kubectl(&["get", "pvc", "-o", "name"]);
+            p["items"].as_array().unwrap().len() == 1
+                && p["items"][0]["metadata"]["name"] == "web-0"
+                && claims.trim() == "persistentvolumeclaim/data-web-0"
+        },
+    );
+    task.abort();
+    // Deleting the set takes its pods; the claim stays (whenDeleted: Retain).
+    c.kubectl(&["delete", "statefulset", "web"]);
+    wait_for("web's pods gone", Duration::from_secs(30), || {
+        c.json(&["get", "pods", "-l", "app=web"])["items"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    });
+    assert!(
+        c.kubectl(&["get", "pvc", "-o", "name"])
+            .contains("data-web-0")
+    );
+}
+
+#[test]
+fn server_side_apply_owns_fields_reports_conflicts_and_removes_what_it_stops_applying() {
+    let c = Cluster::start("apply", &[]);
+    let cm = |data: &str| {
+        format!(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: settings, namespace: default}}\ndata: {{{data}}}\n"
+        )
+    };
+    let out = c.kubectl_in(
+        &["apply", "--server-side", "-f", "-"],
+        Some(&cm("a: '1', b: '2'")),
+    );
+    assert!(out.contains("serverside-applied"), "{out}");
+    let got = c.json(&["get", "cm", "settings", "--show-managed-fields"]);
+    let managers: Vec<(&str, &str)> = got["metadata"]["managedFields"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["manager"].as_str().unwrap(),
+                e["operation"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(managers, [("kubectl", "Apply")]);
+    assert!(got["metadata"]["managedFields"][0]["fieldsV1"]["f:data"]["f:a"].is_object());
+
+    // Another manager changing an owned field conflicts, as kube-apiserver words it...
+    let other = [
+        "apply",
+        "--server-side",
+        "--field-manager=deployer",
+        "-f",
+        "-",
+    ];
+    let refused = c.try_kubectl(&other, Some(&cm("a: '9'")));
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        err.contains("conflict with \"kubectl\"") && err.contains(".data.a"),
+        "{err}"
+    );
+    assert_eq!(c.json(&["get", "cm", "settings"])["data"]["a"], "1");
+    // ...and takes it over when forced.
+    let mut forced = other.to_vec();
+    forced.insert(2, "--force-conflicts");
+    c.kubectl_in(&forced, Some(&cm("a: '9'")));
+    assert_eq!(c.json(&["get", "cm", "settings"])["data"]["a"], "9");
+
+    // A field another client set by an ordinary patch is its own; the applier dropping fields
+    // removes only those nobody else owns.
+    c.kubectl(&[
+        "patch",
+        "cm",
+        "settings",
+        "--type=merge",
+        "-p",
+        r#"{"data":{"c":"3"}}"#,
+    ]);
+    c.kubectl_in(&["apply", "--server-side", "-f", "-"], Some(&cm("d: '4'")));
+    let data = c.json(&["get", "cm", "settings"])["data"].clone();
+    assert_eq!(
+        data,
+        serde_json::json!({"a": "9", "c": "3", "d": "4"}),
+        "b went with kubectl's apply, a stays with deployer, c with the patch"
+    );
 }

@@ -7,7 +7,9 @@
 //! pods on nodes that stopped being eligible and failed pods are deleted. A template change
 //! rolls out node by node (`RollingUpdate`, at most `maxUnavailable` nodes without a ready
 //! updated pod) or waits for pods to be deleted (`OnDelete`); pods carry the template's
-//! `controller-revision-hash`. Status has the fields `kubectl rollout status ds` reads.
+//! `controller-revision-hash`, and each template is a ControllerRevision ([`super::history`])
+//! for `kubectl rollout history|undo ds`. Status has the fields `kubectl rollout status ds`
+//! reads.
 
 use std::{collections::BTreeMap, sync::Arc};
 
@@ -202,6 +204,22 @@ async fn reconcile(ds: Arc<DaemonSet>, ctx: Arc<Ctx>) -> Result<Action, Error> {
         .into_iter()
         .filter(|p| p.metadata.deletion_timestamp.is_none())
         .collect();
+    // The template's ControllerRevision (`kubectl rollout history|undo ds`); revisions live
+    // pods still run are kept.
+    let live: Vec<String> = mine
+        .iter()
+        .filter_map(|p| p.labels().get(HASH_LABEL))
+        .map(|h| format!("{}-{h}", ds.name_any()))
+        .collect();
+    super::history::sync(
+        &ctx.client,
+        &*ds,
+        &spec.template,
+        &spec.selector.match_labels.clone().unwrap_or_default(),
+        usize::try_from(spec.revision_history_limit.unwrap_or(10)).unwrap_or(10),
+        &live,
+    )
+    .await?;
     let mut by_node: BTreeMap<String, Vec<Pod>> = BTreeMap::new();
     let mut delete: Vec<Pod> = Vec::new();
     for p in mine {

@@ -7,6 +7,8 @@
 //! * [`deployment`]: a Deployment owns ReplicaSets by pod-template hash and rolls between them
 //!   ([`rolling`] is the pure planner).
 //! * [`daemonset`]: a DaemonSet keeps one pod on every eligible node.
+//! * [`statefulset`]: a StatefulSet keeps ordered pods with stable names and their own claims.
+//! * [`history`]: the ControllerRevisions of StatefulSets (`kubectl rollout history/undo`).
 //! * [`endpointslice`]: Services' EndpointSlices and Endpoints from their pods' readiness.
 //! * [`job`]: a Job runs pods until enough of them succeed.
 //! * [`gc`]: ownerReference cascading deletion.
@@ -16,10 +18,12 @@ pub mod daemonset;
 pub mod deployment;
 pub mod endpointslice;
 pub mod gc;
+pub mod history;
 pub mod job;
 pub mod nodelifecycle;
 pub mod replicaset;
 pub mod rolling;
+pub mod statefulset;
 
 use std::{sync::Arc, time::Duration};
 
@@ -248,6 +252,7 @@ pub async fn run(client: Client, options: Options) {
         replicaset::run(ctx.clone()),
         deployment::run(ctx.clone()),
         daemonset::run(ctx.clone()),
+        statefulset::run(ctx.clone()),
         job::run(ctx.clone()),
         endpointslice::run(ctx.clone()),
         gc::run(ctx.clone()),

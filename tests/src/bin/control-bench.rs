@@ -32,7 +32,7 @@ use kube::{
     api::{ListParams, Patch, PatchParams, PostParams},
 };
 use serde_json::json;
-use weft_tests::{BenchArgs, weft_binary};
+use weft_tests::{BenchArgs, kube_client, percentile, rss_mib, weft_binary};
 
 struct Proc(Child);
 
@@ -41,19 +41,6 @@ impl Drop for Proc {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn rss_mib(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| {
-                l.split_whitespace()
-                    .nth(1)
-                    .and_then(|v| v.parse::<f64>().ok())
-            })
-        })
-        .map_or(0.0, |kib| kib / 1024.0)
 }
 
 fn server(dir: &Path) -> Proc {
@@ -96,11 +83,7 @@ fn controllers(dir: &Path) -> Proc {
 }
 
 async fn client(dir: &Path) -> Client {
-    let k = kube::config::Kubeconfig::read_from(dir.join("kubeconfig")).expect("kubeconfig");
-    let c = kube::Config::from_custom_kubeconfig(k, &Default::default())
-        .await
-        .expect("config");
-    Client::try_from(c).expect("client")
+    kube_client(&dir.join("kubeconfig")).await.expect("client")
 }
 
 async fn nodes(c: &Client, n: usize) {
@@ -155,14 +138,6 @@ async fn wait_bound(c: &Client, label: &str, n: usize, limit: Duration) -> Durat
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     t.elapsed()
-}
-
-fn percentile(v: &mut [f64], p: f64) -> f64 {
-    if v.is_empty() {
-        return 0.0;
-    }
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[((v.len() as f64 - 1.0) * p).round() as usize]
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
