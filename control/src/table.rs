@@ -40,6 +40,13 @@ fn s<'a>(object: &'a Value, pointer: &str) -> &'a str {
         .unwrap_or("")
 }
 
+/// `done/wanted` as kubectl shows READY and COMPLETIONS: two integers of the object, each with
+/// the default the API gives it.
+fn ratio(o: &Value, done: (&str, i64), wanted: (&str, i64)) -> Value {
+    let n = |(p, d): (&str, i64)| o.pointer(p).and_then(Value::as_i64).unwrap_or(d);
+    json!(format!("{}/{}", n(done), n(wanted)))
+}
+
 fn or_none(v: String) -> String {
     if v.is_empty() { "<none>".into() } else { v }
 }
@@ -341,13 +348,7 @@ fn cells(kind: &str, o: &Value) -> Vec<Value> {
                 containers_images(o.pointer("/spec/template/spec/containers"));
             vec![
                 name,
-                json!(format!(
-                    "{}/{}",
-                    n("/status/readyReplicas"),
-                    o.pointer("/spec/replicas")
-                        .and_then(Value::as_i64)
-                        .unwrap_or(1)
-                )),
+                ratio(o, ("/status/readyReplicas", 0), ("/spec/replicas", 1)),
                 json!(n("/status/updatedReplicas")),
                 json!(n("/status/availableReplicas")),
                 age,
@@ -447,15 +448,7 @@ fn cells(kind: &str, o: &Value) -> Vec<Value> {
             vec![
                 name,
                 json!(status),
-                json!(format!(
-                    "{}/{}",
-                    o.pointer("/status/succeeded")
-                        .and_then(Value::as_i64)
-                        .unwrap_or(0),
-                    o.pointer("/spec/completions")
-                        .and_then(Value::as_i64)
-                        .unwrap_or(1)
-                )),
+                ratio(o, ("/status/succeeded", 0), ("/spec/completions", 1)),
                 json!(duration),
                 age,
                 json!(containers),
@@ -468,15 +461,7 @@ fn cells(kind: &str, o: &Value) -> Vec<Value> {
                 containers_images(o.pointer("/spec/template/spec/containers"));
             vec![
                 name,
-                json!(format!(
-                    "{}/{}",
-                    o.pointer("/status/readyReplicas")
-                        .and_then(Value::as_i64)
-                        .unwrap_or(0),
-                    o.pointer("/spec/replicas")
-                        .and_then(Value::as_i64)
-                        .unwrap_or(1)
-                )),
+                ratio(o, ("/status/readyReplicas", 0), ("/spec/replicas", 1)),
                 age,
                 json!(containers),
                 json!(images),

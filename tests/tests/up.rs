@@ -1,8 +1,10 @@
 //! Privileged, end to end: `weft up` as a user runs it. The seed demo (`scripts/seed-demo.sh`,
 //! the same sequence README's main command runs) goes through a one-node cluster with the real
-//! kubectl on this machine and must report no failed request; a two-node cluster on etcd (`--store etcd`) runs pods on
-//! both nodes that reach each other over the overlay, survives the loss of its supervisor, and
-//! `weft down` then removes everything: namespaces, processes, cgroups, mounts, pins.
+//! kubectl on this machine and must report no failed request; a two-node cluster on etcd
+//! (`--store etcd`) runs pods on both nodes that reach each other over the overlay, gives a
+//! StatefulSet's pods volumes of their own that a recreated pod finds again, survives the loss
+//! of its supervisor, and `weft down` then removes everything: namespaces, processes, cgroups,
+//! mounts, pins.
 
 use std::{
     path::{Path, PathBuf},
@@ -195,6 +197,29 @@ spec:
         readinessProbe: {httpGet: {path: /, port: 5678}, periodSeconds: 1}
 "#;
 
+/// Two pods, each writing its name to its own volume the first time it starts.
+const STATEFUL: &str = r#"
+apiVersion: apps/v1
+kind: StatefulSet
+metadata: {name: db, namespace: default}
+spec:
+  serviceName: db
+  replicas: 2
+  selector: {matchLabels: {app: db}}
+  template:
+    metadata: {labels: {app: db}}
+    spec:
+      containers:
+      - name: db
+        image: weft/echo:dev
+        command: [sh, -c, '[ -f /data/id ] || cat /etc/hostname > /data/id; exec /weft-echo -listen=:5678 -text=db']
+        readinessProbe: {tcpSocket: {port: 5678}, periodSeconds: 1}
+        volumeMounts: [{name: data, mountPath: /data}]
+  volumeClaimTemplates:
+  - metadata: {name: data}
+    spec: {accessModes: [ReadWriteOnce], resources: {requests: {storage: 32Mi}}}
+"#;
+
 #[test]
 fn two_nodes_on_etcd_run_pods_that_reach_each_other_and_weft_down_cleans_up_after_a_crash() {
     let cluster = Cluster::new("two");
@@ -323,6 +348,34 @@ fn two_nodes_on_etcd_run_pods_that_reach_each_other_and_weft_down_cleans_up_afte
         });
         assert_eq!(at.as_ref(), Some(&home), "{name} left its volume's node");
     }
+
+    // A StatefulSet's pods get claims of their own from its volumeClaimTemplates, provisioned by
+    // weft-csi where they land; a deleted pod comes back under its name to its own data.
+    let sts = cluster.dir.join("sts.yaml");
+    std::fs::write(&sts, STATEFUL).unwrap();
+    cluster.kubectl(&["apply", "-f", &sts.display().to_string()]);
+    let status = cluster.kubectl(&["rollout", "status", "statefulset/db", "--timeout=120s"]);
+    assert!(status.contains("roll out complete"), "{status}");
+    let id = |pod: &str| {
+        let out = Command::new("kubectl")
+            .env("KUBECONFIG", cluster.dir.join("kubeconfig"))
+            .args(["exec", pod, "--", "cat", "/data/id"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    assert_eq!(
+        (id("db-0"), id("db-1")),
+        ("db-0".to_owned(), "db-1".to_owned())
+    );
+    let claims = cluster.kubectl(&["get", "pvc", "data-db-0", "data-db-1"]);
+    assert_eq!(claims.matches(" Bound ").count(), 2, "{claims}");
+    cluster.kubectl(&["delete", "pod", "db-0"]);
+    let status = cluster.kubectl(&["rollout", "status", "statefulset/db", "--timeout=120s"]);
+    assert!(status.contains("roll out complete"), "{status}");
+    wait_for("db-0 back with its data", Duration::from_secs(60), || {
+        id("db-0") == "db-0"
+    });
 
     let status = String::from_utf8_lossy(&cluster.weft(&["status"]).stdout).into_owned();
     for want in [

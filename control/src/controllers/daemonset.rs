@@ -22,7 +22,7 @@ use k8s_openapi::api::{
 };
 use kube::{
     Api, ResourceExt,
-    api::{DeleteParams, ListParams, Patch, PatchParams},
+    api::{DeleteParams, ListParams},
     runtime::{Controller, controller::Action, reflector::ObjectRef, watcher},
 };
 use serde_json::json;
@@ -372,22 +372,13 @@ async fn write_status(
         "numberUnavailable": eligible.len().saturating_sub(available),
         "observedGeneration": ds.metadata.generation,
     });
-    let current = serde_json::to_value(&ds.status).unwrap_or_default();
-    let changed = status
-        .as_object()
-        .into_iter()
-        .flatten()
-        .any(|(k, v)| current.get(k).cloned().unwrap_or(json!(0)) != *v);
-    if changed {
-        Api::<DaemonSet>::namespaced(ctx.client.clone(), &ds.namespace().unwrap_or_default())
-            .patch_status(
-                &ds.name_any(),
-                &PatchParams::default(),
-                &Patch::Merge(json!({"status": status})),
-            )
-            .await?;
-    }
-    Ok(())
+    super::patch_status_if_changed(
+        &Api::<DaemonSet>::namespaced(ctx.client.clone(), &ds.namespace().unwrap_or_default()),
+        &ds.name_any(),
+        &serde_json::to_value(&ds.status).unwrap_or_default(),
+        status,
+    )
+    .await
 }
 
 #[cfg(test)]

@@ -207,6 +207,34 @@ pub async fn create_pod<O: Resource<DynamicType = ()>>(
     }
 }
 
+/// Patches `status` into the status of `name` when any of its fields differs from `current`
+/// (the status the controller last read; a missing field counts as 0), so that reconciling an
+/// object that has not changed writes nothing.
+pub async fn patch_status_if_changed<K>(
+    api: &Api<K>,
+    name: &str,
+    current: &serde_json::Value,
+    status: serde_json::Value,
+) -> Result<(), Error>
+where
+    K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let changed = status
+        .as_object()
+        .into_iter()
+        .flatten()
+        .any(|(k, v)| current.get(k).cloned().unwrap_or(serde_json::json!(0)) != *v);
+    if changed {
+        api.patch_status(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"status": status})),
+        )
+        .await?;
+    }
+    Ok(())
+}
+
 /// Whether an API error is a 404.
 pub fn not_found(e: &kube::Error) -> bool {
     matches!(e, kube::Error::Api(r) if r.code == 404)

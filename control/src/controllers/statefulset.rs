@@ -23,7 +23,7 @@ use k8s_openapi::api::{
 };
 use kube::{
     Api, ResourceExt,
-    api::{DeleteParams, ListParams, Patch, PatchParams, PostParams},
+    api::{DeleteParams, ListParams, PostParams},
     runtime::{Controller, controller::Action, watcher},
 };
 use serde_json::json;
@@ -440,22 +440,13 @@ async fn write_status(
         "collisionCount": 0,
         "observedGeneration": set.metadata.generation,
     });
-    let existing = serde_json::to_value(&set.status).unwrap_or_default();
-    let changed = status
-        .as_object()
-        .into_iter()
-        .flatten()
-        .any(|(k, v)| existing.get(k).cloned().unwrap_or(json!(0)) != *v);
-    if changed {
-        Api::<StatefulSet>::namespaced(ctx.client.clone(), &set.namespace().unwrap_or_default())
-            .patch_status(
-                &name,
-                &PatchParams::default(),
-                &Patch::Merge(json!({"status": status})),
-            )
-            .await?;
-    }
-    Ok(())
+    super::patch_status_if_changed(
+        &Api::<StatefulSet>::namespaced(ctx.client.clone(), &set.namespace().unwrap_or_default()),
+        &name,
+        &serde_json::to_value(&set.status).unwrap_or_default(),
+        status,
+    )
+    .await
 }
 
 #[cfg(test)]
