@@ -666,9 +666,15 @@ fn cascading_deletion_in_background_foreground_and_orphan() {
         "the pods stay with their ReplicaSet"
     );
 
-    // A namespace being deleted is Terminating until its pods are gone, and refuses new content.
+    // A namespace being deleted is Terminating until its content is gone (its pods, and here a
+    // ConfigMap held by a finalizer, so that the check below cannot race the pods' removal),
+    // and refuses new content.
     c.kubectl_in(&["apply", "-f", "-"], Some(SEED));
     c.wait_ready(3);
+    c.kubectl_in(
+        &["apply", "-f", "-"],
+        Some("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: held, namespace: demo, finalizers: [example.com/hold]}\n"),
+    );
     c.kubectl(&["delete", "namespace", "demo", "--wait=false"]);
     let out = c.try_kubectl(
         &["apply", "-f", "-"],
@@ -679,6 +685,23 @@ fn cascading_deletion_in_background_foreground_and_orphan() {
         !out.status.success() && err.contains("because it is being terminated"),
         "{err}"
     );
+    wait_for("the pods of demo gone", Duration::from_secs(20), || {
+        c.hello_pods().0.is_empty()
+    });
+    assert_eq!(
+        c.json(&["get", "namespace", "demo"])["status"]["phase"],
+        "Terminating"
+    );
+    c.kubectl(&[
+        "-n",
+        "demo",
+        "patch",
+        "configmap",
+        "held",
+        "--type=merge",
+        "-p",
+        r#"{"metadata":{"finalizers":null}}"#,
+    ]);
     wait_for("namespace demo gone", Duration::from_secs(20), || {
         !c.try_kubectl(&["get", "namespace", "demo"], None)
             .status
