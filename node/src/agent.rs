@@ -783,7 +783,14 @@ impl Agent {
                 namespace: ns.clone(),
                 attempt: 0,
             }),
-            hostname: name.clone(),
+            // spec.hostname when the pod names one (StatefulSet and Indexed Job pods), as
+            // kubelet does; the pod's name otherwise.
+            hostname: pod
+                .spec
+                .as_ref()
+                .and_then(|s| s.hostname.clone())
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| name.clone()),
             log_directory: self
                 .config
                 .log_dir

@@ -33,7 +33,18 @@ impl PodFields<'_> {
             "spec.nodeName" => Some(self.node_name.to_owned()),
             "status.hostIP" => self.host_ip.map(str::to_owned),
             "spec.serviceAccountName" => self.pod.spec.as_ref()?.service_account_name.clone(),
-            _ => None,
+            _ => {
+                // `metadata.labels['key']` and `metadata.annotations['key']`, as kubelet
+                // resolves them (an Indexed Job's JOB_COMPLETION_INDEX is one).
+                let (map, key) = path
+                    .strip_prefix("metadata.labels['")
+                    .map(|k| (self.pod.labels(), k))
+                    .or_else(|| {
+                        path.strip_prefix("metadata.annotations['")
+                            .map(|k| (self.pod.annotations(), k))
+                    })?;
+                map.get(key.strip_suffix("']")?).cloned()
+            }
         }
     }
 }
@@ -106,4 +117,33 @@ pub async fn resolve(
         set(e.name.clone(), value);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn field_refs_resolve_labels_and_annotations_by_key() {
+        let pod: Pod = serde_json::from_value(serde_json::json!({"metadata": {
+            "name": "pi-2-x", "namespace": "default",
+            "labels": {"app": "pi"},
+            "annotations": {"batch.kubernetes.io/job-completion-index": "2"}}}))
+        .unwrap();
+        let fields = PodFields {
+            pod: &pod,
+            pod_ip: "10.244.1.5",
+            node_name: "node1",
+            host_ip: None,
+        };
+        assert_eq!(
+            fields
+                .get("metadata.annotations['batch.kubernetes.io/job-completion-index']")
+                .as_deref(),
+            Some("2")
+        );
+        assert_eq!(fields.get("metadata.labels['app']").as_deref(), Some("pi"));
+        assert_eq!(fields.get("metadata.labels['none']"), None);
+        assert_eq!(fields.get("status.podIP").as_deref(), Some("10.244.1.5"));
+    }
 }

@@ -809,6 +809,56 @@ fn pods_run_under_containerd_networked_by_weft_cni_and_leave_nothing_behind() {
         "backoffLimit 1: two failed pods, then no more: {job}"
     );
     node.kubectl(&["delete", "job", "twice", "fails"], None);
+    // An Indexed Job: each pod knows its index (env and hostname), every index completes once,
+    // and the finished Job goes by itself after ttlSecondsAfterFinished.
+    let out = node.kubectl(
+        &[
+            "wait",
+            "--for=condition=complete",
+            "job/shards",
+            "--timeout=90s",
+        ],
+        None,
+    );
+    assert!(out.contains("condition met"), "{out}");
+    let job = node.json(&["get", "job", "shards"]);
+    assert_eq!(job["status"]["completedIndexes"], "0-2", "{job}");
+    let mut said: Vec<String> = (0..3)
+        .map(|i| {
+            let pods = node.json(&[
+                "get",
+                "pods",
+                "-l",
+                &format!("batch.kubernetes.io/job-completion-index={i},job-name=shards"),
+            ]);
+            let name = pods["items"][0]["metadata"]["name"]
+                .as_str()
+                .unwrap()
+                .to_owned();
+            node.kubectl(&["logs", &name], None).trim().to_owned()
+        })
+        .collect();
+    said.sort();
+    assert_eq!(
+        said,
+        [
+            "shard 0 of shards-0",
+            "shard 1 of shards-1",
+            "shard 2 of shards-2"
+        ]
+    );
+    wait_for(
+        "the finished Job and its pods gone after its TTL",
+        Duration::from_secs(30),
+        || {
+            !node.json(&["get", "jobs"])["items"]
+                .as_array()
+                .is_some_and(|j| j.iter().any(|j| j["metadata"]["name"] == "shards"))
+                && node.json(&["get", "pods", "-l", "job-name=shards"])["items"]
+                    .as_array()
+                    .is_some_and(Vec::is_empty)
+        },
+    );
 
     // A missing image with pullPolicy Never is reported, not retried forever in silence.
     node.kubectl(&["apply", "-f", "-"], Some("apiVersion: v1\nkind: Pod\nmetadata: {name: missing}\nspec:\n  containers: [{name: c, image: weft/nothing:1, imagePullPolicy: Never}]\n"));
@@ -988,6 +1038,19 @@ spec:
     spec:
       restartPolicy: Never
       containers: [{name: work, image: weft/echo:dev, command: [sh, -c, "exit 3"]}]
+---
+apiVersion: batch/v1
+kind: Job
+metadata: {name: shards, namespace: default}
+spec:
+  completionMode: Indexed
+  completions: 3
+  parallelism: 3
+  ttlSecondsAfterFinished: 15
+  template:
+    spec:
+      restartPolicy: Never
+      containers: [{name: work, image: weft/echo:dev, command: [sh, -c, 'echo "shard $JOB_COMPLETION_INDEX of $(cat /etc/hostname)"']}]
 "#;
 
 const INIT: &str = r#"

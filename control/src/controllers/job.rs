@@ -6,11 +6,21 @@
 //! `active`/`ready`/`succeeded`/`failed` counts `kubectl get jobs` and `kubectl wait` read.
 //! `suspend: true` deletes the active pods and creates none. Pods are labelled with the Job's
 //! `batch.kubernetes.io/controller-uid` and `job-name` and owned by it.
+//!
+//! `completionMode: Indexed` gives each pod an index in `0..completions` (the
+//! `batch.kubernetes.io/job-completion-index` annotation and label, `JOB_COMPLETION_INDEX` in
+//! its containers' environment, hostname `<job>-<index>`): the Job is complete when every index
+//! has a succeeded pod, lowest missing indexes are started first, and `status.completedIndexes`
+//! lists the done ones as kube does (`0-2,4`). `ttlSecondsAfterFinished` deletes a finished Job
+//! (and, through the garbage collector, its pods) that long after it finished.
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use k8s_openapi::{
-    api::{batch::v1::Job, core::v1::Pod},
+    api::{
+        batch::v1::Job,
+        core::v1::{EnvVar, EnvVarSource, ObjectFieldSelector, Pod},
+    },
     apimachinery::pkg::apis::meta::v1::Time,
     jiff::Timestamp,
 };
@@ -30,6 +40,8 @@ const COMPONENT: &str = "job-controller";
 pub const UID_LABEL: &str = "batch.kubernetes.io/controller-uid";
 /// The label every pod of a Job carries with the Job's name.
 pub const NAME_LABEL: &str = "batch.kubernetes.io/job-name";
+/// The annotation (and label) carrying an Indexed Job pod's index.
+pub const INDEX: &str = "batch.kubernetes.io/job-completion-index";
 
 /// Runs the controller until the API goes away for good.
 pub async fn run(ctx: Arc<Ctx>) {
@@ -45,6 +57,79 @@ fn phase(p: &Pod) -> &str {
         .as_ref()
         .and_then(|s| s.phase.as_deref())
         .unwrap_or("Pending")
+}
+
+fn indexed(job: &Job) -> bool {
+    job.spec.as_ref().and_then(|s| s.completion_mode.as_deref()) == Some("Indexed")
+}
+
+/// An Indexed Job pod's index.
+fn index_of(p: &Pod) -> Option<i32> {
+    p.annotations().get(INDEX)?.parse().ok()
+}
+
+/// Indexes as kube writes `completedIndexes`: sorted, runs of consecutive ones as `a-b`.
+fn compress(indexes: &std::collections::BTreeSet<i32>) -> String {
+    let mut out: Vec<String> = Vec::new();
+    let mut run: Option<(i32, i32)> = None;
+    for &i in indexes {
+        run = match run {
+            Some((a, b)) if i == b + 1 => Some((a, i)),
+            Some((a, b)) => {
+                out.push(if a == b {
+                    a.to_string()
+                } else {
+                    format!("{a}-{b}")
+                });
+                Some((i, i))
+            }
+            None => Some((i, i)),
+        };
+    }
+    if let Some((a, b)) = run {
+        out.push(if a == b {
+            a.to_string()
+        } else {
+            format!("{a}-{b}")
+        });
+    }
+    out.join(",")
+}
+
+/// The pod of an Indexed Job for `index`.
+fn indexed_pod(job: &Job, index: i32) -> Result<Pod, Error> {
+    let mut pod = new_pod(job)?;
+    let i = index.to_string();
+    pod.metadata.generate_name = Some(format!("{}-{i}-", job.name_any()));
+    pod.metadata
+        .annotations
+        .get_or_insert_with(BTreeMap::new)
+        .insert(INDEX.into(), i.clone());
+    pod.metadata
+        .labels
+        .get_or_insert_with(BTreeMap::new)
+        .insert(INDEX.into(), i.clone());
+    if let Some(spec) = pod.spec.as_mut() {
+        spec.hostname = Some(format!("{}-{i}", job.name_any()));
+        for c in spec
+            .containers
+            .iter_mut()
+            .chain(spec.init_containers.iter_mut().flatten())
+        {
+            c.env.get_or_insert_with(Vec::new).push(EnvVar {
+                name: "JOB_COMPLETION_INDEX".into(),
+                value: None,
+                value_from: Some(EnvVarSource {
+                    field_ref: Some(ObjectFieldSelector {
+                        api_version: None,
+                        field_path: format!("metadata.annotations['{INDEX}']"),
+                    }),
+                    ..EnvVarSource::default()
+                }),
+            });
+        }
+    }
+    Ok(pod)
 }
 
 /// A pod of the template for `job`.
@@ -112,11 +197,42 @@ fn ended(job: &Job) -> bool {
         })
 }
 
+/// When a finished Job finished.
+fn finished_at(job: &Job) -> Option<&Time> {
+    let status = job.status.as_ref()?;
+    status.completion_time.as_ref().or_else(|| {
+        status
+            .conditions
+            .iter()
+            .flatten()
+            .find(|c| (c.type_ == "Complete" || c.type_ == "Failed") && c.status == "True")?
+            .last_transition_time
+            .as_ref()
+    })
+}
+
 async fn reconcile(job: Arc<Job>, ctx: Arc<Ctx>) -> Result<Action, Error> {
     if job.metadata.deletion_timestamp.is_some() {
         return Ok(Action::await_change());
     }
     let ns = job.namespace().unwrap_or_default();
+    // ttlSecondsAfterFinished: a finished Job goes that long after it finished.
+    if let (true, Some(ttl)) = (
+        ended(&job),
+        job.spec.as_ref().and_then(|s| s.ttl_seconds_after_finished),
+    ) {
+        let left = i64::from(ttl) - age_secs(finished_at(&job));
+        if left > 0 {
+            return Ok(Action::requeue(Duration::from_secs(left as u64)));
+        }
+        match Api::<Job>::namespaced(ctx.client.clone(), &ns)
+            .delete(&job.name_any(), &DeleteParams::background())
+            .await
+        {
+            Err(e) if !not_found(&e) => return Err(e.into()),
+            _ => return Ok(Action::await_change()),
+        }
+    }
     let uid = job.uid().unwrap_or_default();
     let spec = job.spec.clone().unwrap_or_default();
     let pods_api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
@@ -127,7 +243,16 @@ async fn reconcile(job: Arc<Job>, ctx: Arc<Ctx>) -> Result<Action, Error> {
         .into_iter()
         .filter(|p| controller_of(&p.metadata).is_some_and(|o| o.uid == uid))
         .collect();
-    let succeeded = pods.iter().filter(|p| phase(p) == "Succeeded").count() as i32;
+    let done_indexes: std::collections::BTreeSet<i32> = pods
+        .iter()
+        .filter(|p| phase(p) == "Succeeded")
+        .filter_map(index_of)
+        .collect();
+    let succeeded = if indexed(&job) {
+        done_indexes.len() as i32
+    } else {
+        pods.iter().filter(|p| phase(p) == "Succeeded").count() as i32
+    };
     let failed = pods.iter().filter(|p| phase(p) == "Failed").count() as i32;
     let active: Vec<&Pod> = pods
         .iter()
@@ -160,9 +285,22 @@ async fn reconcile(job: Arc<Job>, ctx: Arc<Ctx>) -> Result<Action, Error> {
         let parallelism = spec.parallelism.unwrap_or(1);
         let remaining = (completions - succeeded).max(0);
         let want = parallelism.min(remaining);
-        for _ in (active.len() as i32)..want {
-            create_pod(&ctx, &pods_api, &*job, COMPONENT, &new_pod(&job)?).await?;
-            created += 1;
+        if indexed(&job) {
+            // The lowest indexes that neither succeeded nor run.
+            let running: std::collections::BTreeSet<i32> =
+                active.iter().filter_map(|p| index_of(p)).collect();
+            let missing = (0..completions)
+                .filter(|i| !done_indexes.contains(i) && !running.contains(i))
+                .take(usize::try_from(want - active.len() as i32).unwrap_or(0));
+            for i in missing.collect::<Vec<_>>() {
+                create_pod(&ctx, &pods_api, &*job, COMPONENT, &indexed_pod(&job, i)?).await?;
+                created += 1;
+            }
+        } else {
+            for _ in (active.len() as i32)..want {
+                create_pod(&ctx, &pods_api, &*job, COMPONENT, &new_pod(&job)?).await?;
+                created += 1;
+            }
         }
     }
     let now = Time(Timestamp::now());
@@ -173,6 +311,9 @@ async fn reconcile(job: Arc<Job>, ctx: Arc<Ctx>) -> Result<Action, Error> {
         "failed": failed,
         "startTime": job.status.as_ref().and_then(|s| s.start_time.clone()).unwrap_or_else(|| now.clone()),
     });
+    if indexed(&job) {
+        status["completedIndexes"] = json!(compress(&done_indexes));
+    }
     if let Some((kind, reason, message)) = &verdict {
         let interim = if *kind == "Complete" {
             "SuccessCriteriaMet"
@@ -219,6 +360,12 @@ async fn reconcile(job: Arc<Job>, ctx: Arc<Ctx>) -> Result<Action, Error> {
         || ["active", "ready", "succeeded", "failed"]
             .iter()
             .any(|k| current.get(k).cloned().unwrap_or(json!(0)) != status[k])
+        || (indexed(&job)
+            && current
+                .get("completedIndexes")
+                .cloned()
+                .unwrap_or(json!(""))
+                != status["completedIndexes"])
         || current.get("startTime").is_none_or(Value::is_null);
     if changed {
         Api::<Job>::namespaced(ctx.client.clone(), &ns)
@@ -228,6 +375,12 @@ async fn reconcile(job: Arc<Job>, ctx: Arc<Ctx>) -> Result<Action, Error> {
                 &Patch::Merge(json!({"status": status})),
             )
             .await?;
+    }
+    // A Job that just finished with a TTL: look again when it expires.
+    if let (Some(ttl), true) = (spec.ttl_seconds_after_finished, verdict.is_some() && !done) {
+        return Ok(Action::requeue(Duration::from_secs(
+            u64::try_from(ttl).unwrap_or(0).max(1),
+        )));
     }
     // The deadline passes without any event: look again then.
     if let (Some(deadline), false) = (spec.active_deadline_seconds, done || verdict.is_some()) {
@@ -265,5 +418,21 @@ mod tests {
         let p = new_pod(&j).unwrap();
         assert_eq!(p.labels().get(UID_LABEL).map(String::as_str), Some("u"));
         assert_eq!(p.labels().get("job-name").map(String::as_str), Some("pi"));
+    }
+
+    #[test]
+    fn indexed_pods_know_their_index_and_done_indexes_compress() {
+        let j = job(json!({"template": {}, "completions": 3}));
+        let p = indexed_pod(&j, 2).unwrap();
+        assert_eq!(index_of(&p), Some(2));
+        assert_eq!(p.metadata.generate_name.as_deref(), Some("pi-2-"));
+        let spec = p.spec.unwrap();
+        assert_eq!(spec.hostname.as_deref(), Some("pi-2"));
+        let env = &spec.containers[0].env.as_ref().unwrap()[0];
+        assert_eq!(env.name, "JOB_COMPLETION_INDEX");
+        let set = |v: &[i32]| v.iter().copied().collect();
+        assert_eq!(compress(&set(&[0, 1, 2, 4, 6, 7])), "0-2,4,6-7");
+        assert_eq!(compress(&set(&[])), "");
+        assert_eq!(compress(&set(&[3])), "3");
     }
 }
