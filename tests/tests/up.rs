@@ -378,6 +378,7 @@ fn two_nodes_on_etcd_run_pods_that_reach_each_other_and_weft_down_cleans_up_afte
     });
 
     let status = String::from_utf8_lossy(&cluster.weft(&["status"]).stdout).into_owned();
+    assert!(status.contains("store: etcd"), "{status}");
     for want in [
         ["etcd", "running"],
         ["api", "running"],

@@ -820,12 +820,16 @@ pub fn status(dir: &Path) -> Result<String, UpError> {
     let mut out = String::new();
     let up = alive(s.supervisor);
     out.push_str(&format!(
-        "cluster {:?}: supervisor pid {} {}\nAPI server: http://{} (export KUBECONFIG={})\n\nPROCESS     PID      STATE\n",
+        "cluster {:?}: supervisor pid {} {}\nAPI server: http://{} (export KUBECONFIG={})\nstore: {}\n\nPROCESS     PID      STATE\n",
         s.options.name,
         s.supervisor,
         if up { "running" } else { "NOT RUNNING (weft down cleans up)" },
         s.api,
         s.options.kubeconfig().display(),
+        match s.options.store {
+            StoreKind::Sqlite => format!("sqlite {}", s.options.dir.join("store.db").display()),
+            StoreKind::Etcd => format!("etcd {ETCD_CLIENT} (in the underlay namespace)"),
+        },
     ));
     for (name, pid) in &s.processes {
         out.push_str(&format!(
