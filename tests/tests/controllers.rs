@@ -1213,3 +1213,97 @@ fn server_side_apply_owns_fields_reports_conflicts_and_removes_what_it_stops_app
         "b went with kubectl's apply, a stays with deployer, c with the patch"
     );
 }
+
+#[test]
+fn a_parallel_statefulset_updates_only_from_its_partition_up() {
+    let c = Cluster::start("partition", &["n1"]);
+    c.kubectl_in(
+        &["apply", "-f", "-"],
+        Some(
+            r#"
+apiVersion: apps/v1
+kind: StatefulSet
+metadata: {name: shard}
+spec:
+  serviceName: shard
+  replicas: 3
+  podManagementPolicy: Parallel
+  updateStrategy: {type: RollingUpdate, rollingUpdate: {partition: 2}}
+  selector: {matchLabels: {app: shard}}
+  template:
+    metadata: {labels: {app: shard}}
+    spec:
+      containers: [{name: c, image: weft/echo:dev, env: [{name: VERSION, value: "1"}]}]
+"#,
+        ),
+    );
+    // (name, revision, VERSION, ready) of every pod.
+    let pods = || -> Vec<(String, String, String, bool)> {
+        let p = c.json(&["get", "pods", "-l", "app=shard"]);
+        let mut v: Vec<_> = p["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|p| p["metadata"]["deletionTimestamp"].is_null())
+            .map(|p| {
+                (
+                    p["metadata"]["name"].as_str().unwrap().to_owned(),
+                    p["metadata"]["labels"]["controller-revision-hash"]
+                        .as_str()
+                        .unwrap_or("")
+                        .to_owned(),
+                    p["spec"]["containers"][0]["env"][0]["value"]
+                        .as_str()
+                        .unwrap_or("")
+                        .to_owned(),
+                    ready(p),
+                )
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    wait_for("three ready pods", Duration::from_secs(30), || {
+        let p = pods();
+        p.len() == 3 && p.iter().all(|x| x.3)
+    });
+    let first = pods()[0].1.clone();
+    c.kubectl(&["set", "env", "statefulset/shard", "VERSION=2"]);
+    // Only the ordinal at or above the partition moves to the new revision.
+    wait_for("shard-2 updated", Duration::from_secs(30), || {
+        let p = pods();
+        p.len() == 3 && p[2].2 == "2" && p[2].3
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let p = pods();
+    assert!(
+        p[0].1 == first && p[1].1 == first && p[0].2 == "1" && p[1].2 == "1",
+        "below the partition nothing changes: {p:?}"
+    );
+    let status = c.kubectl(&["rollout", "status", "statefulset/shard", "--timeout=30s"]);
+    assert!(status.contains("partitioned roll out complete"), "{status}");
+    // A pod below the partition that is deleted comes back at the current revision.
+    c.kubectl(&["delete", "pod", "shard-0", "--wait=false"]);
+    wait_for("shard-0 back", Duration::from_secs(30), || {
+        let p = pods();
+        p.len() == 3 && p[0].3
+    });
+    assert_eq!(
+        pods()[0].2,
+        "1",
+        "shard-0 came back at the current revision"
+    );
+    // The partition lowered to 0: everything rolls.
+    c.kubectl(&[
+        "patch",
+        "statefulset",
+        "shard",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"updateStrategy":{"rollingUpdate":{"partition":0}}}}"#,
+    ]);
+    wait_for("every pod at VERSION=2", Duration::from_secs(30), || {
+        let p = pods();
+        p.len() == 3 && p.iter().all(|x| x.2 == "2" && x.3)
+    });
+}
