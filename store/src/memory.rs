@@ -117,7 +117,7 @@ impl Backend for Memory {
             return Ok(());
         }
         // A write at or before `upto` goes when it is a deletion or a newer write at or before
-        // `upto` replaced it; the newest write of all stays (it carries the revision).
+        // `upto` replaced it (`upto` is below the newest write, which carries the revision).
         let mut newest: HashMap<&str, Revision> = HashMap::new();
         for (rev, (key, _, _)) in log.writes.range(..=upto) {
             newest.insert(key, *rev);
@@ -126,7 +126,7 @@ impl Backend for Memory {
             .writes
             .range(..=upto)
             .filter(|(rev, (key, _, value))| {
-                **rev != log.rev && (value.is_none() || newest.get(key.as_str()) != Some(rev))
+                value.is_none() || newest.get(key.as_str()) != Some(rev)
             })
             .map(|(rev, _)| *rev)
             .collect();

@@ -10,8 +10,9 @@
 //! `synchronous=FULL` has synced the WAL: an acknowledged write survives `kill -9` and a power
 //! loss, and a write cut short by either is not there at all. Writes are O(log n) in the number of
 //! rows, never O(objects) as rewriting a file would be. Compaction deletes superseded rows and
-//! deletions at or before the compaction point, except the newest row, which carries the
-//! revision counter (`floor` keeps it when an import starts above the revisions it has rows for).
+//! deletions at or before the compaction point, which stops below the newest row (that row
+//! carries the revision counter; `floor` keeps it when an import starts above the revisions it
+//! has rows for).
 
 use std::{
     path::{Path, PathBuf},
@@ -243,13 +244,6 @@ impl Backend for Sqlite {
         if upto <= meta(&tx, "compacted").map_err(fail)? {
             return Ok(());
         }
-        // Keep the counter: the newest row may be about to go.
-        let rev = current(&tx).map_err(fail)?;
-        tx.execute(
-            "INSERT OR REPLACE INTO meta (name, value) VALUES ('floor', ?1)",
-            params![sql(rev)],
-        )
-        .map_err(fail)?;
         tx.execute(
             "DELETE FROM log WHERE rev <= ?1 AND (value IS NULL OR EXISTS
                 (SELECT 1 FROM log n WHERE n.key = log.key AND n.rev > log.rev AND n.rev <= ?1))",

@@ -372,13 +372,7 @@ async fn write_status(
         "numberUnavailable": eligible.len().saturating_sub(available),
         "observedGeneration": ds.metadata.generation,
     });
-    super::patch_status_if_changed(
-        &Api::<DaemonSet>::namespaced(ctx.client.clone(), &ds.namespace().unwrap_or_default()),
-        &ds.name_any(),
-        &serde_json::to_value(&ds.status).unwrap_or_default(),
-        status,
-    )
-    .await
+    super::patch_status_if_changed(&ctx.client, ds, status).await
 }
 
 #[cfg(test)]

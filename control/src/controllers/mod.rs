@@ -207,30 +207,38 @@ pub async fn create_pod<O: Resource<DynamicType = ()>>(
     }
 }
 
-/// Patches `status` into the status of `name` when any of its fields differs from `current`
-/// (the status the controller last read; a missing field counts as 0), so that reconciling an
-/// object that has not changed writes nothing.
+/// Patches `status` into `object`'s status when any of its fields differs from the status the
+/// controller last read (a missing field counts as 0), so that reconciling an object that has
+/// not changed writes nothing.
 pub async fn patch_status_if_changed<K>(
-    api: &Api<K>,
-    name: &str,
-    current: &serde_json::Value,
+    client: &Client,
+    object: &K,
     status: serde_json::Value,
 ) -> Result<(), Error>
 where
-    K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + serde::Serialize
+        + std::fmt::Debug,
 {
+    let current = serde_json::to_value(object)
+        .ok()
+        .and_then(|o| o.get("status").cloned())
+        .unwrap_or_default();
     let changed = status
         .as_object()
         .into_iter()
         .flatten()
         .any(|(k, v)| current.get(k).cloned().unwrap_or(serde_json::json!(0)) != *v);
     if changed {
-        api.patch_status(
-            name,
-            &PatchParams::default(),
-            &Patch::Merge(serde_json::json!({"status": status})),
-        )
-        .await?;
+        Api::<K>::namespaced(client.clone(), &object.namespace().unwrap_or_default())
+            .patch_status(
+                &object.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(serde_json::json!({"status": status})),
+            )
+            .await?;
     }
     Ok(())
 }

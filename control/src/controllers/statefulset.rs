@@ -440,13 +440,7 @@ async fn write_status(
         "collisionCount": 0,
         "observedGeneration": set.metadata.generation,
     });
-    super::patch_status_if_changed(
-        &Api::<StatefulSet>::namespaced(ctx.client.clone(), &set.namespace().unwrap_or_default()),
-        &name,
-        &serde_json::to_value(&set.status).unwrap_or_default(),
-        status,
-    )
-    .await
+    super::patch_status_if_changed(&ctx.client, set, status).await
 }
 
 #[cfg(test)]
