@@ -34,6 +34,53 @@ const PAGE: i64 = 500;
 /// caught up or not, so silence is the only sign.
 const QUIET: Duration = Duration::from_millis(500);
 
+/// How long a call goes on trying other members while the one it reached is unreachable.
+const FAILOVER: Duration = Duration::from_secs(15);
+
+/// Whether a call may be sent again after a transport failure.
+#[derive(Clone, Copy)]
+enum Resend {
+    /// A read: sending it twice changes nothing.
+    Always,
+    /// A write: only when it never left this process (the connection was refused), since a
+    /// conditional write that did apply would fail its condition the second time.
+    Unsent,
+}
+
+/// Whether `e` says the member could not be reached, so that another may answer.
+fn unreachable(e: &etcd_client::Error, resend: Resend) -> bool {
+    let etcd_client::Error::GRpcStatus(status) = e else {
+        return false;
+    };
+    if status.code() != tonic::Code::Unavailable {
+        return false;
+    }
+    match resend {
+        Resend::Always => true,
+        Resend::Unsent => status.message().contains("error trying to connect"),
+    }
+}
+
+/// Runs one gRPC call on a handle of `client`, sending it again (the client's balancer picks the
+/// next member) while the member it reached is down, for up to [`FAILOVER`].
+async fn call<T, F, Fut>(what: &str, resend: Resend, client: &Client, mut f: F) -> Result<T>
+where
+    F: FnMut(Client) -> Fut,
+    Fut: Future<Output = std::result::Result<T, etcd_client::Error>>,
+{
+    let deadline = tokio::time::Instant::now() + FAILOVER;
+    loop {
+        match f(client.clone()).await {
+            Ok(v) => return Ok(v),
+            Err(e) if unreachable(&e, resend) && tokio::time::Instant::now() < deadline => {
+                tracing::debug!(what, error = %e, "etcd member unreachable; trying again");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(engine(what, e)),
+        }
+    }
+}
+
 /// The etcd backend.
 pub struct Etcd {
     client: Client,
@@ -157,15 +204,18 @@ impl Etcd {
     /// store is cancelled with it within etcd's sync interval (100 ms); the watch is on a key
     /// nothing writes, so a store never compacted sends nothing and the probe gives up after
     /// [`QUIET`].
-    async fn compaction_point(mut client: Client, prefix: String) -> Result<Revision> {
-        let fail = |e| engine("probing etcd's compaction", e);
-        let (mut watcher, mut stream) = client
-            .watch(
-                format!("{prefix}\u{0}compaction-probe"),
-                Some(WatchOptions::new().with_start_revision(1)),
-            )
-            .await
-            .map_err(fail)?;
+    async fn compaction_point(client: Client, prefix: String) -> Result<Revision> {
+        let what = "probing etcd's compaction";
+        let fail = |e| engine(what, e);
+        let key = format!("{prefix}\u{0}compaction-probe");
+        let (mut watcher, mut stream) = call(what, Resend::Always, &client, |mut c| {
+            let key = key.clone();
+            async move {
+                c.watch(key, Some(WatchOptions::new().with_start_revision(1)))
+                    .await
+            }
+        })
+        .await?;
         let mut point = 0;
         while let Ok(next) = tokio::time::timeout(QUIET, stream.message()).await {
             match next.map_err(fail)? {
@@ -183,18 +233,24 @@ impl Etcd {
 
     /// The store's newest revision.
     fn current(&self) -> Result<Revision> {
-        let mut client = self.client.clone();
+        let client = self.client.clone();
         let prefix = self.prefix.clone();
         self.run(async move {
-            Ok(client
-                .get(
-                    prefix,
-                    Some(GetOptions::new().with_prefix().with_count_only()),
-                )
-                .await
-                .map_err(|e| engine("reading the revision", e))?
+            Ok(
+                call("reading the revision", Resend::Always, &client, |mut c| {
+                    let prefix = prefix.clone();
+                    async move {
+                        c.get(
+                            prefix,
+                            Some(GetOptions::new().with_prefix().with_count_only()),
+                        )
+                        .await
+                    }
+                })
+                .await?
                 .header()
-                .map_or(0, |h| rev_of(h.revision())))
+                .map_or(0, |h| rev_of(h.revision())),
+            )
         })
     }
 }
@@ -205,7 +261,7 @@ impl Backend for Etcd {
     }
 
     fn snapshot(&self) -> Result<Snapshot> {
-        let mut client = self.client.clone();
+        let client = self.client.clone();
         let prefix = self.prefix.clone();
         let (rev, kvs) = self.run(async move {
             let end = range_end(&prefix);
@@ -218,10 +274,11 @@ impl Backend for Etcd {
                     // Every page at the revision of the first: one consistent view.
                     options = options.with_revision(rev);
                 }
-                let page = client
-                    .get(from.clone(), Some(options))
-                    .await
-                    .map_err(|e| engine("reading the store", e))?;
+                let page = call("reading the store", Resend::Always, &client, |mut c| {
+                    let (from, options) = (from.clone(), options.clone());
+                    async move { c.get(from, Some(options)).await }
+                })
+                .await?;
                 if rev == 0 {
                     rev = page.header().map_or(0, |h| h.revision());
                 }
@@ -257,7 +314,7 @@ impl Backend for Etcd {
     }
 
     fn write(&self, key: &str, expected: Revision, value: Option<&[u8]>) -> Result<Revision> {
-        let mut client = self.client.clone();
+        let client = self.client.clone();
         let full = self.full(key);
         let value = value.map(<[u8]>::to_vec);
         let (ok, rev, actual) = self.run(async move {
@@ -282,10 +339,16 @@ impl Backend for Etcd {
                 .when(when)
                 .and_then(vec![op])
                 .or_else(vec![TxnOp::get(full.clone(), None)]);
-            let resp = client
-                .txn(txn)
-                .await
-                .map_err(|e| engine(&format!("writing {full}"), e))?;
+            let resp = call(
+                &format!("writing {full}"),
+                Resend::Unsent,
+                &client,
+                |mut c| {
+                    let txn = txn.clone();
+                    async move { c.txn(txn).await }
+                },
+            )
+            .await?;
             let rev = resp.header().map_or(0, |h| h.revision());
             let actual = resp
                 .op_responses()
@@ -314,7 +377,7 @@ impl Backend for Etcd {
         if now <= after {
             return Ok(Vec::new());
         }
-        let mut client = self.client.clone();
+        let client = self.client.clone();
         let prefix = self.prefix.clone();
         let compacted = self.compacted.load(Ordering::Relaxed);
         if after < compacted {
@@ -324,20 +387,18 @@ impl Backend for Etcd {
             });
         }
         let raw = self.run(async move {
-            let (mut watcher, mut stream) = client
-                .watch(
-                    prefix.clone(),
-                    Some(
-                        WatchOptions::new()
-                            .with_prefix()
-                            .with_prev_key()
-                            // From `after` itself, so that etcd refuses it when it is the
-                            // compaction revision (see the module doc); it is skipped below.
-                            .with_start_revision(signed(after.max(1))),
-                    ),
-                )
-                .await
-                .map_err(|e| engine("reading the log", e))?;
+            let options = WatchOptions::new()
+                .with_prefix()
+                .with_prev_key()
+                // From `after` itself, so that etcd refuses it when it is the compaction
+                // revision (see the module doc); it is skipped below.
+                .with_start_revision(signed(after.max(1)));
+            let (mut watcher, mut stream) =
+                call("reading the log", Resend::Always, &client, |mut c| {
+                    let (prefix, options) = (prefix.clone(), options.clone());
+                    async move { c.watch(prefix, Some(options)).await }
+                })
+                .await?;
             let mut out = Vec::new();
             // Until the newest revision has been seen, or the watch has been quiet for a while
             // (the newest revisions may belong to keys outside the prefix).
@@ -397,13 +458,16 @@ impl Backend for Etcd {
         if upto <= self.compacted.load(Ordering::Relaxed) {
             return Ok(());
         }
-        let mut client = self.client.clone();
+        let client = self.client.clone();
         let done = self.run(async move {
-            client
-                .compact(signed(upto), None)
-                .await
-                .map_err(|e| engine(&format!("compacting to {upto}"), e))
-                .map(drop)
+            call(
+                &format!("compacting to {upto}"),
+                Resend::Unsent,
+                &client,
+                |mut c| async move { c.compact(signed(upto), None).await },
+            )
+            .await
+            .map(drop)
         });
         match done {
             Ok(()) => {
