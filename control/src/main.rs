@@ -4,7 +4,8 @@ use std::{net::SocketAddr, path::PathBuf, sync::Arc};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use weft_control::{controllers, server, store};
+use futures::FutureExt as _;
+use weft_control::{auth, controllers, server, store};
 
 #[derive(Debug, Parser)]
 #[command(name = "weft", version, about = "weft's control plane")]
@@ -15,7 +16,9 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
-    /// Serve the Kubernetes API (plain HTTP) from an embedded store.
+    /// Serve the Kubernetes API from an embedded store or etcd, over TLS (with the certificate
+    /// given, else a self-signed one). Every request is authenticated (bearer tokens, client
+    /// certificates) and authorized (admins, nodes, nobody else).
     Server {
         /// Address to listen on (repeatable; the first one goes into --kubeconfig).
         #[arg(long, default_value = "127.0.0.1:6443")]
@@ -38,9 +41,31 @@ enum Cmd {
         /// Range Services get their cluster IPs from.
         #[arg(long, default_value = "10.96.0.0/16")]
         service_cidr: ipnet::Ipv4Net,
-        /// Write a kubeconfig for this server here (for kubectl and the agents).
+        /// Write an admin's kubeconfig for this server here (mode 0600; a bearer token of
+        /// `system:masters`, kept across restarts while the file is there).
         #[arg(long)]
         kubeconfig: Option<PathBuf>,
+        /// Serve TLS with this certificate (PEM, with its chain). Without it the server makes a
+        /// self-signed CA and certificate (for loopback and the --listen addresses), kept in
+        /// --cert-dir when given.
+        #[arg(long, requires = "tls_private_key_file")]
+        tls_cert_file: Option<PathBuf>,
+        /// The serving certificate's private key (PEM).
+        #[arg(long, requires = "tls_cert_file")]
+        tls_private_key_file: Option<PathBuf>,
+        /// Authenticate clients by certificates this CA issued (PEM): the common name is the
+        /// user, each organization a group (`CN=system:node:node1,O=system:nodes`).
+        #[arg(long)]
+        client_ca_file: Option<PathBuf>,
+        /// Keep the self-signed CA and certificate here (without --tls-cert-file), so that
+        /// kubeconfigs stay valid across restarts [default: `pki/` beside --data; without
+        /// either, they last as long as the process].
+        #[arg(long, conflicts_with = "tls_cert_file")]
+        cert_dir: Option<PathBuf>,
+        /// Authenticate bearer tokens listed here: kube-apiserver's static token file, one
+        /// `token,user,uid,"group1,group2"` line per user.
+        #[arg(long)]
+        token_auth_file: Option<PathBuf>,
         /// Run the controllers and the scheduler in this process (`--controllers=false` to
         /// serve the API alone, for example to run them elsewhere with `weft controllers`).
         #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
@@ -276,9 +301,50 @@ fn main() -> anyhow::Result<()> {
             etcd_prefix,
             service_cidr,
             kubeconfig: kubeconfig_path,
+            tls_cert_file,
+            tls_private_key_file,
+            client_ca_file,
+            cert_dir,
+            token_auth_file,
             controllers: run_controllers,
             timing,
         } => {
+            let tls = weft_control::listen::serving(
+                &weft_control::listen::TlsFiles {
+                    cert_and_key: tls_cert_file.clone().zip(tls_private_key_file.clone()),
+                    client_ca: client_ca_file.clone(),
+                    cert_dir: cert_dir.clone().or_else(|| {
+                        let dir = data.as_deref()?.parent()?;
+                        Some(dir.join("pki"))
+                    }),
+                },
+                &listen.iter().map(SocketAddr::ip).collect::<Vec<_>>(),
+            )
+            .context("setting up TLS")?;
+            let mut authenticator = auth::Authenticator::new();
+            if let Some(file) = &token_auth_file {
+                authenticator.load_token_file(file)?;
+            }
+            // The controllers in this process are an admin with a token nobody else sees.
+            let loopback_token = auth::generate_token().context("generating a token")?;
+            authenticator.add(
+                &loopback_token,
+                auth::Identity::new("system:kube-controller-manager", &[auth::MASTERS]),
+            );
+            let admin_token = match kubeconfig_path.as_ref().map(std::fs::read_to_string) {
+                Some(Ok(text)) => weft_control::kubeconfig_token(&text).map(str::to_owned),
+                _ => None,
+            };
+            let admin_token = match admin_token {
+                Some(t) => t,
+                None => auth::generate_token().context("generating a token")?,
+            };
+            if kubeconfig_path.is_some() {
+                authenticator.add(
+                    &admin_token,
+                    auth::Identity::new("weft:admin", &[auth::MASTERS]),
+                );
+            }
             let etcd = (!etcd_servers.is_empty()).then(|| store::Etcd {
                 endpoints: etcd_servers.clone(),
                 prefix: etcd_prefix.clone(),
@@ -326,15 +392,30 @@ fn main() -> anyhow::Result<()> {
                     .context("nothing to listen on")?
                     .local_addr()?;
                 if let Some(path) = kubeconfig_path {
-                    std::fs::write(&path, weft_control::kubeconfig(&format!("http://{bound}")))
+                    let text = weft_control::kubeconfig(
+                        &format!("https://{bound}"),
+                        Some(&tls.ca_pem),
+                        "weft:admin",
+                        weft_control::Credentials::Token(&admin_token),
+                    );
+                    weft_control::write_private(&path, &text)
                         .with_context(|| format!("writing {}", path.display()))?;
                 }
-                tracing::info!(%bound, store = described, "serving the Kubernetes API");
+                tracing::info!(%bound, store = described, "serving the Kubernetes API over TLS");
                 let store = Arc::new(store);
                 tokio::spawn(server::sweep_events(store.clone()));
-                if run_controllers {
-                    let url: http::Uri = format!("http://{bound}").parse()?;
-                    let client = kube::Client::try_from(kube::Config::new(url))?;
+                // The controllers reach the API on a loopback listener of their own, with a
+                // token only this process knows.
+                let internal = match run_controllers {
+                    true => Some(tokio::net::TcpListener::bind("127.0.0.1:0").await?),
+                    false => None,
+                };
+                if let Some(internal) = &internal {
+                    let at = internal.local_addr()?;
+                    debug_assert!(weft_control::listen::plain_allowed(at));
+                    let mut config = kube::Config::new(format!("http://{at}").parse()?);
+                    config.auth_info.token = Some(loopback_token.clone().into());
+                    let client = kube::Client::try_from(config)?;
                     tokio::spawn(controllers::run(client, timing.options()));
                 }
                 // On SIGTERM or SIGINT: stop accepting, give requests in flight a moment,
@@ -346,15 +427,30 @@ fn main() -> anyhow::Result<()> {
                     let _ = stop.send(true);
                 });
                 let mut deadline = stopping.clone();
-                let router = server::router(store);
-                let serve = futures::future::try_join_all(listeners.into_iter().map(|l| {
+                let router = server::router(store, Arc::new(authenticator));
+                let plain = |l: tokio::net::TcpListener| {
                     let mut graceful = stopping.clone();
                     axum::serve(l, router.clone())
                         .with_graceful_shutdown(async move {
                             let _ = graceful.wait_for(|s| *s).await;
                         })
                         .into_future()
-                }));
+                        .boxed()
+                };
+                let mut serving = Vec::new();
+                for l in listeners {
+                    serving.push(
+                        weft_control::listen::serve_tls(
+                            l,
+                            router.clone(),
+                            tls.config.clone(),
+                            stopping.clone(),
+                        )
+                        .boxed(),
+                    );
+                }
+                serving.extend(internal.map(plain));
+                let serve = futures::future::try_join_all(serving);
                 tokio::select! {
                     r = serve => r.map(|_| ()).context("serving"),
                     () = async move {

@@ -1,7 +1,7 @@
 //! The HTTP side of the API: discovery (`/version`, `/api`, `/apis`, resource lists), and for
 //! every served resource get, list, watch, create, update, patch and delete, cluster-wide and
 //! per namespace, with label and field selectors and the status subresource. Errors are
-//! `Status` objects.
+//! `Status` objects. Every request is authenticated and authorized first ([`crate::auth`]).
 
 use std::{collections::HashMap, convert::Infallible, sync::Arc, time::Duration};
 
@@ -16,7 +16,9 @@ use futures::StreamExt;
 use serde_json::{Value, json};
 
 use crate::{
-    apply, patch,
+    apply,
+    auth::{self, Attributes, Authenticator, Identity, PeerCertificate},
+    patch,
     resources::{self, RESOURCES, Resource},
     selector::{FieldSelector, LabelSelector},
     status::ApiError,
@@ -27,9 +29,18 @@ use crate::{
 /// The Kubernetes minor version the API presents (`kubectl` picks its build by it).
 pub const KUBE_MINOR: &str = "32";
 
-/// The API as an axum router over a store.
-pub fn router(store: Arc<Store>) -> Router {
-    Router::new().fallback(handle).with_state(store)
+/// What every request is served with: the store, and who may use it.
+#[derive(Clone, Debug)]
+struct Api {
+    store: Arc<Store>,
+    auth: Arc<Authenticator>,
+}
+
+/// The API as an axum router over a store, for the users `auth` knows.
+pub fn router(store: Arc<Store>, auth: Arc<Authenticator>) -> Router {
+    Router::new()
+        .fallback(handle)
+        .with_state(Api { store, auth })
 }
 
 fn json_response(code: StatusCode, v: &Value) -> Response {
@@ -78,6 +89,23 @@ fn subresource(r: &Resource, name: &str) -> Result<Sub, ApiError> {
         "attach" if r.kind == "Pod" => Ok(Sub::Stream(weft_node::stream::Kind::Attach)),
         "portforward" if r.kind == "Pod" => Ok(Sub::Stream(weft_node::stream::Kind::PortForward)),
         _ => Err(ApiError::NoSuchResource),
+    }
+}
+
+impl Sub {
+    /// The subresource's name in a URL and in authorization.
+    fn name(self) -> Option<&'static str> {
+        Some(match self {
+            Self::Main => return None,
+            Self::Status => "status",
+            Self::Scale => "scale",
+            Self::Binding => "binding",
+            Self::Eviction => "eviction",
+            Self::Log => "log",
+            Self::Stream(weft_node::stream::Kind::Exec) => "exec",
+            Self::Stream(weft_node::stream::Kind::Attach) => "attach",
+            Self::Stream(weft_node::stream::Kind::PortForward) => "portforward",
+        })
     }
 }
 
@@ -392,25 +420,88 @@ fn body_json(headers: &HeaderMap, body: &Bytes) -> Result<Value, ApiError> {
 /// The largest request body accepted (kube-apiserver's limit).
 const MAX_BODY: usize = 3 * 1024 * 1024;
 
-async fn handle(State(store): State<Arc<Store>>, req: axum::extract::Request) -> Response {
-    let uri = req.uri().clone();
-    {
-        let path = uri.path().trim_end_matches('/');
-        let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
-        if let Ok(Target::Object(_, ns, name, Sub::Stream(kind))) = parse_target(&parts) {
-            return match proxy_stream(&store, kind, &ns, &name, req).await {
-                Ok(r) => r,
-                Err(e) => e.into_response(),
-            };
-        }
+/// The verb authorization checks a request against (kube-apiserver's names).
+fn verb(method: &Method, target: &Target, query: &HashMap<String, String>) -> &'static str {
+    let watching = query.get("watch").is_some_and(|w| w == "true" || w == "1");
+    match (method, target) {
+        (_, Target::Object(.., Sub::Stream(_))) => "create",
+        (&Method::GET, Target::Collection(..)) if watching => "watch",
+        (&Method::GET, Target::Collection(..)) => "list",
+        (&Method::GET, Target::Object(..)) => "get",
+        (&Method::POST, _) => "create",
+        (&Method::PUT, _) => "update",
+        (&Method::PATCH, _) => "patch",
+        (&Method::DELETE, Target::Collection(..)) => "deletecollection",
+        (&Method::DELETE, Target::Object(..)) => "delete",
+        _ => "unknown",
     }
-    let (head, body) = req.into_parts();
-    let (method, headers) = (head.method, head.headers);
+}
+
+/// Whether `who` may make this request to `target`; `body` is read for a create's name when
+/// the user is held to names.
+fn allowed(
+    store: &Store,
+    who: &Identity,
+    verb: &str,
+    target: &Target,
+    headers: &HeaderMap,
+    body: Option<&Bytes>,
+) -> Result<(), ApiError> {
+    let (resource, namespace, name, sub) = match target {
+        Target::Collection(r, ns) => (*r, ns.as_deref().unwrap_or(""), "", None),
+        Target::Object(r, ns, name, sub) => (*r, ns.as_str(), name.as_str(), sub.name()),
+    };
+    let attributes = Attributes {
+        verb,
+        resource,
+        subresource: sub,
+        namespace,
+        name,
+    };
+    let object = match body {
+        Some(b) if verb == "create" && !who.groups.iter().any(|g| g == auth::MASTERS) => {
+            body_json(headers, b).ok()
+        }
+        _ => None,
+    };
+    auth::authorize(store, who, &attributes, object.as_ref())
+}
+
+async fn handle(State(api): State<Api>, req: axum::extract::Request) -> Response {
+    let uri = req.uri().clone();
+    let store = api.store.clone();
+    let path = uri.path().trim_end_matches('/').to_owned();
+    let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
+    let who = match api
+        .auth
+        .authenticate(req.headers(), req.extensions().get::<PeerCertificate>())
+    {
+        Ok(who) => who,
+        Err(e) => return e.into_response(),
+    };
     let query: HashMap<String, String> = match serde_urlencoded::from_str(uri.query().unwrap_or(""))
     {
         Ok(q) => q,
         Err(e) => return ApiError::BadRequest(format!("invalid query: {e}")).into_response(),
     };
+    let target = parse_target(&parts);
+    let who = match who {
+        Some(who) => who,
+        None if auth::public_path(&parts) => Identity::new("system:anonymous", &[]),
+        None => return ApiError::Unauthorized.into_response(),
+    };
+    if let Ok(t @ Target::Object(_, ns, name, Sub::Stream(kind))) = &target {
+        let verb = verb(req.method(), t, &query);
+        if let Err(e) = allowed(&store, &who, verb, t, req.headers(), None) {
+            return e.into_response();
+        }
+        return match proxy_stream(&store, *kind, ns, name, req).await {
+            Ok(r) => r,
+            Err(e) => e.into_response(),
+        };
+    }
+    let (head, body) = req.into_parts();
+    let (method, headers) = (head.method, head.headers);
     let body = match axum::body::to_bytes(body, MAX_BODY).await {
         Ok(b) => b,
         Err(e) => {
@@ -418,9 +509,20 @@ async fn handle(State(store): State<Arc<Store>>, req: axum::extract::Request) ->
                 .into_response();
         }
     };
-    let path = uri.path().trim_end_matches('/');
-    let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
-    tracing::debug!(%method, %uri, "request");
+    tracing::debug!(%method, %uri, user = who.user, "request");
+    if let Ok(t) = &target
+        && let Err(e) = allowed(
+            &store,
+            &who,
+            verb(&method, t, &query),
+            t,
+            &headers,
+            Some(&body),
+        )
+    {
+        tracing::debug!(error = %e, %uri, "forbidden");
+        return e.into_response();
+    }
     if method == Method::GET {
         if matches!(parts.as_slice(), ["healthz"] | ["readyz"] | ["livez"]) {
             return (StatusCode::OK, "ok").into_response();

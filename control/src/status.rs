@@ -47,8 +47,11 @@ pub enum ApiError {
         /// The oldest version still available.
         oldest: u64,
     },
+    /// The request carries no credentials where they are needed, or ones that name nobody.
+    #[error("Unauthorized")]
+    Unauthorized,
     /// The request is understood but refused (for example: new content in a namespace that is
-    /// being deleted).
+    /// being deleted, or a user without the right).
     #[error("{0}")]
     Forbidden(String),
     /// A verb the resource does not support.
@@ -77,6 +80,7 @@ impl ApiError {
             Self::BadRequest(_) => 400,
             Self::Invalid { .. } => 422,
             Self::Gone { .. } => 410,
+            Self::Unauthorized => 401,
             Self::Forbidden(_) => 403,
             Self::MethodNotAllowed => 405,
             Self::UnsupportedMediaType(_) => 415,
@@ -94,6 +98,7 @@ impl ApiError {
             Self::BadRequest(_) => "BadRequest",
             Self::Invalid { .. } => "Invalid",
             Self::Gone { .. } => "Expired",
+            Self::Unauthorized => "Unauthorized",
             Self::Forbidden(_) => "Forbidden",
             Self::MethodNotAllowed => "MethodNotAllowed",
             Self::UnsupportedMediaType(_) => "UnsupportedMediaType",

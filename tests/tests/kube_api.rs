@@ -56,8 +56,9 @@ impl Env {
         self.dir.join("kubeconfig")
     }
 
+    /// Starts the server; a restarted one keeps its certificate (in `pki/` beside its store)
+    /// and the admin's token (in the kubeconfig), so running clients go on.
     fn start_server(&mut self) {
-        let _ = std::fs::remove_file(self.kubeconfig());
         let child = self
             .lab
             .node(0)
@@ -70,7 +71,18 @@ impl Env {
             .spawn()
             .unwrap();
         self.server = Some(child);
-        wait_for("the API server", || self.kubeconfig().exists());
+        wait_for("the API server", || {
+            self.kubeconfig().exists()
+                && self
+                    .lab
+                    .node(0)
+                    .command("kubectl")
+                    .unwrap()
+                    .env("KUBECONFIG", self.kubeconfig())
+                    .args(["get", "--raw", "/readyz"])
+                    .output()
+                    .is_ok_and(|o| o.status.success())
+        });
     }
 
     fn stop(child: &mut Option<Child>) {

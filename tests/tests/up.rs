@@ -232,6 +232,38 @@ fn two_nodes_on_etcd_run_pods_that_reach_each_other_and_weft_down_cleans_up_afte
     );
     let nodes = cluster.kubectl(&["get", "nodes"]);
     assert_eq!(nodes.matches(" Ready ").count(), 2, "{nodes}");
+    // kubectl reaches the API over TLS with the admin's certificate; each node's agent and
+    // proxy with its own, which may change that node and not the other.
+    let admin = std::fs::read_to_string(cluster.dir.join("kubeconfig")).unwrap();
+    assert!(
+        admin.contains("server: https://127.0.0.1:") && admin.contains("client-certificate-data"),
+        "{admin}"
+    );
+    let as_node1 = |args: &[&str]| {
+        Command::new("ip")
+            .args(["netns", "exec"])
+            .arg(format!("{}-node1", cluster.name))
+            .args(["kubectl", "--kubeconfig"])
+            .arg(cluster.dir.join("nodes/node1/kubeconfig"))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let label = |node: &str| as_node1(&["label", "node", node, "weft.test/touched=yes"]);
+    let own = label("node1");
+    assert!(
+        own.status.success(),
+        "node1 labels itself: {}",
+        String::from_utf8_lossy(&own.stderr)
+    );
+    let other = label("node2");
+    assert!(
+        !other.status.success()
+            && String::from_utf8_lossy(&other.stderr)
+                .contains(r#"User "system:node:node1" cannot patch resource "nodes""#),
+        "node1 labels node2: {}",
+        String::from_utf8_lossy(&other.stderr)
+    );
 
     let manifest = cluster.dir.join("spread.yaml");
     std::fs::write(&manifest, SPREAD).unwrap();

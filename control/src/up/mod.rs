@@ -22,12 +22,13 @@
 //! the processes and the nodes.
 
 pub mod cleanup;
+pub mod pki;
 pub mod topology;
 
 use std::{
     fs::File,
-    io::{Read as _, Write as _},
-    net::{SocketAddr, TcpListener, TcpStream},
+    io::Write as _,
+    net::{SocketAddr, TcpListener},
     os::{fd::AsRawFd as _, unix::process::CommandExt as _},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -122,8 +123,9 @@ impl Options {
         self.dir.join("kubeconfig")
     }
 
-    fn node_kubeconfig(&self) -> PathBuf {
-        self.dir.join("cluster.kubeconfig")
+    /// Node `i`'s kubeconfig (its own client certificate).
+    fn node_kubeconfig(&self, i: usize) -> PathBuf {
+        self.node_dir(i).join("kubeconfig")
     }
 
     fn node_dir(&self, i: usize) -> PathBuf {
@@ -265,42 +267,6 @@ fn command_in(program: &Path, ns: &Path, cgroup: Option<&Path>) -> Result<Comman
     Ok(cmd)
 }
 
-/// A GET of the API server's `path` (plain HTTP): the body of a 200 answer.
-fn api_get(api: SocketAddr, path: &str) -> Option<String> {
-    let mut s = TcpStream::connect_timeout(&api, Duration::from_secs(2)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {api}\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut answer = String::new();
-    s.read_to_string(&mut answer).ok()?;
-    let (head, body) = answer.split_once("\r\n\r\n")?;
-    head.starts_with("HTTP/1.1 200").then(|| body.to_owned())
-}
-
-/// A POST of `body` to the API server's `path`: whether it was created (or already existed).
-fn api_post(api: SocketAddr, path: &str, body: &Value) -> bool {
-    let Ok(mut s) = TcpStream::connect_timeout(&api, Duration::from_secs(2)) else {
-        return false;
-    };
-    let body = body.to_string();
-    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-    if write!(
-        s,
-        "POST {path} HTTP/1.1\r\nHost: {api}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .is_err()
-    {
-        return false;
-    }
-    let mut answer = String::new();
-    let _ = s.read_to_string(&mut answer);
-    answer.starts_with("HTTP/1.1 201") || answer.starts_with("HTTP/1.1 409")
-}
-
 /// The cluster's default StorageClass: weft-csi's local volumes, made on the node of the first
 /// pod that uses a claim.
 fn storage_class() -> Value {
@@ -314,8 +280,8 @@ fn storage_class() -> Value {
 }
 
 /// The Nodes and whether each is Ready.
-pub fn nodes(api: SocketAddr) -> Option<Vec<(String, bool)>> {
-    let list: Value = serde_json::from_str(&api_get(api, "/api/v1/nodes")?).ok()?;
+pub fn nodes(api: &pki::Client) -> Option<Vec<(String, bool)>> {
+    let list: Value = serde_json::from_str(&api.get("/api/v1/nodes")?).ok()?;
     Some(
         list["items"]
             .as_array()?
@@ -368,8 +334,8 @@ fn conflist(opts: &Options, i: usize) -> String {
     .to_string()
 }
 
-/// Prepares the files every node shares: the CNI plugins, the kubeconfigs, the node list for
-/// the overlay, and the images.
+/// Prepares the files every node shares: the CNI plugins, the certificates and kubeconfigs,
+/// the node list for the overlay, and the images.
 fn prepare(opts: &Options, api: SocketAddr) -> Result<Vec<PathBuf>, UpError> {
     let cni_bin = opts.dir.join("cni/bin");
     std::fs::create_dir_all(&cni_bin).map_err(io("creating the CNI directory"))?;
@@ -380,16 +346,7 @@ fn prepare(opts: &Options, api: SocketAddr) -> Result<Vec<PathBuf>, UpError> {
         .find(|p| Path::new(p).exists())
         .ok_or_else(|| UpError::Failed("the reference CNI loopback plugin is missing (scripts/setup.sh installs containernetworking-plugins)".into()))?;
     std::fs::copy(loopback, cni_bin.join("loopback")).map_err(io("copying loopback"))?;
-    std::fs::write(
-        opts.kubeconfig(),
-        crate::kubeconfig(&format!("http://{api}")),
-    )
-    .map_err(io("writing the kubeconfig"))?;
-    std::fs::write(
-        opts.node_kubeconfig(),
-        crate::kubeconfig(&format!("http://{}:6443", topology::API_ADDR)),
-    )
-    .map_err(io("writing the nodes' kubeconfig"))?;
+    pki::create(opts, api)?;
     let list: Vec<Value> = (1..=opts.nodes)
         .map(|i| {
             serde_json::json!({"name": format!("node{i}"), "address": topology::node_addr(i).to_string(),
@@ -474,7 +431,8 @@ fn processes(opts: &Options, listener_fd: i32) -> Vec<Proc> {
             )?;
             cmd.arg("server")
                 .args(["--listen", &format!("{}:6443", topology::API_ADDR)])
-                .args(["--listen-fd", "3"]);
+                .args(["--listen-fd", "3"])
+                .args(pki::server_args(&o));
             match o.store {
                 StoreKind::Sqlite => cmd.arg("--data").arg(o.dir.join("store.db")),
                 StoreKind::Etcd => cmd.args(["--etcd-servers", ETCD_CLIENT]),
@@ -520,7 +478,7 @@ fn processes(opts: &Options, listener_fd: i32) -> Vec<Proc> {
                     .args(["--address", &topology::node_addr(i).to_string()])
                     .args(["--pod-cidr", &topology::pod_cidr(i)])
                     .arg("--kubeconfig")
-                    .arg(o.node_kubeconfig())
+                    .arg(o.node_kubeconfig(i))
                     .arg("--root-dir")
                     .arg(o.node_dir(i))
                     .arg("--cni-bin-dir")
@@ -542,7 +500,7 @@ fn processes(opts: &Options, listener_fd: i32) -> Vec<Proc> {
                     .arg(o.pin_dir(i))
                     .args(["run", "--node-name", &format!("node{i}")])
                     .arg("--kubeconfig")
-                    .arg(o.node_kubeconfig())
+                    .arg(o.node_kubeconfig(i))
                     .args(["--nodeport-iface", "eth0"]);
                 if let Some(cg) = &cg {
                     cmd.arg("--cgroup").arg(cg);
@@ -656,6 +614,7 @@ fn run(opts: &Options, stop: &AtomicBool) -> Result<(), UpError> {
     weft_netns::bpffs::ensure_mounted()?;
     say("» images: weft/pause:dev, weft/echo:dev (built from the workspace's binaries)");
     let archives = prepare(opts, api)?;
+    let client = pki::Client::new(&opts.dir, api)?;
     let logs = opts.dir.join("logs");
     std::fs::create_dir_all(&logs).map_err(io("creating the log directory"))?;
     let mut procs = processes(opts, listener.as_raw_fd());
@@ -663,7 +622,7 @@ fn run(opts: &Options, stop: &AtomicBool) -> Result<(), UpError> {
     let control = if opts.store == StoreKind::Etcd { 2 } else { 1 };
     let result = (|| {
         say(&format!(
-            "» {}the API server, controllers and scheduler (http://{api})",
+            "» {}the API server, controllers and scheduler (https://{api})",
             if control == 2 { "etcd, " } else { "" }
         ));
         for p in procs.iter_mut().take(control) {
@@ -671,13 +630,9 @@ fn run(opts: &Options, stop: &AtomicBool) -> Result<(), UpError> {
         }
         write_state(opts, api, &procs);
         wait("the API server", Duration::from_secs(30), stop, || {
-            api_get(api, "/readyz").is_some()
+            client.get("/readyz").is_some()
         })?;
-        if !api_post(
-            api,
-            "/apis/storage.k8s.io/v1/storageclasses",
-            &storage_class(),
-        ) {
+        if !client.post("/apis/storage.k8s.io/v1/storageclasses", &storage_class()) {
             return Err(UpError::Failed(
                 "creating the default StorageClass failed".into(),
             ));
@@ -706,7 +661,7 @@ fn run(opts: &Options, stop: &AtomicBool) -> Result<(), UpError> {
             }
         }
         wait("every node Ready", Duration::from_secs(120), stop, || {
-            nodes(api).is_some_and(|n| n.len() == opts.nodes && n.iter().all(|(_, r)| *r))
+            nodes(&client).is_some_and(|n| n.len() == opts.nodes && n.iter().all(|(_, r)| *r))
         })
     })();
     if let Err(e) = result {
@@ -820,7 +775,7 @@ pub fn status(dir: &Path) -> Result<String, UpError> {
     let mut out = String::new();
     let up = alive(s.supervisor);
     out.push_str(&format!(
-        "cluster {:?}: supervisor pid {} {}\nAPI server: http://{} (export KUBECONFIG={})\nstore: {}\n\nPROCESS     PID      STATE\n",
+        "cluster {:?}: supervisor pid {} {}\nAPI server: https://{} (export KUBECONFIG={})\nstore: {}\n\nPROCESS     PID      STATE\n",
         s.options.name,
         s.supervisor,
         if up { "running" } else { "NOT RUNNING (weft down cleans up)" },
@@ -838,7 +793,10 @@ pub fn status(dir: &Path) -> Result<String, UpError> {
         ));
     }
     out.push_str("\nNODE        READY\n");
-    match nodes(s.api) {
+    match pki::Client::new(&s.options.dir, s.api)
+        .ok()
+        .and_then(|c| nodes(&c))
+    {
         Some(list) => {
             for (name, ready) in list {
                 out.push_str(&format!("{name:<11} {ready}\n"));
