@@ -68,10 +68,6 @@ impl Identity {
     }
 }
 
-/// The identity a verified client certificate gave a connection (a request extension).
-#[derive(Clone, Debug)]
-pub struct PeerCertificate(pub Identity);
-
 /// A token file that cannot be used.
 #[derive(Debug, thiserror::Error)]
 #[error("{path}: {message}")]
@@ -135,7 +131,7 @@ impl Authenticator {
     pub fn authenticate(
         &self,
         headers: &HeaderMap,
-        peer: Option<&PeerCertificate>,
+        peer: Option<&weft_pki::serve::PeerSubject>,
     ) -> Result<Option<Identity>, ApiError> {
         if let Some(value) = headers.get(header::AUTHORIZATION) {
             let token = value
@@ -151,7 +147,10 @@ impl Authenticator {
                 .map(Some)
                 .ok_or(ApiError::Unauthorized);
         }
-        Ok(peer.map(|p| p.0.clone()))
+        Ok(peer.map(|p| {
+            let groups: Vec<&str> = p.0.organizations.iter().map(String::as_str).collect();
+            Identity::new(&p.0.common_name, &groups)
+        }))
     }
 }
 
@@ -423,7 +422,7 @@ mod tests {
             a.authenticate(&headers("Basic dXNlcg=="), None),
             Err(ApiError::Unauthorized)
         ));
-        let peer = PeerCertificate(Identity::new("bob", &[]));
+        let peer = weft_pki::serve::PeerSubject(weft_pki::Subject::new("bob", &[]));
         assert_eq!(
             a.authenticate(&HeaderMap::new(), Some(&peer))
                 .unwrap()

@@ -1,8 +1,7 @@
-//! How the API server accepts connections: always TLS (rustls), with the identity of a
-//! verified client certificate attached to each of the connection's requests
-//! ([`crate::auth::PeerCertificate`]); each request is then authenticated and authorized by the
-//! router ([`crate::server`]). Only the TLS handshake can attach a certificate identity, so no
-//! request can claim one.
+//! How the API server accepts connections: always TLS (rustls, through weft-pki's accept loop,
+//! which attaches the subject of a verified client certificate to each of the connection's
+//! requests); each request is then authenticated and authorized by the router
+//! ([`crate::server`]).
 //!
 //! The serving certificate is the one given (`--tls-cert-file`, as `weft up` passes the
 //! cluster's), else — as kube-apiserver does without one — a self-signed CA and a certificate
@@ -15,18 +14,9 @@ use std::{
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     sync::Arc,
-    time::Duration,
 };
 
-use axum::Router;
-use hyper_util::rt::TokioIo;
-use tokio::{net::TcpListener, sync::watch};
-use tower::ServiceExt as _;
-
-use crate::auth::{Identity, PeerCertificate};
-
-/// How long a client may take to finish the TLS handshake.
-const HANDSHAKE: Duration = Duration::from_secs(10);
+pub use weft_pki::serve::serve_tls;
 
 /// Where the serving certificate comes from.
 #[derive(Clone, Debug, Default)]
@@ -154,78 +144,4 @@ pub fn serving(files: &TlsFiles, names: &[IpAddr]) -> Result<Serving, TlsError> 
 /// Whether plain HTTP may be served on `addr` (loopback only: the controllers' listener).
 pub fn plain_allowed(addr: SocketAddr) -> bool {
     addr.ip().is_loopback()
-}
-
-/// The identity a verified client certificate names (common name = user, organizations =
-/// groups).
-fn identity(der: &[u8]) -> Option<PeerCertificate> {
-    let subject = weft_pki::subject_of(der).ok()?;
-    let groups: Vec<&str> = subject.organizations.iter().map(String::as_str).collect();
-    Some(PeerCertificate(Identity::new(
-        &subject.common_name,
-        &groups,
-    )))
-}
-
-/// Serves `router` over TLS on `listener` until `stop` turns true.
-pub async fn serve_tls(
-    listener: TcpListener,
-    router: Router,
-    config: Arc<rustls::ServerConfig>,
-    mut stop: watch::Receiver<bool>,
-) -> std::io::Result<()> {
-    let acceptor = tokio_rustls::TlsAcceptor::from(config);
-    let stopped = async move {
-        let _ = stop.wait_for(|s| *s).await;
-    };
-    tokio::pin!(stopped);
-    loop {
-        let (tcp, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // Out of descriptors and the like: the listener itself is fine.
-                    tracing::warn!(error = %e, "accepting a connection");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-            () = &mut stopped => return Ok(()),
-        };
-        let (acceptor, router) = (acceptor.clone(), router.clone());
-        tokio::spawn(async move {
-            let tls = match tokio::time::timeout(HANDSHAKE, acceptor.accept(tcp)).await {
-                Ok(Ok(tls)) => tls,
-                Ok(Err(e)) => {
-                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                    return;
-                }
-                Err(_) => {
-                    tracing::debug!(%peer, "TLS handshake timed out");
-                    return;
-                }
-            };
-            let who = tls
-                .get_ref()
-                .1
-                .peer_certificates()
-                .and_then(|chain| chain.first())
-                .and_then(|der| identity(der));
-            let service = hyper::service::service_fn(
-                move |mut req: hyper::Request<hyper::body::Incoming>| {
-                    if let Some(who) = &who {
-                        req.extensions_mut().insert(who.clone());
-                    }
-                    router.clone().oneshot(req.map(axum::body::Body::new))
-                },
-            );
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(tls), service)
-                .with_upgrades()
-                .await
-            {
-                tracing::debug!(%peer, error = %e, "connection ended");
-            }
-        });
-    }
 }

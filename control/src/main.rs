@@ -66,6 +66,17 @@ enum Cmd {
         /// `token,user,uid,"group1,group2"` line per user.
         #[arg(long)]
         token_auth_file: Option<PathBuf>,
+        /// Reach nodes' endpoints (logs, exec, port-forward) over TLS with this client
+        /// certificate (PEM; a member of system:masters), as kube-apiserver's flag; without it
+        /// plain HTTP.
+        #[arg(long, requires_all = ["kubelet_client_key", "kubelet_certificate_authority"])]
+        kubelet_client_certificate: Option<PathBuf>,
+        /// The key of --kubelet-client-certificate.
+        #[arg(long, requires = "kubelet_client_certificate")]
+        kubelet_client_key: Option<PathBuf>,
+        /// The CA nodes' serving certificates are checked against.
+        #[arg(long, requires = "kubelet_client_certificate")]
+        kubelet_certificate_authority: Option<PathBuf>,
         /// Run the controllers and the scheduler in this process (`--controllers=false` to
         /// serve the API alone, for example to run them elsewhere with `weft controllers`).
         #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
@@ -113,6 +124,17 @@ enum Cmd {
         /// mounted through it.
         #[arg(long)]
         csi_socket: Option<PathBuf>,
+        /// Serve the node's endpoint over TLS with this certificate (PEM), as kubelet's flag;
+        /// without it plain HTTP.
+        #[arg(long, requires_all = ["tls_private_key_file", "client_ca_file"])]
+        tls_cert_file: Option<PathBuf>,
+        /// The key of --tls-cert-file.
+        #[arg(long, requires = "tls_cert_file")]
+        tls_private_key_file: Option<PathBuf>,
+        /// Require client certificates of this CA (only system:masters, the API server's, may
+        /// use the endpoint).
+        #[arg(long, requires = "tls_cert_file")]
+        client_ca_file: Option<PathBuf>,
     },
     /// Start a whole cluster on this machine: the API server, controllers and scheduler, and
     /// on each node (a network namespace on a private underlay) containerd, weft node,
@@ -268,6 +290,11 @@ async fn client_for(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<kube
     Ok(kube::Client::try_from(config)?)
 }
 
+/// A file's bytes, or an error naming it.
+fn read(p: &std::path::Path) -> anyhow::Result<Vec<u8>> {
+    std::fs::read(p).with_context(|| format!("reading {}", p.display()))
+}
+
 /// Resolves on SIGINT or SIGTERM.
 async fn shutdown() {
     let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
@@ -306,6 +333,9 @@ fn main() -> anyhow::Result<()> {
             client_ca_file,
             cert_dir,
             token_auth_file,
+            kubelet_client_certificate,
+            kubelet_client_key,
+            kubelet_certificate_authority,
             controllers: run_controllers,
             timing,
         } => {
@@ -321,6 +351,17 @@ fn main() -> anyhow::Result<()> {
                 &listen.iter().map(SocketAddr::ip).collect::<Vec<_>>(),
             )
             .context("setting up TLS")?;
+            let kubelet = match (
+                &kubelet_client_certificate,
+                &kubelet_client_key,
+                &kubelet_certificate_authority,
+            ) {
+                (Some(cert), Some(key), Some(ca)) => Some(Arc::new(
+                    weft_pki::client_config(&read(ca)?, Some((&read(cert)?, &read(key)?)))
+                        .context("configuring TLS to the nodes")?,
+                )),
+                _ => None,
+            };
             let mut authenticator = auth::Authenticator::new();
             if let Some(file) = &token_auth_file {
                 authenticator.load_token_file(file)?;
@@ -427,7 +468,7 @@ fn main() -> anyhow::Result<()> {
                     let _ = stop.send(true);
                 });
                 let mut deadline = stopping.clone();
-                let router = server::router(store, Arc::new(authenticator));
+                let router = server::router(store, Arc::new(authenticator), kubelet);
                 let plain = |l: tokio::net::TcpListener| {
                     let mut graceful = stopping.clone();
                     axum::serve(l, router.clone())
@@ -473,7 +514,24 @@ fn main() -> anyhow::Result<()> {
             cgroup_parent,
             port,
             csi_socket,
+            tls_cert_file,
+            tls_private_key_file,
+            client_ca_file,
         } => {
+            let tls = match (&tls_cert_file, &tls_private_key_file, &client_ca_file) {
+                (Some(cert), Some(key), Some(ca)) => {
+                    let ca = read(ca)?;
+                    Some(Arc::new(
+                        weft_pki::server_config(
+                            &read(cert)?,
+                            &read(key)?,
+                            Some((&ca, weft_pki::ClientAuth::Required)),
+                        )
+                        .context("configuring the endpoint's TLS")?,
+                    ))
+                }
+                _ => None,
+            };
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
@@ -526,6 +584,7 @@ fn main() -> anyhow::Result<()> {
                     resync: std::time::Duration::from_secs(1),
                     port,
                     csi_socket,
+                    tls,
                 };
                 let result = tokio::select! {
                     r = weft_node::agent::run(client, config) => r.context("node agent"),

@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 
 use crate::{
     apply,
-    auth::{self, Attributes, Authenticator, Identity, PeerCertificate},
+    auth::{self, Attributes, Authenticator, Identity},
     patch,
     resources::{self, RESOURCES, Resource},
     selector::{FieldSelector, LabelSelector},
@@ -29,18 +29,27 @@ use crate::{
 /// The Kubernetes minor version the API presents (`kubectl` picks its build by it).
 pub const KUBE_MINOR: &str = "32";
 
-/// What every request is served with: the store, and who may use it.
+/// What every request is served with: the store, who may use it, and how to reach nodes.
 #[derive(Clone, Debug)]
 struct Api {
     store: Arc<Store>,
     auth: Arc<Authenticator>,
+    kubelet: Option<Arc<rustls::ClientConfig>>,
 }
 
-/// The API as an axum router over a store, for the users `auth` knows.
-pub fn router(store: Arc<Store>, auth: Arc<Authenticator>) -> Router {
-    Router::new()
-        .fallback(handle)
-        .with_state(Api { store, auth })
+/// The API as an axum router over a store, for the users `auth` knows; `kubelet` is the TLS
+/// (with the API server's client certificate) nodes' endpoints are reached with, plain HTTP
+/// without it.
+pub fn router(
+    store: Arc<Store>,
+    auth: Arc<Authenticator>,
+    kubelet: Option<Arc<rustls::ClientConfig>>,
+) -> Router {
+    Router::new().fallback(handle).with_state(Api {
+        store,
+        auth,
+        kubelet,
+    })
 }
 
 fn json_response(code: StatusCode, v: &Value) -> Response {
@@ -472,10 +481,10 @@ async fn handle(State(api): State<Api>, req: axum::extract::Request) -> Response
     let store = api.store.clone();
     let path = uri.path().trim_end_matches('/').to_owned();
     let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
-    let who = match api
-        .auth
-        .authenticate(req.headers(), req.extensions().get::<PeerCertificate>())
-    {
+    let who = match api.auth.authenticate(
+        req.headers(),
+        req.extensions().get::<weft_pki::serve::PeerSubject>(),
+    ) {
         Ok(who) => who,
         Err(e) => return e.into_response(),
     };
@@ -495,7 +504,7 @@ async fn handle(State(api): State<Api>, req: axum::extract::Request) -> Response
         if let Err(e) = allowed(&store, &who, verb, t, req.headers(), None) {
             return e.into_response();
         }
-        return match proxy_stream(&store, *kind, ns, name, req).await {
+        return match proxy_stream(&store, api.kubelet.as_ref(), *kind, ns, name, req).await {
             Ok(r) => r,
             Err(e) => e.into_response(),
         };
@@ -534,7 +543,16 @@ async fn handle(State(api): State<Api>, req: axum::extract::Request) -> Response
     if method == Method::GET
         && let Ok(Target::Object(_, ns, name, Sub::Log)) = parse_target(&parts)
     {
-        return match proxy_log(&store, &ns, &name, &query, uri.query().unwrap_or("")).await {
+        return match proxy_log(
+            &store,
+            api.kubelet.as_ref(),
+            &ns,
+            &name,
+            &query,
+            uri.query().unwrap_or(""),
+        )
+        .await
+        {
             Ok(r) => r,
             Err(e) => e.into_response(),
         };
@@ -773,6 +791,7 @@ fn apply_patch(headers: &HeaderMap, body: &Bytes, object: &mut Value) -> Result<
 /// its Node advertises); the answer is streamed through, `follow=true` included.
 async fn proxy_log(
     store: &Store,
+    tls: Option<&Arc<rustls::ClientConfig>>,
     ns: &str,
     name: &str,
     params: &HashMap<String, String>,
@@ -789,10 +808,11 @@ async fn proxy_log(
         "/containerLogs/{ns}/{name}/{container}?{}",
         forward.join("&")
     );
+    let scheme = if tls.is_some() { "https" } else { "http" };
     let unreachable = |e: &dyn std::fmt::Display| {
-        ApiError::Internal(format!("Get \"http://{target}{path}\": {e}"))
+        ApiError::Internal(format!("Get \"{scheme}://{target}{path}\": {e}"))
     };
-    let stream = tokio::net::TcpStream::connect(&target)
+    let stream = weft_node::stream::dial(&target, tls)
         .await
         .map_err(|e| unreachable(&e))?;
     let (mut sender, conn) =
@@ -899,6 +919,7 @@ fn pick_container(
 /// runtime; the streams are spliced through, whatever protocol the two ends agree on.
 async fn proxy_stream(
     store: &Store,
+    tls: Option<&Arc<rustls::ClientConfig>>,
     kind: weft_node::stream::Kind,
     ns: &str,
     name: &str,
@@ -928,7 +949,7 @@ async fn proxy_stream(
             format!("/{verb}/{ns}/{name}/{container}?{query}")
         }
     };
-    Ok(weft_node::stream::proxy_upgrade(req, &target, &path).await)
+    Ok(weft_node::stream::proxy_upgrade(req, &target, &path, tls).await)
 }
 
 /// How long Events are kept (kube-apiserver's `--event-ttl` default).

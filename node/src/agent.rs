@@ -75,6 +75,9 @@ pub struct Config {
     pub resync: Duration,
     /// The port of the node's HTTP endpoint (logs), as the Node advertises it.
     pub port: u16,
+    /// TLS for that endpoint (requiring a client certificate of the cluster's CA); without it
+    /// the endpoint is plain HTTP.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
     /// weft-csi's socket on this node, for persistentVolumeClaim volumes.
     pub csi_socket: Option<std::path::PathBuf>,
 }
@@ -145,8 +148,9 @@ pub async fn run(client: Client, config: Config) -> Result<(), NodeError> {
     let endpoint = std::net::SocketAddr::from(([0, 0, 0, 0], agent.config.port));
     let log_dir = agent.config.log_dir.clone();
     let cri = agent.cri.clone();
+    let tls = agent.config.tls.clone();
     tokio::spawn(async move {
-        if let Err(e) = crate::server::serve(endpoint, log_dir, cri).await {
+        if let Err(e) = crate::server::serve(endpoint, log_dir, cri, tls).await {
             tracing::error!(%endpoint, error = %e, "the node's endpoint stopped");
         }
     });

@@ -2,8 +2,13 @@
 //! /containerLogs/{namespace}/{pod}/{container}` with the `pods/log` query, which the API server
 //! proxies `kubectl logs` to; `/exec`, `/attach` and `/portForward` ([`crate::stream`]), which
 //! it forwards `kubectl exec`, `attach`, `cp` and `port-forward` to; and `/healthz`.
+//!
+//! With TLS (`weft node --tls-cert-file ... --client-ca-file ...`, as `weft up` runs it) every
+//! request needs a client certificate of the cluster's CA naming a member of `system:masters`:
+//! the API server's (`--kubelet-client-certificate`). A node's own certificate, from the same
+//! CA, is refused, so one node cannot exec into another's pods.
 
-use std::{collections::HashMap, net::SocketAddr, path::PathBuf, time::Duration};
+use std::{collections::HashMap, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use axum::{
     Router,
@@ -105,8 +110,34 @@ async fn port_forward(
     stream::serve(&ctx.cri, stream::Kind::PortForward, &ns, &pod, "", req).await
 }
 
-/// Serves the node's endpoint on `addr` until the process ends.
-pub async fn serve(addr: SocketAddr, log_dir: PathBuf, cri: Cri) -> std::io::Result<()> {
+/// The group whose client certificates may use the endpoint.
+const ALLOWED_GROUP: &str = "system:masters";
+
+/// Refuses a request whose connection presented no certificate of [`ALLOWED_GROUP`].
+async fn require_master(req: Request, next: axum::middleware::Next) -> Response {
+    match req.extensions().get::<weft_pki::serve::PeerSubject>() {
+        Some(p) if p.0.organizations.iter().any(|o| o == ALLOWED_GROUP) => next.run(req).await,
+        Some(p) => (
+            StatusCode::FORBIDDEN,
+            format!(
+                "Forbidden (user={}, verb={}, resource=nodes, subresource=proxy)\n",
+                p.0.common_name,
+                req.method().as_str().to_lowercase()
+            ),
+        )
+            .into_response(),
+        None => (StatusCode::UNAUTHORIZED, "Unauthorized\n").into_response(),
+    }
+}
+
+/// Serves the node's endpoint on `addr` until the process ends: over TLS with `tls` (which
+/// should require client certificates), else plain HTTP.
+pub async fn serve(
+    addr: SocketAddr,
+    log_dir: PathBuf,
+    cri: Cri,
+    tls: Option<Arc<rustls::ServerConfig>>,
+) -> std::io::Result<()> {
     let app = Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/containerLogs/{ns}/{pod}/{container}", get(container_logs))
@@ -118,5 +149,12 @@ pub async fn serve(addr: SocketAddr, log_dir: PathBuf, cri: Cri) -> std::io::Res
         )
         .with_state(Ctx { log_dir, cri });
     let listener = tokio::net::TcpListener::bind(addr).await?;
-    axum::serve(listener, app).await
+    match tls {
+        Some(config) => {
+            let app = app.layer(axum::middleware::from_fn(require_master));
+            let (_keep, never) = tokio::sync::watch::channel(false);
+            weft_pki::serve::serve_tls(listener, app, config, never).await
+        }
+        None => axum::serve(listener, app).await,
+    }
 }

@@ -11,7 +11,7 @@
 //! it is (kubectl falls back from WebSocket to SPDY on it), and after `101` the two upgraded
 //! connections are spliced until either side closes.
 
-use std::collections::HashMap;
+use std::{collections::HashMap, sync::Arc};
 
 use axum::{
     body::Body,
@@ -35,18 +35,51 @@ const FORWARDED: [&str; 8] = [
     "origin",
 ];
 
-/// Forwards the upgrade request `req` to `http://{target}{path}` and, once the target switches
-/// protocols, splices the client's connection to the target's. Any other answer is returned as
-/// it came. Errors reaching the target are a 502 with the reason.
-pub async fn proxy_upgrade(mut req: Request, target: &str, path: &str) -> Response {
+/// A connection to the next hop: plain TCP or TLS over it.
+pub trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> Io for T {}
+
+/// Connects to `target` (`host:port`): over TLS with `tls` (the server's certificate checked
+/// for the host), else plain TCP.
+pub async fn dial(
+    target: &str,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+) -> std::io::Result<Box<dyn Io>> {
+    let tcp = tokio::net::TcpStream::connect(target).await?;
+    let Some(config) = tls else {
+        return Ok(Box::new(tcp));
+    };
+    let host = target
+        .rsplit_once(':')
+        .map_or(target, |(h, _)| h)
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    let name = rustls::pki_types::ServerName::try_from(host.to_owned())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    let stream = tokio_rustls::TlsConnector::from(config.clone())
+        .connect(name, tcp)
+        .await?;
+    Ok(Box::new(stream))
+}
+
+/// Forwards the upgrade request `req` to `{target}{path}` (over TLS with `tls`) and, once the
+/// target switches protocols, splices the client's connection to the target's. Any other
+/// answer is returned as it came. Errors reaching the target are a 502 with the reason.
+pub async fn proxy_upgrade(
+    mut req: Request,
+    target: &str,
+    path: &str,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+) -> Response {
+    let scheme = if tls.is_some() { "https" } else { "http" };
     let fail = |e: &dyn std::fmt::Display| {
         (
             StatusCode::BAD_GATEWAY,
-            format!("error dialing backend http://{target}{path}: {e}\n"),
+            format!("error dialing backend {scheme}://{target}{path}: {e}\n"),
         )
             .into_response()
     };
-    let stream = match tokio::net::TcpStream::connect(target).await {
+    let stream = match dial(target, tls).await {
         Ok(s) => s,
         Err(e) => return fail(&e),
     };
@@ -303,7 +336,7 @@ pub async fn serve(
     req.headers_mut()
         .entry(header::CONNECTION)
         .or_insert(HeaderValue::from_static("Upgrade"));
-    proxy_upgrade(req, target, path).await
+    proxy_upgrade(req, target, path, None).await
 }
 
 /// `http://host:port/path` → (`host:port`, `/path`).

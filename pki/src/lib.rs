@@ -5,8 +5,12 @@
 //! certificate names ([`subject_of`]): Kubernetes' convention, the common name is the user and
 //! each organization a group (`CN=system:node:node1, O=system:nodes`).
 //!
+//! [`serve::serve_tls`] is the HTTPS accept loop the API server and the node endpoint share.
+//!
 //! PEM in, PEM out: the files are the ones kube-apiserver's flags take (`--tls-cert-file`,
 //! `--client-ca-file`), and a kubeconfig embeds them as they are.
+
+pub mod serve;
 
 use std::sync::Arc;
 

@@ -265,6 +265,42 @@ fn two_nodes_on_etcd_run_pods_that_reach_each_other_and_weft_down_cleans_up_afte
         String::from_utf8_lossy(&other.stderr)
     );
 
+    // The node endpoints (logs, exec, port-forward) serve TLS and take only the API server's
+    // client certificate: node1's own is refused at node2's, and no certificate fails the
+    // handshake.
+    let pki = cluster.dir.join("pki");
+    let curl_node2 = |cert: Option<&str>| {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec"])
+            .arg(format!("{}-node1", cluster.name))
+            .args(["curl", "-s", "-m", "5", "--cacert"])
+            .arg(pki.join("ca.crt"));
+        if let Some(c) = cert {
+            cmd.arg("--cert")
+                .arg(pki.join(format!("{c}.crt")))
+                .arg("--key")
+                .arg(pki.join(format!("{c}.key")));
+        }
+        let out = cmd
+            .arg("https://10.200.0.12:10250/healthz")
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    assert_eq!(
+        curl_node2(Some("apiserver-kubelet-client")),
+        (true, "ok".to_owned())
+    );
+    let (_, refused) = curl_node2(Some("node1"));
+    assert!(
+        refused.starts_with("Forbidden (user=system:node:node1"),
+        "{refused}"
+    );
+    assert!(!curl_node2(None).0, "no client certificate");
+
     let manifest = cluster.dir.join("spread.yaml");
     std::fs::write(&manifest, SPREAD).unwrap();
     cluster.kubectl(&["apply", "-f", &manifest.display().to_string()]);

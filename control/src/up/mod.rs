@@ -487,7 +487,8 @@ fn processes(opts: &Options, listener_fd: i32) -> Vec<Proc> {
                     .arg(o.node_dir(i).join("cni"))
                     .args(["--cgroup-parent", &o.cgroup(i)])
                     .arg("--csi-socket")
-                    .arg(o.csi_socket(i));
+                    .arg(o.csi_socket(i))
+                    .args(pki::node_args(&o, i));
                 Ok(cmd)
             }),
         );

@@ -4,7 +4,10 @@
 //! names); an admin client certificate (`weft:admin` in `system:masters`) in the kubeconfig
 //! kubectl uses; and one client certificate per node (`system:node:nodeN` in `system:nodes`)
 //! in that node's kubeconfig, for its `weft node` and `weft-proxy`, which the API server's node
-//! authorization holds to what that node may do. Keys are written readable by root only.
+//! authorization holds to what that node may do. The node endpoints (logs, exec, port-forward)
+//! serve TLS too, each with a certificate for its node's address (`nodeN-serving.crt`), and
+//! accept only the API server's client certificate (`apiserver-kubelet-client.crt`, in
+//! `system:masters`), as kubeadm sets kubelets up. Keys are written readable by root only.
 //!
 //! The supervisor and `weft status` reach the API with the admin's certificate ([`Client`]).
 
@@ -86,6 +89,15 @@ pub fn create(opts: &Options, api: SocketAddr) -> Result<(), UpError> {
         .map_err(failed("issuing the admin's certificate"))?;
     write("admin.crt", &admin.cert_pem)?;
     write("admin.key", &admin.key_pem)?;
+    let kubelet_client = ca
+        .issue(
+            &Subject::new("kube-apiserver-kubelet-client", &[crate::auth::MASTERS]),
+            &[],
+            Usage::Client,
+        )
+        .map_err(failed("issuing the API server's client certificate"))?;
+    write("apiserver-kubelet-client.crt", &kubelet_client.cert_pem)?;
+    write("apiserver-kubelet-client.key", &kubelet_client.key_pem)?;
     let kubeconfig = |path: &Path, server: &str, user: &str, cert: &weft_pki::Issued| {
         let text = crate::kubeconfig(
             server,
@@ -113,6 +125,17 @@ pub fn create(opts: &Options, api: SocketAddr) -> Result<(), UpError> {
                 Usage::Client,
             )
             .map_err(failed("issuing a node's certificate"))?;
+        write(&format!("node{i}.crt"), &cert.cert_pem)?;
+        write(&format!("node{i}.key"), &cert.key_pem)?;
+        let serving = ca
+            .issue(
+                &Subject::new(&format!("node{i}"), &[]),
+                &[topology::node_addr(i).to_string()],
+                Usage::Server,
+            )
+            .map_err(failed("issuing a node endpoint's certificate"))?;
+        write(&format!("node{i}-serving.crt"), &serving.cert_pem)?;
+        write(&format!("node{i}-serving.key"), &serving.key_pem)?;
         let path = opts.node_kubeconfig(i);
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent).map_err(io("creating a node's directory"))?;
@@ -127,19 +150,44 @@ pub fn create(opts: &Options, api: SocketAddr) -> Result<(), UpError> {
     Ok(())
 }
 
+/// Flags naming files of the cluster's certificates: `(flag, file name)` pairs.
+fn flags(opts: &Options, pairs: &[(&str, String)]) -> Vec<std::ffi::OsString> {
+    let files = Files::of(&opts.dir);
+    pairs
+        .iter()
+        .flat_map(|(flag, name)| [(*flag).into(), files.path(name).into_os_string()])
+        .collect()
+}
+
 /// The API server's flags for the cluster's certificates.
 pub fn server_args(opts: &Options) -> Vec<std::ffi::OsString> {
-    let files = Files::of(&opts.dir);
-    let mut args = Vec::new();
-    for (flag, name) in [
-        ("--tls-cert-file", "apiserver.crt"),
-        ("--tls-private-key-file", "apiserver.key"),
-        ("--client-ca-file", "ca.crt"),
-    ] {
-        args.push(flag.into());
-        args.push(files.path(name).into_os_string());
-    }
-    args
+    let pair = |f: &'static str, n: &str| (f, n.to_owned());
+    flags(
+        opts,
+        &[
+            pair("--tls-cert-file", "apiserver.crt"),
+            pair("--tls-private-key-file", "apiserver.key"),
+            pair("--client-ca-file", "ca.crt"),
+            pair(
+                "--kubelet-client-certificate",
+                "apiserver-kubelet-client.crt",
+            ),
+            pair("--kubelet-client-key", "apiserver-kubelet-client.key"),
+            pair("--kubelet-certificate-authority", "ca.crt"),
+        ],
+    )
+}
+
+/// Node `i`'s flags for its endpoint's certificate.
+pub fn node_args(opts: &Options, i: usize) -> Vec<std::ffi::OsString> {
+    flags(
+        opts,
+        &[
+            ("--tls-cert-file", format!("node{i}-serving.crt")),
+            ("--tls-private-key-file", format!("node{i}-serving.key")),
+            ("--client-ca-file", "ca.crt".to_owned()),
+        ],
+    )
 }
 
 /// An HTTPS client of the API server as the cluster's admin (blocking, one request per
