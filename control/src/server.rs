@@ -403,7 +403,27 @@ fn is_apply(headers: &HeaderMap) -> bool {
         .is_some_and(|ct| ct.starts_with("application/apply-patch"))
 }
 
+/// Refuses what cannot be an object of any kind: a body (or a patched object) that is not a
+/// JSON object, or whose `metadata` is not one.
+fn object_shaped(v: Value) -> Result<Value, ApiError> {
+    if !v.is_object() {
+        return Err(ApiError::BadRequest(
+            "the object is not a JSON object".into(),
+        ));
+    }
+    if v.get("metadata")
+        .is_some_and(|m| !m.is_object() && !m.is_null())
+    {
+        return Err(ApiError::BadRequest("metadata must be an object".into()));
+    }
+    Ok(v)
+}
+
 fn body_json(headers: &HeaderMap, body: &Bytes) -> Result<Value, ApiError> {
+    decode_body(headers, body).and_then(object_shaped)
+}
+
+fn decode_body(headers: &HeaderMap, body: &Bytes) -> Result<Value, ApiError> {
     let ct = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -784,6 +804,7 @@ fn apply_patch(headers: &HeaderMap, body: &Bytes, object: &mut Value) -> Result<
         "application/json-patch+json" => patch::json_patch(object, &p)?,
         other => return Err(ApiError::UnsupportedMediaType(other.to_owned())),
     }
+    *object = object_shaped(std::mem::take(object))?;
     Ok(())
 }
 
