@@ -301,15 +301,24 @@ fn tls_tokens_certificates_and_node_authorization() {
     let _ = server_proc.child.wait();
     let port = addr.rsplit(':').next().unwrap();
     server_proc.child = start(&dir, &tokens, &admin, &format!("127.0.0.1:{port}"));
+    answers(&admin, "the admin's kubeconfig after a restart");
+}
+
+/// Waits until kubectl with `kubeconfig` reads the default namespace.
+fn answers(kubeconfig: &Path, what: &str) {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let out = kubectl(&admin, &["get", "namespace", "default", "-o", "name"], None);
+        let out = kubectl(
+            kubeconfig,
+            &["get", "namespace", "default", "-o", "name"],
+            None,
+        );
         if out.status.success() {
-            break;
+            return;
         }
         assert!(
             Instant::now() < deadline,
-            "the admin's kubeconfig after a restart: {}",
+            "{what}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
         std::thread::sleep(Duration::from_millis(100));
@@ -348,25 +357,6 @@ fn without_a_certificate_the_server_makes_its_own_and_keeps_it_in_cert_dir() {
             .arg(&kubeconfig)
             .spawn()
             .unwrap()
-    };
-    let answers = |kubeconfig: &Path, what: &str| {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let out = kubectl(
-                kubeconfig,
-                &["get", "namespace", "default", "-o", "name"],
-                None,
-            );
-            if out.status.success() {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{what}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
     };
     let mut server = Server {
         child: start("127.0.0.1:0"),

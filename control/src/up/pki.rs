@@ -75,29 +75,34 @@ pub fn create(opts: &Options, api: SocketAddr) -> Result<(), UpError> {
     .iter()
     .map(|s| (*s).to_owned())
     .collect();
-    let server = ca
-        .issue(&Subject::new("kube-apiserver", &[]), &names, Usage::Server)
-        .map_err(failed("issuing the API server's certificate"))?;
-    write("apiserver.crt", &server.cert_pem)?;
-    write("apiserver.key", &server.key_pem)?;
-    let admin = ca
-        .issue(
-            &Subject::new("weft:admin", &[crate::auth::MASTERS]),
-            &[],
-            Usage::Client,
-        )
-        .map_err(failed("issuing the admin's certificate"))?;
-    write("admin.crt", &admin.cert_pem)?;
-    write("admin.key", &admin.key_pem)?;
-    let kubelet_client = ca
-        .issue(
-            &Subject::new("kube-apiserver-kubelet-client", &[crate::auth::MASTERS]),
-            &[],
-            Usage::Client,
-        )
-        .map_err(failed("issuing the API server's client certificate"))?;
-    write("apiserver-kubelet-client.crt", &kubelet_client.cert_pem)?;
-    write("apiserver-kubelet-client.key", &kubelet_client.key_pem)?;
+    // Issues a certificate and writes it and its key as `<file>.crt` and `<file>.key`.
+    let issue = |file: &str, who: Subject, names: &[String], usage: Usage| {
+        let issued = ca
+            .issue(&who, names, usage)
+            .map_err(failed("issuing a certificate"))?;
+        write(&format!("{file}.crt"), &issued.cert_pem)?;
+        write(&format!("{file}.key"), &issued.key_pem)?;
+        Ok::<_, UpError>(issued)
+    };
+    let masters = [crate::auth::MASTERS];
+    issue(
+        "apiserver",
+        Subject::new("kube-apiserver", &[]),
+        &names,
+        Usage::Server,
+    )?;
+    let admin = issue(
+        "admin",
+        Subject::new("weft:admin", &masters),
+        &[],
+        Usage::Client,
+    )?;
+    issue(
+        "apiserver-kubelet-client",
+        Subject::new("kube-apiserver-kubelet-client", &masters),
+        &[],
+        Usage::Client,
+    )?;
     let kubeconfig = |path: &Path, server: &str, user: &str, cert: &weft_pki::Issued| {
         let text = crate::kubeconfig(
             server,
@@ -118,24 +123,18 @@ pub fn create(opts: &Options, api: SocketAddr) -> Result<(), UpError> {
     )?;
     for i in 1..=opts.nodes {
         let user = format!("{}node{i}", crate::auth::NODE_PREFIX);
-        let cert = ca
-            .issue(
-                &Subject::new(&user, &[crate::auth::NODES]),
-                &[],
-                Usage::Client,
-            )
-            .map_err(failed("issuing a node's certificate"))?;
-        write(&format!("node{i}.crt"), &cert.cert_pem)?;
-        write(&format!("node{i}.key"), &cert.key_pem)?;
-        let serving = ca
-            .issue(
-                &Subject::new(&format!("node{i}"), &[]),
-                &[topology::node_addr(i).to_string()],
-                Usage::Server,
-            )
-            .map_err(failed("issuing a node endpoint's certificate"))?;
-        write(&format!("node{i}-serving.crt"), &serving.cert_pem)?;
-        write(&format!("node{i}-serving.key"), &serving.key_pem)?;
+        let cert = issue(
+            &format!("node{i}"),
+            Subject::new(&user, &[crate::auth::NODES]),
+            &[],
+            Usage::Client,
+        )?;
+        issue(
+            &format!("node{i}-serving"),
+            Subject::new(&format!("node{i}"), &[]),
+            &[topology::node_addr(i).to_string()],
+            Usage::Server,
+        )?;
         let path = opts.node_kubeconfig(i);
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent).map_err(io("creating a node's directory"))?;
