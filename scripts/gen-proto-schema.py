@@ -61,7 +61,8 @@ def module_of(path):
 
 def resolve(module, rust_type):
     """The message a field's Rust type names, as a module path."""
-    t = rust_type.rstrip(",")
+    # rustfmt leaves a trailing comma inside a wrapped generic: `Vec<\n    T,\n>`.
+    t = rust_type.replace(",>", ">").rstrip(",")
     for wrap in ("::core::option::Option<", "::prost::alloc::vec::Vec<",
                  "::prost::alloc::boxed::Box<", "Option<", "Vec<", "Box<"):
         while t.startswith(wrap):
@@ -143,6 +144,9 @@ roots += [
     "api.policy.v1.Eviction",
     "api.autoscaling.v1.Scale",
     "apimachinery.pkg.apis.meta.v1.DeleteOptions",
+    # kubectl auth whoami and kubectl auth can-i.
+    "api.authentication.v1.SelfSubjectReview",
+    "api.authorization.v1.SelfSubjectAccessReview",
     "apimachinery.pkg.runtime.Unknown",
 ]
 

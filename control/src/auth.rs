@@ -17,6 +17,10 @@
 //! * **everyone else**, anonymous included: the health and version endpoints; authenticated
 //!   users also discovery. Anything else is `403 Forbidden` (anonymous: `401 Unauthorized`),
 //!   with kube-apiserver's message.
+//!
+//! Every authenticated user may also ask who they are and what they may do
+//! ([`self_review`]: `SelfSubjectReview` for `kubectl auth whoami`, `SelfSubjectAccessReview`
+//! for `kubectl auth can-i`), answered by the same authorizer.
 
 use std::{collections::HashMap, io::Read as _, path::Path};
 
@@ -33,6 +37,8 @@ pub const NODES: &str = "system:nodes";
 pub const NODE_PREFIX: &str = "system:node:";
 /// Every authenticated user's group.
 pub const AUTHENTICATED: &str = "system:authenticated";
+/// The group of requests without credentials.
+pub const UNAUTHENTICATED: &str = "system:unauthenticated";
 
 /// An authenticated user.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -53,6 +59,14 @@ impl Identity {
         Self {
             user: user.to_owned(),
             groups,
+        }
+    }
+
+    /// The user of requests without credentials.
+    pub fn anonymous() -> Self {
+        Self {
+            user: "system:anonymous".to_owned(),
+            groups: vec![UNAUTHENTICATED.to_owned()],
         }
     }
 
@@ -230,6 +244,97 @@ pub fn authorize(
         Ok(()) => Ok(()),
         Err(why) => Err(a.forbidden(who, &why)),
     }
+}
+
+const WHO_AM_I: [&str; 4] = ["apis", "authentication.k8s.io", "v1", "selfsubjectreviews"];
+const CAN_I: [&str; 4] = [
+    "apis",
+    "authorization.k8s.io",
+    "v1",
+    "selfsubjectaccessreviews",
+];
+
+/// Whether `parts` is where self-reviews are POSTed.
+pub fn is_self_review(parts: &[&str]) -> bool {
+    parts == WHO_AM_I || parts == CAN_I
+}
+
+/// Answers a self-review POSTed to `parts`: who `who` is (`authentication.k8s.io/v1`
+/// SelfSubjectReview) or whether they may do what the review's `spec.resourceAttributes`
+/// describe (`authorization.k8s.io/v1` SelfSubjectAccessReview).
+pub fn self_review(
+    store: &Store,
+    who: &Identity,
+    parts: &[&str],
+    review: &Value,
+) -> Result<Value, ApiError> {
+    if parts == WHO_AM_I {
+        return Ok(serde_json::json!({
+            "kind": "SelfSubjectReview", "apiVersion": "authentication.k8s.io/v1",
+            "metadata": {"creationTimestamp": null},
+            "status": {"userInfo": {"username": who.user, "groups": who.groups}},
+        }));
+    }
+    if parts == CAN_I {
+        return access_review(store, who, review);
+    }
+    Err(ApiError::NoSuchResource)
+}
+
+fn access_review(store: &Store, who: &Identity, review: &Value) -> Result<Value, ApiError> {
+    let spec = &review["spec"];
+    let text = |v: &Value| v.as_str().unwrap_or("").to_owned();
+    let (allowed, reason) = if let Some(a) = spec.get("resourceAttributes") {
+        let (group, plural) = (text(&a["group"]), text(&a["resource"]));
+        match crate::resources::RESOURCES
+            .iter()
+            .find(|r| r.group == group && r.plural == plural)
+        {
+            None => (
+                false,
+                format!("the server does not serve {plural:?} in {group:?}"),
+            ),
+            Some(resource) => {
+                let (verb, sub, namespace, name) = (
+                    text(&a["verb"]),
+                    text(&a["subresource"]),
+                    text(&a["namespace"]),
+                    text(&a["name"]),
+                );
+                let attributes = Attributes {
+                    verb: &verb,
+                    resource,
+                    subresource: (!sub.is_empty()).then_some(sub.as_str()),
+                    namespace: &namespace,
+                    name: &name,
+                };
+                let body = serde_json::json!({"metadata": {"name": name}});
+                match authorize(store, who, &attributes, Some(&body)) {
+                    Ok(()) => (true, String::new()),
+                    Err(e) => (false, e.to_string()),
+                }
+            }
+        }
+    } else if let Some(a) = spec.get("nonResourceAttributes") {
+        let path = text(&a["path"]);
+        let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
+        let discovery = matches!(parts.first(), Some(&"api" | &"apis" | &"openapi"));
+        let allowed = who.in_group(MASTERS) || public_path(&parts) || discovery;
+        (allowed, String::new())
+    } else {
+        return Err(ApiError::BadRequest(
+            "spec.resourceAttributes or spec.nonResourceAttributes is required".into(),
+        ));
+    };
+    let mut status = serde_json::json!({"allowed": allowed});
+    if !reason.is_empty() {
+        status["reason"] = Value::from(reason);
+    }
+    Ok(serde_json::json!({
+        "kind": "SelfSubjectAccessReview", "apiVersion": "authorization.k8s.io/v1",
+        "metadata": {"creationTimestamp": null},
+        "spec": spec, "status": status,
+    }))
 }
 
 const READ: [&str; 3] = ["get", "list", "watch"];

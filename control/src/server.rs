@@ -516,7 +516,7 @@ async fn handle(State(api): State<Api>, req: axum::extract::Request) -> Response
     let target = parse_target(&parts);
     let who = match who {
         Some(who) => who,
-        None if auth::public_path(&parts) => Identity::new("system:anonymous", &[]),
+        None if auth::public_path(&parts) => Identity::anonymous(),
         None => return ApiError::Unauthorized.into_response(),
     };
     if let Ok(t @ Target::Object(_, ns, name, Sub::Stream(kind))) = &target {
@@ -539,6 +539,17 @@ async fn handle(State(api): State<Api>, req: axum::extract::Request) -> Response
         }
     };
     tracing::debug!(%method, %uri, user = who.user, "request");
+    if method == Method::POST
+        && auth::is_self_review(&parts)
+        && who.groups.iter().any(|g| g == auth::AUTHENTICATED)
+    {
+        let answer = body_json(&headers, &body)
+            .and_then(|review| auth::self_review(&store, &who, &parts, &review));
+        return match answer {
+            Ok(v) => json_response(StatusCode::CREATED, &v),
+            Err(e) => e.into_response(),
+        };
+    }
     if let Ok(t) = &target
         && let Err(e) = allowed(
             &store,

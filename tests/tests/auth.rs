@@ -254,6 +254,40 @@ fn tls_tokens_certificates_and_node_authorization() {
     );
     refused(patch_status(&n2c, "n1"), "n2 patches n1's status");
 
+    // Everyone may ask who they are and what they may do, answered by the same authorizer.
+    let me = ok(kubectl(&n2c, &["auth", "whoami"], None), "n2 whoami");
+    assert!(
+        me.contains("system:node:n2") && me.contains("system:nodes"),
+        "{me}"
+    );
+    let me = ok(
+        kubectl(&bob, &["auth", "whoami", "-o", "json"], None),
+        "bob whoami",
+    );
+    assert!(me.contains(r#""username": "bob""#), "{me}");
+    let can = |who: &Path, args: &[&str]| {
+        let mut all = vec!["auth", "can-i"];
+        all.extend_from_slice(args);
+        let out = kubectl(who, &all, None);
+        let said = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        (out.status.success(), said)
+    };
+    assert_eq!(
+        can(&n1, &["patch", "node/n1", "--subresource=status"]),
+        (true, "yes".to_owned())
+    );
+    let (allowed, said) = can(&n1, &["patch", "node/n2", "--subresource=status"]);
+    assert!(!allowed && said.starts_with("no"), "{said}");
+    assert_eq!(can(&n1, &["create", "events"]), (true, "yes".to_owned()));
+    let (allowed, said) = can(&bob, &["list", "pods"]);
+    assert!(!allowed && said.starts_with("no"), "{said}");
+    assert_eq!(can(&admin, &["delete", "nodes"]), (true, "yes".to_owned()));
+    assert_eq!(
+        can(&bob, &["get", "/healthz"]),
+        (true, "yes".to_owned()),
+        "a non-resource URL"
+    );
+
     // An oversize body (413) and a malformed one (400) are refused; the server goes on.
     let big = write(&dir, "big", &"x".repeat(4 * 1024 * 1024));
     let raw_create = |file: &Path| {
