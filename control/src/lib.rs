@@ -18,6 +18,7 @@ pub mod apply;
 pub mod auth;
 pub mod controllers;
 pub mod defaults;
+pub mod leader;
 pub mod listen;
 pub mod patch;
 pub mod protobuf;

@@ -267,6 +267,8 @@ struct Timing {
     /// Seconds between checks of the nodes.
     #[arg(long, default_value_t = 5)]
     node_monitor_period: u64,
+    #[command(flatten)]
+    leading: Leading,
 }
 
 impl Timing {
@@ -276,6 +278,59 @@ impl Timing {
             node_monitor_period: std::time::Duration::from_secs(self.node_monitor_period.max(1)),
         }
     }
+}
+
+/// Leader election of the controllers, as kube-controller-manager's `--leader-elect*` flags
+/// (durations in seconds).
+#[derive(Debug, clap::Args)]
+struct Leading {
+    /// Run the controllers and the scheduler only while holding the leader Lease, for several
+    /// API servers (or `weft controllers`) serving one cluster on etcd.
+    #[arg(long)]
+    leader_elect: bool,
+    /// Seconds a leader's Lease, not renewed, keeps the other candidates waiting.
+    #[arg(long, default_value_t = 15)]
+    leader_elect_lease_duration: u64,
+    /// Seconds the leader goes on trying to renew before it stops leading.
+    #[arg(long, default_value_t = 10)]
+    leader_elect_renew_deadline: u64,
+    /// Seconds between the candidates' attempts and the leader's renewals.
+    #[arg(long, default_value_t = 2)]
+    leader_elect_retry_period: u64,
+    /// The leader Lease's name.
+    #[arg(long, default_value = "weft-controllers")]
+    leader_elect_resource_name: String,
+    /// The leader Lease's namespace.
+    #[arg(long, default_value = "kube-system")]
+    leader_elect_resource_namespace: String,
+}
+
+/// Runs the controllers and the scheduler until `stop` (while leading, with `--leader-elect`).
+async fn controllers_until(
+    client: kube::Client,
+    timing: Timing,
+    stop: impl std::future::Future<Output = ()>,
+) {
+    let options = timing.options();
+    let l = &timing.leading;
+    if !l.leader_elect {
+        tokio::select! {
+            () = controllers::run(client, options) => {}
+            () = stop => {}
+        }
+        return;
+    }
+    let secs = std::time::Duration::from_secs;
+    let election = weft_control::leader::Election {
+        namespace: l.leader_elect_resource_namespace.clone(),
+        name: l.leader_elect_resource_name.clone(),
+        lease_duration: secs(l.leader_elect_lease_duration.max(1)),
+        renew_deadline: secs(l.leader_elect_renew_deadline.max(1)),
+        retry_period: secs(l.leader_elect_retry_period.max(1)),
+        ..weft_control::leader::Election::new(&l.leader_elect_resource_name)
+    };
+    let work = || controllers::run(client.clone(), options.clone());
+    weft_control::leader::run(client.clone(), election, work, stop).await;
 }
 
 async fn client_for(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<kube::Client> {
@@ -444,6 +499,7 @@ fn main() -> anyhow::Result<()> {
                 }
                 tracing::info!(%bound, store = described, "serving the Kubernetes API over TLS");
                 let store = Arc::new(store);
+                store.follow();
                 tokio::spawn(server::sweep_events(store.clone()));
                 // The controllers reach the API on a loopback listener of their own, with a
                 // token only this process knows.
@@ -451,20 +507,34 @@ fn main() -> anyhow::Result<()> {
                     true => Some(tokio::net::TcpListener::bind("127.0.0.1:0").await?),
                     false => None,
                 };
+                // On SIGTERM or SIGINT: stop the controllers (a leader gives its Lease up
+                // while the API still serves), stop accepting, give requests in flight a
+                // moment, then go (watches and the controllers' own connections never end by
+                // themselves).
+                let (stop, stopping) = tokio::sync::watch::channel(false);
+                let (stop_controllers, controllers_stopping) = tokio::sync::watch::channel(false);
+                let mut controllers_task = None;
                 if let Some(internal) = &internal {
                     let at = internal.local_addr()?;
                     debug_assert!(weft_control::listen::plain_allowed(at));
                     let mut config = kube::Config::new(format!("http://{at}").parse()?);
                     config.auth_info.token = Some(loopback_token.clone().into());
                     let client = kube::Client::try_from(config)?;
-                    tokio::spawn(controllers::run(client, timing.options()));
+                    let mut stopping = controllers_stopping;
+                    controllers_task = Some(tokio::spawn(controllers_until(
+                        client,
+                        timing,
+                        async move {
+                            let _ = stopping.wait_for(|s| *s).await;
+                        },
+                    )));
                 }
-                // On SIGTERM or SIGINT: stop accepting, give requests in flight a moment,
-                // then go (watches and the controllers' own connections never end by
-                // themselves).
-                let (stop, stopping) = tokio::sync::watch::channel(false);
                 tokio::spawn(async move {
                     shutdown().await;
+                    let _ = stop_controllers.send(true);
+                    if let Some(task) = controllers_task {
+                        let _ = tokio::time::timeout(std::time::Duration::from_secs(3), task).await;
+                    }
                     let _ = stop.send(true);
                 });
                 let mut deadline = stopping.clone();
@@ -661,10 +731,7 @@ fn main() -> anyhow::Result<()> {
                 .build()?;
             rt.block_on(async move {
                 let client = client_for(kubeconfig.as_deref()).await?;
-                tokio::select! {
-                    () = controllers::run(client, timing.options()) => {}
-                    () = shutdown() => {}
-                }
+                controllers_until(client, timing, shutdown()).await;
                 Ok(())
             })
         }

@@ -588,7 +588,24 @@ async fn handle(State(api): State<Api>, req: axum::extract::Request) -> Response
             Err(e) => e.into_response(),
         };
     }
-    match serve(&store, &method, &parts, &query, &headers, &body) {
+    let mut seen = store.revision();
+    let mut answer = serve(&store, &method, &parts, &query, &headers, &body);
+    // With other API servers writing the same etcd, this one's cache may have missed their
+    // newest writes: a conflict is answered again once it has caught up, as kube-apiserver
+    // retries a conflicting write against what etcd holds: while the cache moves (a conflict
+    // that catching up does not change, a client's stale resourceVersion, is the answer), for
+    // as long as other writers keep winning the race, within bounds.
+    for _ in 0..32 {
+        if !matches!(answer, Err(ApiError::Conflict(_))) {
+            break;
+        }
+        match store.catch_up() {
+            Some(now) if now != seen => seen = now,
+            _ => break,
+        }
+        answer = serve(&store, &method, &parts, &query, &headers, &body);
+    }
+    match answer {
         Ok(Reply::Json(code, v)) => json_response(code, &v),
         Ok(Reply::Watch(r)) => r,
         Err(e) => {

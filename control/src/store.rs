@@ -609,6 +609,34 @@ impl Store {
         )
     }
 
+    /// Writes one key through to the backend (`value` `None` deletes it) if its mod revision is
+    /// `expected`, and returns the revision the write made. On a shared backend the writes of
+    /// other servers that came before it are applied to the cache first (this one with them:
+    /// then the cache's revision is already the write's); a conflict there may come from a
+    /// cache that missed them, so the cache catches up before the conflict is reported.
+    fn written_through(
+        &self,
+        inner: &mut Inner,
+        key: &Key,
+        expected: u64,
+        value: Option<&[u8]>,
+    ) -> Result<u64, ApiError> {
+        match self.backend.write(&backend_key(key), expected, value) {
+            Ok(rv) if rv > inner.rv + 1 && self.backend.shared() => {
+                self.catch_up_locked(inner)?;
+                Ok(rv)
+            }
+            Ok(rv) => Ok(rv),
+            Err(e @ weft_store::Error::Conflict { .. }) => {
+                if self.backend.shared() {
+                    self.catch_up_locked(inner)?;
+                }
+                Err(backend_error(e))
+            }
+            Err(e) => Err(backend_error(e)),
+        }
+    }
+
     /// Compacts the backend's log now and then, keeping the history watches can resume from.
     fn written(&self, inner: &mut Inner, rv: u64) {
         inner.rv = rv;
@@ -619,6 +647,169 @@ impl Store {
         {
             tracing::warn!(error = %e, "compacting the store");
         }
+    }
+
+    /// Follows the writes of the other API servers of a shared backend (etcd) on a thread of
+    /// its own, so that this server's cache, history and watches see them (see
+    /// [`Store::catch_up`]). Does nothing for a backend only this process writes.
+    pub fn follow(self: &Arc<Self>) {
+        if !self.backend.shared() {
+            return;
+        }
+        let store = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("weft-store-follow".into())
+            .spawn(move || {
+                loop {
+                    let after = store.revision();
+                    let followed = store.backend.follow(after, &mut |change| {
+                        let mut inner = store.lock();
+                        if let Err(e) = store.apply(&mut inner, &change) {
+                            tracing::warn!(error = %e, key = change.key, "following the store");
+                        }
+                        true
+                    });
+                    match followed {
+                        Err(weft_store::Error::Compacted { .. }) => {
+                            let mut inner = store.lock();
+                            if let Err(e) = store.resync(&mut inner) {
+                                tracing::warn!(error = %e, "reloading the store");
+                            }
+                        }
+                        Err(e) => tracing::warn!(error = %e, "following the store"),
+                        Ok(()) => {}
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(500));
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "starting the store's follower");
+        }
+    }
+
+    /// Brings the cache up to the backend's newest revision now, with the writes of other API
+    /// servers that the follower has not delivered yet, and returns the cache's revision;
+    /// `None` for a backend only this process writes, which has nothing to catch up on. A
+    /// request refused with a conflict that a stale cache may have caused is worth answering
+    /// again when the revision moved meanwhile.
+    pub fn catch_up(&self) -> Option<u64> {
+        if !self.backend.shared() {
+            return None;
+        }
+        let mut inner = self.lock();
+        if let Err(e) = self.catch_up_locked(&mut inner) {
+            tracing::warn!(error = %e, "catching up with the store");
+        }
+        Some(inner.rv)
+    }
+
+    fn catch_up_locked(&self, inner: &mut Inner) -> Result<(), ApiError> {
+        match self.backend.changes(inner.rv) {
+            Ok(changes) => changes.iter().try_for_each(|c| self.apply(inner, c)),
+            Err(weft_store::Error::Compacted { .. }) => self.resync(inner),
+            Err(e) => Err(backend_error(e)),
+        }
+    }
+
+    /// Applies a change of the backend's log to the cache (one this process did not make, or
+    /// one it made while others were writing) and tells watchers. Changes at or before the
+    /// cache's revision are already in it.
+    fn apply(&self, inner: &mut Inner, change: &weft_store::Change) -> Result<(), ApiError> {
+        if change.rev <= inner.rv {
+            return Ok(());
+        }
+        inner.rv = change.rev;
+        let Some(key) = parse_key(&change.key) else {
+            return Ok(());
+        };
+        let event = match &change.value {
+            Some(value) => {
+                let object = decode(value, Some(change.rev))?;
+                let previous = inner.objects.insert(key.clone(), object.clone());
+                Event {
+                    rv: change.rev,
+                    kind: if previous.is_some() {
+                        EventType::Modified
+                    } else {
+                        EventType::Added
+                    },
+                    resource: key.0,
+                    namespace: key.1,
+                    object,
+                    previous,
+                }
+            }
+            None => {
+                let Some(mut object) = inner.objects.remove(&key) else {
+                    return Ok(());
+                };
+                object["metadata"]["resourceVersion"] = json!(change.rev.to_string());
+                Event {
+                    rv: change.rev,
+                    kind: EventType::Deleted,
+                    resource: key.0,
+                    namespace: key.1,
+                    object,
+                    previous: None,
+                }
+            }
+        };
+        self.record(inner, event);
+        Ok(())
+    }
+
+    /// Reloads the cache from a snapshot when the changes since its revision are gone
+    /// (compacted by another server while this one was cut off), telling watchers what differs
+    /// as a relisting client would see it.
+    fn resync(&self, inner: &mut Inner) -> Result<(), ApiError> {
+        let snapshot = self.backend.snapshot().map_err(backend_error)?;
+        tracing::warn!(
+            from = inner.rv,
+            to = snapshot.rev,
+            "the store's log was compacted past this server's cache; reloading it"
+        );
+        let mut fresh = BTreeMap::new();
+        for record in &snapshot.records {
+            if let Some(key) = parse_key(&record.key) {
+                fresh.insert(key, decode(&record.value, Some(record.rev))?);
+            }
+        }
+        let old = std::mem::take(&mut inner.objects);
+        inner.rv = snapshot.rev;
+        let mut events = Vec::new();
+        for (key, object) in &fresh {
+            let previous = old.get(key);
+            if previous != Some(object) {
+                let kind = if previous.is_some() {
+                    EventType::Modified
+                } else {
+                    EventType::Added
+                };
+                events.push((key.clone(), kind, object.clone(), previous.cloned()));
+            }
+        }
+        for (key, mut object) in old {
+            if !fresh.contains_key(&key) {
+                object["metadata"]["resourceVersion"] = json!(snapshot.rev.to_string());
+                events.push((key, EventType::Deleted, object, None));
+            }
+        }
+        inner.objects = fresh;
+        for ((resource, namespace, _), kind, object, previous) in events {
+            let rv = snapshot.rev;
+            self.record(
+                inner,
+                Event {
+                    rv,
+                    kind,
+                    resource,
+                    namespace,
+                    object,
+                    previous,
+                },
+            );
+        }
+        Ok(())
     }
 
     fn record(&self, inner: &mut Inner, event: Event) {
@@ -804,12 +995,13 @@ impl Store {
         object["metadata"]["resourceVersion"] = json!((inner.rv + 1).to_string());
         let bytes = serde_json::to_vec(&object)
             .map_err(|e| ApiError::Internal(format!("encoding {}: {e}", key.2)))?;
-        let rv = self
-            .backend
-            .write(&backend_key(&key), expected, Some(&bytes))
-            .map_err(backend_error)?;
+        let rv = self.written_through(inner, &key, expected, Some(&bytes))?;
         // Another writer of a shared backend may have taken the revision this one expected.
         object["metadata"]["resourceVersion"] = json!(rv.to_string());
+        if inner.rv >= rv {
+            // Caught up with the other servers' writes, this one included.
+            return Ok(object);
+        }
         self.written(inner, rv);
         inner.objects.insert(key.clone(), object.clone());
         let kind = if previous.is_some() {
@@ -1242,10 +1434,17 @@ impl Store {
         let Some(stored) = inner.objects.get(key) else {
             return Ok(None);
         };
-        let rv = self
-            .backend
-            .write(&backend_key(key), rv_of(stored), None)
-            .map_err(backend_error)?;
+        let stored_before = stored.clone();
+        let rv = self.written_through(inner, key, rv_of(stored), None)?;
+        if inner.rv >= rv {
+            // Caught up with the other servers' writes, this deletion included.
+            let mut object = stored_before;
+            object["metadata"]["resourceVersion"] = json!(rv.to_string());
+            if !key.1.is_empty() {
+                self.finish_namespace(inner, &key.1)?;
+            }
+            return Ok(Some(object));
+        }
         self.written(inner, rv);
         let Some(mut object) = inner.objects.remove(key) else {
             return Ok(None);

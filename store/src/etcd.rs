@@ -113,6 +113,23 @@ fn signed(v: Revision) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
+/// The changes a watch response carries, with full keys (a key that is not UTF-8 is not one this
+/// backend wrote, and is left out).
+fn raw_changes(r: &etcd_client::WatchResponse) -> Vec<Change> {
+    r.events()
+        .iter()
+        .filter_map(|e| {
+            let kv = e.kv()?;
+            Some(Change {
+                rev: rev_of(kv.mod_revision()),
+                key: std::str::from_utf8(kv.key()).ok()?.to_owned(),
+                value: matches!(e.event_type(), EventType::Put).then(|| kv.value().to_vec()),
+                previous: e.prev_kv().map(|p| p.value().to_vec()),
+            })
+        })
+        .collect()
+}
+
 /// The first key after every key that starts with `prefix`.
 fn range_end(prefix: &str) -> Vec<u8> {
     let mut end = prefix.as_bytes().to_vec();
@@ -192,6 +209,13 @@ impl Etcd {
 
     fn full(&self, key: &str) -> String {
         format!("{}{key}", self.prefix)
+    }
+
+    /// A change read with full keys, with the key this backend's callers use (`None` for a key
+    /// outside the prefix).
+    fn unprefixed(&self, change: Change) -> Option<Change> {
+        let key = change.key.strip_prefix(self.prefix.as_str())?.to_owned();
+        Some(Change { key, ..change })
     }
 
     fn short<'a>(&self, key: &'a [u8]) -> Option<&'a str> {
@@ -402,11 +426,7 @@ impl Backend for Etcd {
             let mut out = Vec::new();
             // Until the newest revision has been seen, or the watch has been quiet for a while
             // (the newest revisions may belong to keys outside the prefix).
-            while out
-                .last()
-                .map_or(after, |c: &(Vec<u8>, Revision, _, _)| c.1)
-                < now
-            {
+            while out.last().map_or(after, |c: &Change| c.rev) < now {
                 let Ok(next) = tokio::time::timeout(QUIET, stream.message()).await else {
                     break;
                 };
@@ -426,31 +446,89 @@ impl Backend for Etcd {
                         format!("etcd cancelled the watch: {}", r.cancel_reason()),
                     ));
                 }
-                for e in r.events() {
-                    let Some(kv) = e.kv() else { continue };
-                    out.push((
-                        kv.key().to_vec(),
-                        rev_of(kv.mod_revision()),
-                        matches!(e.event_type(), EventType::Put).then(|| kv.value().to_vec()),
-                        e.prev_kv().map(|p| p.value().to_vec()),
-                    ));
-                }
+                out.extend(raw_changes(&r));
             }
             let _ = watcher.cancel().await;
             Ok(out)
         })?;
         Ok(raw
             .into_iter()
-            .filter(|(_, rev, _, _)| *rev > after)
-            .filter_map(|(key, rev, value, previous)| {
-                Some(Change {
-                    rev,
-                    key: self.short(&key)?.to_owned(),
-                    value,
-                    previous,
-                })
-            })
+            .filter(|c| c.rev > after)
+            .filter_map(|c| self.unprefixed(c))
             .collect())
+    }
+
+    fn shared(&self) -> bool {
+        true
+    }
+
+    fn follow(&self, after: Revision, sink: &mut dyn FnMut(Change) -> bool) -> Result<()> {
+        let compacted = self.compacted.load(Ordering::Relaxed);
+        if after < compacted {
+            return Err(Error::Compacted {
+                asked: after,
+                compacted,
+            });
+        }
+        let client = self.client.clone();
+        let prefix = self.prefix.clone();
+        // The watch runs on the backend's runtime; its changes come here, where `sink` runs.
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Change>>(1024);
+        self.rt.spawn(async move {
+            let what = "following the log";
+            let options = WatchOptions::new()
+                .with_prefix()
+                .with_prev_key()
+                .with_start_revision(signed(after + 1));
+            let opened = call(what, Resend::Always, &client, |mut c| {
+                let (prefix, options) = (prefix.clone(), options.clone());
+                async move { c.watch(prefix, Some(options)).await }
+            })
+            .await;
+            let (mut watcher, mut stream) = match opened {
+                Ok(w) => w,
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                    return;
+                }
+            };
+            loop {
+                let failed = match stream.message().await {
+                    Ok(Some(r)) if r.compact_revision() > 0 => Error::Compacted {
+                        asked: after,
+                        compacted: rev_of(r.compact_revision()),
+                    },
+                    Ok(Some(r)) if r.canceled() => Error::engine(
+                        what,
+                        format!("etcd cancelled the watch: {}", r.cancel_reason()),
+                    ),
+                    Ok(Some(r)) => {
+                        // A closed receiver: the follower stopped.
+                        if raw_changes(&r).into_iter().any(|c| tx.send(Ok(c)).is_err()) {
+                            break;
+                        }
+                        continue;
+                    }
+                    Ok(None) => Error::engine(what, "the watch ended"),
+                    Err(e) => engine(what, e),
+                };
+                let _ = tx.send(Err(failed));
+                break;
+            }
+            let _ = watcher.cancel().await;
+        });
+        for change in rx {
+            let Some(change) = self.unprefixed(change?) else {
+                continue;
+            };
+            if !sink(change) {
+                return Ok(());
+            }
+        }
+        Err(Error::engine(
+            "following the log",
+            "the client's runtime stopped",
+        ))
     }
 
     fn compact(&self, upto: Revision) -> Result<()> {
@@ -505,6 +583,61 @@ mod tests {
         crate::conformance::run_durable(&|| {
             Box::new(Etcd::connect(&etcd.endpoints(), "/durable/").expect("connect"))
         });
+    }
+
+    #[test]
+    fn a_second_client_follows_the_first_ones_writes_as_they_are_made() {
+        let etcd = EtcdCluster::start("follow", 1);
+        let a = Etcd::connect(&etcd.endpoints(), "/follow/").expect("connect");
+        let b = Etcd::connect(&etcd.endpoints(), "/follow/").expect("connect");
+        assert!(b.shared());
+        let before = a.write("/old", 0, Some(b"0")).expect("write");
+        let (seen_tx, seen_rx) = std::sync::mpsc::channel();
+        let follower = std::thread::spawn(move || {
+            let mut n = 0;
+            b.follow(before, &mut |c| {
+                n += 1;
+                seen_tx.send(c).is_ok() && n < 3
+            })
+            .expect("follow");
+            b
+        });
+        let r1 = a.write("/k", 0, Some(b"1")).expect("create");
+        // Outside the prefix: not followed.
+        let other = Etcd::connect(&etcd.endpoints(), "/elsewhere/").expect("connect");
+        other.write("/k", 0, Some(b"x")).expect("write elsewhere");
+        let r2 = a.write("/k", r1, Some(b"2")).expect("update");
+        let r3 = a.write("/k", r2, None).expect("delete");
+        let seen: Vec<Change> = (0..3)
+            .map(|_| {
+                seen_rx
+                    .recv_timeout(Duration::from_secs(10))
+                    .expect("a change")
+            })
+            .collect();
+        let b = follower.join().expect("follower");
+        let k = |rev, value: Option<&[u8]>, previous: Option<&[u8]>| Change {
+            rev,
+            key: "/k".into(),
+            value: value.map(<[u8]>::to_vec),
+            previous: previous.map(<[u8]>::to_vec),
+        };
+        assert_eq!(
+            seen,
+            [
+                k(r1, Some(b"1"), None),
+                k(r2, Some(b"2"), Some(b"1")),
+                k(r3, None, Some(b"2")),
+            ]
+        );
+        // Following from a compacted revision is refused as a replay would be.
+        a.compact(r2).expect("compact");
+        let b2 = Etcd::connect(&etcd.endpoints(), "/follow/").expect("connect");
+        assert!(matches!(
+            b2.follow(before, &mut |_| true),
+            Err(Error::Compacted { .. })
+        ));
+        drop(b);
     }
 
     #[test]

@@ -134,4 +134,20 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     /// is capped below the newest revision (the newest write always stays, as etcd requires);
     /// an older point than the current one changes nothing.
     fn compact(&self, upto: Revision) -> Result<()>;
+
+    /// Whether other processes write this log too (several API servers on one etcd), so that
+    /// a cache of it has to [`follow`](Backend::follow) their changes. An embedded engine has
+    /// one writer: the default is `false`.
+    fn shared(&self) -> bool {
+        false
+    }
+
+    /// Calls `sink` with every change after `after`, oldest first, as the changes are made,
+    /// until `sink` returns `false` (then `Ok`) or the log cannot be read ([`Error::Compacted`]
+    /// when `after` has been compacted meanwhile). The default, for engines that are not
+    /// [`shared`](Backend::shared), has nothing to follow and returns at once.
+    fn follow(&self, after: Revision, sink: &mut dyn FnMut(Change) -> bool) -> Result<()> {
+        let _ = (after, sink);
+        Ok(())
+    }
 }

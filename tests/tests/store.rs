@@ -3,7 +3,10 @@
 //! it was acknowledged with, revisions go on from where they were, and a watch given a
 //! resourceVersion from before the kill resumes with exactly the changes after it. The same
 //! server on a three-member etcd cluster (real `etcd` processes on loopback) keeps its objects
-//! in etcd, survives its own kill -9 and keeps serving when an etcd member is lost.
+//! in etcd, survives its own kill -9 and keeps serving when an etcd member is lost; two servers
+//! on one etcd serve one cluster (each sees the other's writes, in its reads and its watches,
+//! concurrent writers through both lose nothing) and take turns running the controllers by
+//! leader election, a killed leader's successor taking over.
 //! Needs no root: everything runs on loopback.
 
 use std::{
@@ -27,6 +30,8 @@ struct Server {
     child: Option<Child>,
     /// The store flags (`--data <dir>/store.db` unless set).
     store: Vec<String>,
+    /// Other flags (`--controllers=false` unless set).
+    flags: Vec<String>,
 }
 
 impl Server {
@@ -40,7 +45,22 @@ impl Server {
             dir,
             child: None,
             store,
+            flags: vec!["--controllers=false".into()],
         }
+    }
+
+    /// Runs the controllers, taking turns with other servers by leader election (short
+    /// durations, so that a test sees a successor within seconds).
+    fn electing(mut self) -> Server {
+        self.flags = [
+            "--leader-elect",
+            "--leader-elect-lease-duration=3",
+            "--leader-elect-renew-deadline=2",
+            "--leader-elect-retry-period=1",
+        ]
+        .map(String::from)
+        .to_vec();
+        self
     }
 
     fn on_etcd(mut self, endpoints: &[String]) -> Server {
@@ -53,7 +73,8 @@ impl Server {
         let kubeconfig = self.dir.join("kubeconfig");
         let _ = std::fs::remove_file(&kubeconfig);
         let child = Command::new(weft_binary("weft"))
-            .args(["server", "--listen", "127.0.0.1:0", "--controllers=false"])
+            .args(["server", "--listen", "127.0.0.1:0"])
+            .args(&self.flags)
             .args(&self.store)
             .arg("--kubeconfig")
             .arg(&kubeconfig)
@@ -66,6 +87,15 @@ impl Server {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         kube_client(&kubeconfig).await.unwrap()
+    }
+
+    /// Stops the server as a supervisor does (SIGTERM) and waits for it.
+    fn terminate(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let pid = nix::unistd::Pid::from_raw(i32::try_from(c.id()).unwrap());
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            c.wait().unwrap();
+        }
     }
 
     fn kill_9(&mut self) {
@@ -278,4 +308,173 @@ fn on_a_three_member_etcd_the_objects_live_in_etcd_through_a_kill_9_and_a_lost_m
     let listed = rt.block_on(api.list(&ListParams::default())).unwrap();
     let names: Vec<String> = listed.items.iter().map(|c| c.name_any()).collect();
     assert_eq!(names, ["a", "b"]);
+}
+
+/// Waits for `f` to give `Some`, for up to `secs` seconds.
+fn eventually<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "{what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The holder of the controllers' leader Lease, if one holds it.
+fn leader(rt: &tokio::runtime::Runtime, client: &Client) -> Option<String> {
+    use k8s_openapi::api::coordination::v1::Lease;
+    let leases: Api<Lease> = Api::namespaced(client.clone(), "kube-system");
+    rt.block_on(leases.get_opt("weft-controllers"))
+        .ok()??
+        .spec?
+        .holder_identity
+        .filter(|h| !h.is_empty())
+}
+
+/// How many pods the ReplicaSet controller made for the Deployment `web`.
+fn web_pods(rt: &tokio::runtime::Runtime, client: &Client) -> usize {
+    use k8s_openapi::api::core::v1::Pod;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    rt.block_on(pods.list(&ListParams::default().labels("app=web")))
+        .map_or(0, |l| l.items.len())
+}
+
+#[test]
+fn two_servers_on_one_etcd_serve_one_cluster_and_elect_one_controller_leader() {
+    use k8s_openapi::api::apps::v1::Deployment;
+    use kube::api::{Patch, PatchParams};
+    let rt = runtime();
+    let etcd = EtcdCluster::start("ha", 3);
+    let mut a = Server::new("ha-a").on_etcd(&etcd.endpoints()).electing();
+    let mut b = Server::new("ha-b").on_etcd(&etcd.endpoints()).electing();
+    let ca = rt.block_on(a.start());
+    let cb = rt.block_on(b.start());
+    let on_a: Api<ConfigMap> = Api::namespaced(ca.clone(), "default");
+    let on_b: Api<ConfigMap> = Api::namespaced(cb.clone(), "default");
+
+    // A watch on B sees what is written through A; B updates at once with the version A gave.
+    let mut watch = rt
+        .block_on(on_b.watch(&WatchParams::default(), "0"))
+        .unwrap()
+        .boxed();
+    let created = rt
+        .block_on(on_a.create(&PostParams::default(), &config_map("shared", 1)))
+        .unwrap();
+    let mut next = config_map("shared", 2);
+    next.metadata.resource_version = created.metadata.resource_version.clone();
+    let updated = rt
+        .block_on(on_b.replace("shared", &PostParams::default(), &next))
+        .expect("B updates what A created, with A's version");
+    assert!(rv(&updated) > rv(&created));
+    let seen: Vec<(String, String)> = rt.block_on(async {
+        let mut seen = Vec::new();
+        while seen.len() < 2 {
+            let event = tokio::time::timeout(Duration::from_secs(10), watch.try_next())
+                .await
+                .expect("B's watch is silent")
+                .unwrap()
+                .unwrap();
+            match event {
+                WatchEvent::Added(c) | WatchEvent::Modified(c) if c.name_any() == "shared" => {
+                    let version = c.resource_version().unwrap();
+                    seen.push((c.data.unwrap()["round"].clone(), version));
+                }
+                _ => {}
+            }
+        }
+        seen
+    });
+    assert_eq!(
+        seen,
+        [
+            ("1".to_owned(), created.resource_version().unwrap()),
+            ("2".to_owned(), updated.resource_version().unwrap()),
+        ]
+    );
+    let got = eventually(10, "A never saw B's update", || {
+        let c = rt.block_on(on_a.get("shared")).ok()?;
+        (rv(&c) == rv(&updated)).then_some(c)
+    });
+    assert_eq!(got.data.unwrap()["round"], "2");
+
+    // Writers through both servers patch one object as fast as they can: no change is lost.
+    const PATCHES: usize = 40;
+    let writers: Vec<_> = [("a", on_a.clone()), ("b", on_b.clone())]
+        .into_iter()
+        .map(|(who, api)| {
+            rt.spawn(async move {
+                for i in 0..PATCHES {
+                    let patch = serde_json::json!({"data": {format!("{who}{i}"): "x"}});
+                    api.patch("shared", &PatchParams::default(), &Patch::Merge(&patch))
+                        .await
+                        .unwrap_or_else(|e| panic!("patch {who}{i}: {e}"));
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        rt.block_on(w).unwrap();
+    }
+    for api in [&on_a, &on_b] {
+        let data = eventually(10, "the servers disagree", || {
+            let data = rt.block_on(api.get("shared")).ok()?.data?;
+            (data.len() == 2 + 2 * PATCHES).then_some(data)
+        });
+        for who in ["a", "b"] {
+            assert!((0..PATCHES).all(|i| data.contains_key(&format!("{who}{i}"))));
+        }
+    }
+
+    // One leader runs the controllers: a Deployment made through B gets its pods.
+    let first = eventually(20, "nobody leads", || leader(&rt, &ca));
+    let deployments: Api<Deployment> = Api::namespaced(cb.clone(), "default");
+    let web: Deployment = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "web"},
+        "spec": {
+            "replicas": 2,
+            "selector": {"matchLabels": {"app": "web"}},
+            "template": {
+                "metadata": {"labels": {"app": "web"}},
+                "spec": {"containers": [{"name": "web", "image": "weft/echo:dev"}]},
+            },
+        },
+    }))
+    .unwrap();
+    rt.block_on(deployments.create(&PostParams::default(), &web))
+        .unwrap();
+    eventually(30, "the leader made no pods", || {
+        (web_pods(&rt, &cb) == 2).then_some(())
+    });
+    // The leader is killed: the other server takes the Lease and runs the controllers.
+    let (mut gone, survivor) = if leader_is(&rt, &ca, &a) {
+        (a, (b, cb))
+    } else {
+        (b, (a, ca))
+    };
+    let (mut kept, client) = survivor;
+    gone.kill_9();
+    let second = eventually(30, "no successor took the Lease", || {
+        leader(&rt, &client).filter(|h| *h != first)
+    });
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), "default");
+    let scale = serde_json::json!({"spec": {"replicas": 3}});
+    rt.block_on(deployments.patch("web", &PatchParams::default(), &Patch::Merge(&scale)))
+        .unwrap();
+    eventually(30, "the successor's controllers did not scale", || {
+        (web_pods(&rt, &client) == 3).then_some(())
+    });
+    // A leader stopped with SIGTERM gives the Lease up: the restarted server takes it.
+    let restarted = rt.block_on(gone.start());
+    kept.terminate();
+    eventually(30, "the Lease was not handed on", || {
+        leader(&rt, &restarted).filter(|h| *h != second)
+    });
+}
+
+/// Whether `server` holds the leader Lease (the holder's identity names its process).
+fn leader_is(rt: &tokio::runtime::Runtime, client: &Client, server: &Server) -> bool {
+    let pid = server.child.as_ref().expect("running").id();
+    leader(rt, client).is_some_and(|h| h.contains(&format!("_{pid}_")))
 }
