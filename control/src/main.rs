@@ -77,6 +77,16 @@ enum Cmd {
         /// The CA nodes' serving certificates are checked against.
         #[arg(long, requires = "kubelet_client_certificate")]
         kubelet_certificate_authority: Option<PathBuf>,
+        /// A request not answered within this long gets `504 Timeout` (a Go duration: `60s`,
+        /// `1m0s`; watches, followed logs and exec/attach/port-forward streams excepted).
+        #[arg(long, default_value = "1m0s", value_parser = request_timeout)]
+        request_timeout: std::time::Duration,
+        /// Read requests beyond this many at once get `429 Too Many Requests` (0: no limit).
+        #[arg(long, default_value_t = 400)]
+        max_requests_inflight: usize,
+        /// Writes beyond this many at once get `429 Too Many Requests` (0: no limit).
+        #[arg(long, default_value_t = 200)]
+        max_mutating_requests_inflight: usize,
         /// Run the controllers and the scheduler in this process (`--controllers=false` to
         /// serve the API alone, for example to run them elsewhere with `weft controllers`).
         #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
@@ -258,6 +268,12 @@ enum ImageCmd {
     },
 }
 
+fn request_timeout(text: &str) -> Result<std::time::Duration, String> {
+    server::parse_duration(text)
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| format!("{text:?} is not a duration such as 60s or 1m0s"))
+}
+
 /// The controllers' timing, as kube-controller-manager's flags of the same names.
 #[derive(Debug, clap::Args)]
 struct Timing {
@@ -391,6 +407,9 @@ fn main() -> anyhow::Result<()> {
             kubelet_client_certificate,
             kubelet_client_key,
             kubelet_certificate_authority,
+            request_timeout,
+            max_requests_inflight,
+            max_mutating_requests_inflight,
             controllers: run_controllers,
             timing,
         } => {
@@ -538,7 +557,12 @@ fn main() -> anyhow::Result<()> {
                     let _ = stop.send(true);
                 });
                 let mut deadline = stopping.clone();
-                let router = server::router(store, Arc::new(authenticator), kubelet);
+                let limits = server::Limits {
+                    request_timeout,
+                    max_requests_inflight,
+                    max_mutating_requests_inflight,
+                };
+                let router = server::router(store, Arc::new(authenticator), kubelet, limits);
                 let plain = |l: tokio::net::TcpListener| {
                     let mut graceful = stopping.clone();
                     axum::serve(l, router.clone())

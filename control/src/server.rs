@@ -35,21 +35,61 @@ struct Api {
     store: Arc<Store>,
     auth: Arc<Authenticator>,
     kubelet: Option<Arc<rustls::ClientConfig>>,
+    gate: Arc<Gate>,
 }
 
 /// The API as an axum router over a store, for the users `auth` knows; `kubelet` is the TLS
 /// (with the API server's client certificate) nodes' endpoints are reached with, plain HTTP
-/// without it.
+/// without it; requests are admitted and timed out under `limits`.
 pub fn router(
     store: Arc<Store>,
     auth: Arc<Authenticator>,
     kubelet: Option<Arc<rustls::ClientConfig>>,
+    limits: Limits,
 ) -> Router {
-    Router::new().fallback(handle).with_state(Api {
+    Router::new().fallback(admit).with_state(Api {
         store,
         auth,
         kubelet,
+        gate: Arc::new(Gate::new(limits)),
     })
+}
+
+/// Holds a request to the server's [`Limits`] (long-running ones excepted), then handles it.
+async fn admit(State(api): State<Api>, req: axum::extract::Request) -> Response {
+    let path = req.uri().path().to_owned();
+    let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
+    // A query that does not parse is refused by the handler.
+    let query: HashMap<String, String> =
+        serde_urlencoded::from_str(req.uri().query().unwrap_or("")).unwrap_or_default();
+    if long_running(req.method(), &parts, &query) {
+        return handle(api, req).await;
+    }
+    let mutating = !matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
+    let gate = api.gate.clone();
+    let semaphore = if mutating { &gate.writes } else { &gate.reads };
+    let _permit = match semaphore.as_ref().map(|s| s.clone().try_acquire_owned()) {
+        Some(Err(_)) => {
+            tracing::debug!(path, "too many requests in flight");
+            return ApiError::TooManyRequests.into_response();
+        }
+        Some(Ok(p)) => Some(p),
+        None => None,
+    };
+    let timeout = query
+        .get("timeout")
+        .and_then(|t| parse_duration(t))
+        .filter(|t| !t.is_zero())
+        .map_or(gate.limits.request_timeout, |t| {
+            t.min(gate.limits.request_timeout)
+        });
+    match tokio::time::timeout(timeout, handle(api, req)).await {
+        Ok(response) => response,
+        Err(_) => {
+            tracing::debug!(path, ?timeout, "request timed out");
+            ApiError::Timeout.into_response()
+        }
+    }
 }
 
 fn json_response(code: StatusCode, v: &Value) -> Response {
@@ -64,8 +104,103 @@ fn json_response(code: StatusCode, v: &Value) -> Response {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let code = StatusCode::from_u16(self.code()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        json_response(code, &self.status())
+        let mut response = json_response(code, &self.status());
+        if matches!(self, Self::TooManyRequests) {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+        }
+        response
     }
+}
+
+/// How much the server takes on at once and for how long (kube-apiserver's flags of the same
+/// meaning). Long-running requests (watches, `logs -f`, exec/attach/port-forward once
+/// upgraded) are not held to either.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// `--request-timeout`: a request not answered by then gets `504 Timeout` (a request's
+    /// own `?timeout=` may ask for less).
+    pub request_timeout: Duration,
+    /// `--max-requests-inflight`: read requests beyond this many at once get `429` (0: no
+    /// limit).
+    pub max_requests_inflight: usize,
+    /// `--max-mutating-requests-inflight`: the same for writes.
+    pub max_mutating_requests_inflight: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            request_timeout: Duration::from_secs(60),
+            max_requests_inflight: 400,
+            max_mutating_requests_inflight: 200,
+        }
+    }
+}
+
+/// Parses a Go duration as clients send `?timeout=` (`32s`, `1m0s`, `500ms`); a bare number is
+/// seconds.
+pub fn parse_duration(text: &str) -> Option<Duration> {
+    if let Ok(secs) = text.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    if text.is_empty() {
+        return None;
+    }
+    let mut total = Duration::ZERO;
+    let mut rest = text;
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit() && c != '.')
+            .filter(|&i| i > 0)?;
+        let value: f64 = rest[..digits].parse().ok()?;
+        rest = &rest[digits..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let scale = match &rest[..unit_len] {
+            "h" => 3600.0,
+            "m" => 60.0,
+            "s" => 1.0,
+            "ms" => 1e-3,
+            "us" | "µs" => 1e-6,
+            "ns" => 1e-9,
+            _ => return None,
+        };
+        rest = &rest[unit_len..];
+        total += Duration::try_from_secs_f64(value * scale).ok()?;
+    }
+    Some(total)
+}
+
+/// The admission of requests under [`Limits`].
+#[derive(Debug)]
+struct Gate {
+    limits: Limits,
+    reads: Option<Arc<tokio::sync::Semaphore>>,
+    writes: Option<Arc<tokio::sync::Semaphore>>,
+}
+
+impl Gate {
+    fn new(limits: Limits) -> Self {
+        let semaphore = |n: usize| (n > 0).then(|| Arc::new(tokio::sync::Semaphore::new(n)));
+        Self {
+            reads: semaphore(limits.max_requests_inflight),
+            writes: semaphore(limits.max_mutating_requests_inflight),
+            limits,
+        }
+    }
+}
+
+/// Whether a request stays open for as long as the client wants: a watch, a followed log, or
+/// an exec/attach/port-forward stream.
+fn long_running(method: &Method, parts: &[&str], query: &HashMap<String, String>) -> bool {
+    let flag = |k: &str| query.get(k).is_some_and(|v| v == "true" || v == "1");
+    let last = parts.last().copied().unwrap_or("");
+    (method == Method::GET && (flag("watch") || (last == "log" && flag("follow"))))
+        || matches!(last, "exec" | "attach" | "portforward" | "proxy")
+        || parts.get(2) == Some(&"watch")
 }
 
 /// A subresource of an object.
@@ -496,7 +631,7 @@ fn allowed(
     auth::authorize(store, who, &attributes, object.as_ref())
 }
 
-async fn handle(State(api): State<Api>, req: axum::extract::Request) -> Response {
+async fn handle(api: Api, req: axum::extract::Request) -> Response {
     let uri = req.uri().clone();
     let store = api.store.clone();
     let path = uri.path().trim_end_matches('/').to_owned();
@@ -1177,5 +1312,34 @@ mod tests {
             parse_target(&["api", "v1", "pods", "p"]).is_err(),
             "pods are namespaced"
         );
+    }
+
+    #[test]
+    fn durations_read_as_go_writes_them_and_long_requests_are_told_apart() {
+        let d = |t: &str| parse_duration(t);
+        assert_eq!(d("32s"), Some(Duration::from_secs(32)));
+        assert_eq!(d("1m0s"), Some(Duration::from_secs(60)));
+        assert_eq!(d("1h2m3s"), Some(Duration::from_secs(3723)));
+        assert_eq!(d("500ms"), Some(Duration::from_millis(500)));
+        assert_eq!(d("1.5s"), Some(Duration::from_millis(1500)));
+        assert_eq!(d("90"), Some(Duration::from_secs(90)));
+        for bad in ["", "s", "5x", "-1s", "1s2"] {
+            assert_eq!(d(bad), None, "{bad:?}");
+        }
+        let q = |pairs: &[(&str, &str)]| {
+            pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect::<HashMap<_, _>>()
+        };
+        let pods = ["api", "v1", "namespaces", "d", "pods"];
+        assert!(long_running(&Method::GET, &pods, &q(&[("watch", "true")])));
+        assert!(!long_running(&Method::GET, &pods, &q(&[])));
+        let log = ["api", "v1", "namespaces", "d", "pods", "p", "log"];
+        assert!(long_running(&Method::GET, &log, &q(&[("follow", "true")])));
+        assert!(!long_running(&Method::GET, &log, &q(&[])));
+        let exec = ["api", "v1", "namespaces", "d", "pods", "p", "exec"];
+        assert!(long_running(&Method::POST, &exec, &q(&[])));
+        assert!(!long_running(&Method::POST, &pods, &q(&[])));
     }
 }

@@ -66,6 +66,12 @@ pub enum ApiError {
     /// The request body is larger than the server accepts.
     #[error("{0}")]
     RequestEntityTooLarge(String),
+    /// The request did not complete within the server's (or its own `timeout`) deadline.
+    #[error("Timeout: request did not complete within the allotted timeout")]
+    Timeout,
+    /// More requests are in flight than the server takes at once.
+    #[error("Too many requests, please try again later.")]
+    TooManyRequests,
     /// The store could not be written.
     #[error("storing the change failed: {0}")]
     Internal(String),
@@ -85,6 +91,8 @@ impl ApiError {
             Self::MethodNotAllowed => 405,
             Self::UnsupportedMediaType(_) => 415,
             Self::RequestEntityTooLarge(_) => 413,
+            Self::Timeout => 504,
+            Self::TooManyRequests => 429,
             Self::Internal(_) => 500,
         }
     }
@@ -103,6 +111,8 @@ impl ApiError {
             Self::MethodNotAllowed => "MethodNotAllowed",
             Self::UnsupportedMediaType(_) => "UnsupportedMediaType",
             Self::RequestEntityTooLarge(_) => "RequestEntityTooLarge",
+            Self::Timeout => "Timeout",
+            Self::TooManyRequests => "TooManyRequests",
             Self::Internal(_) => "InternalError",
         }
     }
@@ -124,6 +134,8 @@ impl ApiError {
             | Self::Invalid { kind, name, .. } => {
                 status["details"] = json!({"name": name, "kind": kind});
             }
+            // kube-apiserver's hint to clients, which wait that long before retrying.
+            Self::TooManyRequests => status["details"] = json!({"retryAfterSeconds": 1}),
             _ => {}
         }
         status

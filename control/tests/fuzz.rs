@@ -50,7 +50,12 @@ fn api() -> axum::Router {
     }
     let mut a = auth::Authenticator::new();
     a.add(TOKEN, auth::Identity::new("fuzz", &[auth::MASTERS]));
-    server::router(Arc::new(store), Arc::new(a), None)
+    server::router(
+        Arc::new(store),
+        Arc::new(a),
+        None,
+        server::Limits::default(),
+    )
 }
 
 const PATHS: &[&str] = &[

@@ -2,7 +2,9 @@
 //! CA issued (weft-pki), an admin's token in the kubeconfig it writes, static tokens and client
 //! certificates, node authorization, and refusals as Kubernetes `Status` (401 without or with
 //! a bad credential, 403 with kube-apiserver's message, 413 for an oversize body, 400 for a
-//! malformed one) that leave the server serving. Runs on the machine's loopback only.
+//! malformed one, 504 for a request that takes longer than `--request-timeout`, 429 beyond
+//! `--max-mutating-requests-inflight`) that leave the server serving. Runs on the machine's
+//! loopback only.
 
 use std::{
     io::Write as _,
@@ -422,4 +424,121 @@ fn without_a_certificate_the_server_makes_its_own_and_keeps_it_in_cert_dir() {
     let _ = server.child.wait();
     server.child = start(&format!("127.0.0.1:{port}"));
     answers(&before, "after a restart");
+}
+
+/// A TLS connection to the server at `addr` (`127.0.0.1:<port>`), trusting `ca_pem`.
+fn tls_to(
+    addr: &str,
+    ca_pem: &[u8],
+) -> rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream> {
+    let config = weft_pki::client_config(ca_pem, None).unwrap();
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1".to_owned()).unwrap();
+    let conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name).unwrap();
+    let tcp = std::net::TcpStream::connect(addr).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    rustls::StreamOwned::new(conn, tcp)
+}
+
+/// Starts a POST of a ConfigMap whose body never finishes arriving.
+fn stalled_write(
+    addr: &str,
+    ca_pem: &[u8],
+    token: &str,
+) -> rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream> {
+    let mut s = tls_to(addr, ca_pem);
+    write!(
+        s,
+        "POST /api/v1/namespaces/default/configmaps HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\n\
+         Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"metadata\":"
+    )
+    .unwrap();
+    s.flush().unwrap();
+    s
+}
+
+/// The status line and the rest of a response read from `s`.
+fn response(s: &mut impl std::io::Read) -> (String, String) {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        match s.read(&mut chunk) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+        let text = String::from_utf8_lossy(&buf);
+        if text.contains("\r\n\r\n") && text.contains("\"kind\":\"Status\"") && text.ends_with('}')
+        {
+            break;
+        }
+    }
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let (line, rest) = text.split_once("\r\n").unwrap_or((&text, ""));
+    (line.to_owned(), rest.to_owned())
+}
+
+#[test]
+fn a_slow_request_times_out_and_writes_beyond_the_limit_wait_their_turn() {
+    let dir = std::env::temp_dir().join(format!("weft-auth-limits-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let kubeconfig = dir.join("kubeconfig");
+    let child = Command::new(weft_binary("weft"))
+        .args(["server", "--listen", "127.0.0.1:0", "--controllers=false"])
+        .args(["--request-timeout=2s", "--max-mutating-requests-inflight=2"])
+        .arg("--cert-dir")
+        .arg(dir.join("pki"))
+        .arg("--kubeconfig")
+        .arg(&kubeconfig)
+        .spawn()
+        .unwrap();
+    let _server = Server {
+        child,
+        dir: dir.clone(),
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !kubeconfig.exists() {
+        assert!(Instant::now() < deadline, "weft server did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    answers(&kubeconfig, "the server");
+    let text = std::fs::read_to_string(&kubeconfig).unwrap();
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.trim().strip_prefix(name))
+            .unwrap()
+            .trim()
+            .to_owned()
+    };
+    let addr = field("server: https://");
+    let token = field("token:");
+    let ca = std::fs::read(dir.join("pki").join("ca.crt")).unwrap();
+
+    // Two writes whose bodies never come hold both write slots: a third is told to come back
+    // (429 with Retry-After), reads still go on.
+    let mut slow: Vec<_> = (0..2).map(|_| stalled_write(&addr, &ca, &token)).collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut third = stalled_write(&addr, &ca, &token);
+    let (line, rest) = response(&mut third);
+    assert!(line.contains(" 429 "), "{line}\n{rest}");
+    assert!(
+        rest.to_ascii_lowercase().contains("retry-after: 1"),
+        "{rest}"
+    );
+    assert!(rest.contains("\"reason\":\"TooManyRequests\""), "{rest}");
+    answers(&kubeconfig, "reads while the write slots are taken");
+    // The stalled ones end with 504 Timeout once --request-timeout has passed.
+    for s in &mut slow {
+        let (line, rest) = response(s);
+        assert!(line.contains(" 504 "), "{line}\n{rest}");
+        assert!(rest.contains("\"reason\":\"Timeout\""), "{rest}");
+    }
+    // The slots are free again.
+    let created = ok(
+        kubectl(
+            &kubeconfig,
+            &["create", "configmap", "after", "--from-literal=k=v"],
+            None,
+        ),
+        "a write after the timeouts",
+    );
+    assert!(created.contains("configmap/after created"), "{created}");
 }
