@@ -9,6 +9,7 @@ use std::{
 };
 
 use ipnet::{IpNet, Ipv4Net};
+use weft_bpf::pins::PinLayout;
 use weft_netns::{LinkInfo, NetNs, Netlink};
 
 use crate::{
@@ -350,21 +351,12 @@ async fn del(env: &Env, conf: &NetConf) -> Result<()> {
         && let Some(link) = hnl.link_by_name(&host_veth_name(cid, ifname)).await?
     {
         for ingress in [true, false] {
-            let _ = std::fs::remove_file(policy_link_pin(dir, link.index, ingress));
+            let _ = std::fs::remove_file(PinLayout::new(dir).policy_link(link.index, ingress));
         }
     }
     hnl.delete_link_by_name(&host_veth_name(cid, ifname))
         .await?;
     Ok(())
-}
-
-/// Where weft-proxy and weft-cni pin the link of a policy program on an interface (the agent
-/// adopts links weft-cni made, and the other way round).
-fn policy_link_pin(dir: &std::path::Path, ifindex: u32, ingress: bool) -> std::path::PathBuf {
-    dir.join("links").join(format!(
-        "policy-{ifindex}-{}",
-        if ingress { "from-pod" } else { "to-pod" }
-    ))
 }
 
 /// Attaches weft-proxy's pinned NetworkPolicy programs (tcx) to the pod's host-side interface
@@ -373,14 +365,15 @@ fn policy_link_pin(dir: &std::path::Path, ifindex: u32, ingress: bool) -> std::p
 /// the programs yet there is nothing to attach; the agent attaches when it starts.
 fn attach_policy(dir: &std::path::Path, ifindex: u32) -> Result<()> {
     use std::os::fd::AsFd as _;
-    use weft_netns::bpfsys;
+    use weft_bpf::sys;
     use weft_proxy_common::names;
+    let layout = PinLayout::new(dir);
     for (prog, ingress) in [
         (names::PROG_POLICY_FROM_POD, true),
         (names::PROG_POLICY_TO_POD, false),
     ] {
-        let path = dir.join("progs").join(prog);
-        let fd = match bpfsys::obj_get(&path) {
+        let path = layout.prog(prog);
+        let fd = match sys::obj_get(&path) {
             Ok(fd) => fd,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
             Err(e) => {
@@ -390,13 +383,13 @@ fn attach_policy(dir: &std::path::Path, ifindex: u32) -> Result<()> {
                 )));
             }
         };
-        let link = bpfsys::tcx_attach(fd.as_fd(), ifindex, ingress).map_err(|e| {
+        let link = sys::tcx_attach(fd.as_fd(), ifindex, ingress).map_err(|e| {
             CniError::internal(format!("attaching {prog} to interface {ifindex}: {e}"))
         })?;
-        let pin = policy_link_pin(dir, ifindex, ingress);
+        let pin = layout.policy_link(ifindex, ingress);
         // A pin left by an earlier interface with the same index.
         let _ = std::fs::remove_file(&pin);
-        bpfsys::obj_pin(link.as_fd(), &pin)
+        sys::obj_pin(link.as_fd(), &pin)
             .map_err(|e| CniError::internal(format!("pinning {}: {e}", pin.display())))?;
     }
     Ok(())

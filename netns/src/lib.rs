@@ -2,17 +2,15 @@
 //!
 //! Owns: creating, opening, entering and removing network namespaces ([`NetNs`]), and a small
 //! async netlink API over `rtnetlink` bound to one namespace ([`Netlink`]): links (veth, bridge,
-//! VXLAN), addresses, routes and neighbours; detecting/mounting bpffs ([`bpffs`]); the few raw
-//! bpf(2) commands weft needs beyond aya ([`bpfsys`]); and listing and destroying sockets through
-//! sock_diag ([`sockdiag`]). Used by `weft-cni`, `weft-proxy` and the
-//! test bed. Does not own: any policy about what to create (that is the caller's), nor
+//! VXLAN), addresses, routes and neighbours; and listing and destroying sockets through
+//! sock_diag ([`sockdiag`]). Used by `weft-cni`, `weft-proxy` and the test bed. bpffs and
+//! the raw bpf(2) commands are weft-bpf's. Does not own: any policy about what to create (that
+//! is the caller's), nor
 //! firewalling.
 //!
 //! Entering a namespace never changes the calling thread: work runs on a short-lived helper thread
 //! that calls `setns(2)`, so a tokio worker or a test thread never ends up in the wrong namespace.
 
-pub mod bpffs;
-pub mod bpfsys;
 mod nl;
 mod ns;
 mod procs;

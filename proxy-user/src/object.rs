@@ -14,7 +14,7 @@ pub static EBPF_OBJECT: &[u8] =
 /// (so their contents survive restarts) and pinned there when they do not. `limits` sizes the
 /// service maps when they are created (existing pinned maps keep their size).
 pub fn load(layout: &PinLayout, limits: &Limits) -> Result<Ebpf> {
-    layout.prepare()?;
+    crate::bpffs::prepare(layout)?;
     Ok(EbpfLoader::new()
         .default_map_pin_directory(layout.maps_dir())
         .map_max_entries(names::MAP_SERVICES, limits.max_services)

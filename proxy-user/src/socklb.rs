@@ -77,12 +77,12 @@ pub fn attach(ebpf: &mut Ebpf, layout: &PinLayout, cgroup: &Path) -> Result<()> 
             source,
         })?;
         let pin = layout.link(&link_name);
-        if let Ok(link) = weft_netns::bpfsys::obj_get(&pin) {
+        if let Ok(link) = weft_bpf::sys::obj_get(&pin) {
             let fd = prog.fd().map_err(|source| Error::Program {
                 name: prog_name,
                 source,
             })?;
-            match weft_netns::bpfsys::link_update(link.as_fd(), fd.as_fd()) {
+            match weft_bpf::sys::link_update(link.as_fd(), fd.as_fd()) {
                 Ok(()) => {
                     tracing::info!(program = prog_name, cgroup = %cgroup.display(), "upgraded in place");
                     continue;

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use crate::{NETNS_DIR, PREFIX};
 
 /// Where bpffs is (or gets) mounted.
-pub(crate) const BPFFS: &str = weft_netns::bpffs::BPFFS_MOUNT;
+pub(crate) const BPFFS: &str = weft_bpf::bpffs::BPFFS_MOUNT;
 
 /// The pid embedded in a test bed name (`weft-tb-<pid>-...`).
 fn owner_pid(name: &str) -> Option<i32> {

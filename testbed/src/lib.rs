@@ -44,6 +44,9 @@ pub enum Error {
     /// A namespace or netlink operation failed.
     #[error(transparent)]
     Netns(#[from] weft_netns::Error),
+    /// Mounting bpffs failed.
+    #[error(transparent)]
+    Bpf(#[from] weft_bpf::Error),
     /// An I/O operation failed.
     #[error("{what}: {source}")]
     Io {
@@ -227,7 +230,7 @@ impl Lab {
 
     /// A fresh, unique directory in bpffs for this lab's pinned objects, removed with the lab.
     pub fn bpffs_dir(&mut self, label: &str) -> Result<PathBuf> {
-        weft_netns::bpffs::ensure_mounted()?;
+        weft_bpf::bpffs::ensure_mounted()?;
         let dir = Path::new(cleanup::BPFFS).join(format!("{}-{label}", self.id));
         std::fs::create_dir_all(&dir).map_err(|source| Error::Io {
             what: format!("creating {}", dir.display()),

@@ -56,6 +56,9 @@ pub enum UpError {
     /// Building the network failed.
     #[error("building the cluster's network: {0}")]
     Network(#[from] weft_netns::Error),
+    /// Mounting bpffs failed.
+    #[error("mounting bpffs: {0}")]
+    Bpf(#[from] weft_bpf::Error),
     /// Something did not come up.
     #[error("{0}")]
     Failed(String),
@@ -141,7 +144,7 @@ impl Options {
     }
 
     fn pin_dir(&self, i: usize) -> PathBuf {
-        Path::new(weft_netns::bpffs::BPFFS_MOUNT).join(format!("{}-node{i}", self.name))
+        Path::new(weft_bpf::bpffs::BPFFS_MOUNT).join(format!("{}-node{i}", self.name))
     }
 
     fn bin(&self, name: &str) -> PathBuf {
@@ -612,7 +615,7 @@ fn run(opts: &Options, stop: &AtomicBool) -> Result<(), UpError> {
         opts.nodes
     ));
     topology::create(&opts.name, opts.nodes)?;
-    weft_netns::bpffs::ensure_mounted()?;
+    weft_bpf::bpffs::ensure_mounted()?;
     say("» images: weft/pause:dev, weft/echo:dev (built from the workspace's binaries)");
     let archives = prepare(opts, api)?;
     let client = pki::Client::new(&opts.dir, api)?;

@@ -17,7 +17,7 @@ pub fn is_bpffs(path: &Path) -> Result<(bool, &Path)> {
         .ancestors()
         .find(|p| p.exists())
         .unwrap_or(Path::new("/"));
-    let fs = nix::sys::statfs::statfs(existing).map_err(|source| Error::Sys {
+    let fs = nix::sys::statfs::statfs(existing).map_err(|source| Error {
         op: "statfs",
         path: existing.to_path_buf(),
         source,
@@ -39,7 +39,7 @@ pub fn ensure_mounted() -> Result<()> {
         nix::mount::MsFlags::empty(),
         None::<&str>,
     )
-    .map_err(|source| Error::Sys {
+    .map_err(|source| Error {
         op: "mounting bpffs at",
         path: BPFFS_MOUNT.into(),
         source,
