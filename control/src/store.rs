@@ -148,6 +148,15 @@ fn invalid(r: &Resource, name: &str, message: impl Into<String>) -> ApiError {
     }
 }
 
+/// The store key of address claims, which several API servers on one etcd write before they
+/// hand out a cluster IP or node port (not a served resource: no client sees them).
+const CLAIMS: &str = "/allocations";
+/// The claims' "namespaces": not valid namespace names, so no namespace's deletion takes them.
+const SERVICE_IPS: &str = "service_ips";
+const NODE_PORTS: &str = "node_ports";
+/// How long a claim whose Service never appeared keeps its address.
+const CLAIM_GRACE: chrono::TimeDelta = chrono::TimeDelta::seconds(60);
+
 /// How often (in writes) the backend's log is compacted.
 const COMPACT_EVERY: u64 = 1000;
 
@@ -977,7 +986,7 @@ impl Store {
             }
         }
         if r.kind == "Service" {
-            self.allocate(&inner, &name, &mut object)?;
+            self.allocate(&mut inner, &name, &mut object)?;
         }
         self.commit(&mut inner, key, object, None)
     }
@@ -1024,7 +1033,58 @@ impl Store {
     }
 
     /// Cluster IP and node ports for a new Service.
-    fn allocate(&self, inner: &Inner, name: &str, svc: &mut Value) -> Result<(), ApiError> {
+    fn allocate(&self, inner: &mut Inner, name: &str, svc: &mut Value) -> Result<(), ApiError> {
+        let claimed = self.allocate_from(inner, name, svc)?;
+        if !self.backend.shared() {
+            return Ok(());
+        }
+        // Several servers allocate from one range: each address is claimed with a write that
+        // only one of them can make (a lost race is a conflict; the request is answered again
+        // once the cache has the winner's claim).
+        let owner = meta(svc, "uid").unwrap_or("").to_owned();
+        for (range, value) in claimed {
+            let key = (CLAIMS.to_owned(), range.to_owned(), value.clone());
+            let previous = inner.objects.get(&key).cloned();
+            if let Some(p) = &previous
+                && p["owner"] != owner.as_str()
+                && Self::claim_holds(inner, p)
+            {
+                // Claimed meanwhile by another server (seen since the allocation was made):
+                // allocate again from what the cache now holds.
+                return Err(ApiError::Conflict(format!(
+                    "{range} {value} was allocated by another API server meanwhile"
+                )));
+            }
+            let claim = json!({"metadata": {"name": value}, "owner": owner, "claimedAt": now()});
+            self.commit(inner, key, claim, previous)?;
+        }
+        Ok(())
+    }
+
+    /// Whether an address claim still holds: its Service exists, or it is too young for its
+    /// Service to have been written yet (a server that died between the claim and the Service
+    /// leaves a claim that lapses).
+    fn claim_holds(inner: &Inner, claim: &Value) -> bool {
+        let owner = claim["owner"].as_str().unwrap_or("");
+        let young = claim["claimedAt"]
+            .as_str()
+            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+            .is_some_and(|t| chrono::Utc::now().signed_duration_since(t) < CLAIM_GRACE);
+        young
+            || inner
+                .objects
+                .iter()
+                .any(|((res, _, _), o)| res == "/services" && meta(o, "uid") == Some(owner))
+    }
+
+    /// Allocates a Service's cluster IP and node ports from what the cache holds; returns what
+    /// it allocated, as (range, value) claims.
+    fn allocate_from(
+        &self,
+        inner: &Inner,
+        name: &str,
+        svc: &mut Value,
+    ) -> Result<Vec<(&'static str, String)>, ApiError> {
         let r = resources::find("", "v1", "services").expect("served");
         let services: Vec<&Value> = inner
             .objects
@@ -1032,6 +1092,19 @@ impl Store {
             .filter(|((res, _, _), _)| *res == r.key())
             .map(|(_, o)| o)
             .collect();
+        let claims: Vec<(&str, &str)> = inner
+            .objects
+            .iter()
+            .filter(|((res, _, _), o)| res == CLAIMS && Self::claim_holds(inner, o))
+            .map(|((_, range, value), _)| (range.as_str(), value.as_str()))
+            .collect();
+        let claimed = |range: &'static str| {
+            claims
+                .iter()
+                .filter(move |(r, _)| *r == range)
+                .map(|(_, v)| *v)
+        };
+        let mut out = Vec::new();
         let Some(spec) = svc.get_mut("spec").and_then(Value::as_object_mut) else {
             return Err(invalid(r, name, "spec: Required value"));
         };
@@ -1041,12 +1114,13 @@ impl Store {
             .unwrap_or("ClusterIP")
             .to_owned();
         if kind == "ExternalName" {
-            return Ok(());
+            return Ok(out);
         }
         spec.insert("type".into(), json!(kind));
         let used: BTreeSet<Ipv4Addr> = services
             .iter()
             .filter_map(|s| s.pointer("/spec/clusterIP")?.as_str()?.parse().ok())
+            .chain(claimed(SERVICE_IPS).filter_map(|v| v.parse().ok()))
             .collect();
         let cidr = self.options.service_cidr;
         let ip = match spec.get("clusterIP").and_then(Value::as_str) {
@@ -1098,6 +1172,7 @@ impl Store {
         spec.insert("clusterIP".into(), json!(ip));
         spec.insert("clusterIPs".into(), json!([ip]));
         if ip != "None" {
+            out.push((SERVICE_IPS, ip.clone()));
             spec.insert("ipFamilies".into(), json!(["IPv4"]));
             spec.insert("ipFamilyPolicy".into(), json!("SingleStack"));
         }
@@ -1107,6 +1182,7 @@ impl Store {
                 .filter_map(|s| s.pointer("/spec/ports")?.as_array())
                 .flatten()
                 .filter_map(|p| p.get("nodePort")?.as_u64())
+                .chain(claimed(NODE_PORTS).filter_map(|v| v.parse().ok()))
                 .collect();
             let (lo, hi) = self.options.node_ports;
             if let Some(ports) = spec.get_mut("ports").and_then(Value::as_array_mut) {
@@ -1132,6 +1208,7 @@ impl Store {
                         }
                         Some(p) => {
                             used.insert(p);
+                            out.push((NODE_PORTS, p.to_string()));
                         }
                         None => {
                             let p = (u64::from(lo)..=u64::from(hi))
@@ -1140,13 +1217,14 @@ impl Store {
                                     invalid(r, name, "spec.ports[].nodePort: no node ports left")
                                 })?;
                             used.insert(p);
+                            out.push((NODE_PORTS, p.to_string()));
                             port["nodePort"] = json!(p);
                         }
                     }
                 }
             }
         }
-        Ok(())
+        Ok(out)
     }
 
     /// Replaces an object (or only its status, when `status_only`). A `resourceVersion` in the

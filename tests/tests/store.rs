@@ -6,7 +6,8 @@
 //! in etcd, survives its own kill -9 and keeps serving when an etcd member is lost; two servers
 //! on one etcd serve one cluster (each sees the other's writes, in its reads and its watches,
 //! concurrent writers through both lose nothing) and take turns running the controllers by
-//! leader election, a killed leader's successor taking over.
+//! leader election, a killed leader's successor taking over; Services created through both at
+//! once never share a cluster IP or node port.
 //! Needs no root: everything runs on loopback.
 
 use std::{
@@ -426,6 +427,55 @@ fn two_servers_on_one_etcd_serve_one_cluster_and_elect_one_controller_leader() {
             assert!((0..PATCHES).all(|i| data.contains_key(&format!("{who}{i}"))));
         }
     }
+
+    // Services created through both at once get cluster IPs and node ports no other has.
+    use k8s_openapi::api::core::v1::Service;
+    const SERVICES: usize = 12;
+    let creators: Vec<_> = [("a", ca.clone()), ("b", cb.clone())]
+        .into_iter()
+        .map(|(who, client)| {
+            let api: Api<Service> = Api::namespaced(client, "default");
+            rt.spawn(async move {
+                for i in 0..SERVICES {
+                    let svc: Service = serde_json::from_value(serde_json::json!({
+                        "metadata": {"name": format!("svc-{who}{i}")},
+                        "spec": {"type": "NodePort", "selector": {"app": "x"},
+                                 "ports": [{"port": 80}]},
+                    }))
+                    .unwrap();
+                    api.create(&PostParams::default(), &svc)
+                        .await
+                        .unwrap_or_else(|e| panic!("service {who}{i}: {e}"));
+                }
+            })
+        })
+        .collect();
+    for c in creators {
+        rt.block_on(c).unwrap();
+    }
+    let services: Api<Service> = Api::namespaced(ca.clone(), "default");
+    let listed = eventually(10, "not every Service is listed", || {
+        let l = rt.block_on(services.list(&ListParams::default())).ok()?;
+        let ours: Vec<Service> = l
+            .items
+            .into_iter()
+            .filter(|s| s.name_any().starts_with("svc-"))
+            .collect();
+        (ours.len() == 2 * SERVICES).then_some(ours)
+    });
+    let ips: std::collections::BTreeSet<String> = listed
+        .iter()
+        .filter_map(|s| s.spec.as_ref()?.cluster_ip.clone())
+        .collect();
+    let ports: std::collections::BTreeSet<i32> = listed
+        .iter()
+        .filter_map(|s| s.spec.as_ref()?.ports.as_ref()?.first()?.node_port)
+        .collect();
+    assert_eq!(
+        (ips.len(), ports.len()),
+        (2 * SERVICES, 2 * SERVICES),
+        "addresses handed out twice: {ips:?} {ports:?}"
+    );
 
     // One leader runs the controllers: a Deployment made through B gets its pods.
     let first = eventually(20, "nobody leads", || leader(&rt, &ca));
