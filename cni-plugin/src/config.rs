@@ -24,7 +24,7 @@ use serde::Deserialize;
 
 use crate::{
     env::invalid_ifname,
-    error::{CniError, Result, code},
+    error::{Error, Result},
     result::{Dns, Route},
 };
 
@@ -148,32 +148,23 @@ pub struct NetConf {
 
 /// Decodes stdin: code 6 if it is not JSON, code 1 for an unsupported version.
 pub fn decode(stdin: &[u8]) -> Result<serde_json::Value> {
-    serde_json::from_slice(stdin).map_err(|e| {
-        CniError::new(
-            code::DECODE,
-            format!("failed to decode network config: {e}"),
-        )
-    })
+    serde_json::from_slice(stdin).map_err(Error::Decode)
 }
 
 /// The `cniVersion` of a decoded config, checked against [`SUPPORTED_VERSIONS`].
 pub fn version_of(value: &serde_json::Value) -> Result<String> {
     let v = value
         .get("cniVersion")
-        .ok_or_else(|| CniError::config("cniVersion", "missing"))?
+        .ok_or_else(|| Error::config("cniVersion", "missing"))?
         .as_str()
-        .ok_or_else(|| CniError::config("cniVersion", "not a string"))?;
+        .ok_or_else(|| Error::config("cniVersion", "not a string"))?;
     if SUPPORTED_VERSIONS.contains(&v) {
         Ok(v.to_owned())
     } else {
-        Err(CniError::new(
-            code::INCOMPATIBLE_VERSION,
-            format!("incompatible CNI version {v}"),
-        )
-        .with_details(format!(
-            "weft-cni supports {}",
-            SUPPORTED_VERSIONS.join(", ")
-        )))
+        Err(Error::Version {
+            msg: format!("incompatible CNI version {v}"),
+            details: format!("weft-cni supports {}", SUPPORTED_VERSIONS.join(", ")),
+        })
     }
 }
 
@@ -185,10 +176,7 @@ fn to_v4(field: &str, ip: Option<IpAddr>) -> Result<Option<Ipv4Addr>> {
     match ip {
         None => Ok(None),
         Some(IpAddr::V4(a)) => Ok(Some(a)),
-        Some(IpAddr::V6(a)) => Err(CniError::config(
-            field,
-            format!("{a}: only IPv4 is supported"),
-        )),
+        Some(IpAddr::V6(a)) => Err(Error::config(field, format!("{a}: only IPv4 is supported"))),
     }
 }
 
@@ -197,13 +185,13 @@ impl NetConf {
     pub fn from_value(value: serde_json::Value) -> Result<Self> {
         let raw: RawConf = serde_path_to_error::deserialize(value).map_err(|e| {
             let path = e.path().to_string();
-            CniError::config(if path == "." { "config" } else { &path }, e.inner())
+            Error::config(if path == "." { "config" } else { &path }, e.inner())
         })?;
         let name = raw
             .name
-            .ok_or_else(|| CniError::config("name", "missing network name"))?;
+            .ok_or_else(|| Error::config("name", "missing network name"))?;
         if !valid_name(&name) {
-            return Err(CniError::config(
+            return Err(Error::config(
                 "name",
                 format!("{name:?} must match ^[A-Za-z0-9][A-Za-z0-9_.\\-]*$"),
             ));
@@ -211,19 +199,19 @@ impl NetConf {
         if let Some(t) = &raw.plugin_type
             && (t.contains('/') || t.contains('\\'))
         {
-            return Err(CniError::config(
+            return Err(Error::config(
                 "type",
                 format!("{t:?} must not contain a path separator"),
             ));
         }
         let bridge = raw.bridge.unwrap_or_else(|| DEFAULT_BRIDGE.to_owned());
         if let Some(why) = invalid_ifname(&bridge) {
-            return Err(CniError::config("bridge", format!("{bridge:?} {why}")));
+            return Err(Error::config("bridge", format!("{bridge:?} {why}")));
         }
         if let Some(mtu) = raw.mtu
             && !(576..=65535).contains(&mtu)
         {
-            return Err(CniError::config(
+            return Err(Error::config(
                 "mtu",
                 format!("{mtu} is outside 576..=65535"),
             ));
@@ -232,7 +220,7 @@ impl NetConf {
             None => None,
             Some(IpNet::V4(n)) => Some(n.trunc()),
             Some(IpNet::V6(n)) => {
-                return Err(CniError::config(
+                return Err(Error::config(
                     "clusterCIDR",
                     format!("{n}: only IPv4 is supported"),
                 ));
@@ -260,7 +248,7 @@ impl NetConf {
         if let Some(t) = &raw.ipam_type
             && !matches!(t.as_str(), "weft-cni" | "weft")
         {
-            return Err(CniError::config(
+            return Err(Error::config(
                 "ipam.type",
                 format!(
                     "{t:?}: weft-cni has built-in IPAM; leave ipam.type out or set it to \"weft-cni\""
@@ -269,20 +257,20 @@ impl NetConf {
         }
         let subnet = match (raw.subnet, raw.pod_cidr_file) {
             (Some(_), Some(_)) => {
-                return Err(CniError::config(
+                return Err(Error::config(
                     "ipam",
                     "give either subnet or podCIDRFile, not both",
                 ));
             }
             (None, None) => {
-                return Err(CniError::config(
+                return Err(Error::config(
                     "ipam",
                     "one of subnet or podCIDRFile is required",
                 ));
             }
             (Some(IpNet::V4(n)), None) => SubnetSource::Fixed(check_subnet("ipam.subnet", n)?),
             (Some(IpNet::V6(n)), None) => {
-                return Err(CniError::config(
+                return Err(Error::config(
                     "ipam.subnet",
                     format!("{n}: only IPv4 is supported"),
                 ));
@@ -303,7 +291,7 @@ impl NetConf {
 /// A pod subnet must leave room for a gateway and at least one pod: /30 or larger.
 pub fn check_subnet(field: &str, net: Ipv4Net) -> Result<Ipv4Net> {
     if net.prefix_len() > 30 {
-        return Err(CniError::config(
+        return Err(Error::config(
             field,
             format!("{net} is too small (need /30 or larger)"),
         ));
@@ -316,6 +304,7 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+    use crate::error::code;
 
     fn conf(v: serde_json::Value) -> Result<NetConf> {
         version_of(&v)?;
@@ -343,7 +332,7 @@ mod tests {
     fn versions_are_negotiated() {
         let mut v = base();
         v["cniVersion"] = json!("2.0.0");
-        let e = conf(v).unwrap_err();
+        let e = conf(v).unwrap_err().to_cni("1.1.0");
         assert_eq!(e.code, code::INCOMPATIBLE_VERSION);
         assert!(e.details.contains("1.0.0") && e.details.contains("1.1.0"));
         let mut v = base();
@@ -376,7 +365,7 @@ mod tests {
                     v[k] = val.clone();
                 }
             }
-            let e = conf(v).unwrap_err();
+            let e = conf(v).unwrap_err().to_cni("1.1.0");
             assert_eq!(e.code, code::INVALID_CONFIG, "{field}: {e}");
             assert!(
                 e.msg.contains(field),
@@ -417,6 +406,6 @@ mod tests {
 
     #[test]
     fn non_json_is_code_6() {
-        assert_eq!(decode(b"not json").unwrap_err().code, code::DECODE);
+        assert_eq!(decode(b"not json").unwrap_err().code(), code::DECODE);
     }
 }

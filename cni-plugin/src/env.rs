@@ -3,7 +3,7 @@
 
 use std::{collections::BTreeMap, path::PathBuf};
 
-use crate::error::{CniError, Result, code};
+use crate::error::{Error, Result};
 
 /// The operation requested through `CNI_COMMAND`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -82,15 +82,11 @@ impl Env {
     /// Reads and validates the variables for the command named by `CNI_COMMAND`.
     pub fn from_vars(get: impl Fn(&str) -> Option<String>) -> Result<Self> {
         let non_empty = |k: &str| get(k).filter(|v| !v.is_empty());
-        let raw_cmd = non_empty("CNI_COMMAND").ok_or_else(|| {
-            CniError::new(
-                code::INVALID_ENV,
-                "required env variables [CNI_COMMAND] missing",
-            )
-        })?;
-        let command = Command::parse(&raw_cmd).ok_or_else(|| {
-            CniError::new(code::INVALID_ENV, format!("unknown CNI_COMMAND: {raw_cmd}"))
-                .with_details("CNI_COMMAND must be one of ADD, DEL, CHECK, STATUS, VERSION, GC")
+        let raw_cmd = non_empty("CNI_COMMAND")
+            .ok_or_else(|| Error::env("required env variables [CNI_COMMAND] missing"))?;
+        let command = Command::parse(&raw_cmd).ok_or_else(|| Error::Env {
+            msg: format!("unknown CNI_COMMAND: {raw_cmd}"),
+            details: "CNI_COMMAND must be one of ADD, DEL, CHECK, STATUS, VERSION, GC".into(),
         })?;
         let required: &[&str] = match command {
             Command::Add | Command::Check => &["CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME"],
@@ -104,10 +100,10 @@ impl Env {
             .filter(|k| non_empty(k).is_none())
             .collect();
         if !missing.is_empty() {
-            return Err(CniError::new(
-                code::INVALID_ENV,
-                format!("required env variables [{}] missing", missing.join(" ")),
-            ));
+            return Err(Error::env(format!(
+                "required env variables [{}] missing",
+                missing.join(" ")
+            )));
         }
         let attachment = matches!(command, Command::Add | Command::Del | Command::Check);
         let container_id = if attachment {
@@ -118,11 +114,10 @@ impl Env {
         if let Some(id) = &container_id
             && !valid_container_id(id)
         {
-            return Err(CniError::new(
-                code::INVALID_ENV,
-                format!("invalid characters in CNI_CONTAINERID: {id}"),
-            )
-            .with_details("must match ^[A-Za-z0-9][A-Za-z0-9_.\\-]*$"));
+            return Err(Error::Env {
+                msg: format!("invalid characters in CNI_CONTAINERID: {id}"),
+                details: "must match ^[A-Za-z0-9][A-Za-z0-9_.\\-]*$".into(),
+            });
         }
         let ifname = if attachment {
             non_empty("CNI_IFNAME")
@@ -132,10 +127,7 @@ impl Env {
         if let Some(name) = &ifname
             && let Some(why) = invalid_ifname(name)
         {
-            return Err(CniError::new(
-                code::INVALID_ENV,
-                format!("invalid CNI_IFNAME {name:?}: {why}"),
-            ));
+            return Err(Error::env(format!("invalid CNI_IFNAME {name:?}: {why}")));
         }
         let args = non_empty("CNI_ARGS")
             .map(|a| parse_args(&a))
@@ -177,10 +169,9 @@ fn parse_args(raw: &str) -> Result<BTreeMap<String, String>> {
     let mut out = BTreeMap::new();
     for pair in raw.split(';').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').ok_or_else(|| {
-            CniError::new(
-                code::INVALID_ENV,
-                format!("invalid CNI_ARGS pair {pair:?}: expected KEY=VALUE"),
-            )
+            Error::env(format!(
+                "invalid CNI_ARGS pair {pair:?}: expected KEY=VALUE"
+            ))
         })?;
         out.insert(k.to_owned(), v.to_owned());
     }
@@ -190,6 +181,7 @@ fn parse_args(raw: &str) -> Result<BTreeMap<String, String>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::code;
 
     fn env(pairs: &[(&str, &str)]) -> Result<Env> {
         let map: BTreeMap<String, String> = pairs
@@ -202,21 +194,21 @@ mod tests {
     #[test]
     fn missing_variables_are_all_named() {
         let e = env(&[("CNI_COMMAND", "ADD"), ("CNI_IFNAME", "eth0")]).unwrap_err();
-        assert_eq!(e.code, code::INVALID_ENV);
+        assert_eq!(e.code(), code::INVALID_ENV);
         assert!(
-            e.msg.contains("CNI_CONTAINERID") && e.msg.contains("CNI_NETNS"),
+            e.to_string().contains("CNI_CONTAINERID") && e.to_string().contains("CNI_NETNS"),
             "{}",
-            e.msg
+            e.to_string()
         );
     }
 
     #[test]
     fn unknown_command_is_code_4() {
         assert_eq!(
-            env(&[("CNI_COMMAND", "FROB")]).unwrap_err().code,
+            env(&[("CNI_COMMAND", "FROB")]).unwrap_err().code(),
             code::INVALID_ENV
         );
-        assert_eq!(env(&[]).unwrap_err().code, code::INVALID_ENV);
+        assert_eq!(env(&[]).unwrap_err().code(), code::INVALID_ENV);
     }
 
     #[test]
@@ -241,7 +233,7 @@ mod tests {
     #[test]
     fn gc_needs_cni_path() {
         let e = env(&[("CNI_COMMAND", "GC")]).unwrap_err();
-        assert!(e.msg.contains("CNI_PATH"));
+        assert!(e.to_string().contains("CNI_PATH"));
         assert_eq!(
             env(&[("CNI_COMMAND", "GC"), ("CNI_PATH", "/opt/cni/bin")])
                 .unwrap()
@@ -261,7 +253,7 @@ mod tests {
             ("CNI_IFNAME", "eth0"),
         ])
         .unwrap_err();
-        assert!(e.msg.contains("CNI_CONTAINERID"));
+        assert!(e.to_string().contains("CNI_CONTAINERID"));
         let e = env(&[
             base[0],
             base[1],
@@ -269,7 +261,7 @@ mod tests {
             ("CNI_IFNAME", "abcdefghijklmnop"),
         ])
         .unwrap_err();
-        assert!(e.msg.contains("15 bytes"));
+        assert!(e.to_string().contains("15 bytes"));
         for bad in [".", "..", "a/b", "a:b", "a b"] {
             assert!(invalid_ifname(bad).is_some(), "{bad}");
         }

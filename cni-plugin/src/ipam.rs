@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     config::{Attachment, IpamConf, SubnetSource, check_subnet},
-    error::{CniError, Result, code},
+    error::{Error, Result},
 };
 
 /// The addresses a network may hand out.
@@ -60,14 +60,14 @@ impl Pool {
             ("ipam.rangeEnd", end),
         ] {
             if !subnet.contains(&ip) || u32::from(ip) == net || u32::from(ip) == bcast {
-                return Err(CniError::config(
+                return Err(Error::config(
                     field,
                     format!("{ip} is not a usable address of {subnet}"),
                 ));
             }
         }
         if u32::from(start) > u32::from(end) {
-            return Err(CniError::config(
+            return Err(Error::config(
                 "ipam.rangeStart",
                 format!("{start} is after rangeEnd {end}"),
             ));
@@ -103,21 +103,14 @@ fn read_pod_cidr(path: &Path) -> Result<Ipv4Net> {
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(CniError::new(
-                code::TRY_AGAIN,
-                format!("pod CIDR file {} does not exist yet", path.display()),
-            )
-            .with_details("the node agent writes it once the node has a pod CIDR"));
+            return Err(Error::NoPodCidr(path.to_path_buf()));
         }
         Err(e) => {
-            return Err(CniError::new(
-                code::IO,
-                format!("reading {}: {e}", path.display()),
-            ));
+            return Err(Error::io("reading", path, e));
         }
     };
     let net: Ipv4Net = text.trim().parse().map_err(|e| {
-        CniError::config(
+        Error::config(
             "ipam.podCIDRFile",
             format!("{}: {:?}: {e}", path.display(), text.trim()),
         )
@@ -172,15 +165,11 @@ pub struct Store {
     dir: PathBuf,
 }
 
-fn io_err(what: &str, path: &Path, e: impl std::fmt::Display) -> CniError {
-    CniError::new(code::IO, format!("{what} {}: {e}", path.display()))
-}
-
 impl Store {
     /// The store of network `network` under `data_dir`, created if missing.
     pub fn open(data_dir: &Path, network: &str) -> Result<Self> {
         let dir = data_dir.join(network);
-        std::fs::create_dir_all(&dir).map_err(|e| io_err("creating", &dir, e))?;
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io("creating", &dir, e))?;
         Ok(Self { dir })
     }
 
@@ -192,13 +181,13 @@ impl Store {
             .truncate(false)
             .write(true)
             .open(&lock_path)
-            .map_err(|e| io_err("opening", &lock_path, e))?;
+            .map_err(|e| Error::io("opening", &lock_path, e))?;
         let _lock = Flock::lock(file, FlockArg::LockExclusive)
-            .map_err(|(_, e)| io_err("locking", &lock_path, e))?;
+            .map_err(|(_, e)| Error::io("locking", &lock_path, e.into()))?;
         let (mut state, seq, older) = self.read_slots()?;
         let (out, dirty) = f(&mut state)?;
         if dirty {
-            let body = serde_json::to_vec(&state).map_err(|e| CniError::internal(e.to_string()))?;
+            let body = serde_json::to_vec(&state).map_err(|e| Error::internal(e.to_string()))?;
             let mut buf = Vec::with_capacity(SLOT_HEADER + body.len());
             buf.extend_from_slice(SLOT_MAGIC);
             buf.extend_from_slice(&(seq + 1).to_le_bytes());
@@ -211,9 +200,9 @@ impl Store {
                 .truncate(false)
                 .write(true)
                 .open(&path)
-                .map_err(|e| io_err("opening", &path, e))?;
+                .map_err(|e| Error::io("opening", &path, e))?;
             slot.write_all_at(&buf, 0)
-                .map_err(|e| io_err("writing", &path, e))?;
+                .map_err(|e| Error::io("writing", &path, e))?;
         }
         Ok(out)
     }
@@ -226,18 +215,17 @@ impl Store {
             let bytes = match std::fs::read(&path) {
                 Ok(b) => b,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(io_err("reading", &path, e)),
+                Err(e) => return Err(Error::io("reading", &path, e)),
             };
             let Some((seq, body)) = parse_slot(&bytes) else {
                 tracing::warn!(slot = %path.display(), "ignoring an incomplete IPAM state slot");
                 continue;
             };
-            let state: State = serde_json::from_slice(body).map_err(|e| {
-                CniError::new(
-                    code::IO,
-                    format!("corrupt IPAM state {}: {e}", path.display()),
-                )
-            })?;
+            let state: State =
+                serde_json::from_slice(body).map_err(|source| Error::CorruptState {
+                    path: path.clone(),
+                    source,
+                })?;
             if best.as_ref().is_none_or(|(s, _, _)| seq > *s) {
                 best = Some((seq, i, state));
             }
@@ -283,11 +271,11 @@ impl Store {
                 .keys()
                 .filter(|ip| pool.contains(**ip))
                 .count();
-            Err(CniError::new(
-                code::POOL_EXHAUSTED,
-                format!("no free address in {}", pool.describe()),
-            )
-            .with_details(format!("{used} of {} addresses are allocated", pool.size())))
+            Err(Error::PoolExhausted {
+                pool: pool.describe(),
+                used,
+                size: pool.size(),
+            })
         })
     }
 
@@ -367,6 +355,7 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::code;
 
     fn pool(subnet: &str) -> Pool {
         Pool::from_conf(&IpamConf {
@@ -417,8 +406,8 @@ mod tests {
         s.allocate(&p, "a", "eth0").unwrap();
         assert_eq!(s.free(&p).unwrap(), 0);
         let e = s.allocate(&p, "b", "eth0").unwrap_err();
-        assert_eq!(e.code, code::POOL_EXHAUSTED);
-        assert!(e.msg.contains("10.1.0.0/30"), "{}", e.msg);
+        assert_eq!(e.code(), code::POOL_EXHAUSTED);
+        assert!(e.to_string().contains("10.1.0.0/30"), "{e}");
         assert!(s.release("a", "eth0").unwrap().is_some());
         assert!(s.release("a", "eth0").unwrap().is_none());
         assert_eq!(s.free(&p).unwrap(), 1);
@@ -505,7 +494,7 @@ mod tests {
             data_dir: PathBuf::new(),
         };
         let e = Pool::from_conf(&conf).unwrap_err();
-        assert!(e.msg.contains("ipam.rangeStart"), "{}", e.msg);
+        assert!(e.to_string().contains("ipam.rangeStart"), "{e}");
     }
 
     #[test]
@@ -518,6 +507,6 @@ mod tests {
             routes: vec![],
             data_dir: PathBuf::new(),
         };
-        assert_eq!(Pool::from_conf(&conf).unwrap_err().code, code::TRY_AGAIN);
+        assert_eq!(Pool::from_conf(&conf).unwrap_err().code(), code::TRY_AGAIN);
     }
 }

@@ -15,4 +15,4 @@ pub mod overlay;
 pub mod plugin;
 pub mod result;
 
-pub use error::{CniError, Result};
+pub use error::{CniError, Error, Result};

@@ -4,7 +4,7 @@
 
 use std::io::Read as _;
 
-use weft_cni::{CniError, config, env::Env, error::code, plugin};
+use weft_cni::{CniError, config, error::code, plugin};
 
 fn main() {
     tracing_subscriber::fmt()
@@ -16,28 +16,16 @@ fn main() {
         .init();
     let mut stdin = Vec::new();
     let outcome = match std::io::stdin().read_to_end(&mut stdin) {
-        Err(e) => Err(CniError::new(code::IO, format!("reading stdin: {e}"))),
-        Ok(_) => Env::from_vars(|k| std::env::var(k).ok()).and_then(|env| {
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .map_err(|e| CniError::internal(format!("starting runtime: {e}")))
-                .and_then(|rt| rt.block_on(plugin::run(&env, &stdin)))
+        Err(e) => Err(CniError {
+            cni_version: Some(config::LATEST_VERSION.to_owned()),
+            ..CniError::new(code::IO, format!("reading stdin: {e}"))
         }),
+        Ok(_) => plugin::invoke(|k| std::env::var(k).ok(), &stdin),
     };
     match outcome {
         Ok(Some(out)) => println!("{out}"),
         Ok(None) => {}
-        Err(mut e) => {
-            e.cni_version = serde_json::from_slice::<serde_json::Value>(&stdin)
-                .ok()
-                .and_then(|v| {
-                    v.get("cniVersion")
-                        .and_then(|v| v.as_str())
-                        .map(str::to_owned)
-                })
-                .filter(|v| config::SUPPORTED_VERSIONS.contains(&v.as_str()))
-                .or_else(|| Some(config::LATEST_VERSION.to_owned()));
+        Err(e) => {
             println!(
                 "{}",
                 serde_json::to_string(&e)

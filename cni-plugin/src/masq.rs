@@ -17,7 +17,7 @@ use std::{collections::HashSet, ffi::CString, net::Ipv4Addr};
 use ipnet::Ipv4Net;
 use nftnl::{Batch, Chain, FinalizedBatch, MsgType, ProtoFamily, Rule, Table, nft_expr};
 
-use crate::error::{CniError, Result, code};
+use crate::error::{Error, Result};
 
 /// Priority of the srcnat hook (`NF_IP_PRI_NAT_SRC`).
 const SRCNAT: i32 = 100;
@@ -41,12 +41,15 @@ pub fn table_name(network: &str, subnet: Ipv4Net, cluster: Ipv4Net) -> String {
     )
 }
 
-fn nl_err(what: &str, e: impl std::fmt::Display) -> CniError {
-    CniError::internal(format!("nftables {what}: {e}"))
+fn nl_err(what: &str, e: impl std::fmt::Display) -> Error {
+    Error::Nftables {
+        what: what.to_owned(),
+        reason: e.to_string(),
+    }
 }
 
 fn cstring(s: &str) -> Result<CString> {
-    CString::new(s).map_err(|e| CniError::internal(format!("nftables name {s:?}: {e}")))
+    CString::new(s).map_err(|e| Error::internal(format!("nftables name {s:?}: {e}")))
 }
 
 /// Names of every nftables table in this network namespace.
@@ -140,14 +143,9 @@ pub fn ensure(network: &str, subnet: Ipv4Net, cluster: Ipv4Net) -> Result<bool> 
     rule.add_expr(&nft_expr!(counter));
     rule.add_expr(&nft_expr!(masquerade));
     batch.add(&rule, MsgType::Add);
-    send(&batch.finalize()).map_err(|e| {
-        if e.msg.contains("Operation not supported") || e.msg.contains("No such file") {
-            CniError::new(code::INTERNAL, e.msg)
-                .with_details("the kernel lacks nftables NAT support")
-        } else {
-            e
-        }
-    })?;
+    // A kernel without nftables NAT answers "Operation not supported" or "No such file": the
+    // error's details say so (`Error::Nftables`).
+    send(&batch.finalize())?;
     Ok(true)
 }
 

@@ -15,7 +15,7 @@ use weft_netns::{LinkInfo, NetNs, Netlink};
 use crate::{
     config::{self, LATEST_VERSION, NetConf, SUPPORTED_VERSIONS},
     env::{Command, Env},
-    error::{CniError, Result, code},
+    error::{CniError, Error, Result},
     ipam::{Pool, Store},
     result::{CniResult, Interface, IpConfig, Route},
 };
@@ -37,55 +37,72 @@ pub fn host_veth_name(container_id: &str, ifname: &str) -> String {
 
 const EEXIST: i32 = 17;
 
-/// Runs one invocation. Returns what to print on stdout on success (nothing for DEL, CHECK,
-/// STATUS, GC).
-pub async fn run(env: &Env, stdin: &[u8]) -> Result<Option<String>> {
-    if env.command == Command::Version {
-        return Ok(Some(version(stdin)));
-    }
-    let value = config::decode(stdin)?;
+/// Runs one invocation, as the `weft-cni` binary does: the `CNI_*` variables from `vars` and the
+/// network configuration `stdin` carried. Returns what to print on stdout on success (nothing
+/// for DEL, CHECK, STATUS, GC), or the spec's error in the configuration's CNI version (the
+/// newest when it names none this plugin speaks). stdin is parsed once, here; this is the one
+/// place an [`Error`] becomes the wire's [`CniError`].
+pub fn invoke(
+    vars: impl Fn(&str) -> Option<String>,
+    stdin: &[u8],
+) -> Result<Option<String>, CniError> {
+    let config = config::decode(stdin);
+    let version = config
+        .as_ref()
+        .ok()
+        .and_then(|v| v.get("cniVersion")?.as_str())
+        .filter(|v| SUPPORTED_VERSIONS.contains(v))
+        .unwrap_or(LATEST_VERSION)
+        .to_owned();
+    let answer = Env::from_vars(vars).and_then(|env| {
+        if env.command == Command::Version {
+            let versions = serde_json::json!({
+                "cniVersion": version,
+                "supportedVersions": SUPPORTED_VERSIONS,
+            });
+            return Ok(Some(versions.to_string()));
+        }
+        let config = config?;
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| Error::internal(format!("starting runtime: {e}")))?
+            .block_on(run(&env, config))
+    });
+    answer.map_err(|e| e.to_cni(&version))
+}
+
+/// Runs one command other than VERSION on a decoded configuration.
+async fn run(env: &Env, value: serde_json::Value) -> Result<Option<String>> {
     let version = config::version_of(&value)?;
     if matches!(env.command, Command::Status | Command::Gc) && version == "1.0.0" {
-        return Err(CniError::new(
-            code::INCOMPATIBLE_VERSION,
-            format!(
+        return Err(Error::Version {
+            msg: format!(
                 "{:?} needs cniVersion 1.1.0 or later, the config has {version}",
                 env.command
             ),
-        ));
+            details: String::new(),
+        });
     }
     let conf = NetConf::from_value(value)?;
     match env.command {
         Command::Add => {
             let result = add(env, &conf).await?;
             Ok(Some(
-                serde_json::to_string(&result).map_err(|e| CniError::internal(e.to_string()))?,
+                serde_json::to_string(&result).map_err(|e| Error::internal(e.to_string()))?,
             ))
         }
         Command::Del => del(env, &conf).await.map(|()| None),
         Command::Check => check(env, &conf).await.map(|()| None),
         Command::Status => status(&conf).map(|()| None),
         Command::Gc => gc(&conf).await.map(|()| None),
-        Command::Version => unreachable!("handled above"),
+        Command::Version => unreachable!("answered by invoke"),
     }
-}
-
-fn version(stdin: &[u8]) -> String {
-    let asked = serde_json::from_slice::<serde_json::Value>(stdin)
-        .ok()
-        .and_then(|v| {
-            v.get("cniVersion")
-                .and_then(|v| v.as_str())
-                .map(str::to_owned)
-        })
-        .filter(|v| SUPPORTED_VERSIONS.contains(&v.as_str()))
-        .unwrap_or_else(|| LATEST_VERSION.to_owned());
-    serde_json::json!({ "cniVersion": asked, "supportedVersions": SUPPORTED_VERSIONS }).to_string()
 }
 
 fn open_netns(path: &Path) -> Result<NetNs> {
     NetNs::open(path)
-        .map_err(|e| CniError::internal(format!("failed to open netns {}: {e}", path.display())))
+        .map_err(|e| Error::internal(format!("failed to open netns {}: {e}", path.display())))
 }
 
 async fn add(env: &Env, conf: &NetConf) -> Result<CniResult> {
@@ -94,31 +111,35 @@ async fn add(env: &Env, conf: &NetConf) -> Result<CniResult> {
     let netns = open_netns(netns_path)?;
     let host_ns = NetNs::current()?;
     if netns.same_as(&host_ns)? {
-        return Err(CniError::new(
-            code::INVALID_ENV,
-            format!(
-                "CNI_NETNS {} is the plugin's own network namespace",
-                netns_path.display()
-            ),
-        ));
+        return Err(Error::env(format!(
+            "CNI_NETNS {} is the plugin's own network namespace",
+            netns_path.display()
+        )));
     }
     let pool = Pool::from_conf(&conf.ipam)?;
     let store = Store::open(&conf.ipam.data_dir, &conf.name)?;
     let hnl = Netlink::connect_current().await?;
     let cnl = Netlink::connect(&netns).await?;
     if cnl.link_by_name(ifname).await?.is_some() {
-        return Err(CniError::internal(format!(
+        return Err(Error::internal(format!(
             "interface {ifname} already exists in {}",
             netns_path.display()
         )));
     }
     let ip = store.allocate(&pool, cid, ifname)?;
     let host_veth = host_veth_name(cid, ifname);
-    match wire(
-        conf, &pool, ip, &host_veth, ifname, &hnl, &cnl, &netns, netns_path,
-    )
-    .await
-    {
+    let attachment = Attachment {
+        conf,
+        pool: &pool,
+        ip,
+        host_veth: &host_veth,
+        ifname,
+        host: &hnl,
+        pod: &cnl,
+        netns: &netns,
+        netns_path,
+    };
+    match wire(&attachment).await {
         Ok(result) => chain(conf, result),
         Err(e) => {
             // Undo: deleting the host end removes the pod end too.
@@ -141,7 +162,7 @@ fn chain(conf: &NetConf, mut ours: CniResult) -> Result<CniResult> {
         return Ok(ours);
     };
     let mut prev: CniResult = serde_path_to_error::deserialize(prev)
-        .map_err(|e| CniError::config(&format!("prevResult.{}", e.path()), e.inner()))?;
+        .map_err(|e| Error::config(&format!("prevResult.{}", e.path()), e.inner()))?;
     let shift = prev.interfaces.len();
     for ip in &mut ours.ips {
         ip.interface = ip.interface.map(|i| i + shift);
@@ -197,7 +218,7 @@ async fn ensure_bridge(hnl: &Netlink, name: &str, gateway: IpNet, mtu: u32) -> R
         }
     };
     if bridge.kind.as_deref().is_some_and(|k| k != "bridge") {
-        return Err(CniError::config(
+        return Err(Error::config(
             "bridge",
             format!("{name} exists and is a {:?}, not a bridge", bridge.kind),
         ));
@@ -214,17 +235,36 @@ async fn ensure_bridge(hnl: &Netlink, name: &str, gateway: IpNet, mtu: u32) -> R
 }
 
 #[allow(clippy::too_many_arguments)]
-async fn wire(
-    conf: &NetConf,
-    pool: &Pool,
+/// One pod interface being wired by ADD: what it is made from and where.
+struct Attachment<'a> {
+    conf: &'a NetConf,
+    pool: &'a Pool,
+    /// The pod's address, allocated from `pool`.
     ip: Ipv4Addr,
-    host_veth: &str,
-    ifname: &str,
-    hnl: &Netlink,
-    cnl: &Netlink,
-    netns: &NetNs,
-    netns_path: &Path,
-) -> Result<CniResult> {
+    /// The host end's name.
+    host_veth: &'a str,
+    /// The pod end's name (`CNI_IFNAME`).
+    ifname: &'a str,
+    /// Netlink in the host's namespace.
+    host: &'a Netlink,
+    /// Netlink in the pod's namespace.
+    pod: &'a Netlink,
+    netns: &'a NetNs,
+    netns_path: &'a Path,
+}
+
+async fn wire(a: &Attachment<'_>) -> Result<CniResult> {
+    let Attachment {
+        conf,
+        pool,
+        ip,
+        host_veth,
+        ifname,
+        host: hnl,
+        pod: cnl,
+        netns,
+        netns_path,
+    } = *a;
     let prefix = pool.subnet.prefix_len();
     let mtu = pod_mtu(conf, hnl).await?;
     let gw_net = IpNet::V4(Ipv4Net::new(pool.gateway, prefix).expect("prefix from a valid subnet"));
@@ -234,7 +274,7 @@ async fn wire(
         .await
         .map_err(|e| {
             if e.errno() == Some(EEXIST) {
-                CniError::internal(format!(
+                Error::internal(format!(
                     "host interface {host_veth} already exists: was this attachment added twice?"
                 ))
             } else {
@@ -276,7 +316,7 @@ async fn wire(
         let gw = match r.gw.unwrap_or(IpAddr::V4(pool.gateway)) {
             IpAddr::V4(g) => g,
             IpAddr::V6(g) => {
-                return Err(CniError::config(
+                return Err(Error::config(
                     "ipam.routes",
                     format!("gateway {g}: only IPv4 is supported"),
                 ));
@@ -333,8 +373,7 @@ fn enable_forwarding() -> Result<()> {
         .map(|s| s.trim() == "1")
         .unwrap_or(false);
     if !on {
-        std::fs::write(PATH, "1")
-            .map_err(|e| CniError::new(code::IO, format!("enabling {PATH}: {e}")))?;
+        std::fs::write(PATH, "1").map_err(|e| Error::io("enabling", Path::new(PATH), e))?;
     }
     Ok(())
 }
@@ -376,21 +415,24 @@ fn attach_policy(dir: &std::path::Path, ifindex: u32) -> Result<()> {
         let fd = match sys::obj_get(&path) {
             Ok(fd) => fd,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => {
-                return Err(CniError::internal(format!(
-                    "opening policy program {}: {e}",
-                    path.display()
-                )));
+            Err(source) => {
+                return Err(Error::Bpf {
+                    what: format!("opening policy program {}", path.display()),
+                    source,
+                });
             }
         };
-        let link = sys::tcx_attach(fd.as_fd(), ifindex, ingress).map_err(|e| {
-            CniError::internal(format!("attaching {prog} to interface {ifindex}: {e}"))
+        let link = sys::tcx_attach(fd.as_fd(), ifindex, ingress).map_err(|source| Error::Bpf {
+            what: format!("attaching {prog} to interface {ifindex}"),
+            source,
         })?;
         let pin = layout.policy_link(ifindex, ingress);
         // A pin left by an earlier interface with the same index.
         let _ = std::fs::remove_file(&pin);
-        sys::obj_pin(link.as_fd(), &pin)
-            .map_err(|e| CniError::internal(format!("pinning {}: {e}", pin.display())))?;
+        sys::obj_pin(link.as_fd(), &pin).map_err(|source| Error::Bpf {
+            what: format!("pinning {}", pin.display()),
+            source,
+        })?;
     }
     Ok(())
 }
@@ -401,18 +443,19 @@ async fn check(env: &Env, conf: &NetConf) -> Result<()> {
         .netns
         .as_deref()
         .expect("validated: CHECK has CNI_NETNS");
-    let prev = conf.prev_result.clone().ok_or_else(|| {
-        CniError::config("prevResult", "CHECK needs the ADD result as prevResult")
-    })?;
+    let prev = conf
+        .prev_result
+        .clone()
+        .ok_or_else(|| Error::config("prevResult", "CHECK needs the ADD result as prevResult"))?;
     let prev: CniResult = serde_path_to_error::deserialize(prev)
-        .map_err(|e| CniError::config(&format!("prevResult.{}", e.path()), e.inner()))?;
+        .map_err(|e| Error::config(&format!("prevResult.{}", e.path()), e.inner()))?;
     let sandbox = netns_path.display().to_string();
     let idx = prev
         .interfaces
         .iter()
         .position(|i| i.name == ifname && i.sandbox.as_deref() == Some(sandbox.as_str()))
         .ok_or_else(|| {
-            CniError::internal(format!(
+            Error::internal(format!(
                 "prevResult has no interface {ifname} in sandbox {sandbox}"
             ))
         })?;
@@ -421,17 +464,17 @@ async fn check(env: &Env, conf: &NetConf) -> Result<()> {
     let pod = cnl
         .link_by_name(ifname)
         .await?
-        .ok_or_else(|| CniError::internal(format!("interface {ifname} not found in {sandbox}")))?;
+        .ok_or_else(|| Error::internal(format!("interface {ifname} not found in {sandbox}")))?;
     if let Some(mac) = &prev.interfaces[idx].mac
         && pod.mac_string().as_deref() != Some(mac.as_str())
     {
-        return Err(CniError::internal(format!(
+        return Err(Error::internal(format!(
             "interface {ifname} has MAC {:?}, prevResult says {mac}",
             pod.mac_string()
         )));
     }
     if !pod.up {
-        return Err(CniError::internal(format!(
+        return Err(Error::internal(format!(
             "interface {ifname} in {sandbox} is down"
         )));
     }
@@ -439,7 +482,7 @@ async fn check(env: &Env, conf: &NetConf) -> Result<()> {
     let mut pod_ip = None;
     for ipc in prev.ips.iter().filter(|i| i.interface == Some(idx)) {
         if !addrs.contains(&ipc.address) {
-            return Err(CniError::internal(format!(
+            return Err(Error::internal(format!(
                 "failed to match addr {} on interface {ifname}",
                 ipc.address
             )));
@@ -455,7 +498,7 @@ async fn check(env: &Env, conf: &NetConf) -> Result<()> {
             .iter()
             .any(|have| have.dst == r.dst && (gw.is_none() || have.gateway == gw))
         {
-            return Err(CniError::internal(format!(
+            return Err(Error::internal(format!(
                 "route to {} via {gw:?} is missing in {sandbox}",
                 r.dst
             )));
@@ -466,13 +509,13 @@ async fn check(env: &Env, conf: &NetConf) -> Result<()> {
     let host = hnl
         .link_by_name(&host_veth)
         .await?
-        .ok_or_else(|| CniError::internal(format!("host interface {host_veth} not found")))?;
+        .ok_or_else(|| Error::internal(format!("host interface {host_veth} not found")))?;
     let bridge = hnl
         .link_by_name(&conf.bridge)
         .await?
-        .ok_or_else(|| CniError::internal(format!("bridge {} not found", conf.bridge)))?;
+        .ok_or_else(|| Error::internal(format!("bridge {} not found", conf.bridge)))?;
     if host.controller != Some(bridge.index) {
-        return Err(CniError::internal(format!(
+        return Err(Error::internal(format!(
             "{host_veth} is not a port of bridge {}",
             conf.bridge
         )));
@@ -481,7 +524,7 @@ async fn check(env: &Env, conf: &NetConf) -> Result<()> {
         let pool = Pool::from_conf(&conf.ipam)?;
         let cluster = conf.cluster_cidr.unwrap_or(pool.subnet);
         if !crate::masq::present(&conf.name, pool.subnet, cluster)? {
-            return Err(CniError::internal(format!(
+            return Err(Error::internal(format!(
                 "masquerade table {} is missing",
                 crate::masq::table_name(&conf.name, pool.subnet, cluster)
             )));
@@ -490,7 +533,7 @@ async fn check(env: &Env, conf: &NetConf) -> Result<()> {
     let store = Store::open(&conf.ipam.data_dir, &conf.name)?;
     let reserved = store.lookup(cid, ifname)?;
     if reserved.is_none() || (pod_ip.is_some() && reserved != pod_ip) {
-        return Err(CniError::internal(format!(
+        return Err(Error::internal(format!(
             "IPAM reservation for {cid}/{ifname} is {reserved:?}, the pod has {pod_ip:?}"
         )));
     }
@@ -498,13 +541,16 @@ async fn check(env: &Env, conf: &NetConf) -> Result<()> {
 }
 
 fn status(conf: &NetConf) -> Result<()> {
-    let not_ready = |msg: String| CniError::new(code::NOT_AVAILABLE, msg);
-    let pool =
-        Pool::from_conf(&conf.ipam).map_err(|e| not_ready(format!("not ready: {}", e.msg)))?;
-    let store = Store::open(&conf.ipam.data_dir, &conf.name).map_err(|e| not_ready(e.msg))?;
+    let not_ready = |msg: String, details: String| Error::NotAvailable { msg, details };
+    let pool = Pool::from_conf(&conf.ipam)
+        .map_err(|e| not_ready(format!("not ready: {e}"), String::new()))?;
+    let store = Store::open(&conf.ipam.data_dir, &conf.name)
+        .map_err(|e| not_ready(e.to_string(), String::new()))?;
     if store.free(&pool)? == 0 {
-        return Err(not_ready(format!("no free address in {}", pool.subnet))
-            .with_details(format!("all {} addresses are allocated", pool.size())));
+        return Err(not_ready(
+            format!("no free address in {}", pool.subnet),
+            format!("all {} addresses are allocated", pool.size()),
+        ));
     }
     Ok(())
 }
@@ -530,10 +576,10 @@ async fn gc(conf: &NetConf) -> Result<()> {
     if errors.is_empty() {
         Ok(())
     } else {
-        Err(
-            CniError::internal("gc could not remove every stale interface")
-                .with_details(errors.join("; ")),
-        )
+        Err(Error::Internal {
+            msg: "gc could not remove every stale interface".into(),
+            details: errors.join("; "),
+        })
     }
 }
 
@@ -553,14 +599,48 @@ mod tests {
 
     #[test]
     fn version_echoes_a_supported_request_version() {
-        let v: serde_json::Value =
-            serde_json::from_str(&version(br#"{"cniVersion":"1.0.0"}"#)).unwrap();
+        let version = |stdin: &[u8]| {
+            let vars = |k: &str| (k == "CNI_COMMAND").then(|| "VERSION".to_owned());
+            let out = invoke(vars, stdin).unwrap().unwrap();
+            serde_json::from_str::<serde_json::Value>(&out).unwrap()
+        };
+        let v = version(br#"{"cniVersion":"1.0.0"}"#);
         assert_eq!(v["cniVersion"], "1.0.0");
         assert_eq!(
             v["supportedVersions"],
             serde_json::json!(["1.0.0", "1.1.0"])
         );
-        let v: serde_json::Value = serde_json::from_str(&version(b"")).unwrap();
-        assert_eq!(v["cniVersion"], "1.1.0");
+        assert_eq!(version(b"")["cniVersion"], "1.1.0");
+    }
+
+    #[test]
+    fn errors_are_answered_once_in_the_configs_version_with_the_causes_code() {
+        let add = |k: &str| (k == "CNI_COMMAND").then(|| "ADD".to_owned());
+        // No CNI_CONTAINERID etc.: code 4, in the version the config asked for.
+        let e = invoke(add, br#"{"cniVersion":"1.0.0","name":"n"}"#).unwrap_err();
+        assert_eq!((e.code, e.cni_version.as_deref()), (4, Some("1.0.0")));
+        // Not JSON: the newest version answers.
+        let status = |k: &str| (k == "CNI_COMMAND").then(|| "STATUS".to_owned());
+        let e = invoke(status, b"{").unwrap_err();
+        assert_eq!((e.code, e.cni_version.as_deref()), (6, Some("1.1.0")));
+        // A version this plugin does not speak: code 1, with what it does speak.
+        let e = invoke(status, br#"{"cniVersion":"9.9.9","name":"n"}"#).unwrap_err();
+        assert_eq!((e.code, e.cni_version.as_deref()), (1, Some("1.1.0")));
+        assert!(e.details.contains("1.0.0, 1.1.0"), "{}", e.details);
+        // A pool without addresses, a pod CIDR not written yet: the causes' own codes.
+        assert_eq!(
+            Error::PoolExhausted {
+                pool: "10.0.0.0/30".into(),
+                used: 2,
+                size: 2
+            }
+            .to_cni("1.1.0")
+            .details,
+            "2 of 2 addresses are allocated"
+        );
+        assert_eq!(
+            Error::NoPodCidr("/x".into()).to_cni("1.1.0").code,
+            crate::error::code::TRY_AGAIN
+        );
     }
 }
