@@ -8,6 +8,7 @@
 pub mod csi;
 pub mod hollow;
 pub mod load;
+pub mod node;
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
