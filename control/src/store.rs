@@ -1298,6 +1298,9 @@ impl Store {
                     }
                 }
             }
+            if r.kind == "PersistentVolumeClaim" {
+                Self::check_resize(&inner, r, name, &stored, &object)?;
+            }
             if r.kind == "Service" {
                 // The allocated addresses are immutable; an update that leaves them out keeps them.
                 for field in ["clusterIP", "clusterIPs", "ipFamilies", "ipFamilyPolicy"] {
@@ -1336,6 +1339,77 @@ impl Store {
             return Ok(gone.unwrap_or(next));
         }
         Ok(next)
+    }
+
+    /// kube-apiserver's rules for a bound claim's storage request: it may grow only when the
+    /// claim's StorageClass allows volume expansion, and never shrink below what the claim has.
+    fn check_resize(
+        inner: &Inner,
+        r: &Resource,
+        name: &str,
+        stored: &Value,
+        next: &Value,
+    ) -> Result<(), ApiError> {
+        let request = |o: &Value| {
+            o.pointer("/spec/resources/requests/storage")
+                .and_then(Value::as_str)
+                .and_then(weft_node::quantity)
+        };
+        let (Some(old), Some(new)) = (request(stored), request(next)) else {
+            return Ok(());
+        };
+        let bound = stored.pointer("/status/phase").and_then(Value::as_str) == Some("Bound");
+        if new == old || !bound {
+            return Ok(());
+        }
+        let has = stored
+            .pointer("/status/capacity/storage")
+            .and_then(Value::as_str)
+            .and_then(weft_node::quantity)
+            .unwrap_or(old);
+        if new < has {
+            return Err(invalid(
+                r,
+                name,
+                "spec.resources.requests.storage: Forbidden: field can not be less than status.capacity",
+            ));
+        }
+        let class = stored
+            .pointer("/spec/storageClassName")
+            .and_then(Value::as_str)
+            .unwrap_or("");
+        let key = (
+            "storage.k8s.io/storageclasses".to_owned(),
+            String::new(),
+            class.to_owned(),
+        );
+        // A claim naming no class has the default one (as the node's provisioner chose).
+        let class = if class.is_empty() {
+            inner
+                .objects
+                .iter()
+                .find(|((res, _, _), c)| {
+                    *res == key.0
+                        && c.pointer(
+                            "/metadata/annotations/storageclass.kubernetes.io~1is-default-class",
+                        )
+                        .and_then(Value::as_str)
+                            == Some("true")
+                })
+                .map(|(_, c)| c)
+        } else {
+            inner.objects.get(&key)
+        };
+        let expandable = class
+            .and_then(|c| c.get("allowVolumeExpansion"))
+            .and_then(Value::as_bool)
+            == Some(true);
+        if new > old && !expandable {
+            return Err(ApiError::Forbidden(format!(
+                "persistentvolumeclaims {name:?} is forbidden: only dynamically provisioned pvc can be resized and the storageclass that provisions the pvc must support resize"
+            )));
+        }
+        Ok(())
     }
 
     /// Whether a terminating object without finalizers goes now: anything but a pod whose
@@ -1718,6 +1792,47 @@ mod tests {
         assert!(unchanged["status"].get("podIP").is_none());
         let with_ip = store.update(pods, "default", "p", next, true).unwrap();
         assert_eq!(with_ip["status"]["podIP"], "10.0.0.5");
+    }
+
+    #[test]
+    fn a_bound_claim_grows_only_when_its_class_allows_and_never_shrinks() {
+        let store = Store::open(Options::default()).unwrap();
+        let sc = resources::find("storage.k8s.io", "v1", "storageclasses").unwrap();
+        let pvcs = resources::find("", "v1", "persistentvolumeclaims").unwrap();
+        for (name, expand) in [("fixed", false), ("elastic", true)] {
+            store
+                .create(
+                    sc,
+                    "",
+                    json!({"metadata": {"name": name}, "provisioner": "csi.weft.io",
+                           "allowVolumeExpansion": expand}),
+                )
+                .unwrap();
+            store
+                .create(
+                    pvcs,
+                    "default",
+                    json!({"metadata": {"name": name}, "spec": {"storageClassName": name,
+                           "accessModes": ["ReadWriteOnce"],
+                           "resources": {"requests": {"storage": "1Gi"}}}}),
+                )
+                .unwrap();
+            let mut bound = store.get(pvcs, "default", name).unwrap();
+            bound["status"] = json!({"phase": "Bound", "capacity": {"storage": "1Gi"}});
+            store.update(pvcs, "default", name, bound, true).unwrap();
+        }
+        let asked = |name: &str, size: &str| {
+            let mut o = store.get(pvcs, "default", name).unwrap();
+            o["spec"]["resources"]["requests"]["storage"] = json!(size);
+            store.update(pvcs, "default", name, o, false)
+        };
+        assert!(
+            matches!(asked("fixed", "2Gi"), Err(ApiError::Forbidden(m)) if m.contains("must support resize"))
+        );
+        assert!(asked("elastic", "2Gi").is_ok());
+        assert!(
+            matches!(asked("elastic", "512Mi"), Err(ApiError::Invalid { message, .. }) if message.contains("less than status.capacity"))
+        );
     }
 
     #[test]

@@ -331,6 +331,7 @@ impl Agent {
             renew_lease(&leases, &name).await;
             if let Some(csi) = &self.csi {
                 csi.reclaim(&self.client).await;
+                csi.expand(&self.client).await;
             }
             n += 1;
             if n.is_multiple_of(6) {

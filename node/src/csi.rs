@@ -6,7 +6,8 @@
 //! once per node and published into the pod (NodeStageVolume, NodePublishVolume), with
 //! `fsGroup` applied; what a pod has published is recorded in its state directory, so teardown
 //! unpublishes it even after an agent restart. PersistentVolumes this node provisioned whose
-//! claim is gone are deleted (DeleteVolume) under the Delete reclaim policy.
+//! claim is gone are deleted (DeleteVolume) under the Delete reclaim policy, and claims whose
+//! request grew are expanded ([`Csi::expand`]).
 
 use std::{
     collections::BTreeMap,
@@ -505,6 +506,170 @@ impl Csi {
                 Err(s) => tracing::debug!(pv = %pv.name_any(), error = %s.message(), "reclaiming"),
             }
         }
+    }
+}
+
+impl Csi {
+    /// Volume expansion, as external-resizer and kubelet do it together: a bound claim of a
+    /// StorageClass with `allowVolumeExpansion` whose request grew past its volume, on a volume
+    /// this node provisioned, is expanded (ControllerExpandVolume) and its PersistentVolume's
+    /// capacity raised; the claim then shows `FileSystemResizePending` until the filesystem has
+    /// grown on the node (NodeExpandVolume on the staged volume — at once when a pod uses it,
+    /// else when one next stages it), when `status.capacity` becomes the new size.
+    pub async fn expand(&self, client: &Client) {
+        let claims: Api<PersistentVolumeClaim> = Api::all(client.clone());
+        let pvs: Api<PersistentVolume> = Api::all(client.clone());
+        let Ok(list) = claims.list(&ListParams::default()).await else {
+            return;
+        };
+        for pvc in list.items {
+            let Some(pv_name) = pvc.spec.as_ref().and_then(|s| s.volume_name.clone()) else {
+                continue;
+            };
+            let Ok(Some(pv)) = pvs.get_opt(&pv_name).await else {
+                continue;
+            };
+            let ours = pv.annotations().get(PROVISIONED_BY).map(String::as_str)
+                == Some(weft_csi::service::DRIVER_NAME)
+                && pv.annotations().get(SELECTED_NODE) == Some(&self.node_name);
+            if !ours {
+                continue;
+            }
+            if let Err(e) = self.expand_claim(client, &pvc, &pv).await {
+                tracing::warn!(claim = %pvc.name_any(), error = %e, "expanding a volume");
+            }
+        }
+    }
+
+    async fn expand_claim(
+        &self,
+        client: &Client,
+        pvc: &PersistentVolumeClaim,
+        pv: &PersistentVolume,
+    ) -> Result<(), String> {
+        let storage = |q: Option<&k8s_openapi::apimachinery::pkg::api::resource::Quantity>| {
+            q.and_then(|q| crate::quantity(&q.0))
+                .map_or(0, |b| b as u64)
+        };
+        let request = pvc
+            .spec
+            .as_ref()
+            .and_then(|s| s.resources.as_ref())
+            .and_then(|r| r.requests.as_ref())
+            .and_then(|r| r.get("storage"))
+            .cloned();
+        let requested = storage(request.as_ref());
+        // Capacities are written as the claim asked (`128Mi`) when the volume is that size.
+        let written = |bytes: u64| match &request {
+            Some(q) if bytes == requested => q.0.clone(),
+            _ => bytes.to_string(),
+        };
+        let pv_spec = pv.spec.clone().unwrap_or_default();
+        let mut volume_bytes = storage(pv_spec.capacity.as_ref().and_then(|c| c.get("storage")));
+        let status = pvc.status.clone().unwrap_or_default();
+        let claim_bytes = storage(status.capacity.as_ref().and_then(|c| c.get("storage")));
+        let Some(source) = pv_spec.csi.clone() else {
+            return Ok(());
+        };
+        let ns = pvc.namespace().unwrap_or_default();
+        let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), &ns);
+        let pvs: Api<PersistentVolume> = Api::all(client.clone());
+        if requested > volume_bytes {
+            let class = self.class_of(client, pvc, &pvc.name_any()).await.ok();
+            if class.is_none_or(|c| c.allow_volume_expansion != Some(true)) {
+                return Ok(());
+            }
+            let answer = self
+                .controller
+                .clone()
+                .controller_expand_volume(csi::ControllerExpandVolumeRequest {
+                    volume_id: source.volume_handle.clone(),
+                    capacity_range: Some(csi::CapacityRange {
+                        required_bytes: requested as i64,
+                        limit_bytes: 0,
+                    }),
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| format!("ControllerExpandVolume: {}", e.message()))?
+                .into_inner();
+            volume_bytes = u64::try_from(answer.capacity_bytes).unwrap_or(requested);
+            let capacity = json!({"spec": {"capacity": {"storage": written(volume_bytes)}}});
+            pvs.patch(
+                &pv.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(&capacity),
+            )
+            .await
+            .map_err(|e| format!("updating the persistentvolume's capacity: {e}"))?;
+            // Grown offline by the controller (an unused ext4): nothing left for the node.
+            let pending = if answer.node_expansion_required {
+                json!({"status": {"conditions": [{
+                    "type": "FileSystemResizePending",
+                    "status": "True",
+                    "message": "Waiting for user to (re-)start a pod to finish file system resize of volume on node.",
+                }]}})
+            } else {
+                json!({"status": {"capacity": {"storage": written(volume_bytes)}, "conditions": []}})
+            };
+            claims
+                .patch_status(
+                    &pvc.name_any(),
+                    &PatchParams::default(),
+                    &Patch::Merge(&pending),
+                )
+                .await
+                .map_err(|e| format!("updating the claim's conditions: {e}"))?;
+            tracing::info!(claim = %pvc.name_any(), bytes = volume_bytes, "volume expanded");
+            if !answer.node_expansion_required {
+                return Ok(());
+            }
+        }
+        if volume_bytes <= claim_bytes {
+            return Ok(());
+        }
+        // The filesystem grows where the volume is staged; unstaged, it grows when next staged.
+        let staging = self.staging_root.join(pv.name_any());
+        if !staging.exists() {
+            return Ok(());
+        }
+        let mode = pv_spec
+            .access_modes
+            .as_ref()
+            .and_then(|m| m.first().cloned())
+            .unwrap_or_default();
+        self.node
+            .clone()
+            .node_expand_volume(csi::NodeExpandVolumeRequest {
+                volume_id: source.volume_handle.clone(),
+                volume_path: staging.display().to_string(),
+                staging_target_path: staging.display().to_string(),
+                volume_capability: Some(capability(
+                    source.fs_type.as_deref().unwrap_or("ext4"),
+                    &mode,
+                )),
+                capacity_range: Some(csi::CapacityRange {
+                    required_bytes: volume_bytes as i64,
+                    limit_bytes: 0,
+                }),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| format!("NodeExpandVolume: {}", e.message()))?;
+        let done = json!({"status": {
+            "capacity": {"storage": written(volume_bytes)},
+            "conditions": [],
+        }});
+        claims
+            .patch_status(
+                &pvc.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(&done),
+            )
+            .await
+            .map_err(|e| format!("updating the claim's capacity: {e}"))?;
+        tracing::info!(claim = %pvc.name_any(), bytes = volume_bytes, "filesystem expanded");
+        Ok(())
     }
 }
 

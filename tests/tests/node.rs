@@ -447,6 +447,64 @@ fn pods_run_under_containerd_networked_by_weft_cni_and_leave_nothing_behind() {
     let ip = reader["status"]["podIP"].as_str().unwrap();
     let reply = node.get(&format!("{ip}:5678")).unwrap_or_default();
     assert!(reply.contains("read persisted"), "{reply}");
+    // A bigger request expands the volume. Unused, ext4 grows offline (growing a mounted ext4
+    // needs CAP_SYS_RESOURCE, which root lacks on this machine kind); the next pod sees the new
+    // size and the same data.
+    let fs_bytes = || {
+        let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+        let staged = mounts
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(1))
+            .find(|m| m.ends_with(&format!("/{pv_name}")))
+            .map(str::to_owned)?;
+        let st = nix::sys::statvfs::statvfs(staged.as_str()).ok()?;
+        Some(st.blocks() * st.fragment_size())
+    };
+    let before = fs_bytes().expect("the staged volume");
+    node.kubectl(&["delete", "pod", "reader"], None);
+    wait_for("the reader gone", Duration::from_secs(60), || {
+        node.json(&["get", "pods", "-l", "app=reader"])["items"]
+            .as_array()
+            .is_some_and(Vec::is_empty)
+    });
+    node.kubectl(
+        &[
+            "patch",
+            "pvc",
+            "data",
+            "--type=merge",
+            "-p",
+            r#"{"spec": {"resources": {"requests": {"storage": "128Mi"}}}}"#,
+        ],
+        None,
+    );
+    wait_for("the claim resized", Duration::from_secs(60), || {
+        node.json(&["get", "pvc", "data"])["status"]["capacity"]["storage"] == "128Mi"
+    });
+    let pv = node.json(&["get", "pv", &pv_name]);
+    assert_eq!(pv["spec"]["capacity"]["storage"], "128Mi", "{pv}");
+    node.kubectl(
+        &["apply", "-f", "-"],
+        Some(&claim_pod(
+            "reader",
+            r#"exec /weft-echo -listen=:5678 -text="read $(cat /data/note)""#,
+        )),
+    );
+    wait_for("the reader running again", Duration::from_secs(60), || {
+        node.running("app=reader").len() == 1
+    });
+    let after = fs_bytes().expect("the staged volume");
+    assert!(
+        after > before + 48 * 1024 * 1024,
+        "the filesystem did not grow: {before} -> {after} bytes"
+    );
+    let reader = node.running("app=reader").remove(0);
+    let ip = reader["status"]["podIP"].as_str().unwrap();
+    let reply = node.get(&format!("{ip}:5678")).unwrap_or_default();
+    assert!(
+        reply.contains("read persisted"),
+        "after the resize: {reply}"
+    );
     node.kubectl(&["delete", "pod", "reader"], None);
     node.kubectl(&["delete", "pvc", "data"], None);
     wait_for("the volume reclaimed", Duration::from_secs(60), || {
@@ -689,6 +747,7 @@ metadata: {{name: weft-local, annotations: {{storageclass.kubernetes.io/is-defau
 provisioner: csi.weft.io
 reclaimPolicy: Delete
 volumeBindingMode: WaitForFirstConsumer
+allowVolumeExpansion: true
 ---
 apiVersion: v1
 kind: PersistentVolumeClaim
