@@ -574,6 +574,16 @@ impl Csi {
         let ns = pvc.namespace().unwrap_or_default();
         let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), &ns);
         let pvs: Api<PersistentVolume> = Api::all(client.clone());
+        let set_status = |status: &serde_json::Value| {
+            let (claims, name, patch) = (claims.clone(), pvc.name_any(), status.clone());
+            async move {
+                claims
+                    .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                    .await
+                    .map(drop)
+                    .map_err(|e| format!("updating the claim's status: {e}"))
+            }
+        };
         if requested > volume_bytes {
             let class = self.class_of(client, pvc, &pvc.name_any()).await.ok();
             if class.is_none_or(|c| c.allow_volume_expansion != Some(true)) {
@@ -612,14 +622,7 @@ impl Csi {
             } else {
                 json!({"status": {"capacity": {"storage": written(volume_bytes)}, "conditions": []}})
             };
-            claims
-                .patch_status(
-                    &pvc.name_any(),
-                    &PatchParams::default(),
-                    &Patch::Merge(&pending),
-                )
-                .await
-                .map_err(|e| format!("updating the claim's conditions: {e}"))?;
+            set_status(&pending).await?;
             tracing::info!(claim = %pvc.name_any(), bytes = volume_bytes, "volume expanded");
             if !answer.node_expansion_required {
                 return Ok(());
@@ -660,14 +663,7 @@ impl Csi {
             "capacity": {"storage": written(volume_bytes)},
             "conditions": [],
         }});
-        claims
-            .patch_status(
-                &pvc.name_any(),
-                &PatchParams::default(),
-                &Patch::Merge(&done),
-            )
-            .await
-            .map_err(|e| format!("updating the claim's capacity: {e}"))?;
+        set_status(&done).await?;
         tracing::info!(claim = %pvc.name_any(), bytes = volume_bytes, "filesystem expanded");
         Ok(())
     }

@@ -161,6 +161,23 @@ impl BenchArgs {
     }
 }
 
+/// kubectl run in `host`'s namespace with `kubeconfig` (and `stdin`, if given); its stdout,
+/// panicking with its stderr when it fails.
+pub fn kubectl_in(host: &Host, kubeconfig: &Path, args: &[&str], stdin: Option<&str>) -> String {
+    let mut cmd = host.command("kubectl").expect("kubectl in the namespace");
+    cmd.env("KUBECONFIG", kubeconfig).args(args);
+    let out = match stdin {
+        Some(text) => output_with_stdin(cmd, text.as_bytes()),
+        None => cmd.output().expect("running kubectl"),
+    };
+    assert!(
+        out.status.success(),
+        "kubectl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// A kube-rs client for the API server a kubeconfig file names.
 pub async fn kube_client(kubeconfig: &Path) -> Result<kube::Client, kube::Error> {
     let k = kube::config::Kubeconfig::read_from(kubeconfig)

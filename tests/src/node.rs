@@ -15,7 +15,7 @@ use std::{
 
 use weft_testbed::{Host, Lab};
 
-use crate::{output_with_stdin, weft_binary};
+use crate::weft_binary;
 
 /// Which CNI plugin containerd runs for the node's pods.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -307,18 +307,7 @@ impl Node {
 
     /// kubectl in the node's namespace; its stdout, asserting success.
     pub fn kubectl(&self, args: &[&str], stdin: Option<&str>) -> String {
-        let mut cmd = self.host().command("kubectl").unwrap();
-        cmd.env("KUBECONFIG", self.kubeconfig()).args(args);
-        let out = match stdin {
-            Some(s) => output_with_stdin(cmd, s.as_bytes()),
-            None => cmd.output().unwrap(),
-        };
-        assert!(
-            out.status.success(),
-            "kubectl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        crate::kubectl_in(self.host(), &self.kubeconfig(), args, stdin)
     }
 
     /// `kubectl ... -o json`.

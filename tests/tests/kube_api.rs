@@ -111,18 +111,7 @@ impl Env {
     }
 
     fn kubectl(&self, args: &[&str], stdin: Option<&str>) -> String {
-        let mut cmd: Command = self.lab.node(0).command("kubectl").unwrap();
-        cmd.env("KUBECONFIG", self.kubeconfig()).args(args);
-        let out = match stdin {
-            Some(text) => output_with_stdin(cmd, text.as_bytes()),
-            None => cmd.output().unwrap(),
-        };
-        assert!(
-            out.status.success(),
-            "kubectl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        weft_tests::kubectl_in(self.lab.node(0), &self.kubeconfig(), args, stdin)
     }
 
     /// A TCP exchange from a pod, inside the cgroup where socket load balancing runs.
