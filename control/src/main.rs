@@ -134,6 +134,13 @@ enum Cmd {
         /// mounted through it.
         #[arg(long)]
         csi_socket: Option<PathBuf>,
+        /// Rotate a container's log once it is larger than this (a quantity: `10Mi`), as
+        /// kubelet's flag of the same name.
+        #[arg(long, default_value = "10Mi", value_parser = log_size)]
+        container_log_max_size: u64,
+        /// Keep at most this many log files per container (the current one included).
+        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(2..))]
+        container_log_max_files: u64,
         /// Serve the node's endpoint over TLS with this certificate (PEM), as kubelet's flag;
         /// without it plain HTTP.
         #[arg(long, requires_all = ["tls_private_key_file", "client_ca_file"])]
@@ -266,6 +273,13 @@ enum ImageCmd {
         #[arg(long)]
         address: PathBuf,
     },
+}
+
+fn log_size(text: &str) -> Result<u64, String> {
+    weft_node::quantity(text)
+        .filter(|b| *b >= 1.0)
+        .map(|b| b as u64)
+        .ok_or_else(|| format!("{text:?} is not a size such as 10Mi"))
 }
 
 fn request_timeout(text: &str) -> Result<std::time::Duration, String> {
@@ -608,6 +622,8 @@ fn main() -> anyhow::Result<()> {
             cgroup_parent,
             port,
             csi_socket,
+            container_log_max_size,
+            container_log_max_files,
             tls_cert_file,
             tls_private_key_file,
             client_ca_file,
@@ -679,6 +695,10 @@ fn main() -> anyhow::Result<()> {
                     port,
                     csi_socket,
                     tls,
+                    log_rotation: weft_node::agent::LogRotation {
+                        max_bytes: container_log_max_size,
+                        max_files: usize::try_from(container_log_max_files).unwrap_or(5),
+                    },
                 };
                 let result = tokio::select! {
                     r = weft_node::agent::run(client, config) => r.context("node agent"),

@@ -129,10 +129,23 @@ impl ApiError {
             "code": self.code(),
         });
         match self {
-            Self::NotFound { kind, name }
-            | Self::AlreadyExists { kind, name }
-            | Self::Invalid { kind, name, .. } => {
+            Self::NotFound { kind, name } | Self::AlreadyExists { kind, name } => {
                 status["details"] = json!({"name": name, "kind": kind});
+            }
+            Self::Invalid {
+                kind,
+                name,
+                message,
+            } => {
+                // kube-apiserver lists what is wrong as causes, which kubectl prints
+                // (`The Pod "x" is invalid: spec.containers: Required value`).
+                let (field, problem) = message
+                    .split_once(": ")
+                    .filter(|(f, _)| !f.contains(' '))
+                    .unwrap_or(("", message.as_str()));
+                status["details"] = json!({"name": name, "kind": kind, "causes": [{
+                    "reason": "FieldValueInvalid", "message": problem, "field": field,
+                }]});
             }
             // kube-apiserver's hint to clients, which wait that long before retrying.
             Self::TooManyRequests => status["details"] = json!({"retryAfterSeconds": 1}),

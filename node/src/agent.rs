@@ -80,6 +80,26 @@ pub struct Config {
     pub tls: Option<Arc<rustls::ServerConfig>>,
     /// weft-csi's socket on this node, for persistentVolumeClaim volumes.
     pub csi_socket: Option<std::path::PathBuf>,
+    /// When containers' logs are rotated.
+    pub log_rotation: LogRotation,
+}
+
+/// kubelet's container log rotation (`--container-log-max-size`, `--container-log-max-files`).
+#[derive(Clone, Copy, Debug)]
+pub struct LogRotation {
+    /// A log larger than this is rotated.
+    pub max_bytes: u64,
+    /// Files kept per container, the current one included.
+    pub max_files: usize,
+}
+
+impl Default for LogRotation {
+    fn default() -> Self {
+        Self {
+            max_bytes: 10 * 1024 * 1024,
+            max_files: 5,
+        }
+    }
 }
 
 /// The CRI clients.
@@ -145,6 +165,7 @@ pub async fn run(client: Client, config: Config) -> Result<(), NodeError> {
     });
     agent.register().await?;
     tokio::spawn(agent.clone().heartbeat());
+    tokio::spawn(agent.clone().rotate_logs());
     let endpoint = std::net::SocketAddr::from(([0, 0, 0, 0], agent.config.port));
     let log_dir = agent.config.log_dir.clone();
     let cri = agent.cri.clone();
@@ -318,6 +339,62 @@ impl Agent {
         }
         tracing::info!(node = %name, "registered");
         Ok(())
+    }
+
+    /// Rotates running containers' logs every 10 s, as kubelet's container log manager does:
+    /// a log past the size limit is renamed, the runtime reopens it (ReopenContainerLog), and
+    /// the oldest rotated files beyond the limit go.
+    async fn rotate_logs(self: Arc<Self>) {
+        let limits = self.config.log_rotation;
+        let mut tick = tokio::time::interval(Duration::from_secs(10));
+        loop {
+            tick.tick().await;
+            let mut runtime = self.cri.runtime.clone();
+            let running = runtime
+                .list_containers(cri::ListContainersRequest {
+                    filter: Some(cri::ContainerFilter {
+                        state: Some(cri::ContainerStateValue {
+                            state: cri::ContainerState::ContainerRunning as i32,
+                        }),
+                        ..Default::default()
+                    }),
+                })
+                .await
+                .map(|r| r.into_inner().containers)
+                .unwrap_or_default();
+            for c in running {
+                let status = runtime
+                    .container_status(cri::ContainerStatusRequest {
+                        container_id: c.id.clone(),
+                        verbose: false,
+                    })
+                    .await
+                    .ok()
+                    .and_then(|r| r.into_inner().status);
+                let Some(path) = status.map(|s| s.log_path).filter(|p| !p.is_empty()) else {
+                    continue;
+                };
+                let path = std::path::PathBuf::from(path);
+                match crate::logs::rotate(&path, limits.max_bytes, limits.max_files) {
+                    Ok(false) => {}
+                    Ok(true) => {
+                        if let Err(e) = runtime
+                            .reopen_container_log(cri::ReopenContainerLogRequest {
+                                container_id: c.id.clone(),
+                            })
+                            .await
+                        {
+                            tracing::warn!(container = c.id, error = %e.message(), "reopening a rotated log");
+                        } else {
+                            tracing::debug!(container = c.id, path = %path.display(), "log rotated");
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(path = %path.display(), error = %e, "rotating a log");
+                    }
+                }
+            }
+        }
     }
 
     async fn heartbeat(self: Arc<Self>) {

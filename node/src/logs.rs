@@ -101,6 +101,8 @@ pub async fn more(
     let deadline = tokio::time::Instant::now() + wait;
     loop {
         let len = tokio::fs::metadata(path).await?.len();
+        // Rotated (a new, shorter file under the same name): follow it from its start.
+        let offset = if len < offset { 0 } else { offset };
         if len > offset {
             let bytes = tokio::fs::read(path).await?;
             let start = usize::try_from(offset).unwrap_or(0).min(bytes.len());
@@ -120,9 +122,76 @@ pub async fn more(
     }
 }
 
+/// kubelet's log rotation, the file half: when the container log at `path` has grown past
+/// `max_bytes`, it is renamed `<path>.<UTC time>` (the runtime is then told to reopen `path`,
+/// ReopenContainerLog) and the oldest rotated files beyond `max_files - 1` are removed, so at
+/// most `max_files` files of the container are kept. Says whether it rotated.
+pub fn rotate(path: &Path, max_bytes: u64, max_files: usize) -> std::io::Result<bool> {
+    let len = match std::fs::metadata(path) {
+        Ok(m) => m.len(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    if len <= max_bytes {
+        return Ok(false);
+    }
+    let stamp = Timestamp::now().strftime("%Y%m%d-%H%M%S%.f").to_string();
+    let mut rotated = path.as_os_str().to_owned();
+    rotated.push(format!(".{stamp}"));
+    std::fs::rename(path, &rotated)?;
+    prune(path, max_files.saturating_sub(1))?;
+    Ok(true)
+}
+
+/// Removes the oldest rotated files of the log at `path` beyond `keep`.
+fn prune(path: &Path, keep: usize) -> std::io::Result<()> {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return Ok(());
+    };
+    let prefix = format!("{}.", name.to_string_lossy());
+    let mut old: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+        .map(|e| e.path())
+        .collect();
+    // The names end in the rotation time, so they sort oldest first.
+    old.sort();
+    let excess = old.len().saturating_sub(keep);
+    for p in &old[..excess] {
+        std::fs::remove_file(p)?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_log_past_its_size_is_rotated_and_old_rotations_pruned() {
+        let dir = std::env::temp_dir().join(format!("weft-rotate-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = dir.join("0.log");
+        std::fs::write(&log, "short\n").unwrap();
+        assert!(!rotate(&log, 100, 3).unwrap(), "small enough");
+        for round in 0..5 {
+            std::fs::write(&log, "x".repeat(200)).unwrap();
+            assert!(rotate(&log, 100, 3).unwrap(), "round {round}");
+            assert!(!log.exists());
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let names: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        // Two rotated files and (once the runtime reopens it) the current one: three in all.
+        assert_eq!(names.len(), 2, "{names:?}");
+        assert!(names.iter().all(|n| n.starts_with("0.log.")));
+        assert!(rotate(&dir.join("missing.log"), 1, 3).is_ok_and(|r| !r));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn cri_log_lines_are_rendered_like_kubelet() {

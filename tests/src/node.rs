@@ -300,6 +300,13 @@ impl Node {
             .args(["--cgroup-parent", &self.cgroup])
             .arg("--csi-socket")
             .arg(self.dir.join("csi/csi.sock"))
+            // Small, so that the test sees logs rotate.
+            .args([
+                "--container-log-max-size",
+                "64Ki",
+                "--container-log-max-files",
+                "2",
+            ])
             .spawn()
             .unwrap();
         self.agent = Some(agent);
@@ -308,6 +315,18 @@ impl Node {
     /// kubectl in the node's namespace; its stdout, asserting success.
     pub fn kubectl(&self, args: &[&str], stdin: Option<&str>) -> String {
         crate::kubectl_in(self.host(), &self.kubeconfig(), args, stdin)
+    }
+
+    /// kubectl in the node's namespace, expected to fail; its stderr.
+    pub fn try_kubectl(&self, args: &[&str], stdin: Option<&str>) -> String {
+        let mut cmd = self.host().command("kubectl").expect("kubectl in the node");
+        cmd.env("KUBECONFIG", self.kubeconfig()).args(args);
+        let out = match stdin {
+            Some(s) => crate::output_with_stdin(cmd, s.as_bytes()),
+            None => cmd.output().expect("running kubectl"),
+        };
+        assert!(!out.status.success(), "kubectl {args:?} succeeded");
+        String::from_utf8_lossy(&out.stderr).into_owned()
     }
 
     /// `kubectl ... -o json`.

@@ -483,12 +483,18 @@ fn pods_run_under_containerd_networked_by_weft_cni_and_leave_nothing_behind() {
     });
     let pv = node.json(&["get", "pv", &pv_name]);
     assert_eq!(pv["spec"]["capacity"]["storage"], "128Mi", "{pv}");
-    node.kubectl(
-        &["apply", "-f", "-"],
-        Some(&claim_pod(
-            "reader",
-            r#"exec /weft-echo -listen=:5678 -text="read $(cat /data/note)""#,
-        )),
+    // The pod alone: applying the claim's manifest again would ask for 64Mi again, a shrink
+    // the API server refuses, as kube-apiserver does.
+    let again = claim_pod(
+        "reader",
+        r#"exec /weft-echo -listen=:5678 -text="read $(cat /data/note)""#,
+    );
+    let pod_only = again.rsplit("---").next().unwrap().to_owned();
+    node.kubectl(&["apply", "-f", "-"], Some(&pod_only));
+    let shrink = node.try_kubectl(&["apply", "-f", "-"], Some(&again));
+    assert!(
+        shrink.contains("less than status.capacity"),
+        "a shrink was not refused: {shrink}"
     );
     wait_for("the reader running again", Duration::from_secs(60), || {
         node.running("app=reader").len() == 1
@@ -516,6 +522,70 @@ fn pods_run_under_containerd_networked_by_weft_cni_and_leave_nothing_behind() {
         std::fs::read_dir(node.dir.join("csi/local/volumes")).map_or(true, |d| d.count() == 0),
         "weft-csi still has the volume"
     );
+
+    // Log rotation (the agent runs with --container-log-max-size 64Ki, --container-log-max-files
+    // 2): a log past the size is renamed and containerd reopens it (ReopenContainerLog); of
+    // the rotated files only the newest is kept; `kubectl logs` reads the current one.
+    node.kubectl(
+        &[
+            "run",
+            "chatty",
+            "--image=weft/echo:dev",
+            "--image-pull-policy=Never",
+            "--command",
+            "--",
+            "/weft-echo",
+            "-listen=:5678",
+            "-text=chatty",
+        ],
+        None,
+    );
+    wait_for("the chatty pod running", Duration::from_secs(60), || {
+        node.running("run=chatty").len() == 1
+    });
+    let uid = node.json(&["get", "pod", "chatty"])["metadata"]["uid"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let log_dir = node
+        .dir
+        .join(format!("node/pods/default_chatty_{uid}/chatty"));
+    let rotated = || -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(&log_dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("0.log."))
+            .collect();
+        names.sort();
+        names
+    };
+    // About 100 KiB of output from the container's own stdout, as if its process wrote it.
+    let burst = |tag: &str| {
+        let script = format!(
+            "i=0; while [ $i -lt 1000 ]; do echo \"{tag} $i ........................................................................................\"; i=$((i+1)); done > /proc/1/fd/1"
+        );
+        node.kubectl(&["exec", "chatty", "--", "sh", "-c", &script], None);
+    };
+    burst("first");
+    wait_for("a first rotation", Duration::from_secs(40), || {
+        rotated().len() == 1
+    });
+    let first = rotated();
+    burst("second");
+    wait_for(
+        "a second rotation, the first one pruned",
+        Duration::from_secs(40),
+        || {
+            let now = rotated();
+            now.len() == 1 && now != first
+        },
+    );
+    burst("third");
+    let last = node.kubectl(&["logs", "chatty", "--tail=1"], None);
+    assert!(last.trim_end().starts_with("third 999"), "{last}");
+    node.kubectl(&["delete", "pod", "chatty", "--grace-period=1"], None);
 
     // Jobs: pods that exit 0 are Succeeded and count towards completions; a Job whose pods fail
     // stops at its backoff limit.
