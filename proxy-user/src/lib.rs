@@ -4,12 +4,15 @@
 //! time), attaching them (tcx), pinning maps and links in bpffs so traffic survives an agent
 //! restart, and reading and programming the maps.
 //!
-//! What is real today: per-interface packet/byte counters ([`counters`]), and socket-level service
-//! load balancing for ClusterIP, externalIPs, LoadBalancer IPs and NodePort-on-node-addresses
-//! ([`socklb`], [`services`]) from Kubernetes objects ([`model`]) read from a directory of
-//! manifests ([`manifests`], [`agent`]). Not yet: TC per-packet NAT (NodePort from outside the
-//! node), Maglev, session affinity, traffic policies, the Kubernetes API source, metrics, and
-//! NetworkPolicy.
+//! What it does: per-interface packet/byte counters ([`counters`]); service load balancing for
+//! ClusterIP, externalIPs, LoadBalancer IPs and NodePort at the socket level ([`socklb`]) and
+//! per packet at TC for traffic from outside the node and for pods when socket LB is off
+//! ([`tcx`], [`services`]: DNAT, SNAT to remote backends, hairpin, RST refusal), with Maglev
+//! backend selection ([`maglev`]), session affinity and the internal/external traffic
+//! policies ([`model`]); NetworkPolicy compiled incrementally into per-pod rule maps
+//! ([`policy`], [`policymap`]) with flow events ([`flowlog`]); Prometheus metrics
+//! ([`metrics`]). Desired state comes from a directory of manifests ([`manifests`]) or the
+//! Kubernetes API ([`kube_source`]), reconciled by [`agent`].
 
 pub mod agent;
 pub mod bpffs;
