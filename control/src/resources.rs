@@ -29,6 +29,9 @@ pub struct Resource {
     /// Decodes an object as its typed form and encodes it again; the message says what is
     /// wrong.
     normalize: fn(&Value) -> Result<Value, String>,
+    /// Registers the kind's OpenAPI schema (and those it refers to) with a generator and
+    /// returns a reference to it.
+    pub schema: fn(&mut schemars::SchemaGenerator) -> schemars::Schema,
 }
 
 fn roundtrip<T: serde::de::DeserializeOwned + serde::Serialize>(
@@ -79,6 +82,7 @@ macro_rules! resource {
             status: $status,
             scale: false $(|| $scale)?,
             normalize: roundtrip::<$ty>,
+            schema: |g| g.subschema_for::<$ty>(),
         }
     };
 }

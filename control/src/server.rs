@@ -513,14 +513,44 @@ fn openapi_v3(group: &str, version: &str) -> Option<Value> {
             "responses": {"200": {"description": "OK"}},
         }}));
     }
-    (!paths.is_empty()).then(|| {
-        json!({
-            "openapi": "3.0.0",
-            "info": {"title": "weft", "version": format!("v1.{KUBE_MINOR}")},
-            "paths": paths,
-            "components": {},
-        })
-    })
+    if paths.is_empty() {
+        return None;
+    }
+    // The kinds' schemas from k8s-openapi, with the references they make, in OpenAPI v3's
+    // `components.schemas`; each kind's own marked with its group, version and kind, which is
+    // how `kubectl explain` finds it.
+    let mut generator =
+        schemars::SchemaGenerator::new(schemars::generate::SchemaSettings::openapi3());
+    let mut kinds = Vec::new();
+    for r in RESOURCES
+        .iter()
+        .filter(|r| r.group == group && r.version == version)
+    {
+        let reference = (r.schema)(&mut generator);
+        if let Some(name) = reference
+            .get("$ref")
+            .and_then(Value::as_str)
+            .and_then(|s| s.rsplit('/').next())
+        {
+            kinds.push((name.to_owned(), r.kind));
+        }
+    }
+    let mut schemas: serde_json::Map<String, Value> =
+        generator.take_definitions(true).into_iter().collect();
+    for (name, kind) in kinds {
+        if let Some(s) = schemas.get_mut(&name).and_then(Value::as_object_mut) {
+            s.insert(
+                "x-kubernetes-group-version-kind".into(),
+                json!([{"group": group, "version": version, "kind": kind}]),
+            );
+        }
+    }
+    Some(json!({
+        "openapi": "3.0.0",
+        "info": {"title": "weft", "version": format!("v1.{KUBE_MINOR}")},
+        "paths": paths,
+        "components": {"schemas": schemas},
+    }))
 }
 
 fn accept(headers: &HeaderMap) -> &str {

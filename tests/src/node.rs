@@ -107,6 +107,30 @@ pub fn pod_cgroups(cgroup: &str) -> Vec<PathBuf> {
         .collect()
 }
 
+/// SIGKILLs every process in the cgroup directory `dir` and the cgroups below it.
+fn kill_cgroup(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let path = e.path();
+        if path.is_dir() {
+            kill_cgroup(&path);
+        } else if e.file_name() == "cgroup.procs" {
+            for pid in std::fs::read_to_string(&path)
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|l| l.trim().parse::<i32>().ok())
+            {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+    }
+}
+
 impl std::fmt::Debug for Node {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Node")
@@ -126,6 +150,11 @@ impl Drop for Node {
                 nix::unistd::Pid::from_raw(pid),
                 nix::sys::signal::Signal::SIGKILL,
             );
+        }
+        // Containers whose shims died with the test (a test that failed half-way) live on,
+        // reparented to init, holding their volumes' mounts: everything in the pods' cgroups.
+        for c in pod_cgroups(&self.cgroup) {
+            kill_cgroup(&c);
         }
         std::thread::sleep(Duration::from_millis(300));
         let mut mounts = mounts_under(&self.dir);

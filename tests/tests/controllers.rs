@@ -713,6 +713,14 @@ fn cascading_deletion_in_background_foreground_and_orphan() {
 fn kubectl_create_run_and_drain_send_protobuf_and_work() {
     // kubectl 1.32 sends these built-in objects as application/vnd.kubernetes.protobuf.
     let c = Cluster::start("protobuf", &["n1", "n2"]);
+    // kubectl explain reads the kinds' schemas from /openapi/v3.
+    let explained = c.kubectl(&["explain", "deployment.spec.strategy.rollingUpdate.maxSurge"]);
+    assert!(
+        explained.contains("FIELD: maxSurge") && explained.contains("maximum number of pods"),
+        "{explained}"
+    );
+    let explained = c.kubectl(&["explain", "pvc.spec"]);
+    assert!(explained.contains("storageClassName"), "{explained}");
     c.kubectl(&["create", "namespace", "pb"]);
     c.kubectl(&[
         "-n",
