@@ -59,11 +59,13 @@ pub fn router(
 async fn admit(State(api): State<Api>, req: axum::extract::Request) -> Response {
     let path = req.uri().path().to_owned();
     let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
-    // A query that does not parse is refused by the handler.
-    let query: HashMap<String, String> =
-        serde_urlencoded::from_str(req.uri().query().unwrap_or("")).unwrap_or_default();
-    if long_running(req.method(), &parts, &query) {
-        return handle(api, req).await;
+    // Parsed once, here; a query that does not parse is refused by the handler.
+    let query: Result<HashMap<String, String>, _> =
+        serde_urlencoded::from_str(req.uri().query().unwrap_or(""));
+    let empty = HashMap::new();
+    let q = query.as_ref().unwrap_or(&empty);
+    if long_running(req.method(), &parts, q) {
+        return handle(api, req, query).await;
     }
     let mutating = !matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
     let gate = api.gate.clone();
@@ -76,14 +78,14 @@ async fn admit(State(api): State<Api>, req: axum::extract::Request) -> Response 
         Some(Ok(p)) => Some(p),
         None => None,
     };
-    let timeout = query
+    let timeout = q
         .get("timeout")
         .and_then(|t| parse_duration(t))
         .filter(|t| !t.is_zero())
         .map_or(gate.limits.request_timeout, |t| {
             t.min(gate.limits.request_timeout)
         });
-    match tokio::time::timeout(timeout, handle(api, req)).await {
+    match tokio::time::timeout(timeout, handle(api, req, query)).await {
         Ok(response) => response,
         Err(_) => {
             tracing::debug!(path, ?timeout, "request timed out");
@@ -661,7 +663,11 @@ fn allowed(
     auth::authorize(store, who, &attributes, object.as_ref())
 }
 
-async fn handle(api: Api, req: axum::extract::Request) -> Response {
+async fn handle(
+    api: Api,
+    req: axum::extract::Request,
+    query: Result<HashMap<String, String>, serde_urlencoded::de::Error>,
+) -> Response {
     let uri = req.uri().clone();
     let store = api.store.clone();
     let path = uri.path().trim_end_matches('/').to_owned();
@@ -673,8 +679,7 @@ async fn handle(api: Api, req: axum::extract::Request) -> Response {
         Ok(who) => who,
         Err(e) => return e.into_response(),
     };
-    let query: HashMap<String, String> = match serde_urlencoded::from_str(uri.query().unwrap_or(""))
-    {
+    let query = match query {
         Ok(q) => q,
         Err(e) => return ApiError::BadRequest(format!("invalid query: {e}")).into_response(),
     };

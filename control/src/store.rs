@@ -126,6 +126,23 @@ pub struct Store {
     backend: Box<dyn Backend>,
 }
 
+impl Inner {
+    /// The objects of one resource (by its store key), in key order.
+    fn of<'a>(&'a self, resource: &'a str) -> impl Iterator<Item = (&'a Key, &'a Value)> + 'a {
+        let start = (resource.to_owned(), String::new(), String::new());
+        self.objects
+            .range(start..)
+            .take_while(move |((r, _, _), _)| r == resource)
+    }
+
+    /// The uids of the Services, which own the address claims that still hold.
+    fn service_uids(&self) -> BTreeSet<&str> {
+        self.of("/services")
+            .filter_map(|(_, o)| meta(o, "uid"))
+            .collect()
+    }
+}
+
 impl std::fmt::Debug for Inner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Inner(rv {}, {} objects)", self.rv, self.objects.len())
@@ -1047,7 +1064,7 @@ impl Store {
             let previous = inner.objects.get(&key).cloned();
             if let Some(p) = &previous
                 && p["owner"] != owner.as_str()
-                && Self::claim_holds(inner, p)
+                && Self::claim_holds(p, &inner.service_uids())
             {
                 // Claimed meanwhile by another server (seen since the allocation was made):
                 // allocate again from what the cache now holds.
@@ -1064,17 +1081,13 @@ impl Store {
     /// Whether an address claim still holds: its Service exists, or it is too young for its
     /// Service to have been written yet (a server that died between the claim and the Service
     /// leaves a claim that lapses).
-    fn claim_holds(inner: &Inner, claim: &Value) -> bool {
+    fn claim_holds(claim: &Value, services: &BTreeSet<&str>) -> bool {
         let owner = claim["owner"].as_str().unwrap_or("");
         let young = claim["claimedAt"]
             .as_str()
             .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
             .is_some_and(|t| chrono::Utc::now().signed_duration_since(t) < CLAIM_GRACE);
-        young
-            || inner
-                .objects
-                .iter()
-                .any(|((res, _, _), o)| res == "/services" && meta(o, "uid") == Some(owner))
+        young || services.contains(owner)
     }
 
     /// Allocates a Service's cluster IP and node ports from what the cache holds; returns what
@@ -1086,16 +1099,12 @@ impl Store {
         svc: &mut Value,
     ) -> Result<Vec<(&'static str, String)>, ApiError> {
         let r = resources::find("", "v1", "services").expect("served");
-        let services: Vec<&Value> = inner
-            .objects
-            .iter()
-            .filter(|((res, _, _), _)| *res == r.key())
-            .map(|(_, o)| o)
-            .collect();
+        let key = r.key();
+        let services: Vec<&Value> = inner.of(&key).map(|(_, o)| o).collect();
+        let uids = inner.service_uids();
         let claims: Vec<(&str, &str)> = inner
-            .objects
-            .iter()
-            .filter(|((res, _, _), o)| res == CLAIMS && Self::claim_holds(inner, o))
+            .of(CLAIMS)
+            .filter(|(_, o)| Self::claim_holds(o, &uids))
             .map(|((_, range, value), _)| (range.as_str(), value.as_str()))
             .collect();
         let claimed = |range: &'static str| {
@@ -1930,6 +1939,83 @@ mod tests {
             .unwrap();
         assert_eq!(next["metadata"]["resourceVersion"], (rv + 1).to_string());
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// One in-memory log that two stores write, as two API servers write one etcd.
+    #[derive(Debug)]
+    struct SharedLog(Arc<weft_store::Memory>);
+
+    impl Backend for SharedLog {
+        fn name(&self) -> &'static str {
+            "shared memory"
+        }
+        fn snapshot(&self) -> weft_store::Result<weft_store::Snapshot> {
+            self.0.snapshot()
+        }
+        fn write(&self, key: &str, expected: u64, value: Option<&[u8]>) -> weft_store::Result<u64> {
+            self.0.write(key, expected, value)
+        }
+        fn changes(&self, after: u64) -> weft_store::Result<Vec<weft_store::Change>> {
+            self.0.changes(after)
+        }
+        fn compact(&self, upto: u64) -> weft_store::Result<()> {
+            self.0.compact(upto)
+        }
+        fn shared(&self) -> bool {
+            true
+        }
+    }
+
+    #[test]
+    fn a_store_catches_up_with_another_writer_and_reloads_once_its_log_is_compacted_away() {
+        let log = Arc::new(weft_store::Memory::new());
+        let open = || Store::with_backend(Options::default(), Box::new(SharedLog(log.clone())));
+        let (a, b) = (open().unwrap(), open().unwrap());
+        let cm = resources::find("", "v1", "configmaps").unwrap();
+        let from = b.revision();
+        let made = a
+            .create(cm, "default", json!({"metadata": {"name": "one"}}))
+            .unwrap();
+        // B's cache has not seen A's write until it catches up; then its watchers see it too.
+        assert!(b.get(cm, "default", "one").is_err());
+        assert_eq!(b.catch_up(), Some(a.revision()));
+        assert_eq!(b.get(cm, "default", "one").unwrap(), made);
+        let seen = b.watch(cm, Some(from)).unwrap().backlog;
+        assert_eq!((seen.len(), seen[0].kind), (1, EventType::Added));
+        // B writes on top of A's object with the version A gave; A's stale cache conflicts,
+        // catches up, and then sees B's change.
+        let changed = b
+            .modify(cm, "default", "one", |o| {
+                o["data"] = json!({"k": "v"});
+                Ok(())
+            })
+            .unwrap();
+        let stale = a.modify(cm, "default", "one", |o| {
+            o["data"] = json!({"k": "a"});
+            Ok(())
+        });
+        assert!(matches!(stale, Err(ApiError::Conflict(_))), "{stale:?}");
+        assert_eq!(a.get(cm, "default", "one").unwrap(), changed);
+        // A deletes it and writes another; the log is compacted past B's revision: B reloads
+        // and tells its watchers what changed.
+        let before = b.revision();
+        a.delete(cm, "default", "one", &DeleteOptions::default())
+            .unwrap();
+        a.create(cm, "default", json!({"metadata": {"name": "two"}}))
+            .unwrap();
+        log.compact(a.revision()).unwrap();
+        b.catch_up();
+        assert!(b.get(cm, "default", "one").is_err());
+        assert!(b.get(cm, "default", "two").is_ok());
+        let mut watch = b.watch(cm, Some(before)).unwrap();
+        let mut kinds: Vec<EventType> = watch.backlog.iter().map(|e| e.kind).collect();
+        while let Ok(e) = watch.live.try_recv() {
+            kinds.push(e.kind);
+        }
+        assert!(
+            kinds.contains(&EventType::Deleted) && kinds.contains(&EventType::Added),
+            "{kinds:?}"
+        );
     }
 
     #[test]

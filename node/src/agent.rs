@@ -407,8 +407,7 @@ impl Agent {
             tick.tick().await;
             renew_lease(&leases, &name).await;
             if let Some(csi) = &self.csi {
-                csi.reclaim(&self.client).await;
-                csi.expand(&self.client).await;
+                csi.tend(&self.client).await;
             }
             n += 1;
             if n.is_multiple_of(6) {

@@ -456,19 +456,34 @@ impl Csi {
         }
     }
 
-    /// Deletes the volumes this node provisioned whose claim is gone (reclaim policy Delete),
-    /// and their PersistentVolumes.
-    pub async fn reclaim(&self, client: &Client) {
+    /// The node's periodic volume work, on one listing of the PersistentVolumes this node
+    /// provisioned: reclaiming released ones ([`Csi::reclaim`]) and expanding grown claims
+    /// ([`Csi::expand`]).
+    pub async fn tend(&self, client: &Client) {
         let pvs: Api<PersistentVolume> = Api::all(client.clone());
         let Ok(list) = pvs.list(&ListParams::default()).await else {
             return;
         };
-        for pv in list.items {
-            let ours = pv.annotations().get(PROVISIONED_BY).map(String::as_str)
-                == Some(weft_csi::service::DRIVER_NAME)
-                && pv.annotations().get(SELECTED_NODE) == Some(&self.node_name);
+        let ours: Vec<PersistentVolume> = list
+            .items
+            .into_iter()
+            .filter(|pv| {
+                pv.annotations().get(PROVISIONED_BY).map(String::as_str)
+                    == Some(weft_csi::service::DRIVER_NAME)
+                    && pv.annotations().get(SELECTED_NODE) == Some(&self.node_name)
+            })
+            .collect();
+        self.reclaim(client, &ours).await;
+        self.expand(client, &ours).await;
+    }
+
+    /// Deletes the volumes among `ours` (this node's) whose claim is gone (reclaim policy
+    /// Delete), and their PersistentVolumes.
+    async fn reclaim(&self, client: &Client, ours: &[PersistentVolume]) {
+        let pvs: Api<PersistentVolume> = Api::all(client.clone());
+        for pv in ours {
             let spec = pv.spec.clone().unwrap_or_default();
-            if !ours || spec.persistent_volume_reclaim_policy.as_deref() != Some("Delete") {
+            if spec.persistent_volume_reclaim_policy.as_deref() != Some("Delete") {
                 continue;
             }
             let Some(claim) = spec.claim_ref else {
@@ -516,26 +531,26 @@ impl Csi {
     /// capacity raised; the claim then shows `FileSystemResizePending` until the filesystem has
     /// grown on the node (NodeExpandVolume on the staged volume — at once when a pod uses it,
     /// else when one next stages it), when `status.capacity` becomes the new size.
-    pub async fn expand(&self, client: &Client) {
+    async fn expand(&self, client: &Client, ours: &[PersistentVolume]) {
+        if ours.is_empty() {
+            return;
+        }
         let claims: Api<PersistentVolumeClaim> = Api::all(client.clone());
-        let pvs: Api<PersistentVolume> = Api::all(client.clone());
         let Ok(list) = claims.list(&ListParams::default()).await else {
             return;
         };
+        let by_name: BTreeMap<String, &PersistentVolume> =
+            ours.iter().map(|pv| (pv.name_any(), pv)).collect();
         for pvc in list.items {
-            let Some(pv_name) = pvc.spec.as_ref().and_then(|s| s.volume_name.clone()) else {
+            let Some(pv) = pvc
+                .spec
+                .as_ref()
+                .and_then(|s| s.volume_name.as_ref())
+                .and_then(|n| by_name.get(n))
+            else {
                 continue;
             };
-            let Ok(Some(pv)) = pvs.get_opt(&pv_name).await else {
-                continue;
-            };
-            let ours = pv.annotations().get(PROVISIONED_BY).map(String::as_str)
-                == Some(weft_csi::service::DRIVER_NAME)
-                && pv.annotations().get(SELECTED_NODE) == Some(&self.node_name);
-            if !ours {
-                continue;
-            }
-            if let Err(e) = self.expand_claim(client, &pvc, &pv).await {
+            if let Err(e) = self.expand_claim(client, &pvc, pv).await {
                 tracing::warn!(claim = %pvc.name_any(), error = %e, "expanding a volume");
             }
         }

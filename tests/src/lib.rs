@@ -161,15 +161,25 @@ impl BenchArgs {
     }
 }
 
+/// What kubectl run in `host`'s namespace with `kubeconfig` (and `stdin`, if given) did.
+pub fn kubectl_output(
+    host: &Host,
+    kubeconfig: &Path,
+    args: &[&str],
+    stdin: Option<&str>,
+) -> Output {
+    let mut cmd = host.command("kubectl").expect("kubectl in the namespace");
+    cmd.env("KUBECONFIG", kubeconfig).args(args);
+    match stdin {
+        Some(text) => output_with_stdin(cmd, text.as_bytes()),
+        None => cmd.output().expect("running kubectl"),
+    }
+}
+
 /// kubectl run in `host`'s namespace with `kubeconfig` (and `stdin`, if given); its stdout,
 /// panicking with its stderr when it fails.
 pub fn kubectl_in(host: &Host, kubeconfig: &Path, args: &[&str], stdin: Option<&str>) -> String {
-    let mut cmd = host.command("kubectl").expect("kubectl in the namespace");
-    cmd.env("KUBECONFIG", kubeconfig).args(args);
-    let out = match stdin {
-        Some(text) => output_with_stdin(cmd, text.as_bytes()),
-        None => cmd.output().expect("running kubectl"),
-    };
+    let out = kubectl_output(host, kubeconfig, args, stdin);
     assert!(
         out.status.success(),
         "kubectl {args:?}: {}",

@@ -348,14 +348,22 @@ impl Node {
 
     /// kubectl in the node's namespace, expected to fail; its stderr.
     pub fn try_kubectl(&self, args: &[&str], stdin: Option<&str>) -> String {
-        let mut cmd = self.host().command("kubectl").expect("kubectl in the node");
-        cmd.env("KUBECONFIG", self.kubeconfig()).args(args);
-        let out = match stdin {
-            Some(s) => crate::output_with_stdin(cmd, s.as_bytes()),
-            None => cmd.output().expect("running kubectl"),
-        };
+        let out = crate::kubectl_output(self.host(), &self.kubeconfig(), args, stdin);
         assert!(!out.status.success(), "kubectl {args:?} succeeded");
         String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
+    /// Waits until no pod labelled `app=<app>` is left.
+    pub fn wait_gone(&self, app: &str) {
+        wait_for(
+            &format!("the {app} pod gone"),
+            Duration::from_secs(60),
+            || {
+                self.json(&["get", "pods", "-l", &format!("app={app}")])["items"]
+                    .as_array()
+                    .is_some_and(Vec::is_empty)
+            },
+        );
     }
 
     /// `kubectl ... -o json`.

@@ -115,11 +115,7 @@ fn tls_tokens_certificates_and_node_authorization() {
         child,
         dir: dir.clone(),
     };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !admin.exists() {
-        assert!(Instant::now() < deadline, "weft server did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    started(&admin);
     let text = std::fs::read_to_string(&admin).unwrap();
     let server = text
         .lines()
@@ -340,6 +336,15 @@ fn tls_tokens_certificates_and_node_authorization() {
     answers(&admin, "the admin's kubeconfig after a restart");
 }
 
+/// Waits until the server has written `kubeconfig` (it does once it serves).
+fn started(kubeconfig: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !kubeconfig.exists() {
+        assert!(Instant::now() < deadline, "weft server did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Waits until kubectl with `kubeconfig` reads the default namespace.
 fn answers(kubeconfig: &Path, what: &str) {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -398,11 +403,7 @@ fn without_a_certificate_the_server_makes_its_own_and_keeps_it_in_cert_dir() {
         child: start("127.0.0.1:0"),
         dir: dir.clone(),
     };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !kubeconfig.exists() {
-        assert!(Instant::now() < deadline, "weft server did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    started(&kubeconfig);
     answers(&kubeconfig, "a self-signed server");
     let text = std::fs::read_to_string(&kubeconfig).unwrap();
     assert!(
@@ -494,11 +495,7 @@ fn a_slow_request_times_out_and_writes_beyond_the_limit_wait_their_turn() {
         child,
         dir: dir.clone(),
     };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !kubeconfig.exists() {
-        assert!(Instant::now() < deadline, "weft server did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    started(&kubeconfig);
     answers(&kubeconfig, "the server");
     let text = std::fs::read_to_string(&kubeconfig).unwrap();
     let field = |name: &str| {

@@ -428,18 +428,12 @@ fn pods_run_under_containerd_networked_by_weft_cni_and_leave_nothing_behind() {
         "{csinode}"
     );
     node.kubectl(&["delete", "pod", "writer"], None);
-    wait_for("the writer gone", Duration::from_secs(60), || {
-        node.json(&["get", "pods", "-l", "app=writer"])["items"]
-            .as_array()
-            .is_some_and(Vec::is_empty)
-    });
-    node.kubectl(
-        &["apply", "-f", "-"],
-        Some(&claim_pod(
-            "reader",
-            r#"exec /weft-echo -listen=:5678 -text="read $(cat /data/note)""#,
-        )),
+    node.wait_gone("writer");
+    let reader_manifest = claim_pod(
+        "reader",
+        r#"exec /weft-echo -listen=:5678 -text="read $(cat /data/note)""#,
     );
+    node.kubectl(&["apply", "-f", "-"], Some(&reader_manifest));
     wait_for("the reader running", Duration::from_secs(60), || {
         node.running("app=reader").len() == 1
     });
@@ -462,11 +456,7 @@ fn pods_run_under_containerd_networked_by_weft_cni_and_leave_nothing_behind() {
     };
     let before = fs_bytes().expect("the staged volume");
     node.kubectl(&["delete", "pod", "reader"], None);
-    wait_for("the reader gone", Duration::from_secs(60), || {
-        node.json(&["get", "pods", "-l", "app=reader"])["items"]
-            .as_array()
-            .is_some_and(Vec::is_empty)
-    });
+    node.wait_gone("reader");
     node.kubectl(
         &[
             "patch",
@@ -485,13 +475,9 @@ fn pods_run_under_containerd_networked_by_weft_cni_and_leave_nothing_behind() {
     assert_eq!(pv["spec"]["capacity"]["storage"], "128Mi", "{pv}");
     // The pod alone: applying the claim's manifest again would ask for 64Mi again, a shrink
     // the API server refuses, as kube-apiserver does.
-    let again = claim_pod(
-        "reader",
-        r#"exec /weft-echo -listen=:5678 -text="read $(cat /data/note)""#,
-    );
-    let pod_only = again.rsplit("---").next().unwrap().to_owned();
+    let pod_only = reader_manifest.rsplit("---").next().unwrap().to_owned();
     node.kubectl(&["apply", "-f", "-"], Some(&pod_only));
-    let shrink = node.try_kubectl(&["apply", "-f", "-"], Some(&again));
+    let shrink = node.try_kubectl(&["apply", "-f", "-"], Some(&reader_manifest));
     assert!(
         shrink.contains("less than status.capacity"),
         "a shrink was not refused: {shrink}"

@@ -173,17 +173,15 @@ async fn measure(node: &Node, rounds: usize, burst: usize, label: &str) -> Figur
     eprintln!("{label}: {rounds} pods one at a time done");
     let names: Vec<String> = (0..burst).map(|i| format!("burst-{i}")).collect();
     let t0 = Instant::now();
-    let created = futures::future::join_all(names.iter().map(|n| {
+    futures::future::join_all(names.iter().map(|n| {
         let api = api.clone();
         async move {
             api.create(&PostParams::default(), &pod(n))
                 .await
-                .expect("create");
-            Instant::now()
+                .expect("create")
         }
     }))
     .await;
-    let _ = created;
     let ready = wait_all(&seen, &names, 180, |s, n| s.ready.get(n).copied()).await;
     f.start_burst = ready.iter().map(|r| ms(t0, *r)).collect();
     f.burst_all_ready = ready.iter().map(|r| ms(t0, *r)).fold(0.0, f64::max);
