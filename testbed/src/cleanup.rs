@@ -44,8 +44,10 @@ pub(crate) fn remove_stale() {
         }
     }
     for (dev, backing) in loop_devices() {
+        // A file on a test's tmpfs pool whose namespace is gone shows as `/weft-tb-.../...`.
         let name = backing
             .strip_prefix(std::env::temp_dir())
+            .or_else(|_| backing.strip_prefix("/"))
             .ok()
             .and_then(|p| p.components().next())
             .map(|c| c.as_os_str().to_string_lossy().into_owned());

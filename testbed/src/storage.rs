@@ -14,6 +14,8 @@ use crate::{Error, Result, cleanup};
 pub struct MountSandbox {
     dir: PathBuf,
     holder: Child,
+    /// Mount points of the sandbox's own tmpfs pools (not counted as mounts left behind).
+    pools: Vec<PathBuf>,
 }
 
 /// Makes a child die with the thread that started it (the test), so nothing outlives a crashed
@@ -53,7 +55,11 @@ impl MountSandbox {
             what: "starting unshare".into(),
             source,
         })?;
-        let sandbox = MountSandbox { dir, holder };
+        let sandbox = MountSandbox {
+            dir,
+            holder,
+            pools: Vec::new(),
+        };
         // Wait until the holder is inside its own namespace.
         let mine = std::fs::read_link("/proc/self/ns/mnt").ok();
         for _ in 0..500 {
@@ -73,6 +79,35 @@ impl MountSandbox {
     /// The scratch directory (visible both inside and outside the namespace).
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Mounts a tmpfs of `bytes` inside the namespace and returns a directory on it, as seen from
+    /// inside. A filesystem of the test's own makes free-space figures exact: what the machine's
+    /// other users write elsewhere does not move them. The directory is named after the sandbox, so
+    /// a loop device still backed by a file on it after the namespace is gone is recognisable.
+    pub fn tmpfs_pool(&mut self, bytes: u64) -> Result<PathBuf> {
+        let mount = self.dir.join(format!("pool{}", self.pools.len()));
+        let name = self.dir.file_name().unwrap_or_default().to_string_lossy();
+        let out = self.sh(&format!(
+            "mkdir -p {m} && mount -t tmpfs -o size={bytes},mode=0700 weft-test-pool {m} && mkdir {m}/{name}",
+            m = mount.display()
+        ))?;
+        if !out.status.success() {
+            return Err(Error::Io {
+                what: format!("mounting a tmpfs pool on {}", mount.display()),
+                source: std::io::Error::other(String::from_utf8_lossy(&out.stderr).into_owned()),
+            });
+        }
+        let dir = mount.join(&*name);
+        self.pools.push(mount);
+        Ok(dir)
+    }
+
+    /// The path through which the test (outside the namespace) sees `path` as the namespace does,
+    /// including what is on the namespace's own mounts.
+    pub fn outside(&self, path: &Path) -> PathBuf {
+        let rel = path.strip_prefix("/").unwrap_or(path);
+        PathBuf::from(format!("/proc/{}/root", self.pid())).join(rel)
     }
 
     /// The holder's pid.
@@ -110,7 +145,7 @@ impl MountSandbox {
         info.lines()
             .filter_map(|l| l.split(' ').nth(4))
             .map(PathBuf::from)
-            .filter(|p| p.starts_with(&self.dir))
+            .filter(|p| p.starts_with(&self.dir) && !self.pools.contains(p))
             .collect()
     }
 
@@ -128,6 +163,13 @@ impl Drop for MountSandbox {
     fn drop(&mut self) {
         let ns = PathBuf::from(format!("/proc/{}/ns/mnt", self.pid()));
         cleanup::kill_processes_in_ns(&ns, "mnt");
+        // Devices backed by files on a tmpfs pool lose their full path with the namespace: detach
+        // them while it still resolves (a mounted one is then cleared when its mount goes).
+        if !self.pools.is_empty() {
+            for d in self.loop_devices() {
+                cleanup::detach_loop(&d);
+            }
+        }
         let _ = self.holder.kill();
         let _ = self.holder.wait();
         // Filesystem volumes' devices clear themselves when the namespace's mounts go; anything

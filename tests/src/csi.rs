@@ -36,6 +36,8 @@ pub struct Driver {
     binary: PathBuf,
     child: Option<Child>,
     capacity: u64,
+    /// The state directory as the driver (inside the namespace) names it.
+    state: PathBuf,
     extra: Vec<String>,
     /// Identity client.
     pub identity: Identity,
@@ -46,16 +48,41 @@ pub struct Driver {
 }
 
 impl Driver {
-    /// Starts `binary` (weft-csi) in a new sandbox with a local pool of `capacity` bytes.
+    /// Starts `binary` (weft-csi) in a new sandbox with a local pool of `capacity` bytes, its state
+    /// on a tmpfs of the sandbox's own with a GiB to spare: GetCapacity, which the driver caps at
+    /// the host filesystem's free space, is then exactly the pool's arithmetic, however full the
+    /// machine's disk is.
     pub fn start(binary: &Path, label: &str, capacity: u64) -> Driver {
+        let mut sandbox = MountSandbox::new(label).expect("mount sandbox (run the tests as root)");
+        let state = sandbox
+            .tmpfs_pool(capacity + (1 << 30))
+            .expect("tmpfs pool")
+            .join("state");
+        Driver::launch_in(binary, sandbox, state, capacity, vec![])
+    }
+
+    /// Starts the driver with its state on the machine's disk (as the benchmark measures it).
+    pub fn start_on_disk(binary: &Path, label: &str, capacity: u64) -> Driver {
         let sandbox = MountSandbox::new(label).expect("mount sandbox (run the tests as root)");
         Driver::start_in(binary, sandbox, capacity, vec![])
     }
 
-    /// Starts the driver in an existing sandbox with extra command-line arguments.
+    /// Starts the driver in an existing sandbox, its state on disk, with extra command-line
+    /// arguments.
     pub fn start_in(
         binary: &Path,
         sandbox: MountSandbox,
+        capacity: u64,
+        extra: Vec<String>,
+    ) -> Driver {
+        let state = sandbox.dir().join("state");
+        Driver::launch_in(binary, sandbox, state, capacity, extra)
+    }
+
+    fn launch_in(
+        binary: &Path,
+        sandbox: MountSandbox,
+        state: PathBuf,
         capacity: u64,
         extra: Vec<String>,
     ) -> Driver {
@@ -63,13 +90,14 @@ impl Driver {
             .enable_all()
             .build()
             .unwrap();
-        let (child, channel) = launch(binary, &sandbox, &rt, capacity, &extra);
+        let (child, channel) = launch(binary, &sandbox, &state, &rt, capacity, &extra);
         Driver {
             sandbox,
             rt,
             binary: binary.to_path_buf(),
             child: Some(child),
             capacity,
+            state,
             extra,
             identity: Identity::new(channel.clone()),
             controller: Controller::new(channel.clone()),
@@ -82,9 +110,9 @@ impl Driver {
         self.sandbox.dir().join("csi.sock")
     }
 
-    /// The driver's state directory.
+    /// The driver's state directory, as the test (outside the namespace) reaches it.
     pub fn state(&self) -> PathBuf {
-        self.sandbox.dir().join("state")
+        self.sandbox.outside(&self.state)
     }
 
     /// A path for staging or publishing.
@@ -102,6 +130,7 @@ impl Driver {
         let (child, channel) = launch(
             &self.binary,
             &self.sandbox,
+            &self.state,
             &self.rt,
             self.capacity,
             &self.extra,
@@ -264,6 +293,7 @@ impl Drop for Driver {
 fn launch(
     binary: &Path,
     sandbox: &MountSandbox,
+    state: &Path,
     rt: &tokio::runtime::Runtime,
     capacity: u64,
     extra: &[String],
@@ -275,7 +305,7 @@ fn launch(
         .arg(format!("unix://{}", socket.display()))
         .args(["--node-id", NODE, "--capacity", &capacity.to_string()])
         .arg("--state-dir")
-        .arg(sandbox.dir().join("state"))
+        .arg(state)
         .args(extra)
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())

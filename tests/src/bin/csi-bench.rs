@@ -140,7 +140,7 @@ fn main() {
         .value("--json")
         .unwrap_or_else(|| "target/bench/csi.json".into());
     let binary = weft_binary("weft-csi");
-    let mut d = Driver::start(&binary, "csi-bench", 64 << 30);
+    let mut d = Driver::start_on_disk(&binary, "csi-bench", 64 << 30);
 
     println!(
         "weft-csi: create + stage + publish of a 1 GiB local volume ({rounds} rounds, interleaved)\n"
