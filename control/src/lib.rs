@@ -20,6 +20,7 @@ pub mod controllers;
 pub mod defaults;
 pub mod leader;
 pub mod listen;
+pub mod metrics;
 pub mod patch;
 pub mod protobuf;
 pub mod resources;

@@ -93,6 +93,33 @@ use k8s_openapi::api::{
     policy::v1 as policy, storage::v1 as storage,
 };
 
+/// `metrics.k8s.io`'s two read-only resources ([`crate::metrics`]): computed from the nodes'
+/// usage on each request, never stored, so they are not in [`RESOURCES`].
+pub static METRICS: &[Resource] = &[
+    resource!(
+        "metrics.k8s.io",
+        "v1beta1",
+        "nodes",
+        "",
+        "NodeMetrics",
+        false,
+        [],
+        false,
+        serde_json::Value
+    ),
+    resource!(
+        "metrics.k8s.io",
+        "v1beta1",
+        "pods",
+        "",
+        "PodMetrics",
+        true,
+        [],
+        false,
+        serde_json::Value
+    ),
+];
+
 /// Every resource served, in discovery order.
 pub static RESOURCES: &[Resource] = &[
     resource!(

@@ -422,7 +422,9 @@ fn discovery(parts: &[&str]) -> Option<Value> {
         ["api"] => Some(json!({"kind": "APIVersions", "versions": ["v1"],
             "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": ""}]})),
         ["apis"] => Some(json!({"kind": "APIGroupList", "apiVersion": "v1",
-            "groups": resources::groups().into_iter().map(|(g, v)| group(g, v)).collect::<Vec<_>>()})),
+            "groups": resources::groups().into_iter().map(|(g, v)| group(g, v))
+                .chain([crate::metrics::group()]).collect::<Vec<_>>()})),
+        ["apis", crate::metrics::GROUP, ..] => crate::metrics::discovery(parts),
         ["apis", g] => resources::groups()
             .into_iter()
             .find(|(name, _)| name == g)
@@ -717,6 +719,25 @@ async fn handle(
             .and_then(|review| auth::self_review(&store, &who, &parts, &review));
         return match answer {
             Ok(v) => json_response(StatusCode::CREATED, &v),
+            Err(e) => e.into_response(),
+        };
+    }
+    if let Some(m) = crate::metrics::parse(&parts) {
+        if method != Method::GET {
+            return ApiError::MethodNotAllowed.into_response();
+        }
+        let attributes = Attributes {
+            verb: m.verb(),
+            resource: m.resource,
+            subresource: None,
+            namespace: m.namespace.as_deref().unwrap_or(""),
+            name: m.name.as_deref().unwrap_or(""),
+        };
+        if let Err(e) = auth::authorize(&store, &who, &attributes, None) {
+            return e.into_response();
+        }
+        return match crate::metrics::serve(&store, api.kubelet.as_ref(), &m, &query).await {
+            Ok(v) => json_response(StatusCode::OK, &v),
             Err(e) => e.into_response(),
         };
     }
@@ -1031,23 +1052,7 @@ async fn proxy_log(
     let unreachable = |e: &dyn std::fmt::Display| {
         ApiError::Internal(format!("Get \"{scheme}://{target}{path}\": {e}"))
     };
-    let stream = weft_node::stream::dial(&target, tls)
-        .await
-        .map_err(|e| unreachable(&e))?;
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .map_err(|e| unreachable(&e))?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    let request = axum::http::Request::builder()
-        .uri(&path)
-        .header(header::HOST, &target)
-        .body(http_body_util::Empty::<Bytes>::new())
-        .map_err(|e| unreachable(&e))?;
-    let answer = sender
-        .send_request(request)
+    let answer = weft_node::stream::get(&target, &path, tls)
         .await
         .map_err(|e| unreachable(&e))?;
     let code = answer.status();
@@ -1079,6 +1084,16 @@ fn pod_node(store: &Store, ns: &str, name: &str) -> Result<(Value, String), ApiE
         )));
     }
     let node = store.get(nodes, "", node_name)?;
+    Ok((pod, node_endpoint(&node)?))
+}
+
+/// A Node's endpoint (`address:port`) as it advertises it: its first InternalIP (else
+/// ExternalIP, else Hostname) and its kubelet port.
+pub(crate) fn node_endpoint(node: &Value) -> Result<String, ApiError> {
+    let node_name = node
+        .pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .unwrap_or("");
     let addresses = node
         .pointer("/status/addresses")
         .and_then(Value::as_array)
@@ -1098,7 +1113,7 @@ fn pod_node(store: &Store, ns: &str, name: &str) -> Result<(Value, String), ApiE
         .pointer("/status/daemonEndpoints/kubeletEndpoint/Port")
         .and_then(Value::as_u64)
         .unwrap_or(10250);
-    Ok((pod, format!("{address}:{port}")))
+    Ok(format!("{address}:{port}"))
 }
 
 /// The container a request names (`container=`), or the pod's only one.

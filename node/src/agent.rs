@@ -170,8 +170,14 @@ pub async fn run(client: Client, config: Config) -> Result<(), NodeError> {
     let log_dir = agent.config.log_dir.clone();
     let cri = agent.cri.clone();
     let tls = agent.config.tls.clone();
+    let stats = Arc::new(crate::stats::Sampler::new(
+        cri.clone(),
+        &agent.config.node_name,
+        &agent.config.cgroup_parent,
+    ));
+    tokio::spawn(stats.clone().run());
     tokio::spawn(async move {
-        if let Err(e) = crate::server::serve(endpoint, log_dir, cri, tls).await {
+        if let Err(e) = crate::server::serve(endpoint, log_dir, cri, stats, tls).await {
             tracing::error!(%endpoint, error = %e, "the node's endpoint stopped");
         }
     });

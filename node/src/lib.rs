@@ -5,7 +5,8 @@
 //!
 //! Probes ([`probe`]) drive each container's readiness and restarts; the node's HTTP endpoint
 //! ([`server`]) serves container logs ([`logs`]) to the API server's `pods/log` and the
-//! runtime's exec/attach/port-forward streams ([`stream`]); pods' volumes are made on the node
+//! runtime's exec/attach/port-forward streams ([`stream`]) and the Summary API's resource usage
+//! ([`stats`]); pods' volumes are made on the node
 //! ([`volumes`]); a container's user and kubelet's runAsNonRoot check are in [`security`]. Claims are
 //! provisioned and mounted through weft-csi ([`csi`]).
 
@@ -18,6 +19,7 @@ pub mod logs;
 pub mod probe;
 pub mod security;
 pub mod server;
+pub mod stats;
 pub mod stream;
 pub mod volumes;
 

@@ -1,7 +1,8 @@
 //! The node's HTTP endpoint (kubelet's port, 10250 by default): `GET
 //! /containerLogs/{namespace}/{pod}/{container}` with the `pods/log` query, which the API server
 //! proxies `kubectl logs` to; `/exec`, `/attach` and `/portForward` ([`crate::stream`]), which
-//! it forwards `kubectl exec`, `attach`, `cp` and `port-forward` to; and `/healthz`.
+//! it forwards `kubectl exec`, `attach`, `cp` and `port-forward` to; `/stats/summary`
+//! ([`crate::stats`]), which `metrics.k8s.io` reads; and `/healthz`.
 //!
 //! With TLS (`weft node --tls-cert-file ... --client-ca-file ...`, as `weft up` runs it) every
 //! request needs a client certificate of the cluster's CA naming a member of `system:masters`:
@@ -20,13 +21,29 @@ use axum::{
     routing::get,
 };
 
-use crate::{agent::Cri, logs, stream};
+use crate::{agent::Cri, logs, stats::Sampler, stream};
 
 /// What the endpoint serves from.
 #[derive(Clone, Debug)]
 struct Ctx {
     log_dir: PathBuf,
     cri: Cri,
+    stats: Arc<Sampler>,
+}
+
+async fn summary(State(ctx): State<Ctx>) -> Response {
+    match ctx.stats.summary().await {
+        Ok(s) => (
+            [(axum::http::header::CONTENT_TYPE, "application/json")],
+            serde_json::to_vec(&s).unwrap_or_default(),
+        )
+            .into_response(),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("container stats from the runtime: {}\n", e.message()),
+        )
+            .into_response(),
+    }
 }
 
 fn query(q: &HashMap<String, String>) -> logs::Query {
@@ -136,10 +153,12 @@ pub async fn serve(
     addr: SocketAddr,
     log_dir: PathBuf,
     cri: Cri,
+    stats: Arc<Sampler>,
     tls: Option<Arc<rustls::ServerConfig>>,
 ) -> std::io::Result<()> {
     let app = Router::new()
         .route("/healthz", get(|| async { "ok" }))
+        .route("/stats/summary", get(summary))
         .route("/containerLogs/{ns}/{pod}/{container}", get(container_logs))
         .route("/exec/{ns}/{pod}/{container}", get(exec).post(exec))
         .route("/attach/{ns}/{pod}/{container}", get(attach).post(attach))
@@ -147,7 +166,11 @@ pub async fn serve(
             "/portForward/{ns}/{pod}",
             get(port_forward).post(port_forward),
         )
-        .with_state(Ctx { log_dir, cri });
+        .with_state(Ctx {
+            log_dir,
+            cri,
+            stats,
+        });
     let listener = tokio::net::TcpListener::bind(addr).await?;
     match tls {
         Some(config) => {

@@ -62,6 +62,32 @@ pub async fn dial(
     Ok(Box::new(stream))
 }
 
+/// Sends `GET {path}` to the node endpoint `target` (over TLS with `tls`) and returns its
+/// answer, whose body streams as it comes.
+pub async fn get(
+    target: &str,
+    path: &str,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+) -> Result<hyper::Response<hyper::body::Incoming>, String> {
+    let stream = dial(target, tls).await.map_err(|e| e.to_string())?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|e| e.to_string())?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let request = hyper::Request::builder()
+        .uri(path)
+        .header(hyper::header::HOST, target)
+        .body(http_body_util::Empty::<axum::body::Bytes>::new())
+        .map_err(|e| e.to_string())?;
+    sender
+        .send_request(request)
+        .await
+        .map_err(|e| e.to_string())
+}
+
 /// Forwards the upgrade request `req` to `{target}{path}` (over TLS with `tls`) and, once the
 /// target switches protocols, splices the client's connection to the target's. Any other
 /// answer is returned as it came. Errors reaching the target are a 502 with the reason.

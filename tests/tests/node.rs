@@ -117,6 +117,104 @@ spec:
     env: [{name: X, valueFrom: {configMapKeyRef: {name: no-such-config, key: k}}}]
 "#;
 
+/// A busy loop held to 200m by its CPU limit.
+const BURNER: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: burner, namespace: default, labels: {app: burner}}
+spec:
+  containers:
+  - name: spin
+    image: weft/echo:dev
+    imagePullPolicy: Never
+    command: [sh, -c, "while :; do :; done"]
+    resources: {limits: {cpu: 200m, memory: 32Mi}}
+"#;
+
+/// A quantity kubectl top prints (`198m`, `3Mi`) as millicores or MiB.
+fn top_number(field: &str, unit: &str) -> u64 {
+    field
+        .strip_suffix(unit)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{field:?} is not a number of {unit}"))
+}
+
+/// `kubectl top` through metrics.k8s.io, which the API server makes from the node's
+/// `/stats/summary` (CRI ListContainerStats and the node's cgroup): the busy loop shows about
+/// its 200m limit, the idle echo servers far less, and the node at least what its pods use.
+fn kubectl_top(node: &Node) {
+    node.kubectl(&["apply", "-f", "-"], Some(BURNER));
+    wait_for("the burner running", Duration::from_secs(60), || {
+        node.running("app=burner").len() == 1
+    });
+    let top = |args: &[&str]| {
+        let out = weft_tests::kubectl_output(node.host(), &node.kubeconfig(), args, None);
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    };
+    let mut line = String::new();
+    wait_for("kubectl top pod burner", Duration::from_secs(60), || {
+        line = top(&["top", "pod", "burner", "--no-headers"]).unwrap_or_default();
+        !line.is_empty()
+    });
+    // A second sample a few seconds on: the rate is over at least that long.
+    std::thread::sleep(Duration::from_secs(3));
+    let line = top(&["top", "pod", "burner", "--no-headers"])
+        .unwrap_or_else(|e| panic!("kubectl top pod: {e}"));
+    let f: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(f.first(), Some(&"burner"), "{line}");
+    let cpu = top_number(f[1], "m");
+    assert!(
+        (50..=300).contains(&cpu),
+        "a spinning 200m container: {line}"
+    );
+    assert!(top_number(f[2], "Mi") < 32, "{line}");
+
+    let hello = top(&[
+        "top",
+        "pod",
+        "-l",
+        "app=hello",
+        "--containers",
+        "--no-headers",
+    ])
+    .unwrap_or_else(|e| {
+        let raw = top(&[
+            "get",
+            "--raw",
+            "/apis/metrics.k8s.io/v1beta1/namespaces/default/pods",
+        ]);
+        panic!("kubectl top pod -l: {e}\n{raw:?}")
+    });
+    let rows: Vec<Vec<&str>> = hello
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(rows.len(), 2, "{hello}");
+    for r in &rows {
+        assert_eq!(r[1], "echo", "{hello}");
+        assert!(top_number(r[2], "m") < 50, "idle echo servers: {hello}");
+    }
+
+    let nodes =
+        top(&["top", "node", "--no-headers"]).unwrap_or_else(|e| panic!("kubectl top node: {e}"));
+    let f: Vec<&str> = nodes.split_whitespace().collect();
+    assert!(f.len() >= 5 && f[2].ends_with('%'), "{nodes}");
+    assert!(
+        top_number(f[1], "m") >= 50,
+        "the node's pods include the burner: {nodes}"
+    );
+    assert!(top_number(f[3], "Mi") > 0, "{nodes}");
+
+    node.kubectl(
+        &["delete", "pod", "burner", "--grace-period=0", "--force"],
+        None,
+    );
+}
+
 /// The pid of the weft-echo process of the pod `uid`.
 fn echo_pid(node: &Node, uid: &str) -> Option<String> {
     let base = PathBuf::from("/sys/fs/cgroup/memory")
@@ -322,6 +420,8 @@ fn pods_run_under_containerd_networked_by_weft_cni_and_leave_nothing_behind() {
         let reply = port_forward(&node, &target, port);
         assert!(reply.contains("hello from a real pod"), "{target}: {reply}");
     }
+
+    kubectl_top(&node);
 
     // The node's Events read like kubelet's in kubectl describe.
     let describe = node.kubectl(&["describe", "pod", first], None);
