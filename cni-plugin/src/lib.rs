@@ -3,13 +3,14 @@
 //!
 //! Owns: the CNI protocol (environment, config, results, error codes: [`env`], [`config`],
 //! [`result`], [`error`]), address allocation ([`ipam`]), wiring pods into a node's network
-//! ([`plugin`]), masquerade of traffic leaving the cluster ([`masq`]), and the VXLAN overlay between nodes ([`overlay`], run by `weft-overlay`). Does not own: namespace and netlink primitives (`weft-netns`), or deciding which
+//! ([`plugin`], over the kernel seam in `links`), masquerade of traffic leaving the cluster ([`masq`]), and the VXLAN overlay between nodes ([`overlay`], run by `weft-overlay`). Does not own: namespace and netlink primitives (`weft-netns`), or deciding which
 //! pods exist (the runtime or weft's node agent calls the plugin).
 
 pub mod config;
 pub mod env;
 pub mod error;
 pub mod ipam;
+mod links;
 pub mod masq;
 pub mod overlay;
 pub mod plugin;

@@ -10,13 +10,14 @@ use std::{
 
 use ipnet::{IpNet, Ipv4Net};
 use weft_bpf::pins::PinLayout;
-use weft_netns::{LinkInfo, NetNs, Netlink};
+use weft_netns::{LinkInfo, NetNs};
 
 use crate::{
     config::{self, LATEST_VERSION, NetConf, SUPPORTED_VERSIONS},
     env::{Command, Env},
     error::{CniError, Error, Result},
     ipam::{Pool, Store},
+    links::{Kernel, Links},
     result::{CniResult, Interface, IpConfig, Route},
 };
 
@@ -106,21 +107,39 @@ fn open_netns(path: &Path) -> Result<NetNs> {
 }
 
 async fn add(env: &Env, conf: &NetConf) -> Result<CniResult> {
-    let (cid, ifname) = (env.container_id(), env.ifname());
     let netns_path = env.netns.as_deref().expect("validated: ADD has CNI_NETNS");
     let netns = open_netns(netns_path)?;
-    let host_ns = NetNs::current()?;
-    if netns.same_as(&host_ns)? {
+    if netns.same_as(&NetNs::current()?)? {
         return Err(Error::env(format!(
             "CNI_NETNS {} is the plugin's own network namespace",
             netns_path.display()
         )));
     }
+    let host = Kernel::current().await?;
+    let pod = Kernel::of(netns).await?;
+    add_with(
+        conf,
+        env.container_id(),
+        env.ifname(),
+        netns_path,
+        &host,
+        &pod,
+    )
+    .await
+}
+
+/// ADD, between the node's namespace `host` and the pod's `pod` (at `netns_path`).
+async fn add_with<L: Links>(
+    conf: &NetConf,
+    cid: &str,
+    ifname: &str,
+    netns_path: &Path,
+    host: &L,
+    pod: &L,
+) -> Result<CniResult> {
     let pool = Pool::from_conf(&conf.ipam)?;
     let store = Store::open(&conf.ipam.data_dir, &conf.name)?;
-    let hnl = Netlink::connect_current().await?;
-    let cnl = Netlink::connect(&netns).await?;
-    if cnl.link_by_name(ifname).await?.is_some() {
+    if pod.link_by_name(ifname).await?.is_some() {
         return Err(Error::internal(format!(
             "interface {ifname} already exists in {}",
             netns_path.display()
@@ -134,16 +153,15 @@ async fn add(env: &Env, conf: &NetConf) -> Result<CniResult> {
         ip,
         host_veth: &host_veth,
         ifname,
-        host: &hnl,
-        pod: &cnl,
-        netns: &netns,
+        host,
+        pod,
         netns_path,
     };
     match wire(&attachment).await {
         Ok(result) => chain(conf, result),
         Err(e) => {
             // Undo: deleting the host end removes the pod end too.
-            if let Err(u) = hnl.delete_link_by_name(&host_veth).await {
+            if let Err(u) = host.delete_link_by_name(&host_veth).await {
                 tracing::warn!(interface = host_veth, error = %u, "undoing failed ADD");
             }
             if let Err(u) = store.release(cid, ifname) {
@@ -176,7 +194,7 @@ fn chain(conf: &NetConf, mut ours: CniResult) -> Result<CniResult> {
 }
 
 /// The MTU for pods: configured, else the overlay device's, else the default route's interface's.
-async fn pod_mtu(conf: &NetConf, hnl: &Netlink) -> Result<u32> {
+async fn pod_mtu(conf: &NetConf, hnl: &impl Links) -> Result<u32> {
     if let Some(mtu) = conf.mtu {
         return Ok(mtu);
     }
@@ -198,7 +216,7 @@ async fn pod_mtu(conf: &NetConf, hnl: &Netlink) -> Result<u32> {
 }
 
 /// Creates the bridge with the gateway address if missing; returns it, up.
-async fn ensure_bridge(hnl: &Netlink, name: &str, gateway: IpNet, mtu: u32) -> Result<LinkInfo> {
+async fn ensure_bridge(hnl: &impl Links, name: &str, gateway: IpNet, mtu: u32) -> Result<LinkInfo> {
     let bridge = match hnl.link_by_name(name).await? {
         Some(b) => b,
         None => {
@@ -234,9 +252,8 @@ async fn ensure_bridge(hnl: &Netlink, name: &str, gateway: IpNet, mtu: u32) -> R
     Ok(bridge)
 }
 
-#[allow(clippy::too_many_arguments)]
 /// One pod interface being wired by ADD: what it is made from and where.
-struct Attachment<'a> {
+struct Attachment<'a, L> {
     conf: &'a NetConf,
     pool: &'a Pool,
     /// The pod's address, allocated from `pool`.
@@ -245,15 +262,14 @@ struct Attachment<'a> {
     host_veth: &'a str,
     /// The pod end's name (`CNI_IFNAME`).
     ifname: &'a str,
-    /// Netlink in the host's namespace.
-    host: &'a Netlink,
-    /// Netlink in the pod's namespace.
-    pod: &'a Netlink,
-    netns: &'a NetNs,
+    /// The host's namespace.
+    host: &'a L,
+    /// The pod's namespace.
+    pod: &'a L,
     netns_path: &'a Path,
 }
 
-async fn wire(a: &Attachment<'_>) -> Result<CniResult> {
+async fn wire<L: Links>(a: &Attachment<'_, L>) -> Result<CniResult> {
     let Attachment {
         conf,
         pool,
@@ -262,7 +278,6 @@ async fn wire(a: &Attachment<'_>) -> Result<CniResult> {
         ifname,
         host: hnl,
         pod: cnl,
-        netns,
         netns_path,
     } = *a;
     let prefix = pool.subnet.prefix_len();
@@ -270,7 +285,7 @@ async fn wire(a: &Attachment<'_>) -> Result<CniResult> {
     let gw_net = IpNet::V4(Ipv4Net::new(pool.gateway, prefix).expect("prefix from a valid subnet"));
     let bridge = ensure_bridge(hnl, &conf.bridge, gw_net, mtu).await?;
 
-    hnl.add_veth(host_veth, ifname, Some(netns), Some(mtu))
+    hnl.add_veth_to(host_veth, ifname, cnl, mtu)
         .await
         .map_err(|e| {
             if e.errno() == Some(EEXIST) {
@@ -304,7 +319,7 @@ async fn wire(a: &Attachment<'_>) -> Result<CniResult> {
         // A pod attached twice keeps its first interface's default route; this attachment then
         // adds none and does not report one.
         match cnl
-            .add_route_v4(default.dst, Some(pool.gateway), Some(pod.index), false)
+            .add_route_v4(default.dst, Some(pool.gateway), Some(pod.index))
             .await
         {
             Ok(()) => routes.push(default),
@@ -322,11 +337,12 @@ async fn wire(a: &Attachment<'_>) -> Result<CniResult> {
                 ));
             }
         };
-        cnl.add_route_v4(r.dst, Some(gw), Some(pod.index), false)
-            .await?;
+        cnl.add_route_v4(r.dst, Some(gw), Some(pod.index)).await?;
         routes.push(r.clone());
     }
-    enable_forwarding()?;
+    // Routing between pods and beyond the node needs IPv4 forwarding in the node's namespace.
+    hnl.enable_forwarding()
+        .map_err(|e| Error::io("enabling", Path::new("/proc/sys/net/ipv4/ip_forward"), e))?;
     if conf.ip_masq {
         let cluster = conf.cluster_cidr.unwrap_or(pool.subnet);
         if crate::masq::ensure(&conf.name, pool.subnet, cluster)? {
@@ -366,35 +382,32 @@ async fn wire(a: &Attachment<'_>) -> Result<CniResult> {
     })
 }
 
-/// Routing between pods and beyond the node needs IPv4 forwarding in the node's namespace.
-fn enable_forwarding() -> Result<()> {
-    const PATH: &str = "/proc/sys/net/ipv4/ip_forward";
-    let on = std::fs::read_to_string(PATH)
-        .map(|s| s.trim() == "1")
-        .unwrap_or(false);
-    if !on {
-        std::fs::write(PATH, "1").map_err(|e| Error::io("enabling", Path::new(PATH), e))?;
-    }
-    Ok(())
+async fn del(env: &Env, conf: &NetConf) -> Result<()> {
+    del_with(
+        conf,
+        env.container_id(),
+        env.ifname(),
+        &Kernel::current().await?,
+    )
+    .await
 }
 
-async fn del(env: &Env, conf: &NetConf) -> Result<()> {
-    let (cid, ifname) = (env.container_id(), env.ifname());
+/// DEL, in the node's namespace `host`.
+async fn del_with(conf: &NetConf, cid: &str, ifname: &str, host: &impl Links) -> Result<()> {
     // The reservation goes whatever state the rest is in (D-2).
     let store = Store::open(&conf.ipam.data_dir, &conf.name)?;
     store.release(cid, ifname)?;
     // Deleting the host end removes the pod end with it; the pod side is never touched directly,
     // so a DEL after an ADD that failed on a taken ifname cannot remove someone else's interface.
-    let hnl = Netlink::connect_current().await?;
+    let veth = host_veth_name(cid, ifname);
     if let Some(dir) = &conf.policy_pin_dir
-        && let Some(link) = hnl.link_by_name(&host_veth_name(cid, ifname)).await?
+        && let Some(link) = host.link_by_name(&veth).await?
     {
         for ingress in [true, false] {
             let _ = std::fs::remove_file(PinLayout::new(dir).policy_link(link.index, ingress));
         }
     }
-    hnl.delete_link_by_name(&host_veth_name(cid, ifname))
-        .await?;
+    host.delete_link_by_name(&veth).await?;
     Ok(())
 }
 
@@ -438,11 +451,32 @@ fn attach_policy(dir: &std::path::Path, ifindex: u32) -> Result<()> {
 }
 
 async fn check(env: &Env, conf: &NetConf) -> Result<()> {
-    let (cid, ifname) = (env.container_id(), env.ifname());
     let netns_path = env
         .netns
         .as_deref()
         .expect("validated: CHECK has CNI_NETNS");
+    let pod = Kernel::of(open_netns(netns_path)?).await?;
+    let host = Kernel::current().await?;
+    check_with(
+        conf,
+        env.container_id(),
+        env.ifname(),
+        netns_path,
+        &host,
+        &pod,
+    )
+    .await
+}
+
+/// CHECK, between the node's namespace `host` and the pod's `cnl` (at `netns_path`).
+async fn check_with<L: Links>(
+    conf: &NetConf,
+    cid: &str,
+    ifname: &str,
+    netns_path: &Path,
+    hnl: &L,
+    cnl: &L,
+) -> Result<()> {
     let prev = conf
         .prev_result
         .clone()
@@ -459,8 +493,6 @@ async fn check(env: &Env, conf: &NetConf) -> Result<()> {
                 "prevResult has no interface {ifname} in sandbox {sandbox}"
             ))
         })?;
-    let netns = open_netns(netns_path)?;
-    let cnl = Netlink::connect(&netns).await?;
     let pod = cnl
         .link_by_name(ifname)
         .await?
@@ -504,7 +536,6 @@ async fn check(env: &Env, conf: &NetConf) -> Result<()> {
             )));
         }
     }
-    let hnl = Netlink::connect_current().await?;
     let host_veth = host_veth_name(cid, ifname);
     let host = hnl
         .link_by_name(&host_veth)
@@ -556,13 +587,17 @@ fn status(conf: &NetConf) -> Result<()> {
 }
 
 async fn gc(conf: &NetConf) -> Result<()> {
+    gc_with(conf, &Kernel::current().await?).await
+}
+
+/// GC, in the node's namespace `hnl`.
+async fn gc_with(conf: &NetConf, hnl: &impl Links) -> Result<()> {
     // Without the list the runtime has not said what is valid; removing everything would be wrong.
     let Some(valid) = &conf.valid_attachments else {
         return Ok(());
     };
     let store = Store::open(&conf.ipam.data_dir, &conf.name)?;
     let released = store.gc(valid)?;
-    let hnl = Netlink::connect_current().await?;
     let mut errors = Vec::new();
     for (ip, owner) in &released {
         tracing::info!(%ip, container = owner.container_id, ifname = owner.ifname, "gc: released");
@@ -642,5 +677,270 @@ mod tests {
             Error::NoPodCidr("/x".into()).to_cni("1.1.0").code,
             crate::error::code::TRY_AGAIN
         );
+    }
+
+    /// ADD, DEL, CHECK and GC against the in-memory kernel: the plugin's logic without root.
+    mod with_a_fake_kernel {
+        use super::*;
+        use crate::links::fake::Fake;
+
+        fn block<T>(f: impl std::future::Future<Output = T>) -> T {
+            tokio::runtime::Builder::new_current_thread()
+                .build()
+                .unwrap()
+                .block_on(f)
+        }
+
+        /// A configuration whose IPAM state is in a fresh directory (removed on drop).
+        struct Setup {
+            conf: NetConf,
+            dir: PathBuf,
+            host: Fake,
+            pod: Fake,
+        }
+
+        impl Drop for Setup {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_dir_all(&self.dir);
+            }
+        }
+
+        use std::path::PathBuf;
+
+        fn setup(name: &str, extra: serde_json::Value) -> Setup {
+            let dir =
+                std::env::temp_dir().join(format!("weft-cni-unit-{}-{name}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            let mut v = serde_json::json!({
+                "cniVersion": "1.1.0", "name": "weftnet", "type": "weft-cni", "bridge": "weft0",
+                "isDefaultGateway": true,
+                "ipam": {"subnet": "10.244.0.0/29", "dataDir": dir},
+            });
+            for (k, x) in extra.as_object().into_iter().flatten() {
+                v[k] = x.clone();
+            }
+            let host = Fake::new();
+            let pod = host.namespace(1);
+            Setup {
+                conf: NetConf::from_value(v).unwrap(),
+                dir,
+                host,
+                pod,
+            }
+        }
+
+        const NETNS: &str = "/run/netns/pod";
+
+        impl Setup {
+            fn add(&self, cid: &str) -> Result<CniResult> {
+                block(add_with(
+                    &self.conf,
+                    cid,
+                    "eth0",
+                    Path::new(NETNS),
+                    &self.host,
+                    &self.pod,
+                ))
+            }
+            fn free(&self) -> usize {
+                let pool = Pool::from_conf(&self.conf.ipam).unwrap();
+                Store::open(&self.conf.ipam.data_dir, &self.conf.name)
+                    .unwrap()
+                    .free(&pool)
+                    .unwrap() as usize
+            }
+            fn reserved(&self, cid: &str) -> Option<Ipv4Addr> {
+                Store::open(&self.conf.ipam.data_dir, &self.conf.name)
+                    .unwrap()
+                    .lookup(cid, "eth0")
+                    .unwrap()
+            }
+        }
+
+        #[test]
+        fn add_wires_a_bridge_port_the_pod_end_its_address_and_default_route() {
+            let s = setup("add", serde_json::json!({"mtu": 1400, "hairpinMode": true}));
+            let r = s.add("c1").unwrap();
+            let host = s.host.links();
+            let bridge = host.iter().find(|l| l.info.name == "weft0").unwrap();
+            assert_eq!(bridge.info.kind.as_deref(), Some("bridge"));
+            assert!(bridge.info.up);
+            assert_eq!(
+                bridge.addrs,
+                vec!["10.244.0.1/29".parse::<IpNet>().unwrap()]
+            );
+            let veth = host
+                .iter()
+                .find(|l| l.info.name == host_veth_name("c1", "eth0"))
+                .unwrap();
+            assert_eq!(veth.info.controller, Some(bridge.info.index));
+            assert!(veth.info.up && veth.hairpin);
+            assert_eq!(veth.info.mtu, Some(1400));
+            let pod = s.pod.links();
+            assert_eq!(pod.len(), 1);
+            assert_eq!(pod[0].info.name, "eth0");
+            assert_eq!(pod[0].peer, Some(veth.info.index));
+            assert_eq!(
+                pod[0].addrs,
+                vec!["10.244.0.2/29".parse::<IpNet>().unwrap()]
+            );
+            let routes = s.pod.routes();
+            assert_eq!(routes.len(), 1);
+            assert_eq!(routes[0].dst.prefix_len(), 0);
+            assert_eq!(routes[0].gateway, Some("10.244.0.1".parse().unwrap()));
+            assert_eq!(s.host.state.borrow().forwarding, vec![0]);
+            // The result names the three interfaces, the pod's address on the third.
+            let names: Vec<&str> = r.interfaces.iter().map(|i| i.name.as_str()).collect();
+            assert_eq!(names, ["weft0", veth.info.name.as_str(), "eth0"]);
+            assert_eq!(r.interfaces[2].sandbox.as_deref(), Some(NETNS));
+            assert_eq!(r.ips[0].interface, Some(2));
+            assert_eq!(r.ips[0].address.to_string(), "10.244.0.2/29");
+            assert_eq!(s.reserved("c1"), Some("10.244.0.2".parse().unwrap()));
+            // CHECK agrees with what ADD made.
+            let mut conf = s.conf.clone();
+            conf.prev_result = Some(serde_json::to_value(&r).unwrap());
+            block(check_with(
+                &conf,
+                "c1",
+                "eth0",
+                Path::new(NETNS),
+                &s.host,
+                &s.pod,
+            ))
+            .unwrap();
+        }
+
+        #[test]
+        fn a_failed_add_leaves_no_interface_and_no_reservation() {
+            for op in ["add route", "set up", "add address", "set controller"] {
+                let s = setup(
+                    &format!("fail-{}", op.replace(' ', "-")),
+                    serde_json::json!({}),
+                );
+                let free = s.free();
+                // The first such request fails, in whichever namespace it is made.
+                s.host.fail_next(op);
+                let e = s.add("c1").unwrap_err();
+                assert!(e.to_string().contains(op), "{op}: {e}");
+                let veths: Vec<_> = s
+                    .host
+                    .links()
+                    .into_iter()
+                    .filter(|l| l.info.kind.as_deref() == Some("veth"))
+                    .collect();
+                assert!(veths.is_empty(), "{op}: host veth left: {veths:?}");
+                assert!(s.pod.links().is_empty(), "{op}: pod end left");
+                assert!(s.pod.routes().is_empty(), "{op}: route left");
+                assert_eq!(s.reserved("c1"), None, "{op}: address kept");
+                assert_eq!(s.free(), free, "{op}");
+                s.add("c2").unwrap();
+            }
+        }
+
+        #[test]
+        fn add_refuses_a_taken_ifname_without_allocating_or_touching_it() {
+            let s = setup("taken", serde_json::json!({}));
+            block(s.pod.add_bridge("eth0", None)).unwrap();
+            let e = s.add("c1").unwrap_err();
+            assert!(e.to_string().contains("already exists"), "{e}");
+            assert_eq!(s.reserved("c1"), None);
+            assert_eq!(s.pod.links().len(), 1, "the pod's own eth0 stays");
+            // DEL of the failed attachment does not remove the pod's interface either.
+            block(del_with(&s.conf, "c1", "eth0", &s.host)).unwrap();
+            assert_eq!(s.pod.links().len(), 1);
+        }
+
+        #[test]
+        fn del_removes_both_ends_and_the_reservation_and_is_idempotent() {
+            let s = setup("del", serde_json::json!({}));
+            s.add("c1").unwrap();
+            let pod2 = s.host.namespace(2);
+            block(add_with(
+                &s.conf,
+                "c2",
+                "eth0",
+                Path::new(NETNS),
+                &s.host,
+                &pod2,
+            ))
+            .unwrap();
+            block(del_with(&s.conf, "c1", "eth0", &s.host)).unwrap();
+            block(del_with(&s.conf, "c1", "eth0", &s.host)).unwrap();
+            assert_eq!(s.reserved("c1"), None);
+            assert!(s.reserved("c2").is_some());
+            let names: Vec<String> = s.host.links().into_iter().map(|l| l.info.name).collect();
+            assert!(!names.contains(&host_veth_name("c1", "eth0")), "{names:?}");
+            assert!(names.contains(&host_veth_name("c2", "eth0")), "{names:?}");
+            assert!(
+                s.pod.links().is_empty(),
+                "c1's pod end went with its host end"
+            );
+            assert_eq!(pod2.links().len(), 1, "c2's stays");
+        }
+
+        #[test]
+        fn gc_releases_and_unwires_what_the_runtime_no_longer_lists() {
+            let s = setup("gc", serde_json::json!({}));
+            let pods: Vec<Fake> = (1..=3).map(|i| s.host.namespace(i)).collect();
+            for (i, p) in pods.iter().enumerate() {
+                let cid = format!("c{i}");
+                block(add_with(
+                    &s.conf,
+                    &cid,
+                    "eth0",
+                    Path::new(NETNS),
+                    &s.host,
+                    p,
+                ))
+                .unwrap();
+            }
+            // Without validAttachments GC removes nothing.
+            block(gc_with(&s.conf, &s.host)).unwrap();
+            assert!(s.reserved("c0").is_some());
+            let mut conf = s.conf.clone();
+            conf.valid_attachments = Some(vec![crate::config::Attachment {
+                container_id: "c1".into(),
+                ifname: "eth0".into(),
+            }]);
+            block(gc_with(&conf, &s.host)).unwrap();
+            assert_eq!(
+                (s.reserved("c0"), s.reserved("c2")),
+                (None, None),
+                "stale reservations released"
+            );
+            assert!(s.reserved("c1").is_some());
+            assert!(pods[0].links().is_empty() && pods[2].links().is_empty());
+            assert_eq!(pods[1].links().len(), 1);
+        }
+
+        #[test]
+        fn an_existing_bridge_is_reused_and_a_non_bridge_of_its_name_refused() {
+            let s = setup("bridge", serde_json::json!({}));
+            s.add("c1").unwrap();
+            let pod2 = s.host.namespace(2);
+            block(add_with(
+                &s.conf,
+                "c2",
+                "eth0",
+                Path::new(NETNS),
+                &s.host,
+                &pod2,
+            ))
+            .unwrap();
+            let bridges = s
+                .host
+                .links()
+                .into_iter()
+                .filter(|l| l.info.name == "weft0")
+                .count();
+            assert_eq!(bridges, 1);
+
+            let s = setup("notbridge", serde_json::json!({}));
+            let p = s.pod.clone();
+            block(s.host.add_veth_to("weft0", "x", &p, 1500)).unwrap();
+            let e = s.add("c1").unwrap_err();
+            assert!(e.to_string().contains("not a bridge"), "{e}");
+            assert_eq!(s.reserved("c1"), None);
+        }
     }
 }

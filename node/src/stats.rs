@@ -572,14 +572,26 @@ mod tests {
             core_ns: core,
         };
         assert_eq!(r.rate("x", at(0.0, 0)), None);
-        assert_eq!(r.rate("x", at(0.5, 250_000_000)), None, "half a second: no rate yet");
+        assert_eq!(
+            r.rate("x", at(0.5, 250_000_000)),
+            None,
+            "half a second: no rate yet"
+        );
         assert_eq!(r.rate("x", at(1.0, 500_000_000)), Some(500_000_000));
         // Asked again at once, and again and again: rated against the reading before.
         assert_eq!(r.rate("x", at(1.0, 500_000_000)), Some(500_000_000));
         assert_eq!(r.rate("x", at(1.5, 500_000_000)), Some(333_333_333));
         assert_eq!(r.rate("x", at(2.0, 1_500_000_000)), Some(1_000_000_000));
-        assert_eq!(r.rate("x", at(2.0, 10)), None, "a counter reset starts over");
-        assert_eq!(r.rate("x", at(1.0, 20)), None, "time going back starts over");
+        assert_eq!(
+            r.rate("x", at(2.0, 10)),
+            None,
+            "a counter reset starts over"
+        );
+        assert_eq!(
+            r.rate("x", at(1.0, 20)),
+            None,
+            "time going back starts over"
+        );
     }
 
     #[test]
