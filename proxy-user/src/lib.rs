@@ -7,7 +7,7 @@
 //! What it does: per-interface packet/byte counters ([`counters`]); service load balancing for
 //! ClusterIP, externalIPs, LoadBalancer IPs and NodePort at the socket level ([`socklb`]) and
 //! per packet at TC for traffic from outside the node and for pods when socket LB is off
-//! ([`tcx`], [`services`]: DNAT, SNAT to remote backends, hairpin, RST refusal), with Maglev
+//! ([`tcx`], [`services`] over the map seam in [`maps`]: DNAT, SNAT to remote backends, hairpin, RST refusal), with Maglev
 //! backend selection ([`maglev`]), session affinity and the internal/external traffic
 //! policies ([`model`]); NetworkPolicy compiled incrementally into per-pod rule maps
 //! ([`policy`], [`policymap`]) with flow events ([`flowlog`]); Prometheus metrics
@@ -21,6 +21,7 @@ pub mod flowlog;
 pub mod kube_source;
 pub mod maglev;
 pub mod manifests;
+pub mod maps;
 pub mod metrics;
 pub mod model;
 pub mod object;

@@ -21,6 +21,7 @@ use weft_proxy_common::{
 use crate::{
     Error, Result,
     bpffs::PinLayout,
+    maps::KvMap,
     model::{BackendAddr, Desired, Frontend, FrontendState},
 };
 
@@ -134,12 +135,27 @@ impl std::fmt::Debug for NodeMap {
     }
 }
 
+/// The service, backend and Maglev maps, for [`ServiceMaps::with_maps`].
+pub struct Maps {
+    /// Frontend → backend set.
+    pub services: Box<dyn KvMap<ServiceKey, ServiceValue>>,
+    /// (set, slot) → backend.
+    pub backends: Box<dyn KvMap<BackendKey, Backend>>,
+    /// (set, index) → Maglev choice.
+    pub maglev: Box<dyn KvMap<MaglevKey, FlowTarget>>,
+}
+
+impl std::fmt::Debug for Maps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Maps")
+    }
+}
+
 /// The service and backend maps, and what is programmed in them.
-#[derive(Debug)]
 pub struct ServiceMaps {
-    services: HashMap<MapData, ServiceKey, ServiceValue>,
-    backends: HashMap<MapData, BackendKey, Backend>,
-    maglev: HashMap<MapData, MaglevKey, FlowTarget>,
+    services: Box<dyn KvMap<ServiceKey, ServiceValue>>,
+    backends: Box<dyn KvMap<BackendKey, Backend>>,
+    maglev: Box<dyn KvMap<MaglevKey, FlowTarget>>,
     node: Option<NodeMap>,
     current: BTreeMap<Frontend, Programmed>,
     /// Backend-set ids in use, kept alongside `current` so allocating one is O(log n).
@@ -191,6 +207,15 @@ fn open_pinned(layout: &PinLayout, name: &'static str) -> Result<MapData> {
     MapData::from_pin(layout.map(name)).map_err(map_err(name))
 }
 
+impl std::fmt::Debug for ServiceMaps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServiceMaps")
+            .field("frontends", &self.current.len())
+            .field("limits", &self.limits)
+            .finish_non_exhaustive()
+    }
+}
+
 impl ServiceMaps {
     /// Opens the pinned maps under `layout` and reads what they hold; slots that no frontend
     /// references (left by a crash in the middle of an update) are deleted.
@@ -205,12 +230,15 @@ impl ServiceMaps {
     }
 
     fn open_inner(layout: &PinLayout, limits: Limits, clean_stale: bool) -> Result<Self> {
-        let services = HashMap::try_from(Map::HashMap(open_pinned(layout, names::MAP_SERVICES)?))
-            .map_err(map_err(names::MAP_SERVICES))?;
-        let backends = HashMap::try_from(Map::HashMap(open_pinned(layout, names::MAP_BACKENDS)?))
-            .map_err(map_err(names::MAP_BACKENDS))?;
-        let maglev = HashMap::try_from(Map::HashMap(open_pinned(layout, names::MAP_MAGLEV)?))
-            .map_err(map_err(names::MAP_MAGLEV))?;
+        let services: HashMap<MapData, ServiceKey, ServiceValue> =
+            HashMap::try_from(Map::HashMap(open_pinned(layout, names::MAP_SERVICES)?))
+                .map_err(map_err(names::MAP_SERVICES))?;
+        let backends: HashMap<MapData, BackendKey, Backend> =
+            HashMap::try_from(Map::HashMap(open_pinned(layout, names::MAP_BACKENDS)?))
+                .map_err(map_err(names::MAP_BACKENDS))?;
+        let maglev: HashMap<MapData, MaglevKey, FlowTarget> =
+            HashMap::try_from(Map::HashMap(open_pinned(layout, names::MAP_MAGLEV)?))
+                .map_err(map_err(names::MAP_MAGLEV))?;
         // Looking only, the node map may not exist yet (an agent starting up pins its maps one
         // by one); it is not needed for that.
         let node = match open_pinned(layout, names::MAP_NODE) {
@@ -220,11 +248,24 @@ impl ServiceMaps {
             Err(_) if !clean_stale => None,
             Err(e) => return Err(e),
         };
+        let maps = Maps {
+            services: Box::new(services),
+            backends: Box::new(backends),
+            maglev: Box::new(maglev),
+        };
+        let mut me = Self::with_maps(maps, limits, clean_stale)?;
+        me.node = node;
+        Ok(me)
+    }
+
+    /// Programs `maps` (the kernel's, or in-memory ones in tests), reading back what they hold;
+    /// with `clean_stale`, slots no frontend references are deleted.
+    pub fn with_maps(maps: Maps, limits: Limits, clean_stale: bool) -> Result<Self> {
         let mut me = Self {
-            services,
-            backends,
-            maglev,
-            node,
+            services: maps.services,
+            backends: maps.backends,
+            maglev: maps.maglev,
+            node: None,
             current: BTreeMap::new(),
             ids: BTreeSet::new(),
             limits,
@@ -236,16 +277,22 @@ impl ServiceMaps {
     fn read_back(&mut self, clean_stale: bool) -> Result<()> {
         let mut by_id: BTreeMap<u32, (Frontend, u32, Option<u32>, u32)> = BTreeMap::new();
         let mut maglev_ids: BTreeMap<u32, bool> = BTreeMap::new();
-        for item in self.services.iter() {
-            let (k, v) = item.map_err(map_err(names::MAP_SERVICES))?;
+        for (k, v) in self
+            .services
+            .entries()
+            .map_err(map_err(names::MAP_SERVICES))?
+        {
             let affinity = (v.flags & SERVICE_FLAG_AFFINITY != 0).then_some(v.affinity_timeout);
             maglev_ids.insert(v.id, v.flags & SERVICE_FLAG_MAGLEV != 0);
             by_id.insert(v.id, (frontend(&k), v.count, affinity, v.local_count));
         }
         let mut slots: BTreeMap<u32, BTreeMap<u32, Backend>> = BTreeMap::new();
         let mut stale = Vec::new();
-        for item in self.backends.iter() {
-            let (k, b) = item.map_err(map_err(names::MAP_BACKENDS))?;
+        for (k, b) in self
+            .backends
+            .entries()
+            .map_err(map_err(names::MAP_BACKENDS))?
+        {
             match by_id.get(&k.service) {
                 Some((_, count, _, _)) if k.slot < *count => {
                     slots.entry(k.service).or_default().insert(k.slot, b);
@@ -302,7 +349,6 @@ impl ServiceMaps {
                         slot: slot as u32,
                     },
                     backend(b),
-                    0,
                 )
                 .map_err(|e| {
                     limit_error(
@@ -384,7 +430,7 @@ impl ServiceMaps {
                 service: id,
                 slot,
             };
-            self.maglev.insert(key, value, 0).map_err(|e| {
+            self.maglev.insert(key, value).map_err(|e| {
                 limit_error(
                     e,
                     names::MAP_MAGLEV,
@@ -411,7 +457,7 @@ impl ServiceMaps {
             local_count: want.local_count as u32,
             _pad: 0,
         };
-        self.services.insert(service_key(f), v, 0).map_err(|e| {
+        self.services.insert(service_key(f), v).map_err(|e| {
             limit_error(
                 e,
                 names::MAP_SERVICES,
@@ -590,4 +636,214 @@ fn clear_lru<V: aya::Pod>(layout: &PinLayout, name: &'static str) -> Result<usiz
         let _ = map.remove(k);
     }
     Ok(keys.len())
+}
+
+#[cfg(test)]
+mod tests {
+    //! Service programming against in-memory maps: what is written, in what order, and what a
+    //! restart finds.
+
+    use super::*;
+    use crate::maps::{Log, Memory, Write};
+
+    fn fe(last: u8, port: u16) -> Frontend {
+        Frontend {
+            addr: [10, 96, 0, last].into(),
+            port,
+            proto: 6,
+        }
+    }
+
+    fn state(backends: &[u8]) -> FrontendState {
+        FrontendState {
+            service: "default/web".into(),
+            backends: backends
+                .iter()
+                .map(|b| BackendAddr {
+                    addr: [10, 244, 0, *b].into(),
+                    port: 8080,
+                })
+                .collect(),
+            local_count: backends.len(),
+            affinity_timeout: None,
+            maglev: false,
+        }
+    }
+
+    struct Fixture {
+        log: Log,
+        services: Vec<(ServiceKey, ServiceValue)>,
+        backends: Vec<(BackendKey, Backend)>,
+    }
+
+    impl Fixture {
+        fn new() -> Self {
+            Self {
+                log: Log::default(),
+                services: Vec::new(),
+                backends: Vec::new(),
+            }
+        }
+
+        fn open(&self, limits: Limits) -> ServiceMaps {
+            let maps = Maps {
+                services: Box::new(
+                    Memory::new("services", limits.max_services as usize, self.log.clone())
+                        .with(self.services.clone()),
+                ),
+                backends: Box::new(
+                    Memory::new("backends", limits.max_backends as usize, self.log.clone())
+                        .with(self.backends.clone()),
+                ),
+                maglev: Box::new(Memory::new("maglev", 262_144, self.log.clone())),
+            };
+            ServiceMaps::with_maps(maps, limits, true).unwrap()
+        }
+
+        fn writes(&self) -> Vec<Write> {
+            std::mem::take(&mut *self.log.lock().unwrap())
+        }
+    }
+
+    /// Which map each write went to.
+    fn maps_written(w: &[Write]) -> Vec<&'static str> {
+        w.iter()
+            .map(|w| match w {
+                Write::Insert(m, _) => *m,
+                Write::Remove(m, _) => *m,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_change_touches_only_its_frontend_slots_before_count_when_growing() {
+        let fx = Fixture::new();
+        let mut m = fx.open(Limits::default());
+        let desired: Desired = [(fe(1, 80), state(&[1, 2])), (fe(2, 80), state(&[3]))].into();
+        let (r, errors) = m.apply(&desired);
+        assert!(errors.is_empty());
+        assert_eq!((r.added, r.updated, r.unchanged), (2, 0, 0));
+        assert_eq!((m.len(), m.backend_count()), (2, 3));
+        let first = fx.writes();
+        assert_eq!(first.len(), 5, "3 slots and 2 frontends: {first:?}");
+
+        // Nothing changed: nothing written.
+        let (r, _) = m.apply(&desired);
+        assert_eq!(r.unchanged, 2);
+        assert!(fx.writes().is_empty());
+
+        // Growing: the new slots go in before the count that makes them reachable.
+        let mut grown = desired.clone();
+        grown.insert(fe(1, 80), state(&[1, 2, 4]));
+        let (r, _) = m.apply(&grown);
+        assert_eq!((r.updated, r.unchanged), (1, 1));
+        let w = fx.writes();
+        assert_eq!(
+            maps_written(&w),
+            ["backends", "backends", "backends", "services"]
+        );
+
+        // Shrinking: the count first, then the slots beyond it go.
+        let mut shrunk = grown.clone();
+        shrunk.insert(fe(1, 80), state(&[4]));
+        m.apply(&shrunk);
+        let w = fx.writes();
+        assert_eq!(
+            maps_written(&w),
+            ["services", "backends", "backends", "backends"]
+        );
+        assert!(matches!(&w[2], Write::Remove(..)) && matches!(&w[3], Write::Remove(..)));
+
+        // A removed frontend takes its slots with it.
+        shrunk.remove(&fe(2, 80));
+        let (r, _) = m.apply(&shrunk);
+        assert_eq!(r.removed, 1);
+        let w = fx.writes();
+        assert!(w.iter().all(|w| matches!(w, Write::Remove(..))), "{w:?}");
+        assert_eq!((m.len(), m.backend_count()), (1, 1));
+    }
+
+    #[test]
+    fn a_full_map_fails_one_frontend_names_the_flag_and_leaves_no_slots() {
+        let fx = Fixture::new();
+        let limits = Limits {
+            max_services: 2,
+            max_backends: 10,
+        };
+        let mut m = fx.open(limits);
+        let desired: Desired = (1..=3).map(|i| (fe(i, 80), state(&[i]))).collect();
+        let (r, errors) = m.apply(&desired);
+        assert_eq!((r.added, r.failed), (2, 1));
+        assert_eq!(errors.len(), 1);
+        let msg = errors[0].to_string();
+        assert!(msg.contains("--max-services"), "{msg}");
+        assert_eq!(
+            m.backend_count(),
+            2,
+            "the failed frontend's slot was removed"
+        );
+        let w = fx.writes();
+        let slots_in = w
+            .iter()
+            .filter(|w| matches!(w, Write::Insert("backends", _)))
+            .count();
+        let slots_out = w
+            .iter()
+            .filter(|w| matches!(w, Write::Remove("backends", _)))
+            .count();
+        assert_eq!((slots_in, slots_out), (3, 1), "{w:?}");
+    }
+
+    #[test]
+    fn a_restart_reads_back_removes_stale_slots_and_rewrites_a_torn_update() {
+        let mut fx = Fixture::new();
+        let mut before = fx.open(Limits::default());
+        let desired: Desired = [(fe(1, 80), state(&[1, 2])), (fe(2, 443), state(&[3]))].into();
+        before.apply(&desired);
+        let ids: BTreeMap<Frontend, u32> = before.current.iter().map(|(f, p)| (*f, p.id)).collect();
+        // What the kernel would hold after a crash: the maps as written, plus a slot written
+        // ahead of a count that never came (service 2's slot 1), and a set with no frontend.
+        fx.services = [(1, 2), (2, 1)]
+            .iter()
+            .map(|&(i, n)| {
+                let f = fe(i, if i == 1 { 80 } else { 443 });
+                let v = ServiceValue {
+                    id: ids[&f],
+                    count: n,
+                    local_count: n,
+                    ..ServiceValue::default()
+                };
+                (service_key(&f), v)
+            })
+            .collect();
+        let slot = |service, slot, b: u8| {
+            (
+                BackendKey { service, slot },
+                backend(&BackendAddr {
+                    addr: [10, 244, 0, b].into(),
+                    port: 8080,
+                }),
+            )
+        };
+        let (a, b) = (ids[&fe(1, 80)], ids[&fe(2, 443)]);
+        // Frontend 1 lost slot 1 (torn); frontend 2 has a slot ahead of its count; id 99 is stale.
+        fx.backends = vec![slot(a, 0, 1), slot(b, 0, 3), slot(b, 1, 9), slot(99, 0, 7)];
+        fx.writes();
+        let mut after = fx.open(Limits::default());
+        let w = fx.writes();
+        assert_eq!(
+            w.iter().filter(|w| matches!(w, Write::Remove(..))).count(),
+            2,
+            "the slot ahead of its count and the stale set's: {w:?}"
+        );
+        let (r, errors) = after.apply(&desired);
+        assert!(errors.is_empty());
+        assert_eq!(
+            (r.updated, r.unchanged),
+            (1, 1),
+            "the torn frontend is rewritten, the whole one left"
+        );
+        assert_eq!(after.backend_count(), 3);
+        assert_eq!(after.current[&fe(1, 80)].id, a, "ids survive the restart");
+    }
 }
