@@ -343,7 +343,7 @@ pub struct PeerId {
 /// the port by prefix (a port range is a few prefixes); `proto` 0 with a zero-length port prefix
 /// means every protocol and port.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PolicyKey {
     /// [`PolicyEndpoint::id`] of the pod the rule belongs to.
     pub endpoint: u32,

@@ -1,6 +1,6 @@
-//! The seam between the map programmers ([`crate::services`]) and the kernel's BPF maps:
-//! [`KvMap`], the three things they do to a map (insert, remove, list). aya's pinned hash maps
-//! are the real ones; [`Memory`] is an in-memory map with the kernel's capacity rule (a full map
+//! The seam between the map programmers ([`crate::services`], [`crate::policymap`]) and the kernel's BPF maps:
+//! [`KvMap`], the three things they do to a map (insert, remove, list). aya's pinned hash maps and
+//! LPM tries are the real ones; [`Memory`] is an in-memory map with the kernel's capacity rule (a full map
 //! refuses a new key with `E2BIG`) and a write log shared between maps, so unit tests can check
 //! what was written, and in what order, without root. The privileged tests remain the proof
 //! that the programs read what is written.
@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use aya::Pod;
+use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{HashMap, MapData, MapError};
 
 /// A BPF map as the programmers use it.
@@ -30,6 +31,21 @@ impl<K: Pod + Send, V: Pod + Send> KvMap<K, V> for HashMap<MapData, K, V> {
     }
     fn entries(&self) -> Result<Vec<(K, V)>, MapError> {
         self.iter().collect()
+    }
+}
+
+/// An LPM trie, keyed by (prefix length, data).
+impl<K: Pod + Send, V: Pod + Send> KvMap<(u32, K), V> for LpmTrie<MapData, K, V> {
+    fn insert(&mut self, key: (u32, K), value: V) -> Result<(), MapError> {
+        LpmTrie::insert(self, &Key::new(key.0, key.1), value, 0)
+    }
+    fn remove(&mut self, key: &(u32, K)) -> Result<(), MapError> {
+        LpmTrie::remove(self, &Key::new(key.0, key.1))
+    }
+    fn entries(&self) -> Result<Vec<((u32, K), V)>, MapError> {
+        self.iter()
+            .map(|e| e.map(|(k, v)| ((k.prefix_len(), k.data()), v)))
+            .collect()
     }
 }
 

@@ -665,6 +665,7 @@ pub fn compile(
 }
 
 pub mod engine;
+pub mod rules;
 
 #[cfg(test)]
 mod tests;

@@ -1,5 +1,5 @@
-//! NetworkPolicy in the kernel: turns [`Compiled`] into the contents of the policy maps, writes the
-//! difference, and attaches the enforcement programs to pods' host-side interfaces.
+//! NetworkPolicy in the kernel: writes the difference between what the policy maps hold and the
+//! [`Desired`] contents [`crate::policy::rules`] computes.
 //!
 //! * `WEFT_POL_ENDPOINTS`: every local pod, keyed by address, with its isolation flags; its
 //!   endpoint number is its address, so it needs no allocation.
@@ -15,305 +15,19 @@
 //! Writes go rules and ipcache first, then endpoints; removals the other way round, so a pod is
 //! never isolated by rules that are half written.
 
-use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
-use aya::maps::lpm_trie::{Key, LpmTrie};
+use aya::maps::lpm_trie::LpmTrie;
 use aya::maps::{HashMap as BpfHashMap, Map, MapData};
 use ipnet::Ipv4Net;
 use serde::Serialize;
-use weft_proxy_common::{
-    Be16, Be32, PEER_LEN_ANY, POLICY_DIR_EGRESS, POLICY_DIR_INGRESS, POLICY_EGRESS_ISOLATED,
-    POLICY_INGRESS_ISOLATED, POLICY_KEY_FIXED_BITS, PeerId, PolicyEndpoint, PolicyKey, PolicyName,
-    names,
-};
+use weft_proxy_common::{Be32, PeerId, PolicyEndpoint, PolicyKey, PolicyName, names};
 
-use crate::policy::{Compiled, EndpointPolicy, PeerMatch, PolicyPod, PortMatch, Proto, Rule};
+use crate::maps::KvMap;
+
+use crate::policy::rules::peer_id;
+pub use crate::policy::rules::{Desired, EndpointRules, PolicyKeyOrd, Touched};
 use crate::{Error, Result, bpffs::PinLayout};
-
-/// What the maps should hold.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct Desired {
-    /// Local pods, with their isolation flags (0: not isolated).
-    pub endpoints: BTreeMap<Ipv4Addr, u32>,
-    /// This node's pod ranges: addresses in them without an endpoint are pending.
-    pub podnets: BTreeSet<Ipv4Net>,
-    /// Known prefixes.
-    pub ipcache: BTreeSet<Ipv4Net>,
-    /// Rules of each isolated local pod.
-    pub rules: BTreeMap<Ipv4Addr, EndpointRules>,
-    /// Names of the policies rules point at, by index (an empty name is a free index).
-    pub policies: Vec<String>,
-}
-
-/// One pod's rules: (prefix length, key) → index into [`Desired::policies`].
-pub type EndpointRules = BTreeMap<(u32, PolicyKeyOrd), u32>;
-
-impl Desired {
-    /// Rule entries over all pods.
-    pub fn rule_count(&self) -> usize {
-        self.rules.values().map(BTreeMap::len).sum()
-    }
-}
-
-/// The parts of [`Desired`] a change may have altered; [`PolicyMaps::apply_touched`] compares
-/// only these with the kernel, so a change costs in proportion to its size.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct Touched {
-    /// Pods whose flags or rules may differ.
-    pub endpoints: BTreeSet<Ipv4Addr>,
-    /// Prefixes that may have been added or removed.
-    pub ipcache: BTreeSet<Ipv4Net>,
-    /// Policy name indices that may differ.
-    pub names: BTreeSet<u32>,
-    /// Whether the pod ranges may differ.
-    pub podnets: bool,
-}
-
-impl Touched {
-    /// Everything either side holds: a full comparison.
-    pub fn all(a: &Desired, b: &Desired) -> Self {
-        Touched {
-            endpoints: a
-                .endpoints
-                .keys()
-                .chain(b.endpoints.keys())
-                .chain(a.rules.keys())
-                .chain(b.rules.keys())
-                .copied()
-                .collect(),
-            ipcache: a.ipcache.union(&b.ipcache).copied().collect(),
-            names: (0..a.policies.len().max(b.policies.len()) as u32).collect(),
-            podnets: true,
-        }
-    }
-}
-
-/// [`PolicyKey`] with an order, for the desired set.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub struct PolicyKeyOrd {
-    endpoint: u32,
-    peer: (u32, u8),
-    direction: u8,
-    proto: u8,
-    port: u16,
-}
-
-impl PolicyKeyOrd {
-    fn key(&self) -> PolicyKey {
-        PolicyKey {
-            endpoint: self.endpoint,
-            peer: peer_id(self.peer.0, self.peer.1),
-            direction: self.direction,
-            proto: self.proto,
-            port: Be16(self.port.to_be()),
-        }
-    }
-
-    fn from_key(k: &PolicyKey) -> Self {
-        PolicyKeyOrd {
-            endpoint: k.endpoint,
-            peer: (u32::from_be(k.peer.addr.0), k.peer.len),
-            direction: k.direction,
-            proto: k.proto,
-            port: u16::from_be(k.port.0),
-        }
-    }
-}
-
-fn peer_id(addr: u32, len: u8) -> PeerId {
-    PeerId {
-        addr: Be32(addr.to_be()),
-        len,
-        _pad: [0; 3],
-    }
-}
-
-/// Splits a port range into prefixes (value, prefix length in bits of 16).
-pub fn port_prefixes(first: u16, last: u16) -> Vec<(u16, u32)> {
-    let mut out = Vec::new();
-    let (mut lo, hi) = (u32::from(first), u32::from(last));
-    while lo <= hi {
-        // The largest aligned block starting at lo that stays within hi.
-        let mut size = if lo == 0 {
-            1 << 16
-        } else {
-            lo & lo.wrapping_neg()
-        };
-        while lo + size - 1 > hi {
-            size /= 2;
-        }
-        out.push((lo as u16, 16 - size.trailing_zeros()));
-        lo += size;
-    }
-    out
-}
-
-fn proto_ports(p: &PortMatch, named: impl Fn(Proto, &str) -> Option<u16>) -> Vec<(u8, u16, u32)> {
-    match p {
-        PortMatch::All => vec![(0, 0, 0)],
-        PortMatch::Range(proto, a, b) => port_prefixes(*a, *b)
-            .into_iter()
-            .map(|(port, len)| (proto.number(), port, len))
-            .collect(),
-        PortMatch::Named(proto, name) => named(*proto, name)
-            .map(|port| vec![(proto.number(), port, 16)])
-            .unwrap_or_default(),
-    }
-}
-
-/// The prefixes a pod's rules need in the ipcache beyond the pods' own: every CIDR and
-/// `except` its ipBlock peers name.
-pub fn block_prefixes(rules: &[Rule]) -> impl Iterator<Item = Ipv4Net> + '_ {
-    rules
-        .iter()
-        .flat_map(|r| r.peers.iter())
-        .flat_map(|p| match p {
-            PeerMatch::Block { cidr, except } => std::iter::once(*cidr)
-                .chain(except.iter().copied())
-                .collect::<Vec<_>>(),
-            _ => Vec::new(),
-        })
-}
-
-/// One local pod's isolation flags and rule entries. `index` gives each policy's name index.
-pub fn endpoint_rules(
-    ep: &EndpointPolicy,
-    ip: Ipv4Addr,
-    ipcache: &BTreeSet<Ipv4Net>,
-    pods: &BTreeMap<Ipv4Addr, PolicyPod>,
-    mut index: impl FnMut(&str) -> u32,
-) -> (u32, EndpointRules) {
-    let mut flags = 0;
-    let mut out = EndpointRules::new();
-    let id = u32::from(ip);
-    for (dir, rules, flag) in [
-        (POLICY_DIR_INGRESS, &ep.ingress, POLICY_INGRESS_ISOLATED),
-        (POLICY_DIR_EGRESS, &ep.egress, POLICY_EGRESS_ISOLATED),
-    ] {
-        let Some(rules) = rules else { continue };
-        flags |= flag;
-        for r in rules {
-            let idx = index(&r.policy);
-            add_rule(&mut out, ipcache, pods, id, ip, dir, r, idx);
-        }
-    }
-    (flags, out)
-}
-
-/// Computes the maps' contents for the pods in `local` (this node's) and the node's pod ranges.
-pub fn desired(c: &Compiled, local: &BTreeSet<Ipv4Addr>, podnets: &[Ipv4Net]) -> Desired {
-    let mut d = Desired {
-        podnets: podnets.iter().map(Ipv4Net::trunc).collect(),
-        ..Desired::default()
-    };
-    for ip in local {
-        d.endpoints.insert(*ip, 0);
-    }
-    // Every prefix a peer can be identified by.
-    for ip in c.pods.keys() {
-        d.ipcache.insert(Ipv4Net::from(*ip));
-    }
-    for ep in c.endpoints.values() {
-        for rules in [&ep.ingress, &ep.egress].into_iter().flatten() {
-            d.ipcache.extend(block_prefixes(rules));
-        }
-    }
-    let mut policy_index: BTreeMap<String, u32> = BTreeMap::new();
-    for (ip, ep) in &c.endpoints {
-        if !local.contains(ip) {
-            continue;
-        }
-        let (flags, rules) = endpoint_rules(ep, *ip, &d.ipcache, &c.pods, |name| {
-            let n = policy_index.len() as u32;
-            *policy_index.entry(name.to_owned()).or_insert(n)
-        });
-        if !rules.is_empty() {
-            d.rules.insert(*ip, rules);
-        }
-        d.endpoints.insert(*ip, flags);
-    }
-    let mut names: Vec<(u32, String)> = policy_index.into_iter().map(|(k, v)| (v, k)).collect();
-    names.sort();
-    d.policies = names.into_iter().map(|(_, n)| n).collect();
-    d
-}
-
-#[allow(clippy::too_many_arguments)]
-fn add_rule(
-    out: &mut EndpointRules,
-    ipcache: &BTreeSet<Ipv4Net>,
-    pods: &BTreeMap<Ipv4Addr, PolicyPod>,
-    id: u32,
-    ip: Ipv4Addr,
-    dir: u8,
-    r: &Rule,
-    idx: u32,
-) {
-    // Peers as (identity prefix, the pod behind it if it is one).
-    let mut peers: Vec<((u32, u8), Option<Ipv4Addr>)> = Vec::new();
-    for p in &r.peers {
-        match p {
-            PeerMatch::Any => peers.push(((0, PEER_LEN_ANY), None)),
-            PeerMatch::Pods(ips) => {
-                peers.extend(ips.iter().map(|i| ((u32::from(*i), 32), Some(*i))))
-            }
-            PeerMatch::Block { cidr, except } => {
-                // Only the prefixes whose address falls in the block (an ordered range).
-                let lo = Ipv4Net::new(cidr.network(), 0).unwrap_or(*cidr);
-                let hi = Ipv4Net::new(cidr.broadcast(), 32).unwrap_or(*cidr);
-                for net in ipcache.range(lo..=hi) {
-                    let inside = cidr.contains(net) && !except.iter().any(|e| e.contains(net));
-                    if inside {
-                        let pod = (net.prefix_len() == 32 && pods.contains_key(&net.addr()))
-                            .then_some(net.addr());
-                        peers.push(((u32::from(net.network()), net.prefix_len()), pod));
-                    }
-                }
-            }
-        }
-    }
-    for (peer, peer_pod) in peers {
-        for port in &r.ports {
-            // Named ports resolve against the destination: this pod for ingress, the peer for
-            // egress ("any" peer: every pod that has the port).
-            let dest_pods: Vec<Option<Ipv4Addr>> = match (port, dir) {
-                (PortMatch::Named(..), POLICY_DIR_INGRESS) => vec![Some(ip)],
-                (PortMatch::Named(..), _) if peer.1 == PEER_LEN_ANY => {
-                    pods.keys().map(|p| Some(*p)).collect()
-                }
-                (PortMatch::Named(..), _) => vec![peer_pod],
-                _ => vec![None],
-            };
-            for dest in dest_pods {
-                let named = |proto: Proto, name: &str| {
-                    dest.and_then(|p| pods.get(&p))
-                        .and_then(|p| p.named_ports.get(&(name.to_string(), proto)).copied())
-                };
-                // An "any" egress peer with a named port narrows to the pods that have it.
-                let peer = match (port, dir, dest) {
-                    (PortMatch::Named(..), POLICY_DIR_EGRESS, Some(p))
-                        if peer.1 == PEER_LEN_ANY =>
-                    {
-                        (u32::from(p), 32)
-                    }
-                    _ => peer,
-                };
-                for (proto, value, bits) in proto_ports(port, named) {
-                    let key = PolicyKeyOrd {
-                        endpoint: id,
-                        peer,
-                        direction: dir,
-                        proto,
-                        port: value,
-                    };
-                    out.entry((POLICY_KEY_FIXED_BITS + bits, key))
-                        .or_insert(idx);
-                }
-            }
-        }
-    }
-}
 
 /// Sizes of what the policy maps hold.
 #[derive(Debug, Default, Clone, Copy, Serialize, PartialEq, Eq)]
@@ -343,14 +57,30 @@ pub struct PolicyReport {
     pub rules: usize,
 }
 
-/// The pinned policy maps.
+/// The policy maps, for [`PolicyMaps::with_maps`].
+pub struct Maps {
+    /// Local pods (address → endpoint).
+    pub endpoints: Box<dyn KvMap<Be32, PolicyEndpoint>>,
+    /// Known prefixes → peer identity.
+    pub ipcache: Box<dyn KvMap<(u32, Be32), PeerId>>,
+    /// Rule keys → policy name index.
+    pub rules: Box<dyn KvMap<(u32, PolicyKey), u32>>,
+    /// The node's pod ranges.
+    pub podnets: Box<dyn KvMap<(u32, Be32), u32>>,
+    /// Policy names by index.
+    pub names: Box<dyn KvMap<u32, PolicyName>>,
+}
+
+impl std::fmt::Debug for Maps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Maps")
+    }
+}
+
+/// The policy maps and what they hold.
 #[derive(Debug)]
 pub struct PolicyMaps {
-    endpoints: BpfHashMap<MapData, Be32, PolicyEndpoint>,
-    ipcache: LpmTrie<MapData, Be32, PeerId>,
-    rules: LpmTrie<MapData, PolicyKey, u32>,
-    podnets: LpmTrie<MapData, Be32, u32>,
-    names: BpfHashMap<MapData, u32, PolicyName>,
+    maps: Maps,
     current: Desired,
 }
 
@@ -385,57 +115,75 @@ impl PolicyMaps {
         let podnets: LpmTrie<MapData, Be32, u32> =
             LpmTrie::try_from(open_map(layout, names::MAP_POLICY_PODNETS)?)
                 .map_err(map_err(names::MAP_POLICY_PODNETS))?;
-        let mut current = Desired::default();
-        for k in podnets.keys().flatten() {
-            let addr = Ipv4Addr::from(u32::from_be(k.data().0));
-            if let Ok(net) = Ipv4Net::new(addr, k.prefix_len() as u8) {
-                current.podnets.insert(net);
-            }
-        }
-        for k in endpoints.keys().flatten() {
-            let ip = Ipv4Addr::from(u32::from_be(k.0));
-            let flags = endpoints.get(&k, 0).map(|e| e.flags).unwrap_or(0);
-            current.endpoints.insert(ip, flags);
-        }
-        for k in ipcache.keys().flatten() {
-            let addr = Ipv4Addr::from(u32::from_be(k.data().0));
-            if let Ok(net) = Ipv4Net::new(addr, k.prefix_len() as u8) {
-                current.ipcache.insert(net);
-            }
-        }
-        for k in rules.keys().flatten() {
-            let idx = rules.get(&k, 0).unwrap_or(0);
-            let key = PolicyKeyOrd::from_key(&k.data());
-            current
-                .rules
-                .entry(Ipv4Addr::from(key.endpoint))
-                .or_default()
-                .insert((k.prefix_len(), key), idx);
-        }
         let names_map: BpfHashMap<MapData, u32, PolicyName> = BpfHashMap::try_from(Map::HashMap(
             MapData::from_pin(layout.map(names::MAP_POLICY_NAMES))
                 .map_err(map_err(names::MAP_POLICY_NAMES))?,
         ))
         .map_err(map_err(names::MAP_POLICY_NAMES))?;
-        for k in names_map.keys().flatten() {
-            if let Ok(n) = names_map.get(&k, 0) {
-                let len = n.0.iter().position(|b| *b == 0).unwrap_or(n.0.len());
-                let name = String::from_utf8_lossy(&n.0[..len]).into_owned();
-                let slot = k as usize;
-                if current.policies.len() <= slot {
-                    current.policies.resize(slot + 1, String::new());
-                }
-                current.policies[slot] = name;
-            }
-        }
-        Ok(PolicyMaps {
-            endpoints,
-            ipcache,
-            rules,
-            podnets,
-            names: names_map,
-            current,
+        Self::with_maps(Maps {
+            endpoints: Box::new(endpoints),
+            ipcache: Box::new(ipcache),
+            rules: Box::new(rules),
+            podnets: Box::new(podnets),
+            names: Box::new(names_map),
         })
+    }
+
+    /// Writes to `maps` (the kernel's, or in-memory ones in tests), reading what they hold.
+    pub fn with_maps(maps: Maps) -> Result<Self> {
+        let prefix = |(len, addr): (u32, Be32)| {
+            Ipv4Net::new(Ipv4Addr::from(u32::from_be(addr.0)), len as u8).ok()
+        };
+        let mut current = Desired::default();
+        for (k, _) in maps
+            .podnets
+            .entries()
+            .map_err(map_err(names::MAP_POLICY_PODNETS))?
+        {
+            current.podnets.extend(prefix(k));
+        }
+        for (k, e) in maps
+            .endpoints
+            .entries()
+            .map_err(map_err(names::MAP_POLICY_ENDPOINTS))?
+        {
+            current
+                .endpoints
+                .insert(Ipv4Addr::from(u32::from_be(k.0)), e.flags);
+        }
+        for (k, _) in maps
+            .ipcache
+            .entries()
+            .map_err(map_err(names::MAP_POLICY_IPCACHE))?
+        {
+            current.ipcache.extend(prefix(k));
+        }
+        for ((len, k), idx) in maps
+            .rules
+            .entries()
+            .map_err(map_err(names::MAP_POLICY_RULES))?
+        {
+            let key = PolicyKeyOrd::from_key(&k);
+            current
+                .rules
+                .entry(Ipv4Addr::from(k.endpoint))
+                .or_default()
+                .insert((len, key), idx);
+        }
+        for (slot, n) in maps
+            .names
+            .entries()
+            .map_err(map_err(names::MAP_POLICY_NAMES))?
+        {
+            let len = n.0.iter().position(|b| *b == 0).unwrap_or(n.0.len());
+            let name = String::from_utf8_lossy(&n.0[..len]).into_owned();
+            let slot = slot as usize;
+            if current.policies.len() <= slot {
+                current.policies.resize(slot + 1, String::new());
+            }
+            current.policies[slot] = name;
+        }
+        Ok(PolicyMaps { maps, current })
     }
 
     /// What the kernel holds: (local pods, isolated pods, ipcache prefixes, rule entries, pod
@@ -467,7 +215,7 @@ impl PolicyMaps {
     pub fn apply_touched(&mut self, want: &Desired, touched: &Touched) -> Result<PolicyReport> {
         let mut report = PolicyReport::default();
         let prefix_key = |net: &Ipv4Net| {
-            Key::new(
+            (
                 u32::from(net.prefix_len()),
                 Be32(u32::from(net.network()).to_be()),
             )
@@ -486,19 +234,20 @@ impl PolicyMaps {
                 let mut buf = [0u8; 128];
                 let n = name.len().min(buf.len() - 1);
                 buf[..n].copy_from_slice(&name.as_bytes()[..n]);
-                self.names
-                    .insert(i, PolicyName(buf), 0)
+                self.maps
+                    .names
+                    .insert(i, PolicyName(buf))
                     .map_err(map_err(names::MAP_POLICY_NAMES))?;
             }
         }
         // Additions and changes: ipcache and rules first.
         for net in &touched.ipcache {
             if want.ipcache.contains(net) && !self.current.ipcache.contains(net) {
-                self.ipcache
+                self.maps
+                    .ipcache
                     .insert(
-                        &prefix_key(net),
+                        prefix_key(net),
                         peer_id(u32::from(net.network()), net.prefix_len()),
-                        0,
                     )
                     .map_err(map_err(names::MAP_POLICY_IPCACHE))?;
                 self.current.ipcache.insert(*net);
@@ -511,8 +260,9 @@ impl PolicyMaps {
             let cur_rules = self.current.rules.get(ip).unwrap_or(&empty);
             for ((len, k), idx) in want_rules {
                 if cur_rules.get(&(*len, *k)) != Some(idx) {
-                    self.rules
-                        .insert(&Key::new(*len, k.key()), idx, 0)
+                    self.maps
+                        .rules
+                        .insert((*len, k.key()), *idx)
                         .map_err(map_err(names::MAP_POLICY_RULES))?;
                     report.rules += 1;
                 }
@@ -527,8 +277,9 @@ impl PolicyMaps {
                     id: u32::from(*ip),
                     flags: *flags,
                 };
-                self.endpoints
-                    .insert(Be32(u32::from(*ip).to_be()), value, 0)
+                self.maps
+                    .endpoints
+                    .insert(Be32(u32::from(*ip).to_be()), value)
                     .map_err(map_err(names::MAP_POLICY_ENDPOINTS))?;
                 self.current.endpoints.insert(*ip, *flags);
                 report.endpoints += 1;
@@ -538,13 +289,14 @@ impl PolicyMaps {
             // Pod ranges after the endpoints they cover, so no known pod is ever taken for
             // pending; removals before the endpoints are removed.
             for net in want.podnets.difference(&self.current.podnets) {
-                self.podnets
-                    .insert(&prefix_key(net), 1, 0)
+                self.maps
+                    .podnets
+                    .insert(prefix_key(net), 1)
                     .map_err(map_err(names::MAP_POLICY_PODNETS))?;
                 report.endpoints += 1;
             }
             for net in self.current.podnets.difference(&want.podnets) {
-                let _ = self.podnets.remove(&prefix_key(net));
+                let _ = self.maps.podnets.remove(&prefix_key(net));
                 report.endpoints += 1;
             }
             self.current.podnets = want.podnets.clone();
@@ -552,13 +304,13 @@ impl PolicyMaps {
         // Removals: endpoints, then their stale rules, then prefixes and names.
         for ip in &touched.endpoints {
             if !want.endpoints.contains_key(ip) && self.current.endpoints.remove(ip).is_some() {
-                let _ = self.endpoints.remove(&Be32(u32::from(*ip).to_be()));
+                let _ = self.maps.endpoints.remove(&Be32(u32::from(*ip).to_be()));
                 report.endpoints += 1;
             }
             let want_rules = want.rules.get(ip).unwrap_or(&empty);
             if let Some(cur_rules) = self.current.rules.get(ip) {
                 for (len, k) in cur_rules.keys().filter(|k| !want_rules.contains_key(k)) {
-                    let _ = self.rules.remove(&Key::new(*len, k.key()));
+                    let _ = self.maps.rules.remove(&(*len, k.key()));
                     report.rules += 1;
                 }
             }
@@ -569,14 +321,14 @@ impl PolicyMaps {
         }
         for net in &touched.ipcache {
             if !want.ipcache.contains(net) && self.current.ipcache.remove(net) {
-                let _ = self.ipcache.remove(&prefix_key(net));
+                let _ = self.maps.ipcache.remove(&prefix_key(net));
                 report.ipcache += 1;
             }
         }
         for &i in &touched.names {
             let name = name_of(want, i);
             if name.is_none() && name_of(&self.current, i).is_some() {
-                let _ = self.names.remove(&i);
+                let _ = self.maps.names.remove(&i);
             }
             let slot = i as usize;
             if self.current.policies.len() <= slot {
@@ -593,28 +345,154 @@ impl PolicyMaps {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    //! Policy map diffs against in-memory maps: what is written, in what order, and what a
+    //! restarted agent finds.
 
-    #[test]
-    fn port_ranges_split_into_prefixes() {
-        assert_eq!(port_prefixes(80, 80), vec![(80, 16)]);
-        assert_eq!(port_prefixes(0, u16::MAX), vec![(0, 0)]);
-        assert_eq!(port_prefixes(80, 81), vec![(80, 15)]);
-        assert_eq!(port_prefixes(79, 82), vec![(79, 16), (80, 15), (82, 16)]);
-        // Every port of a range is covered exactly once.
-        for (a, b) in [(1, 65535), (1000, 2000), (3, 3), (65534, 65535)] {
-            let pf = port_prefixes(a, b);
-            assert!(pf.len() <= 30, "{a}-{b}: {}", pf.len());
-            for port in [a, b, a + (b - a) / 2] {
-                let hits = pf
-                    .iter()
-                    .filter(|(v, len)| {
-                        let mask = if *len == 0 { 0 } else { u16::MAX << (16 - len) };
-                        port & mask == *v
-                    })
-                    .count();
-                assert_eq!(hits, 1, "{port} in {a}-{b}");
+    use super::*;
+    use crate::maps::{Log, Memory, Write};
+    use weft_proxy_common::{Be16, POLICY_DIR_INGRESS, POLICY_INGRESS_ISOLATED};
+
+    /// An in-memory map, holding what `from` holds.
+    fn mem<K: Ord, V>(
+        name: &'static str,
+        capacity: usize,
+        log: &Log,
+        from: Option<&dyn KvMap<K, V>>,
+    ) -> Memory<K, V> {
+        Memory::new(name, capacity, log.clone())
+            .with(from.map(|m| m.entries().unwrap()).unwrap_or_default())
+    }
+
+    fn open(log: &Log, from: Option<&PolicyMaps>) -> PolicyMaps {
+        let maps = Maps {
+            endpoints: Box::new(mem(
+                "endpoints",
+                1024,
+                log,
+                from.map(|p| &*p.maps.endpoints),
+            )),
+            ipcache: Box::new(mem("ipcache", 1024, log, from.map(|p| &*p.maps.ipcache))),
+            rules: Box::new(mem("rules", 1024, log, from.map(|p| &*p.maps.rules))),
+            podnets: Box::new(mem("podnets", 16, log, from.map(|p| &*p.maps.podnets))),
+            names: Box::new(mem("names", 64, log, from.map(|p| &*p.maps.names))),
+        };
+        PolicyMaps::with_maps(maps).unwrap()
+    }
+
+    fn writes(log: &Log) -> Vec<Write> {
+        std::mem::take(&mut *log.lock().unwrap())
+    }
+
+    fn maps_written(w: &[Write]) -> Vec<(&'static str, bool)> {
+        let mut out: Vec<(&'static str, bool)> = Vec::new();
+        for w in w {
+            let step = match w {
+                Write::Insert(m, _) => (*m, true),
+                Write::Remove(m, _) => (*m, false),
+            };
+            if out.last() != Some(&step) {
+                out.push(step);
             }
         }
+        out
+    }
+
+    /// One isolated pod (10.244.0.2) admitting 10.244.0.3 on TCP 80, named by policy `web`.
+    fn isolated() -> Desired {
+        let pod: Ipv4Addr = [10, 244, 0, 2].into();
+        let peer: Ipv4Addr = [10, 244, 0, 3].into();
+        let key = PolicyKeyOrd::from_key(&PolicyKey {
+            endpoint: u32::from(pod),
+            peer: peer_id(u32::from(peer), 32),
+            direction: POLICY_DIR_INGRESS,
+            proto: 6,
+            port: Be16(80u16.to_be()),
+        });
+        Desired {
+            endpoints: [(pod, POLICY_INGRESS_ISOLATED), (peer, 0)].into(),
+            podnets: ["10.244.0.0/24".parse().unwrap()].into(),
+            ipcache: ["10.244.0.2/32", "10.244.0.3/32"]
+                .iter()
+                .map(|n| n.parse().unwrap())
+                .collect(),
+            rules: [(pod, [((128, key), 0)].into())].into(),
+            policies: vec!["default/web".into()],
+        }
+    }
+
+    #[test]
+    fn rules_and_prefixes_go_in_before_the_endpoint_that_uses_them_and_out_after() {
+        let log = Log::default();
+        let mut m = open(&log, None);
+        let want = isolated();
+        let r = m.apply(&want).unwrap();
+        assert_eq!((r.endpoints, r.ipcache, r.rules), (3, 2, 1));
+        assert_eq!(
+            maps_written(&writes(&log)),
+            [
+                ("names", true),
+                ("ipcache", true),
+                ("rules", true),
+                ("endpoints", true),
+                ("podnets", true)
+            ]
+        );
+        assert_eq!(m.counts().isolated, 1);
+
+        // The same again: nothing written.
+        assert_eq!(m.apply(&want).unwrap(), PolicyReport::default());
+        assert!(writes(&log).is_empty());
+
+        // The pod goes: its endpoint first, then its rules, its prefix and the name.
+        let mut gone = want.clone();
+        let pod: Ipv4Addr = [10, 244, 0, 2].into();
+        gone.endpoints.remove(&pod);
+        gone.rules.remove(&pod);
+        gone.ipcache.remove(&"10.244.0.2/32".parse().unwrap());
+        gone.policies.clear();
+        let r = m.apply(&gone).unwrap();
+        assert_eq!((r.endpoints, r.ipcache, r.rules), (1, 1, 1));
+        assert_eq!(
+            maps_written(&writes(&log)),
+            [
+                ("endpoints", false),
+                ("rules", false),
+                ("ipcache", false),
+                ("names", false)
+            ]
+        );
+        assert_eq!(m.counts().policies, 0);
+    }
+
+    #[test]
+    fn a_restarted_agent_reads_the_maps_back_and_converges_without_rewriting() {
+        let log = Log::default();
+        let mut before = open(&log, None);
+        let want = isolated();
+        before.apply(&want).unwrap();
+        writes(&log);
+        let mut after = open(&log, Some(&before));
+        assert_eq!(after.current, want, "read back as written");
+        assert_eq!(after.apply(&want).unwrap(), PolicyReport::default());
+        assert!(writes(&log).is_empty());
+        // A full apply of less removes what is no longer wanted, stale rules included.
+        let r = after.apply(&Desired::default()).unwrap();
+        assert_eq!((r.rules, r.ipcache), (1, 2));
+        assert_eq!(after.counts(), PolicyCounts::default());
+    }
+
+    #[test]
+    fn a_full_map_is_an_error_naming_it_and_the_endpoint_is_not_isolated() {
+        let log = Log::default();
+        let mut m = open(&log, None);
+        m.maps.rules = Box::new(Memory::new("rules", 0, log.clone()));
+        let e = m.apply(&isolated()).unwrap_err();
+        assert!(e.to_string().contains(names::MAP_POLICY_RULES), "{e}");
+        assert!(
+            !writes(&log)
+                .iter()
+                .any(|w| matches!(w, Write::Insert("endpoints", _))),
+            "no endpoint is isolated by rules that were not written"
+        );
     }
 }

@@ -6,7 +6,7 @@
 //! are computed again only when a policy selecting it was compiled again, when the pod itself
 //! changed, or when a prefix inside one of its ipBlock peers appeared or disappeared. The result
 //! names what it touched ([`Touched`]) so the kernel maps are compared only there. The full
-//! [`super::compile`] + [`policymap::desired`] path stays the reference; tests check that both
+//! [`super::compile`] + [`rules::desired`] path stays the reference; tests check that both
 //! always agree.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -16,12 +16,12 @@ use ipnet::Ipv4Net;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::api::networking::v1::{NetworkPolicy, NetworkPolicyPeer};
 
+use super::rules::{self, Desired, Touched};
 use super::{
     EndpointPolicy, PeerMatch, PolicyOutput, PolicyPod, PortMatch, compile_policy, namespace_views,
     pod_views, policy_id, selector_matches,
 };
 use crate::model::Problem;
-use crate::policymap::{self, Desired, Touched};
 
 type Labels = BTreeMap<String, String>;
 
@@ -79,7 +79,7 @@ fn blocks(out: &PolicyOutput) -> Vec<Ipv4Net> {
         return v;
     }
     for rules in [&out.ingress, &out.egress].into_iter().flatten() {
-        v.extend(policymap::block_prefixes(rules));
+        v.extend(rules::block_prefixes(rules));
     }
     v
 }
@@ -356,7 +356,7 @@ impl Engine {
             let (flags, rules) = match self.endpoints.get(ip) {
                 Some(ep) => {
                     let index = &self.index;
-                    policymap::endpoint_rules(ep, *ip, &self.desired.ipcache, &self.pods, |n| {
+                    rules::endpoint_rules(ep, *ip, &self.desired.ipcache, &self.pods, |n| {
                         index.get(n).copied().unwrap_or(0)
                     })
                 }

@@ -76,7 +76,7 @@ fn expected_entries(n: usize) -> usize {
         &objects.pods,
     );
     let local = [CLIENT.parse().unwrap(), SERVER.parse().unwrap()].into();
-    weft_proxy::policymap::desired(&compiled, &local, &[]).rule_count()
+    weft_proxy::policy::rules::desired(&compiled, &local, &[]).rule_count()
 }
 
 /// `n` pods in one namespace, each isolated by its own policy that lets in pods labelled
@@ -100,7 +100,7 @@ fn many(n: usize) -> weft_proxy::model::Objects {
 /// User-space cost of one pod label change among `n` policies: the full computation against
 /// the incremental engine, on the same objects. Returns (full ms, incremental ms, work).
 fn recompute(n: usize, rounds: usize) -> (f64, f64, weft_proxy::policy::engine::Work) {
-    use weft_proxy::{policy, policymap};
+    use weft_proxy::policy::{self, rules};
     let base = many(n);
     let local: std::collections::BTreeSet<std::net::Ipv4Addr> = base
         .pods
@@ -129,7 +129,7 @@ fn recompute(n: usize, rounds: usize) -> (f64, f64, weft_proxy::policy::engine::
             &changed.namespaces,
             &changed.pods,
         );
-        std::hint::black_box(policymap::desired(&compiled, &local, &[]));
+        std::hint::black_box(rules::desired(&compiled, &local, &[]));
         full.push(t0.elapsed().as_secs_f64() * 1000.0);
         let t0 = Instant::now();
         let (_, w, _) = update(&mut engine, &changed);

@@ -214,7 +214,7 @@ fn check(engine: &mut Engine, world: &World, step: usize) -> Work {
         &objects.namespaces,
         &objects.pods,
     );
-    let reference = policymap::desired(&compiled, &local, &podnets);
+    let reference = crate::policy::rules::desired(&compiled, &local, &podnets);
     let (got, want) = (normal(engine.desired()), normal(&reference));
     let missing: Vec<_> = want.3.difference(&got.3).collect();
     let extra: Vec<_> = got.3.difference(&want.3).collect();
