@@ -7,13 +7,7 @@ use std::io::Read as _;
 use weft_cni::{CniError, config, error::code, plugin};
 
 fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("WEFT_CNI_LOG")
-                .unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    weft_log::init("WEFT_CNI_LOG", "warn");
     let mut stdin = Vec::new();
     let outcome = match std::io::stdin().read_to_end(&mut stdin) {
         Err(e) => Err(CniError {

@@ -396,13 +396,7 @@ async fn shutdown() {
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    weft_log::init("RUST_LOG", "info");
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Server {

@@ -63,12 +63,7 @@ fn parse_size(s: &str) -> anyhow::Result<u64> {
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    weft_log::init("RUST_LOG", "info");
     let args = Args::parse();
     let mut roles = Roles {
         controller: false,

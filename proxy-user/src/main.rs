@@ -213,12 +213,7 @@ enum CountersCmd {
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    weft_log::init("RUST_LOG", "warn");
     let cli = Cli::parse();
     let layout = PinLayout::new(cli.pin_dir);
     match cli.command {

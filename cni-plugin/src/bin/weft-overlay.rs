@@ -50,12 +50,7 @@ struct Cli {
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    weft_log::init("RUST_LOG", "info");
     let cli = Cli::parse();
     let nl = Netlink::connect_current().await?;
     let mut settings = Settings::new(cli.node_name.clone().unwrap_or_default());
