@@ -22,7 +22,8 @@ pub fn ifindex(ifname: &str) -> Result<u32> {
     })
 }
 
-fn classifier<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut SchedClassifier> {
+/// The classifier program `name` of the object, loaded into the kernel (once).
+pub fn classifier<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut SchedClassifier> {
     let prog: &mut SchedClassifier = ebpf
         .program_mut(name)
         .ok_or(Error::Missing {
