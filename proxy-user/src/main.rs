@@ -395,9 +395,12 @@ fn run(layout: PinLayout, args: RunArgs) -> anyhow::Result<()> {
         tracing::info!(%bound, "serving metrics");
     }
     tracing::info!(cgroup = %config.cgroup.display(), source = %config.source, "weft-proxy running");
-    let mut first = true;
+    let poll = std::time::Duration::from_millis(args.poll_ms);
+    let mut backoff = agent::Backoff::default();
+    let mut force = true;
     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-        match agent.sync(first) {
+        let (outcome, next) = agent.reconcile(force, &mut backoff, poll);
+        match outcome {
             Ok(Some(report)) => {
                 let (services, backends) = agent.totals();
                 metrics.record_sync(&report, services, backends);
@@ -421,11 +424,25 @@ fn run(layout: PinLayout, args: RunArgs) -> anyhow::Result<()> {
             Ok(None) => {}
             Err(e) => {
                 metrics.record_failure();
-                tracing::error!(error = %e, "synchronising services");
+                tracing::error!(error = %e, ?next, "synchronising services");
             }
         }
-        first = false;
-        agent.wait(std::time::Duration::from_millis(args.poll_ms));
+        match next {
+            agent::Next::Wait(timeout) => {
+                force = false;
+                agent.wait(timeout);
+            }
+            agent::Next::Retry(after) => {
+                force = true;
+                // In short steps, so a stop is honoured during a long back-off.
+                let until = std::time::Instant::now() + after;
+                while std::time::Instant::now() < until
+                    && !stop.load(std::sync::atomic::Ordering::Relaxed)
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(50).min(after));
+                }
+            }
+        }
     }
     tracing::info!("stopping; programs and maps stay pinned and keep serving");
     Ok(())
