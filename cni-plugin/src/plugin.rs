@@ -106,8 +106,21 @@ fn open_netns(path: &Path) -> Result<NetNs> {
         .map_err(|e| Error::internal(format!("failed to open netns {}: {e}", path.display())))
 }
 
-async fn add(env: &Env, conf: &NetConf) -> Result<CniResult> {
-    let netns_path = env.netns.as_deref().expect("validated: ADD has CNI_NETNS");
+/// The two namespaces an attachment spans: the node's and the pod's (at `netns_path`).
+#[derive(Clone, Copy)]
+struct Sides<'a, L> {
+    host: &'a L,
+    pod: &'a L,
+    netns_path: &'a Path,
+}
+
+/// The kernels of the plugin's own namespace and of the pod's at `CNI_NETNS` (ADD and CHECK
+/// have one); the pod's must be another namespace.
+async fn kernels(env: &Env) -> Result<(Kernel, Kernel)> {
+    let netns_path = env
+        .netns
+        .as_deref()
+        .expect("validated: ADD and CHECK have CNI_NETNS");
     let netns = open_netns(netns_path)?;
     if netns.same_as(&NetNs::current()?)? {
         return Err(Error::env(format!(
@@ -115,28 +128,31 @@ async fn add(env: &Env, conf: &NetConf) -> Result<CniResult> {
             netns_path.display()
         )));
     }
-    let host = Kernel::current().await?;
-    let pod = Kernel::of(netns).await?;
-    add_with(
-        conf,
-        env.container_id(),
-        env.ifname(),
-        netns_path,
-        &host,
-        &pod,
-    )
-    .await
+    Ok((Kernel::current().await?, Kernel::of(netns).await?))
 }
 
-/// ADD, between the node's namespace `host` and the pod's `pod` (at `netns_path`).
+async fn add(env: &Env, conf: &NetConf) -> Result<CniResult> {
+    let (host, pod) = kernels(env).await?;
+    let sides = Sides {
+        host: &host,
+        pod: &pod,
+        netns_path: env.netns.as_deref().expect("checked by kernels"),
+    };
+    add_with(conf, env.container_id(), env.ifname(), sides).await
+}
+
+/// ADD of `cid`'s `ifname` across `sides`.
 async fn add_with<L: Links>(
     conf: &NetConf,
     cid: &str,
     ifname: &str,
-    netns_path: &Path,
-    host: &L,
-    pod: &L,
+    sides: Sides<'_, L>,
 ) -> Result<CniResult> {
+    let Sides {
+        host,
+        pod,
+        netns_path,
+    } = sides;
     let pool = Pool::from_conf(&conf.ipam)?;
     let store = Store::open(&conf.ipam.data_dir, &conf.name)?;
     if pod.link_by_name(ifname).await?.is_some() {
@@ -451,32 +467,27 @@ fn attach_policy(dir: &std::path::Path, ifindex: u32) -> Result<()> {
 }
 
 async fn check(env: &Env, conf: &NetConf) -> Result<()> {
-    let netns_path = env
-        .netns
-        .as_deref()
-        .expect("validated: CHECK has CNI_NETNS");
-    let pod = Kernel::of(open_netns(netns_path)?).await?;
-    let host = Kernel::current().await?;
-    check_with(
-        conf,
-        env.container_id(),
-        env.ifname(),
-        netns_path,
-        &host,
-        &pod,
-    )
-    .await
+    let (host, pod) = kernels(env).await?;
+    let sides = Sides {
+        host: &host,
+        pod: &pod,
+        netns_path: env.netns.as_deref().expect("checked by kernels"),
+    };
+    check_with(conf, env.container_id(), env.ifname(), sides).await
 }
 
-/// CHECK, between the node's namespace `host` and the pod's `cnl` (at `netns_path`).
+/// CHECK of `cid`'s `ifname` across `sides`.
 async fn check_with<L: Links>(
     conf: &NetConf,
     cid: &str,
     ifname: &str,
-    netns_path: &Path,
-    hnl: &L,
-    cnl: &L,
+    sides: Sides<'_, L>,
 ) -> Result<()> {
+    let Sides {
+        host: hnl,
+        pod: cnl,
+        netns_path,
+    } = sides;
     let prev = conf
         .prev_result
         .clone()
@@ -731,16 +742,20 @@ mod tests {
 
         const NETNS: &str = "/run/netns/pod";
 
+        fn sides<'a>(host: &'a Fake, pod: &'a Fake) -> Sides<'a, Fake> {
+            Sides {
+                host,
+                pod,
+                netns_path: Path::new(NETNS),
+            }
+        }
+
         impl Setup {
             fn add(&self, cid: &str) -> Result<CniResult> {
-                block(add_with(
-                    &self.conf,
-                    cid,
-                    "eth0",
-                    Path::new(NETNS),
-                    &self.host,
-                    &self.pod,
-                ))
+                self.add_in(cid, &self.pod)
+            }
+            fn add_in(&self, cid: &str, pod: &Fake) -> Result<CniResult> {
+                block(add_with(&self.conf, cid, "eth0", sides(&self.host, pod)))
             }
             fn free(&self) -> usize {
                 let pool = Pool::from_conf(&self.conf.ipam).unwrap();
@@ -799,15 +814,7 @@ mod tests {
             // CHECK agrees with what ADD made.
             let mut conf = s.conf.clone();
             conf.prev_result = Some(serde_json::to_value(&r).unwrap());
-            block(check_with(
-                &conf,
-                "c1",
-                "eth0",
-                Path::new(NETNS),
-                &s.host,
-                &s.pod,
-            ))
-            .unwrap();
+            block(check_with(&conf, "c1", "eth0", sides(&s.host, &s.pod))).unwrap();
         }
 
         #[test]
@@ -855,15 +862,7 @@ mod tests {
             let s = setup("del", serde_json::json!({}));
             s.add("c1").unwrap();
             let pod2 = s.host.namespace(2);
-            block(add_with(
-                &s.conf,
-                "c2",
-                "eth0",
-                Path::new(NETNS),
-                &s.host,
-                &pod2,
-            ))
-            .unwrap();
+            s.add_in("c2", &pod2).unwrap();
             block(del_with(&s.conf, "c1", "eth0", &s.host)).unwrap();
             block(del_with(&s.conf, "c1", "eth0", &s.host)).unwrap();
             assert_eq!(s.reserved("c1"), None);
@@ -884,15 +883,7 @@ mod tests {
             let pods: Vec<Fake> = (1..=3).map(|i| s.host.namespace(i)).collect();
             for (i, p) in pods.iter().enumerate() {
                 let cid = format!("c{i}");
-                block(add_with(
-                    &s.conf,
-                    &cid,
-                    "eth0",
-                    Path::new(NETNS),
-                    &s.host,
-                    p,
-                ))
-                .unwrap();
+                s.add_in(&cid, p).unwrap();
             }
             // Without validAttachments GC removes nothing.
             block(gc_with(&s.conf, &s.host)).unwrap();
@@ -918,15 +909,7 @@ mod tests {
             let s = setup("bridge", serde_json::json!({}));
             s.add("c1").unwrap();
             let pod2 = s.host.namespace(2);
-            block(add_with(
-                &s.conf,
-                "c2",
-                "eth0",
-                Path::new(NETNS),
-                &s.host,
-                &pod2,
-            ))
-            .unwrap();
+            s.add_in("c2", &pod2).unwrap();
             let bridges = s
                 .host
                 .links()
