@@ -1,7 +1,7 @@
 //! The ADD result (§5 › ADD Success) and its parts, as serialized on stdout and parsed back from
 //! `prevResult`.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
@@ -92,6 +92,17 @@ pub struct CniResult {
     pub dns: Option<Dns>,
 }
 
+/// The first IPv4 address in a result as a runtime reads it from a plugin's stdout (weft-cni's
+/// or another plugin's), without its prefix length: the pod's address.
+pub fn first_ipv4(result: &serde_json::Value) -> Option<Ipv4Addr> {
+    result["ips"].as_array()?.iter().find_map(|ip| {
+        match ip["address"].as_str()?.parse::<IpNet>().ok()?.addr() {
+            IpAddr::V4(a) => Some(a),
+            IpAddr::V6(_) => None,
+        }
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -124,5 +135,13 @@ mod tests {
         assert!(v["ips"][0].get("version").is_none());
         assert!(v.get("dns").is_none());
         assert_eq!(serde_json::from_value::<CniResult>(v).unwrap(), r);
+    }
+
+    #[test]
+    fn the_first_ipv4_is_read_from_any_plugins_result() {
+        let r =
+            serde_json::json!({"ips": [{"address": "fd00::5/64"}, {"address": "10.244.0.7/24"}]});
+        assert_eq!(super::first_ipv4(&r), Some("10.244.0.7".parse().unwrap()));
+        assert_eq!(super::first_ipv4(&serde_json::json!({})), None);
     }
 }

@@ -13,13 +13,7 @@ use weft_testbed::NetNs;
 const T: Duration = Duration::from_secs(5);
 
 fn pod_ip(result: &Value) -> String {
-    result["ips"][0]["address"]
-        .as_str()
-        .unwrap()
-        .split('/')
-        .next()
-        .unwrap()
-        .to_owned()
+    weft_cni::result::first_ipv4(result).unwrap().to_string()
 }
 
 #[test]

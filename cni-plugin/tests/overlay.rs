@@ -95,14 +95,7 @@ impl Cluster {
         let path = self.lab.add_namespace(label).unwrap().path().to_path_buf();
         let out = add_on(self.lab.node(i), label, &path, "eth0", &self.conf(i));
         let r = out.expect_ok().json();
-        r["ips"][0]["address"]
-            .as_str()
-            .unwrap()
-            .split('/')
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap()
+        weft_cni::result::first_ipv4(&r).unwrap()
     }
 
     fn link_mtu(&self, label: &str, name: &str) -> u32 {
@@ -323,12 +316,7 @@ fn traffic_leaving_the_cluster_is_masqueraded() {
         .unwrap();
     pod0.tcp_roundtrip(format!("{ip1}:7778").parse().unwrap(), b"in", T)
         .unwrap();
-    let ip0 = r0["ips"][0]["address"]
-        .as_str()
-        .unwrap()
-        .split('/')
-        .next()
-        .unwrap();
+    let ip0 = weft_cni::result::first_ipv4(&r0).unwrap().to_string();
     assert_eq!(inner.peers()[0].ip().to_string(), ip0);
 
     // CHECK sees the masquerade table; without it, CHECK fails.

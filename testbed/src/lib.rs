@@ -19,7 +19,7 @@ mod traffic;
 
 pub use host::Host;
 pub use storage::MountSandbox;
-pub use traffic::{TcpServer, UdpServer, metric};
+pub use traffic::{EchoServer, TcpServer, UdpServer, metric};
 pub use weft_netns::{NetNs, Netlink};
 
 use std::{
@@ -173,13 +173,8 @@ impl Lab {
             unl.set_controller(p.index, bridge).await?;
             unl.set_up(p.index).await?;
             let hnl = Netlink::connect(&inside).await?;
-            let eth0 = hnl.require_link("eth0").await?;
-            hnl.add_address(
-                eth0.index,
-                IpNet::new(addr.into(), 24).expect("valid prefix"),
-            )
-            .await?;
-            hnl.set_up(eth0.index).await?;
+            let eth0 = IpNet::new(addr.into(), 24).expect("valid prefix");
+            configure(&hnl, "eth0", eth0, &[]).await?;
             Ok::<_, Error>(())
         })?;
         host.set_underlay_addr(addr);
@@ -267,36 +262,17 @@ impl Lab {
         self.others.push(host);
         let gw = Ipv4Addr::new(169, 254, 1, 1);
         self.block_on(async move {
+            let host32 = |a: Ipv4Addr| IpNet::new(a.into(), 32).expect("valid");
             let n = Netlink::connect(&node_ns).await?;
             n.add_veth(&node_side, "eth0", Some(&pod_ns), None).await?;
-            let h = n.require_link(&node_side).await?;
-            n.add_address(h.index, IpNet::new(gw.into(), 32).expect("valid"))
-                .await?;
-            n.set_up(h.index).await?;
-            n.add_route_v4(
-                IpNet::new(ip.into(), 32).expect("valid"),
-                None,
-                Some(h.index),
-                false,
-            )
-            .await?;
+            configure(&n, &node_side, host32(gw), &[(host32(ip), None)]).await?;
             let p = Netlink::connect(&pod_ns).await?;
-            let e = p.require_link("eth0").await?;
-            p.add_address(e.index, IpNet::new(ip.into(), 32).expect("valid"))
-                .await?;
-            p.set_up(e.index).await?;
-            p.add_route_v4(
-                IpNet::new(gw.into(), 32).expect("valid"),
-                None,
-                Some(e.index),
-                false,
-            )
-            .await?;
-            p.add_route_v4(
-                "0.0.0.0/0".parse().expect("valid"),
-                Some(gw),
-                Some(e.index),
-                false,
+            let default = "0.0.0.0/0".parse().expect("valid");
+            configure(
+                &p,
+                "eth0",
+                host32(ip),
+                &[(host32(gw), None), (default, Some(gw))],
             )
             .await?;
             Ok::<_, Error>(())
@@ -329,4 +305,21 @@ impl Drop for Lab {
             cleanup::remove_dir(&dir);
         }
     }
+}
+
+/// Gives the link `name` the address `addr`, sets it up and adds `routes` (destination, next
+/// hop) through it: one end of a veth as the test bed wires it.
+async fn configure(
+    nl: &Netlink,
+    name: &str,
+    addr: IpNet,
+    routes: &[(IpNet, Option<Ipv4Addr>)],
+) -> Result<()> {
+    let link = nl.require_link(name).await?;
+    nl.add_address(link.index, addr).await?;
+    nl.set_up(link.index).await?;
+    for (dst, via) in routes {
+        nl.add_route_v4(*dst, *via, Some(link.index), false).await?;
+    }
+    Ok(())
 }

@@ -21,58 +21,33 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
     move |source| Error::Io { what, source }
 }
 
-/// A TCP echo server running in a namespace. It stops when dropped.
+/// An echo server running in a namespace (TCP or UDP). It stops when dropped.
 #[derive(Debug)]
-pub struct TcpServer {
+pub struct EchoServer {
     addr: SocketAddr,
     stop: Arc<AtomicBool>,
     peers: Arc<Mutex<Vec<SocketAddr>>>,
     thread: Option<JoinHandle<()>>,
 }
 
-impl TcpServer {
-    /// The address it listens on.
+/// A TCP echo server ([`Host::tcp_echo_server`]).
+pub type TcpServer = EchoServer;
+/// A UDP echo server ([`Host::udp_echo_server`]).
+pub type UdpServer = EchoServer;
+
+impl EchoServer {
+    /// The address it listens on (or is bound to).
     pub fn addr(&self) -> SocketAddr {
         self.addr
     }
 
-    /// Source addresses of the connections accepted so far.
+    /// Source addresses of the connections accepted (or datagrams received) so far.
     pub fn peers(&self) -> Vec<SocketAddr> {
         self.peers.lock().expect("peers lock").clone()
     }
 }
 
-impl Drop for TcpServer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-/// A UDP echo server running in a namespace. It stops when dropped.
-#[derive(Debug)]
-pub struct UdpServer {
-    addr: SocketAddr,
-    stop: Arc<AtomicBool>,
-    peers: Arc<Mutex<Vec<SocketAddr>>>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl UdpServer {
-    /// The address it is bound to.
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
-    }
-
-    /// Source addresses of the datagrams received so far.
-    pub fn peers(&self) -> Vec<SocketAddr> {
-        self.peers.lock().expect("peers lock").clone()
-    }
-}
-
-impl Drop for UdpServer {
+impl Drop for EchoServer {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
@@ -139,7 +114,7 @@ impl Host {
                 let _ = c.join();
             }
         });
-        Ok(TcpServer {
+        Ok(EchoServer {
             addr,
             stop,
             peers,
@@ -167,7 +142,7 @@ impl Host {
                 }
             }
         });
-        Ok(UdpServer {
+        Ok(EchoServer {
             addr,
             stop,
             peers,

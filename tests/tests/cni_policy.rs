@@ -82,10 +82,7 @@ fn a_new_pod_meets_policy_from_its_first_packet() {
     let guarded = lab.add_namespace("guarded").unwrap().path().to_path_buf();
     let plain = lab.add_namespace("plain").unwrap().path().to_path_buf();
     let node_host = lab.node(node);
-    let ip_of = |r: &serde_json::Value| -> std::net::Ipv4Addr {
-        let a = r["ips"][0]["address"].as_str().unwrap();
-        a.split('/').next().unwrap().parse().unwrap()
-    };
+    let ip_of = |r: &serde_json::Value| weft_cni::result::first_ipv4(r).unwrap();
     let r1 = cni(
         node_host,
         "ADD",

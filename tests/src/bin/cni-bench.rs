@@ -412,14 +412,7 @@ fn datapath(b: &mut Bench, secs: u32) -> Value {
         let (ok, out) = run(&mut c, conf.to_string().as_bytes());
         assert!(ok, "{out}");
         let r: Value = serde_json::from_str(&out).unwrap();
-        let ip: std::net::Ipv4Addr = r["ips"][0]["address"]
-            .as_str()
-            .unwrap()
-            .split('/')
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap();
+        let ip = weft_cni::result::first_ipv4(&r).expect("an IPv4 address in the result");
         pods.push((label, ip));
     }
     // The floor: two namespaces joined by a bare veth pair.
