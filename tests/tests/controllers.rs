@@ -1315,3 +1315,95 @@ spec:
         p.len() == 3 && p.iter().all(|x| x.2 == "2" && x.3)
     });
 }
+
+/// A scale in the middle of a rollout is shared between the ReplicaSets in proportion to their
+/// sizes, as kube-controller-manager does (proportional scaling), rather than landing on the
+/// new one only. The rollout is held halfway by a minReadySeconds no pod reaches.
+#[test]
+fn a_scale_mid_rollout_is_shared_in_proportion() {
+    let c = Cluster::start("prop", &["n1", "n2"]);
+    let deploy = |image: &str, min_ready: u32| {
+        format!(
+            "apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: prop, namespace: default}}\n\
+             spec:\n  replicas: 10\n  minReadySeconds: {min_ready}\n  selector: {{matchLabels: {{app: prop}}}}\n\
+             \x20 strategy: {{type: RollingUpdate, rollingUpdate: {{maxSurge: 3, maxUnavailable: 0}}}}\n\
+             \x20 template:\n    metadata: {{labels: {{app: prop}}}}\n\
+             \x20   spec: {{containers: [{{name: c, image: {image}}}]}}\n"
+        )
+    };
+    c.kubectl_in(&["apply", "-f", "-"], Some(&deploy("echo:1", 0)));
+    let status = c.kubectl(&["rollout", "status", "deployment/prop", "--timeout=60s"]);
+    assert!(status.contains("successfully rolled out"), "{status}");
+    // No pod is available for an hour from now on: the rollout surges 3 and holds there.
+    c.kubectl_in(&["apply", "-f", "-"], Some(&deploy("echo:2", 3600)));
+    let sizes = || {
+        let list = c.json(&["get", "rs", "-l", "app=prop"]);
+        let mut by_image: Vec<(String, i64)> = list["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|rs| {
+                (
+                    rs["spec"]["template"]["spec"]["containers"][0]["image"]
+                        .as_str()
+                        .unwrap()
+                        .to_owned(),
+                    rs["spec"]["replicas"].as_i64().unwrap_or(0),
+                )
+            })
+            .collect();
+        by_image.sort();
+        by_image
+    };
+    let pair = |old: i64, new: i64| vec![("echo:1".to_owned(), old), ("echo:2".to_owned(), new)];
+    wait_for(
+        "the rollout held at 10 old + 3 new",
+        Duration::from_secs(30),
+        || sizes() == pair(10, 3),
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(sizes(), pair(10, 3), "held");
+
+    // 10 → 20 replicas (23 allowed with the surge): 10·23/13 ≈ 18 old, 3·23/13 ≈ 5 new.
+    c.kubectl(&["scale", "deployment/prop", "--replicas=20"]);
+    wait_for("a proportional scale up", Duration::from_secs(30), || {
+        sizes() == pair(18, 5)
+    });
+    // 20 → 4 (7 allowed): 18·7/23 ≈ 5 old, 5·7/23 ≈ 2 new, as the Deployment's events say.
+    // The old pods are available (their ReplicaSet predates the minReadySeconds), so the
+    // rollout then goes on within its bounds: one more old pod for one new.
+    c.kubectl(&["scale", "deployment/prop", "--replicas=4"]);
+    let scaled = || {
+        let events = c.json(&[
+            "get",
+            "events",
+            "--field-selector",
+            "involvedObject.name=prop",
+        ]);
+        events["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["reason"] == "ScalingReplicaSet")
+            .filter_map(|e| e["message"].as_str().map(str::to_owned))
+            .collect::<Vec<_>>()
+    };
+    wait_for("a proportional scale down", Duration::from_secs(30), || {
+        let said = scaled();
+        ["from 18 to 5", "from 5 to 2"].iter().all(|m| {
+            said.iter()
+                .any(|s| s.contains("Scaled down") && s.ends_with(m))
+        })
+    });
+    wait_for("the rollout held again", Duration::from_secs(30), || {
+        sizes() == pair(4, 3)
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(sizes(), pair(4, 3), "held: no new pod is available");
+    let said = scaled();
+    assert!(
+        said.iter().any(|s| s.ends_with("from 10 to 18"))
+            && said.iter().any(|s| s.ends_with("from 3 to 5")),
+        "the scale up was shared too: {said:?}"
+    );
+}

@@ -39,6 +39,10 @@ pub const HASH_LABEL: &str = "pod-template-hash";
 /// The revision annotation on Deployments and their ReplicaSets.
 pub const REVISION: &str = "deployment.kubernetes.io/revision";
 const CHANGE_CAUSE: &str = "kubernetes.io/change-cause";
+/// The Deployment's replicas when a ReplicaSet was last scaled for it.
+const DESIRED_REPLICAS: &str = "deployment.kubernetes.io/desired-replicas";
+/// Those replicas plus the surge, which proportional scaling divides by.
+const MAX_REPLICAS: &str = "deployment.kubernetes.io/max-replicas";
 
 /// Runs the controller until the API goes away for good.
 pub async fn run(ctx: Arc<Ctx>) {
@@ -130,17 +134,17 @@ async fn scale(
     max_surge: i32,
 ) -> Result<(), Error> {
     let from = rs.spec.as_ref().and_then(|s| s.replicas).unwrap_or(0);
-    if from == to {
+    let replicas = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+    let (desired, max) = (replicas.to_string(), (replicas + max_surge).to_string());
+    let noted = |k: &str, v: &str| rs.annotations().get(k).map(String::as_str) == Some(v);
+    let annotated = noted(DESIRED_REPLICAS, &desired) && noted(MAX_REPLICAS, &max);
+    if from == to && (annotated || to == 0) {
         return Ok(());
     }
     let api: Api<ReplicaSet> =
         Api::namespaced(ctx.client.clone(), &rs.namespace().unwrap_or_default());
-    let replicas = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
     let patch = json!({
-        "metadata": {"annotations": {
-            "deployment.kubernetes.io/desired-replicas": replicas.to_string(),
-            "deployment.kubernetes.io/max-replicas": (replicas + max_surge).to_string(),
-        }},
+        "metadata": {"annotations": {DESIRED_REPLICAS: desired, MAX_REPLICAS: max}},
         "spec": {"replicas": to},
     });
     api.patch(
@@ -149,6 +153,10 @@ async fn scale(
         &Patch::Merge(&patch),
     )
     .await?;
+    if from == to {
+        // Only the annotations were behind (a scale that left this set's size as it was).
+        return Ok(());
+    }
     let verb = if to > from { "up" } else { "down" };
     ctx.events
         .record(
@@ -234,10 +242,7 @@ async fn reconcile(d: Arc<Deployment>, ctx: Arc<Ctx>) -> Result<Action, Error> {
         };
         let mut annotations = std::collections::BTreeMap::new();
         annotations.insert(REVISION.to_owned(), (max_old_revision + 1).to_string());
-        annotations.insert(
-            "deployment.kubernetes.io/desired-replicas".into(),
-            replicas.to_string(),
-        );
+        annotations.insert(DESIRED_REPLICAS.into(), replicas.to_string());
         annotations.insert(
             "deployment.kubernetes.io/max-replicas".into(),
             (replicas + surge).to_string(),
@@ -320,7 +325,38 @@ async fn reconcile(d: Arc<Deployment>, ctx: Arc<Ctx>) -> Result<Action, Error> {
     }
 
     let everything_settled = new.iter().chain(old.iter()).all(settled);
-    if everything_settled && progress.created.is_none() {
+    // Scaled while several ReplicaSets have pods (a rollout in flight, or paused halfway):
+    // the change is shared among them in proportion, as kube-controller-manager does.
+    let active: Vec<(usize, &ReplicaSet)> = old
+        .iter()
+        .chain(new.iter())
+        .enumerate()
+        .filter(|(_, rs)| rs_view(rs).spec > 0)
+        .collect();
+    let scaling_event = !recreate
+        && active.len() > 1
+        && active
+            .iter()
+            .any(|(_, rs)| rs.annotations().get(DESIRED_REPLICAS) != Some(&replicas.to_string()));
+    if everything_settled && progress.created.is_none() && scaling_event {
+        let sets: Vec<rolling::Scaled> = active
+            .iter()
+            .map(|(age, rs)| rolling::Scaled {
+                spec: rs_view(rs).spec,
+                max_replicas: rs
+                    .annotations()
+                    .get(MAX_REPLICAS)
+                    .and_then(|v| v.parse().ok()),
+                age: *age,
+            })
+            .collect();
+        let fallback = d.status.as_ref().and_then(|s| s.replicas).unwrap_or(0);
+        let sizes = rolling::proportional(replicas, surge, fallback, &sets);
+        for ((_, rs), to) in active.iter().zip(sizes) {
+            scale(&ctx, &d, rs, to, surge).await?;
+        }
+        progress.scaled = true;
+    } else if everything_settled && progress.created.is_none() {
         let olds: Vec<Rs> = old.iter().map(rs_view).collect();
         match (&new, paused) {
             (Some(n), true) => {

@@ -115,6 +115,71 @@ pub fn old_replicas(replicas: i32, unavailable: i32, new: Rs, old: &[Rs]) -> Vec
     out
 }
 
+/// One ReplicaSet with pods when a Deployment is scaled in the middle of a rollout.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Scaled {
+    /// `spec.replicas`.
+    pub spec: i32,
+    /// Its `deployment.kubernetes.io/max-replicas` annotation: the Deployment's replicas plus
+    /// surge when it was last scaled.
+    pub max_replicas: Option<i32>,
+    /// Creation order (larger is newer), for ties.
+    pub age: usize,
+}
+
+/// Proportional scaling, as kube-controller-manager does it: a change of a Deployment's
+/// replicas while several ReplicaSets have pods is shared among them in proportion to their
+/// sizes (each scaled by `replicas + surge` over the `max_replicas` it was last scaled for,
+/// `fallback` when it has none), the rounding left over going to the largest; a rollout in
+/// flight keeps its ratio instead of the whole change landing on one side. Returns each set's
+/// new size, in the order given.
+pub fn proportional(replicas: i32, surge: i32, fallback: i32, sets: &[Scaled]) -> Vec<i32> {
+    let mut out: Vec<i32> = sets.iter().map(|r| r.spec).collect();
+    let allowed = if replicas > 0 { replicas + surge } else { 0 };
+    let to_add = allowed - out.iter().sum::<i32>();
+    if to_add == 0 || sets.is_empty() {
+        return out;
+    }
+    // Larger first; among equals the newer first when growing, the older when shrinking.
+    let mut order: Vec<usize> = (0..sets.len()).collect();
+    order.sort_by(|&a, &b| {
+        let (x, y) = (sets[a], sets[b]);
+        y.spec.cmp(&x.spec).then(if to_add > 0 {
+            y.age.cmp(&x.age)
+        } else {
+            x.age.cmp(&y.age)
+        })
+    });
+    let mut added = 0;
+    for &i in &order {
+        let r = sets[i];
+        if r.spec == 0 || added == to_add {
+            continue;
+        }
+        let fraction = if replicas == 0 {
+            -r.spec
+        } else {
+            let annotated = r.max_replicas.unwrap_or(fallback).max(1);
+            let size = f64::from(r.spec) * f64::from(allowed) / f64::from(annotated);
+            size.round() as i32 - r.spec
+        };
+        let left = to_add - added;
+        let share = if to_add > 0 {
+            fraction.min(left)
+        } else {
+            fraction.max(left)
+        };
+        out[i] += share;
+        added += share;
+    }
+    let first = order[0];
+    out[first] = (out[first] + to_add - added).max(0);
+    for o in &mut out {
+        *o = (*o).max(0);
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -221,5 +286,46 @@ mod tests {
             let (surge, unavailable) = if surge == 0 && unavailable == 0 { (0, 1) } else { (surge, unavailable.min(replicas)) };
             simulate(replicas, surge, unavailable, replicas, &coins);
         }
+    }
+
+    #[test]
+    fn scaling_mid_rollout_is_shared_in_proportion() {
+        let rs = |spec, max, age| Scaled {
+            spec,
+            max_replicas: Some(max),
+            age,
+        };
+        // 10 replicas, surge 3, mid-rollout: new 8, old 5 (13 = 10 + 3). Scaled to 20 (surge
+        // 5, 25 allowed): both grow by the same factor.
+        assert_eq!(
+            proportional(20, 5, 0, &[rs(8, 13, 1), rs(5, 13, 0)]),
+            vec![15, 10]
+        );
+        // Scaled down to 5 (surge 2, 7 allowed).
+        assert_eq!(
+            proportional(5, 2, 0, &[rs(8, 13, 1), rs(5, 13, 0)]),
+            vec![4, 3]
+        );
+        // Rounding leftovers go to the largest; nothing when the total already fits.
+        assert_eq!(
+            proportional(4, 1, 0, &[rs(2, 4, 1), rs(2, 4, 0)]),
+            vec![3, 2]
+        );
+        assert_eq!(
+            proportional(10, 3, 0, &[rs(8, 13, 1), rs(5, 13, 0)]),
+            vec![8, 5]
+        );
+        // To zero: everything goes.
+        assert_eq!(
+            proportional(0, 0, 0, &[rs(3, 5, 1), rs(2, 5, 0)]),
+            vec![0, 0]
+        );
+        // Without the annotation the Deployment's current size stands in.
+        let bare = |spec, age| Scaled {
+            spec,
+            max_replicas: None,
+            age,
+        };
+        assert_eq!(proportional(8, 2, 5, &[bare(3, 1), bare(2, 0)]), vec![6, 4]);
     }
 }
