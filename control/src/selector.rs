@@ -216,22 +216,23 @@ impl FieldSelector {
                     reason: format!("{term:?} is not field=value or field!=value"),
                 });
             };
-            reqs.push((path.trim().to_owned(), equal, value.trim().to_owned()));
+            // Kept as the JSON pointer it reads (`/spec/nodeName`), made once.
+            let pointer = format!("/{}", path.trim().replace('.', "/"));
+            reqs.push((pointer, equal, value.trim().to_owned()));
         }
         Ok(Self(reqs))
     }
 
     /// Whether the object's fields satisfy every requirement (a missing field is "").
     pub fn matches(&self, object: &Value) -> bool {
-        self.0.iter().all(|(path, equal, value)| {
-            let pointer = format!("/{}", path.replace('.', "/"));
-            let actual = match object.pointer(&pointer) {
-                Some(Value::String(s)) => s.clone(),
-                Some(Value::Bool(b)) => b.to_string(),
-                Some(Value::Number(n)) => n.to_string(),
-                _ => String::new(),
+        self.0.iter().all(|(pointer, equal, value)| {
+            let same = match object.pointer(pointer) {
+                Some(Value::String(s)) => s == value,
+                Some(Value::Bool(b)) => b.to_string() == *value,
+                Some(Value::Number(n)) => n.to_string() == *value,
+                _ => value.is_empty(),
             };
-            (actual == *value) == *equal
+            same == *equal
         })
     }
 }
