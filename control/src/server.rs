@@ -1003,10 +1003,13 @@ fn serve(
 }
 
 fn list_of(r: &Resource, rv: u64, items: Vec<Value>) -> Value {
-    json!({
+    let mut list = json!({
         "kind": format!("{}List", r.kind), "apiVersion": r.api_version(),
-        "metadata": {"resourceVersion": rv.to_string()}, "items": items,
-    })
+        "metadata": {"resourceVersion": rv.to_string()},
+    });
+    // Moved in, not copied as `json!` would.
+    list["items"] = Value::Array(items);
+    list
 }
 
 /// Applies a PATCH body to `object` by its content type.
@@ -1220,12 +1223,12 @@ fn visible(
     r: &Resource,
     ns: Option<&str>,
     filter: &dyn Fn(&Value) -> bool,
-) -> Option<(EventType, Value)> {
+) -> Option<EventType> {
     if event.resource != r.key() || ns.is_some_and(|n| n != event.namespace) {
         return None;
     }
     let now = filter(&event.object);
-    match (event.kind, event.previous.as_ref().map(filter)) {
+    match (event.kind, event.previous.as_deref().map(filter)) {
         (EventType::Modified, Some(before)) => match (before, now) {
             (true, true) => Some(EventType::Modified),
             (false, true) => Some(EventType::Added),
@@ -1234,13 +1237,24 @@ fn visible(
         },
         (kind, _) => now.then_some(kind),
     }
-    .map(|k| (k, event.object.clone()))
+}
+
+/// One line of a watch, `{"type": kind, "object": ...}`, around an object already encoded.
+fn line_of(kind: &str, object: &[u8]) -> Bytes {
+    let mut v = Vec::with_capacity(object.len() + 32);
+    v.extend_from_slice(br#"{"type":""#);
+    v.extend_from_slice(kind.as_bytes());
+    v.extend_from_slice(br#"","object":"#);
+    v.extend_from_slice(object);
+    v.extend_from_slice(b"}\n");
+    Bytes::from(v)
 }
 
 fn line(kind: &str, object: &Value) -> Result<Bytes, Infallible> {
-    let mut v = serde_json::to_vec(&json!({"type": kind, "object": object})).unwrap_or_default();
-    v.push(b'\n');
-    Ok(Bytes::from(v))
+    Ok(line_of(
+        kind,
+        &serde_json::to_vec(object).unwrap_or_default(),
+    ))
 }
 
 fn watch(
@@ -1252,16 +1266,20 @@ fn watch(
     as_table: bool,
     filter: impl Fn(&Value) -> bool + Send + Sync + 'static,
 ) -> Result<Response, ApiError> {
-    // kubectl get -w asks for Tables: each event then carries a one-row Table.
-    let render = move |o: Value| {
+    // kubectl get -w asks for Tables: each event then carries a one-row Table. Other watchers
+    // share the event's JSON, encoded once.
+    let render = move |e: &Event, kind: EventType| {
         if as_table {
-            let rv = o["metadata"]["resourceVersion"]
+            let rv = e.object["metadata"]["resourceVersion"]
                 .as_str()
                 .unwrap_or("")
                 .to_owned();
-            table::table(r, &[o], &rv)
+            line(
+                kind_name(kind),
+                &table::table(r, &[Value::clone(&e.object)], &rv),
+            )
         } else {
-            o
+            Ok(line_of(kind_name(kind), e.object_json()))
         }
     };
     let w = match store.watch(r, from) {
@@ -1283,8 +1301,7 @@ fn watch(
     let backlog = futures::stream::iter(
         w.backlog
             .into_iter()
-            .filter_map(move |e| visible(&e, r, ns2.as_deref(), &*f))
-            .map(move |(k, o)| line(kind_name(k), &render(o)))
+            .filter_map(move |e| visible(&e, r, ns2.as_deref(), &*f).map(|k| render(&e, k)))
             .collect::<Vec<_>>(),
     );
     let live = futures::stream::unfold(Some(w.live), move |rx| {
@@ -1304,8 +1321,8 @@ fn watch(
                         return Some((line("ERROR", &gone.status()), None));
                     }
                     Ok(Ok(e)) => {
-                        if let Some((k, o)) = visible(&e, r, ns.as_deref(), &*filter) {
-                            return Some((line(kind_name(k), &render(o)), Some(rx)));
+                        if let Some(k) = visible(&e, r, ns.as_deref(), &*filter) {
+                            return Some((render(&e, k), Some(rx)));
                         }
                     }
                 }

@@ -23,7 +23,7 @@ use std::{
     net::Ipv4Addr,
     path::Path,
     path::PathBuf,
-    sync::{Arc, Mutex, MutexGuard},
+    sync::{Arc, Mutex, MutexGuard, OnceLock},
 };
 
 use serde::{Deserialize, Serialize};
@@ -59,10 +59,39 @@ pub struct Event {
     pub resource: String,
     /// Namespace ("" for cluster-scoped objects).
     pub namespace: String,
-    /// The object after the change (for a deletion: as it was, with the deletion's version).
-    pub object: Value,
+    /// The object after the change (for a deletion: as it was, with the deletion's version),
+    /// shared with the cache.
+    pub object: Arc<Value>,
     /// The object before a modification.
-    pub previous: Option<Value>,
+    pub previous: Option<Arc<Value>>,
+    /// `object` as JSON, made once for all the watchers that send it.
+    json: OnceLock<Vec<u8>>,
+}
+
+impl Event {
+    fn new(
+        rv: u64,
+        kind: EventType,
+        (resource, namespace): (String, String),
+        object: Arc<Value>,
+        previous: Option<Arc<Value>>,
+    ) -> Self {
+        Self {
+            rv,
+            kind,
+            resource,
+            namespace,
+            object,
+            previous,
+            json: OnceLock::new(),
+        }
+    }
+
+    /// The object as JSON: encoded by the first watcher that asks, then shared.
+    pub fn object_json(&self) -> &[u8] {
+        self.json
+            .get_or_init(|| serde_json::to_vec(&*self.object).unwrap_or_default())
+    }
 }
 
 type Key = (String, String, String);
@@ -113,7 +142,7 @@ struct Saved {
 
 struct Inner {
     rv: u64,
-    objects: BTreeMap<Key, Value>,
+    objects: BTreeMap<Key, Arc<Value>>,
     history: VecDeque<Arc<Event>>,
 }
 
@@ -128,7 +157,7 @@ pub struct Store {
 
 impl Inner {
     /// The objects of one resource (by its store key), in key order.
-    fn of<'a>(&'a self, resource: &'a str) -> impl Iterator<Item = (&'a Key, &'a Value)> + 'a {
+    fn of<'a>(&'a self, resource: &'a str) -> impl Iterator<Item = (&'a Key, &'a Arc<Value>)> + 'a {
         let start = (resource.to_owned(), String::new(), String::new());
         self.objects
             .range(start..)
@@ -216,6 +245,13 @@ fn rv_of(object: &Value) -> u64 {
         .unwrap_or(0)
 }
 
+/// An object as its deletion at `rv` shows it.
+fn deleted_at(object: &Value, rv: u64) -> Arc<Value> {
+    let mut object = object.clone();
+    object["metadata"]["resourceVersion"] = json!(rv.to_string());
+    Arc::new(object)
+}
+
 fn backend_error(e: weft_store::Error) -> ApiError {
     match e {
         weft_store::Error::Compacted { asked, compacted } => ApiError::Gone {
@@ -248,14 +284,13 @@ fn event_of(change: &weft_store::Change) -> Result<Option<Event>, ApiError> {
         }
         (None, None) => return Ok(None),
     };
-    Ok(Some(Event {
-        rv: change.rev,
+    Ok(Some(Event::new(
+        change.rev,
         kind,
-        resource,
-        namespace,
-        object,
-        previous,
-    }))
+        (resource, namespace),
+        Arc::new(object),
+        previous.map(Arc::new),
+    )))
 }
 
 /// Opens the SQLite store at `path`; a JSON store of earlier releases there is converted first
@@ -577,7 +612,7 @@ impl Store {
                 Some(key) => {
                     inner
                         .objects
-                        .insert(key, decode(&record.value, Some(record.rev))?);
+                        .insert(key, Arc::new(decode(&record.value, Some(record.rev))?));
                 }
                 None => tracing::warn!(key = record.key, "ignoring a key weft does not write"),
             }
@@ -750,34 +785,21 @@ impl Store {
         };
         let event = match &change.value {
             Some(value) => {
-                let object = decode(value, Some(change.rev))?;
+                let object = Arc::new(decode(value, Some(change.rev))?);
                 let previous = inner.objects.insert(key.clone(), object.clone());
-                Event {
-                    rv: change.rev,
-                    kind: if previous.is_some() {
-                        EventType::Modified
-                    } else {
-                        EventType::Added
-                    },
-                    resource: key.0,
-                    namespace: key.1,
-                    object,
-                    previous,
-                }
+                let kind = if previous.is_some() {
+                    EventType::Modified
+                } else {
+                    EventType::Added
+                };
+                Event::new(change.rev, kind, (key.0, key.1), object, previous)
             }
             None => {
-                let Some(mut object) = inner.objects.remove(&key) else {
+                let Some(object) = inner.objects.remove(&key) else {
                     return Ok(());
                 };
-                object["metadata"]["resourceVersion"] = json!(change.rev.to_string());
-                Event {
-                    rv: change.rev,
-                    kind: EventType::Deleted,
-                    resource: key.0,
-                    namespace: key.1,
-                    object,
-                    previous: None,
-                }
+                let object = deleted_at(&object, change.rev);
+                Event::new(change.rev, EventType::Deleted, (key.0, key.1), object, None)
             }
         };
         self.record(inner, event);
@@ -797,7 +819,7 @@ impl Store {
         let mut fresh = BTreeMap::new();
         for record in &snapshot.records {
             if let Some(key) = parse_key(&record.key) {
-                fresh.insert(key, decode(&record.value, Some(record.rev))?);
+                fresh.insert(key, Arc::new(decode(&record.value, Some(record.rev))?));
             }
         }
         let old = std::mem::take(&mut inner.objects);
@@ -814,26 +836,16 @@ impl Store {
                 events.push((key.clone(), kind, object.clone(), previous.cloned()));
             }
         }
-        for (key, mut object) in old {
+        for (key, object) in old {
             if !fresh.contains_key(&key) {
-                object["metadata"]["resourceVersion"] = json!(snapshot.rev.to_string());
+                let object = deleted_at(&object, snapshot.rev);
                 events.push((key, EventType::Deleted, object, None));
             }
         }
         inner.objects = fresh;
         for ((resource, namespace, _), kind, object, previous) in events {
-            let rv = snapshot.rev;
-            self.record(
-                inner,
-                Event {
-                    rv,
-                    kind,
-                    resource,
-                    namespace,
-                    object,
-                    previous,
-                },
-            );
+            let event = Event::new(snapshot.rev, kind, (resource, namespace), object, previous);
+            self.record(inner, event);
         }
         Ok(())
     }
@@ -853,7 +865,7 @@ impl Store {
         self.lock()
             .objects
             .get(&Self::key(r, namespace, name))
-            .cloned()
+            .map(|o| Value::clone(o))
             .ok_or_else(|| ApiError::NotFound {
                 kind: r.plural.to_owned(),
                 name: name.to_owned(),
@@ -868,16 +880,18 @@ impl Store {
         namespace: Option<&str>,
         filter: impl Fn(&Value) -> bool,
     ) -> (u64, Vec<Value>) {
-        let inner = self.lock();
-        let items = inner
-            .objects
-            .iter()
-            .filter(|((res, ns, _), _)| *res == r.key() && namespace.is_none_or(|n| n == ns))
-            .map(|(_, o)| o)
-            .filter(|o| filter(o))
-            .cloned()
-            .collect();
-        (inner.rv, items)
+        let resource = r.key();
+        let (rv, shared): (u64, Vec<Arc<Value>>) = {
+            let inner = self.lock();
+            let items = inner
+                .of(&resource)
+                .filter(|((_, ns, _), o)| namespace.is_none_or(|n| n == ns) && filter(o))
+                .map(|(_, o)| o.clone())
+                .collect();
+            (inner.rv, items)
+        };
+        // The copies are made after the lock is let go: writers do not wait for them.
+        (rv, shared.iter().map(|o| Value::clone(o)).collect())
     }
 
     /// Creates an object; fills in its metadata and, for Services, allocates addresses.
@@ -1015,9 +1029,9 @@ impl Store {
         inner: &mut Inner,
         key: Key,
         mut object: Value,
-        previous: Option<Value>,
+        previous: Option<Arc<Value>>,
     ) -> Result<Value, ApiError> {
-        let expected = previous.as_ref().map_or(0, rv_of);
+        let expected = previous.as_deref().map_or(0, rv_of);
         object["metadata"]["resourceVersion"] = json!((inner.rv + 1).to_string());
         let bytes = serde_json::to_vec(&object)
             .map_err(|e| ApiError::Internal(format!("encoding {}: {e}", key.2)))?;
@@ -1029,23 +1043,16 @@ impl Store {
             return Ok(object);
         }
         self.written(inner, rv);
-        inner.objects.insert(key.clone(), object.clone());
+        let shared = Arc::new(object);
+        inner.objects.insert(key.clone(), shared.clone());
         let kind = if previous.is_some() {
             EventType::Modified
         } else {
             EventType::Added
         };
-        self.record(
-            inner,
-            Event {
-                rv,
-                kind,
-                resource: key.0,
-                namespace: key.1,
-                object: object.clone(),
-                previous,
-            },
-        );
+        let object = Value::clone(&shared);
+        let event = Event::new(rv, kind, (key.0, key.1), shared, previous);
+        self.record(inner, event);
         Ok(object)
     }
 
@@ -1100,7 +1107,7 @@ impl Store {
     ) -> Result<Vec<(&'static str, String)>, ApiError> {
         let r = resources::find("", "v1", "services").expect("served");
         let key = r.key();
-        let services: Vec<&Value> = inner.of(&key).map(|(_, o)| o).collect();
+        let services: Vec<&Value> = inner.of(&key).map(|(_, o)| &**o).collect();
         let uids = inner.service_uids();
         let claims: Vec<(&str, &str)> = inner
             .of(CLAIMS)
@@ -1275,7 +1282,7 @@ impl Store {
             )));
         }
         let mut next = if status_only {
-            let mut next = stored.clone();
+            let mut next = Value::clone(&stored);
             next["status"] = object.get("status").cloned().unwrap_or(Value::Null);
             next
         } else {
@@ -1333,8 +1340,8 @@ impl Store {
             object
         };
         next["metadata"]["resourceVersion"] = stored["metadata"]["resourceVersion"].clone();
-        if next == stored {
-            return Ok(stored);
+        if next == *stored {
+            return Ok(Value::clone(&stored));
         }
         if !status_only && next.get("spec") != stored.get("spec") {
             let g = stored["metadata"]["generation"].as_u64().unwrap_or(1);
@@ -1449,10 +1456,10 @@ impl Store {
                 name: name.to_owned(),
             });
         };
-        let mut next = stored.clone();
+        let mut next = Value::clone(&stored);
         f(&mut next)?;
-        if next == stored {
-            return Ok(stored);
+        if next == *stored {
+            return Ok(Value::clone(&stored));
         }
         if next.get("spec") != stored.get("spec") {
             let g = stored["metadata"]["generation"].as_u64().unwrap_or(1);
@@ -1544,7 +1551,7 @@ impl Store {
         if fin.is_empty() && grace == 0 {
             return Ok(self.remove(&mut inner, &key)?.unwrap_or(Value::Null));
         }
-        let mut next = stored.clone();
+        let mut next = Value::clone(&stored);
         let m = &mut next["metadata"];
         let shorter = m["deletionGracePeriodSeconds"]
             .as_i64()
@@ -1560,8 +1567,8 @@ impl Store {
         if !fin.is_empty() {
             m["finalizers"] = json!(fin);
         }
-        if next == stored {
-            return Ok(stored);
+        if next == *stored {
+            return Ok(Value::clone(&stored));
         }
         self.commit(&mut inner, key, next, Some(stored))
     }
@@ -1595,7 +1602,7 @@ impl Store {
         let Some(stored) = inner.objects.get(key) else {
             return Ok(None);
         };
-        let stored_before = stored.clone();
+        let stored_before = Value::clone(stored);
         let rv = self.written_through(inner, key, rv_of(stored), None)?;
         if inner.rv >= rv {
             // Caught up with the other servers' writes, this deletion included.
@@ -1607,21 +1614,19 @@ impl Store {
             return Ok(Some(object));
         }
         self.written(inner, rv);
-        let Some(mut object) = inner.objects.remove(key) else {
+        let Some(object) = inner.objects.remove(key) else {
             return Ok(None);
         };
-        object["metadata"]["resourceVersion"] = json!(rv.to_string());
-        self.record(
-            inner,
-            Event {
-                rv,
-                kind: EventType::Deleted,
-                resource: key.0.clone(),
-                namespace: key.1.clone(),
-                object: object.clone(),
-                previous: None,
-            },
+        let shared = deleted_at(&object, rv);
+        let object = Value::clone(&shared);
+        let event = Event::new(
+            rv,
+            EventType::Deleted,
+            (key.0.clone(), key.1.clone()),
+            shared,
+            None,
         );
+        self.record(inner, event);
         if !key.1.is_empty() {
             self.finish_namespace(inner, &key.1)?;
         }
@@ -1631,7 +1636,7 @@ impl Store {
     /// A namespace that is being deleted goes once nothing is left in it.
     fn finish_namespace(&self, inner: &mut Inner, ns: &str) -> Result<(), ApiError> {
         let ns_key = ("/namespaces".to_owned(), String::new(), ns.to_owned());
-        if !inner.objects.get(&ns_key).is_some_and(terminating)
+        if !inner.objects.get(&ns_key).is_some_and(|n| terminating(n))
             || inner.objects.keys().any(|(_, n, _)| n == ns)
         {
             return Ok(());
@@ -1645,11 +1650,11 @@ impl Store {
         &self,
         inner: &mut Inner,
         key: &Key,
-        stored: Value,
+        stored: Arc<Value>,
     ) -> Result<Value, ApiError> {
         let name = key.2.clone();
         if !terminating(&stored) {
-            let mut next = stored.clone();
+            let mut next = Value::clone(&stored);
             next["metadata"]["deletionTimestamp"] = json!(now());
             next["metadata"]["deletionGracePeriodSeconds"] = json!(0);
             next["status"]["phase"] = json!("Terminating");
@@ -1670,7 +1675,7 @@ impl Store {
             if finalizers(&object).is_empty() && grace == 0 {
                 self.remove(inner, &k)?;
             } else if !terminating(&object) {
-                let mut next = object.clone();
+                let mut next = Value::clone(&object);
                 next["metadata"]["deletionTimestamp"] = json!(timestamp_in(grace));
                 next["metadata"]["deletionGracePeriodSeconds"] = json!(grace);
                 self.commit(inner, k, next, Some(object))?;
@@ -1680,7 +1685,7 @@ impl Store {
         Ok(inner
             .objects
             .get(key)
-            .cloned()
+            .map(|o| Value::clone(o))
             .unwrap_or_else(|| json!({"kind": "Status", "apiVersion": "v1", "status": "Success", "details": {"name": name, "kind": "namespaces"}})))
     }
 
@@ -1691,18 +1696,10 @@ impl Store {
         let live = self.tx.subscribe();
         let backlog = match from.filter(|v| *v > 0) {
             None => inner
-                .objects
-                .iter()
-                .filter(|((res, _, _), _)| *res == r.key())
+                .of(&r.key())
                 .map(|((res, ns, _), o)| {
-                    Arc::new(Event {
-                        rv: inner.rv,
-                        kind: EventType::Added,
-                        resource: res.clone(),
-                        namespace: ns.clone(),
-                        object: o.clone(),
-                        previous: None,
-                    })
+                    let at = (res.clone(), ns.clone());
+                    Arc::new(Event::new(inner.rv, EventType::Added, at, o.clone(), None))
                 })
                 .collect(),
             Some(v) if v >= inner.rv => Vec::new(),
