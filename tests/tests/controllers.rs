@@ -550,7 +550,50 @@ fn a_lost_node_turns_not_ready_and_its_pods_come_back_elsewhere() {
             ready == 3 && live.iter().filter(|p| ready_pod_on(p, "node-a")).count() == 3
         },
     );
+    // The taint manager marked what it evicted (the lost node never finishes the deletions).
+    let disruption = |name: &str| {
+        let p = c.json(&["-n", "demo", "get", "pod", name]);
+        p["status"]["conditions"]
+            .as_array()
+            .and_then(|cs| cs.iter().find(|c| c["type"] == "DisruptionTarget"))
+            .map(|c| (c["status"].clone(), c["reason"].clone()))
+    };
+    for name in &on_b {
+        assert_eq!(
+            disruption(name),
+            Some((
+                serde_json::json!("True"),
+                serde_json::json!("DeletionByTaintManager")
+            )),
+            "{name}"
+        );
+    }
+    // So does the Eviction API: a pod that tolerates the lost node, evicted by hand.
+    c.kubectl_in(&["apply", "-f", "-"], Some(STAYS));
+    let api: Api<Pod> = Api::namespaced(c.client(), "demo");
+    c.rt.block_on(api.evict("stays", &kube::api::EvictParams::default()))
+        .expect("eviction");
+    assert_eq!(
+        disruption("stays"),
+        Some((
+            serde_json::json!("True"),
+            serde_json::json!("EvictionByEvictionAPI")
+        ))
+    );
+    let stays = c.json(&["-n", "demo", "get", "pod", "stays"]);
+    assert!(!stays["metadata"]["deletionTimestamp"].is_null(), "{stays}");
 }
+
+/// A pod on the lost node-b that tolerates its taints.
+const STAYS: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: stays, namespace: demo}
+spec:
+  nodeName: node-b
+  tolerations: [{operator: Exists}]
+  containers: [{name: c, image: weft/echo:dev}]
+"#;
 
 fn ready_pod_on(p: &serde_json::Value, node: &str) -> bool {
     p["spec"]["nodeName"] == node && ready(p)

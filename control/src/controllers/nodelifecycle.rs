@@ -4,7 +4,8 @@
 //! `node.kubernetes.io/not-ready`. Pods on a node with a `NoExecute` taint they do not
 //! tolerate are evicted, at once or after their `tolerationSeconds` (every pod tolerates the
 //! two taints for 300 s unless it says otherwise, as kube-apiserver's admission adds), so
-//! their ReplicaSets recreate them elsewhere. A node that renews its Lease again loses the
+//! their ReplicaSets recreate them elsewhere; each is first given the `DisruptionTarget`
+//! condition (`DeletionByTaintManager`), which a Job's podFailurePolicy can match. A node that renews its Lease again loses the
 //! taints.
 
 use std::{collections::HashMap, sync::Arc};
@@ -232,6 +233,28 @@ async fn evict(ctx: &Ctx, node: &str, taints: &[Taint]) -> Result<(), Error> {
         }
         let api: Api<Pod> =
             Api::namespaced(ctx.client.clone(), &pod.namespace().unwrap_or_default());
+        let mut conditions: Vec<serde_json::Value> = pod
+            .status
+            .iter()
+            .flat_map(|s| s.conditions.iter().flatten())
+            .filter(|c| c.type_ != "DisruptionTarget")
+            .map(|c| json!(c))
+            .collect();
+        conditions.push(json!({"type": "DisruptionTarget", "status": "True",
+            "reason": "DeletionByTaintManager", "message": "Taint manager: deleting due to NoExecute taint",
+            "lastTransitionTime": Time(Timestamp::now())}));
+        let marked = api
+            .patch_status(
+                &pod.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(json!({"status": {"conditions": conditions}})),
+            )
+            .await;
+        if let Err(e) = marked
+            && !not_found(&e)
+        {
+            return Err(e.into());
+        }
         match api.delete(&pod.name_any(), &DeleteParams::default()).await {
             Err(e) if !not_found(&e) => return Err(e.into()),
             _ => {
