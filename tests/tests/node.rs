@@ -717,7 +717,29 @@ fn pods_run_under_containerd_networked_by_weft_cni_and_leave_nothing_behind() {
         job["status"]["failed"], 2,
         "backoffLimit 1: two failed pods, then no more: {job}"
     );
-    node.kubectl(&["delete", "job", "twice", "fails"], None);
+    // podFailurePolicy: exit code 42 is a bug no retry fixes, so the first such pod fails
+    // the Job, well inside its backoffLimit of 6.
+    let out = node.kubectl(
+        &["wait", "--for=condition=failed", "job/bug", "--timeout=90s"],
+        None,
+    );
+    assert!(out.contains("condition met"), "{out}");
+    let job = node.json(&["get", "job", "bug"]);
+    assert_eq!(job["status"]["failed"], 1, "{job}");
+    let failed = job["status"]["conditions"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["type"] == "Failed"))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(failed["reason"], "PodFailurePolicy", "{job}");
+    assert!(
+        failed["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("Container work for pod default/bug-")
+                && m.ends_with("failed with exit code 42 matching FailJob rule at index 1")),
+        "{job}"
+    );
+    node.kubectl(&["delete", "job", "twice", "fails", "bug"], None);
     // An Indexed Job: each pod knows its index (env and hostname), every index completes once,
     // and the finished Job goes by itself after ttlSecondsAfterFinished.
     let out = node.kubectl(
@@ -948,6 +970,20 @@ spec:
     spec:
       restartPolicy: Never
       containers: [{name: work, image: weft/echo:dev, command: [sh, -c, "exit 3"]}]
+---
+apiVersion: batch/v1
+kind: Job
+metadata: {name: bug, namespace: default}
+spec:
+  backoffLimit: 6
+  podFailurePolicy:
+    rules:
+    - {action: Ignore, onPodConditions: [{type: DisruptionTarget, status: "True"}]}
+    - {action: FailJob, onExitCodes: {containerName: work, operator: In, values: [42]}}
+  template:
+    spec:
+      restartPolicy: Never
+      containers: [{name: work, image: weft/echo:dev, command: [sh, -c, "exit 42"]}]
 ---
 apiVersion: batch/v1
 kind: Job

@@ -13,6 +13,14 @@
 //! has a succeeded pod, lowest missing indexes are started first, and `status.completedIndexes`
 //! lists the done ones as kube does (`0-2,4`). `ttlSecondsAfterFinished` deletes a finished Job
 //! (and, through the garbage collector, its pods) that long after it finished.
+//!
+//! `podFailurePolicy` is judged on each failed pod, first matching rule first, as
+//! kube-controller-manager does: `onExitCodes` (a container, or any, that terminated with a
+//! non-zero code `In`/`NotIn` the values) or `onPodConditions` (a condition of the pod with that
+//! type and status). `FailJob` fails the Job at once (reason `PodFailurePolicy`, the message
+//! naming the container, its exit code and the rule's index), `Ignore` leaves the pod out of the
+//! `failed` count and the backoff limit (a replacement is started), `Count` is the default.
+//! `FailIndex` belongs to `backoffLimitPerIndex`, which weft does not implement: it counts.
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
@@ -156,6 +164,84 @@ fn new_pod(job: &Job) -> Result<Pod, Error> {
     })
 }
 
+/// What a Job's `podFailurePolicy` does with a failed pod.
+#[derive(Debug, PartialEq, Eq)]
+enum OnFailure {
+    /// Counts towards `backoffLimit` (no rule matched, or `Count`, or `FailIndex`).
+    Count,
+    /// Neither counted nor retried against the limit: a replacement is made.
+    Ignore,
+    /// Fails the Job with this message.
+    FailJob(String),
+}
+
+/// The first rule of `job`'s pod failure policy that the failed pod `pod` matches.
+fn on_failure(job: &Job, pod: &Pod) -> OnFailure {
+    let Some(policy) = job
+        .spec
+        .as_ref()
+        .and_then(|s| s.pod_failure_policy.as_ref())
+    else {
+        return OnFailure::Count;
+    };
+    let (ns, name) = (
+        pod.namespace().unwrap_or_default(),
+        pod.metadata.name.clone().unwrap_or_default(),
+    );
+    let status = pod.status.clone().unwrap_or_default();
+    for (i, rule) in policy.rules.iter().enumerate() {
+        let matched = if let Some(codes) = &rule.on_exit_codes {
+            status
+                .init_container_statuses
+                .iter()
+                .flatten()
+                .chain(status.container_statuses.iter().flatten())
+                .filter(|c| codes.container_name.as_ref().is_none_or(|n| *n == c.name))
+                .find_map(|c| {
+                    let code = c.state.as_ref()?.terminated.as_ref()?.exit_code;
+                    let listed = codes.values.contains(&code);
+                    let hit = code != 0
+                        && match codes.operator.as_str() {
+                            "In" => listed,
+                            "NotIn" => !listed,
+                            _ => false,
+                        };
+                    hit.then(|| {
+                        format!(
+                            "Container {} for pod {ns}/{name} failed with exit code {code} matching {} rule at index {i}",
+                            c.name, rule.action
+                        )
+                    })
+                })
+        } else if let Some(patterns) = &rule.on_pod_conditions {
+            patterns.iter().find_map(|want| {
+                status
+                    .conditions
+                    .iter()
+                    .flatten()
+                    .any(|c| c.type_ == want.type_ && c.status == want.status)
+                    .then(|| {
+                        format!(
+                            "Pod {ns}/{name} has condition {} matching {} rule at index {i}",
+                            want.type_, rule.action
+                        )
+                    })
+            })
+        } else {
+            None
+        };
+        let Some(message) = matched else { continue };
+        match rule.action.as_str() {
+            "FailJob" => return OnFailure::FailJob(message),
+            "Ignore" => return OnFailure::Ignore,
+            "Count" | "FailIndex" => return OnFailure::Count,
+            // Clients skip a rule whose action they do not know (the API's own advice).
+            _ => {}
+        }
+    }
+    OnFailure::Count
+}
+
 /// How a Job ended, if it did: (condition type, reason, message).
 fn verdict(job: &Job, succeeded: i32, failed: i32) -> Option<(&'static str, &'static str, String)> {
     let spec = job.spec.clone().unwrap_or_default();
@@ -253,7 +339,19 @@ async fn reconcile(job: Arc<Job>, ctx: Arc<Ctx>) -> Result<Action, Error> {
     } else {
         pods.iter().filter(|p| phase(p) == "Succeeded").count() as i32
     };
-    let failed = pods.iter().filter(|p| phase(p) == "Failed").count() as i32;
+    // The failed pods the pod failure policy counts, and the first that fails the Job.
+    let mut failed = 0;
+    let mut fail_job = None;
+    for p in pods.iter().filter(|p| phase(p) == "Failed") {
+        match on_failure(&job, p) {
+            OnFailure::Count => failed += 1,
+            OnFailure::Ignore => {}
+            OnFailure::FailJob(message) => {
+                failed += 1;
+                fail_job.get_or_insert(message);
+            }
+        }
+    }
     let active: Vec<&Pod> = pods
         .iter()
         .filter(|p| {
@@ -263,6 +361,8 @@ async fn reconcile(job: Arc<Job>, ctx: Arc<Ctx>) -> Result<Action, Error> {
     let done = ended(&job);
     let verdict = if done {
         None
+    } else if let Some(message) = fail_job {
+        Some(("Failed", "PodFailurePolicy", message))
     } else {
         verdict(&job, succeeded, failed)
     };
@@ -403,6 +503,7 @@ mod tests {
             if let (Some(s), Some(e)) = (j.spec.as_mut(), extra.spec) {
                 s.completions = e.completions;
                 s.backoff_limit = e.backoff_limit;
+                s.pod_failure_policy = e.pod_failure_policy;
             }
             j
         })
@@ -418,6 +519,68 @@ mod tests {
         let p = new_pod(&j).unwrap();
         assert_eq!(p.labels().get(UID_LABEL).map(String::as_str), Some("u"));
         assert_eq!(p.labels().get("job-name").map(String::as_str), Some("pi"));
+    }
+
+    fn failed_pod(exit: &[(&str, i32)], conditions: Value) -> Pod {
+        let statuses: Vec<Value> = exit
+            .iter()
+            .map(|(name, code)| {
+                json!({"name": name, "image": "x", "imageID": "", "ready": false,
+                "restartCount": 0, "state": {"terminated": {"exitCode": code}}})
+            })
+            .collect();
+        serde_json::from_value(json!({"metadata": {"name": "pi-abcde", "namespace": "default"},
+            "status": {"phase": "Failed", "containerStatuses": statuses, "conditions": conditions}}))
+        .unwrap()
+    }
+
+    #[test]
+    fn the_pod_failure_policy_takes_the_first_matching_rule() {
+        let j = job(json!({"template": {}, "podFailurePolicy": {"rules": [
+            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+            {"action": "FailJob", "onExitCodes": {"containerName": "main", "operator": "In", "values": [42]}},
+            {"action": "Ignore", "onExitCodes": {"operator": "In", "values": [7, 8]}},
+            {"action": "Launch", "onExitCodes": {"operator": "NotIn", "values": [1]}},
+            {"action": "Count", "onExitCodes": {"operator": "NotIn", "values": [1, 2]}},
+            {"action": "FailJob", "onExitCodes": {"operator": "NotIn", "values": [1]}}]}}));
+        let none = json!([]);
+        assert_eq!(
+            on_failure(&j, &failed_pod(&[("main", 42)], none.clone())),
+            OnFailure::FailJob(
+                "Container main for pod default/pi-abcde failed with exit code 42 matching FailJob rule at index 1".into()
+            )
+        );
+        // containerName: another container's 42 is not the rule's.
+        assert_eq!(
+            on_failure(&j, &failed_pod(&[("side", 42)], none.clone())),
+            OnFailure::Count,
+            "NotIn [1, 2] at index 4 counts it"
+        );
+        assert_eq!(
+            on_failure(&j, &failed_pod(&[("main", 0), ("side", 8)], none.clone())),
+            OnFailure::Ignore
+        );
+        // An unknown action is skipped; exit code 0 never matches.
+        assert_eq!(
+            on_failure(&j, &failed_pod(&[("main", 2)], none.clone())),
+            OnFailure::FailJob(
+                "Container main for pod default/pi-abcde failed with exit code 2 matching FailJob rule at index 5".into()
+            )
+        );
+        assert_eq!(
+            on_failure(&j, &failed_pod(&[("main", 1)], none.clone())),
+            OnFailure::Count
+        );
+        let evicted = json!([{"type": "DisruptionTarget", "status": "True"}]);
+        assert_eq!(
+            on_failure(&j, &failed_pod(&[("main", 42)], evicted)),
+            OnFailure::Ignore
+        );
+        let plain = job(json!({"template": {}}));
+        assert_eq!(
+            on_failure(&plain, &failed_pod(&[("main", 42)], none)),
+            OnFailure::Count
+        );
     }
 
     #[test]
