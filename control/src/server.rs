@@ -541,6 +541,7 @@ fn openapi_v3(group: &str, version: &str) -> Option<Value> {
     }
     let mut schemas: serde_json::Map<String, Value> =
         generator.take_definitions(true).into_iter().collect();
+    mark_merge_keys(&mut schemas);
     for (name, kind) in kinds {
         if let Some(s) = schemas.get_mut(&name).and_then(Value::as_object_mut) {
             s.insert(
@@ -555,6 +556,40 @@ fn openapi_v3(group: &str, version: &str) -> Option<Value> {
         "paths": paths,
         "components": {"schemas": schemas},
     }))
+}
+
+/// Marks the list fields the server merges by key (`patch::merge_key`) with the
+/// `x-kubernetes-patch-strategy`/`-merge-key` extensions the Kubernetes types carry, so that
+/// kubectl's client-side apply and `kubectl patch` compute strategic patches with the same keys
+/// the server merges by, rather than sending lists whole.
+fn mark_merge_keys(schemas: &mut serde_json::Map<String, Value>) {
+    // The properties each schema's elements have, as an empty object of those fields.
+    let shapes: HashMap<String, Value> = schemas
+        .iter()
+        .filter_map(|(name, s)| {
+            let props = s.get("properties")?.as_object()?;
+            let shape = props.keys().map(|k| (k.clone(), Value::Null)).collect();
+            Some((format!("#/components/schemas/{name}"), Value::Object(shape)))
+        })
+        .collect();
+    for schema in schemas.values_mut() {
+        let Some(props) = schema.get_mut("properties").and_then(Value::as_object_mut) else {
+            continue;
+        };
+        for (field, prop) in props.iter_mut() {
+            let element = prop
+                .pointer("/items/$ref")
+                .and_then(Value::as_str)
+                .and_then(|r| shapes.get(r));
+            let Some(key) = element.and_then(|e| crate::patch::merge_key(field, &[e])) else {
+                continue;
+            };
+            if let Some(p) = prop.as_object_mut() {
+                p.insert("x-kubernetes-patch-strategy".into(), json!("merge"));
+                p.insert("x-kubernetes-patch-merge-key".into(), json!(key));
+            }
+        }
+    }
 }
 
 fn accept(headers: &HeaderMap) -> &str {
@@ -1363,6 +1398,40 @@ fn kind_name(k: EventType) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn openapi_marks_the_lists_the_server_merges_by_key() {
+        let key = |doc: &Value, schema: &str, field: &str| {
+            let p = &doc["components"]["schemas"][schema]["properties"][field];
+            (
+                p["x-kubernetes-patch-strategy"].as_str().map(str::to_owned),
+                p["x-kubernetes-patch-merge-key"]
+                    .as_str()
+                    .map(str::to_owned),
+            )
+        };
+        let merge = |k: &str| (Some("merge".to_owned()), Some(k.to_owned()));
+        let core = openapi_v3("", "v1").expect("core v1");
+        let spec = "io.k8s.api.core.v1.PodSpec";
+        assert_eq!(key(&core, spec, "containers"), merge("name"));
+        assert_eq!(key(&core, spec, "volumes"), merge("name"));
+        let container = "io.k8s.api.core.v1.Container";
+        assert_eq!(key(&core, container, "ports"), merge("containerPort"));
+        assert_eq!(key(&core, container, "volumeMounts"), merge("mountPath"));
+        assert_eq!(key(&core, container, "env"), merge("name"));
+        assert_eq!(
+            key(&core, "io.k8s.api.core.v1.ServiceSpec", "ports"),
+            merge("port")
+        );
+        // Lists of other fields stay atomic, and so do lists of strings.
+        assert_eq!(key(&core, container, "args"), (None, None));
+        assert_eq!(key(&core, spec, "tolerations"), (None, None));
+        let apps = openapi_v3("apps", "v1").expect("apps v1");
+        assert_eq!(
+            key(&apps, "io.k8s.api.core.v1.PodSpec", "containers"),
+            merge("name")
+        );
+    }
 
     #[test]
     fn paths_name_collections_objects_and_status() {
