@@ -1018,6 +1018,7 @@ fn serve(
                 .map(|o| serde_json::to_vec(o).unwrap_or_default())
                 .unwrap_or_default();
             let options = DeleteOptions::parse(&options, &HashMap::new())?;
+            store.spend_disruption(&ns, &name)?;
             // As kube-apiserver marks a running pod it evicts, for a Job's podFailurePolicy
             // (`onPodConditions: DisruptionTarget`) and for `kubectl describe`.
             store.modify(r, &ns, &name, |pod| {

@@ -72,6 +72,10 @@ pub enum ApiError {
     /// More requests are in flight than the server takes at once.
     #[error("Too many requests, please try again later.")]
     TooManyRequests,
+    /// An eviction a PodDisruptionBudget holds back (the cause says which and why); clients
+    /// retry it, as `kubectl drain` does every 5 s.
+    #[error("Cannot evict pod as it would violate the pod's disruption budget.")]
+    DisruptionBudget(String),
     /// The store could not be written.
     #[error("storing the change failed: {0}")]
     Internal(String),
@@ -92,7 +96,7 @@ impl ApiError {
             Self::UnsupportedMediaType(_) => 415,
             Self::RequestEntityTooLarge(_) => 413,
             Self::Timeout => 504,
-            Self::TooManyRequests => 429,
+            Self::TooManyRequests | Self::DisruptionBudget(_) => 429,
             Self::Internal(_) => 500,
         }
     }
@@ -112,7 +116,7 @@ impl ApiError {
             Self::UnsupportedMediaType(_) => "UnsupportedMediaType",
             Self::RequestEntityTooLarge(_) => "RequestEntityTooLarge",
             Self::Timeout => "Timeout",
-            Self::TooManyRequests => "TooManyRequests",
+            Self::TooManyRequests | Self::DisruptionBudget(_) => "TooManyRequests",
             Self::Internal(_) => "InternalError",
         }
     }
@@ -149,6 +153,10 @@ impl ApiError {
             }
             // kube-apiserver's hint to clients, which wait that long before retrying.
             Self::TooManyRequests => status["details"] = json!({"retryAfterSeconds": 1}),
+            Self::DisruptionBudget(cause) => {
+                status["details"] =
+                    json!({"causes": [{"reason": "DisruptionBudget", "message": cause}]});
+            }
             _ => {}
         }
         status

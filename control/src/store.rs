@@ -1468,6 +1468,37 @@ impl Store {
         self.commit(&mut inner, key, next, Some(stored))
     }
 
+    /// The PodDisruptionBudget check of `pods/eviction`: a running pod that one budget selects
+    /// spends one of its disruptions, atomically with other evictions
+    /// ([`crate::controllers::disruption::take`]); more than one budget is refused, as by
+    /// kube-apiserver. Pods that ended or are being deleted are not held back.
+    pub fn spend_disruption(&self, namespace: &str, pod_name: &str) -> Result<(), ApiError> {
+        use crate::controllers::disruption;
+        let pods = resources::find("", "v1", "pods").expect("served");
+        let budgets = resources::find("policy", "v1", "poddisruptionbudgets").expect("served");
+        let pod = self.get(pods, namespace, pod_name)?;
+        let phase = pod.pointer("/status/phase").and_then(Value::as_str);
+        if matches!(phase, Some("Succeeded" | "Failed")) || terminating(&pod) {
+            return Ok(());
+        }
+        let (_, selecting) = self.list(budgets, Some(namespace), |b| {
+            disruption::budget_selects(b, &pod)
+        });
+        match selecting.as_slice() {
+            [] => Ok(()),
+            [budget] => {
+                let name = budget["metadata"]["name"].as_str().unwrap_or("");
+                let at = now();
+                self.modify(budgets, namespace, name, |b| disruption::take(b, &pod, &at))
+                    .map(|_| ())
+            }
+            _ => Err(ApiError::Internal(
+                "This pod has more than one PodDisruptionBudget, which the eviction subresource does not support."
+                    .into(),
+            )),
+        }
+    }
+
     /// `pods/binding`: assigns a pending pod to a node, as the scheduler does.
     pub fn bind(&self, namespace: &str, name: &str, node: &str) -> Result<Value, ApiError> {
         let pods = resources::find("", "v1", "pods").expect("served");

@@ -858,6 +858,46 @@ fn kubectl_create_run_and_drain_send_protobuf_and_work() {
             .count()
             == 3
     });
+    // A budget of one unavailable pod: drain evicts one at a time, waiting for each
+    // replacement to be ready (kubectl retries the refused evictions every 5 s).
+    c.kubectl(&[
+        "-n",
+        "pb",
+        "create",
+        "poddisruptionbudget",
+        "web",
+        "--selector=app=web",
+        "--max-unavailable=1",
+    ]);
+    let budget = |b: &serde_json::Value| {
+        let s = &b["status"];
+        (
+            s["expectedPods"].as_i64(),
+            s["desiredHealthy"].as_i64(),
+            s["currentHealthy"].as_i64(),
+            s["disruptionsAllowed"].as_i64(),
+        )
+    };
+    wait_for(
+        "the budget allows one disruption",
+        Duration::from_secs(20),
+        || {
+            budget(&c.json(&["-n", "pb", "get", "pdb", "web"]))
+                == (Some(3), Some(2), Some(3), Some(1))
+        },
+    );
+    let table = c.kubectl(&["-n", "pb", "get", "pdb"]);
+    let rows: Vec<Vec<&str>> = table
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert!(
+        table.contains("ALLOWED DISRUPTIONS")
+            && rows
+                .get(1)
+                .is_some_and(|r| r[..4] == ["web", "N/A", "1", "1"]),
+        "{table}"
+    );
     let out = c.try_kubectl(
         &[
             "drain",
@@ -880,6 +920,47 @@ fn kubectl_create_run_and_drain_send_protobuf_and_work() {
         items.iter().filter(|p| ready(p)).count() == 3
             && items.iter().all(|p| p["spec"]["nodeName"] == "n2")
     });
+    // Every pod required: evictions are refused with the budget's reason, and nothing goes.
+    c.kubectl(&[
+        "-n",
+        "pb",
+        "patch",
+        "pdb",
+        "web",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"maxUnavailable":null,"minAvailable":3}}"#,
+    ]);
+    wait_for("the budget allows none", Duration::from_secs(20), || {
+        let b = c.json(&["-n", "pb", "get", "pdb", "web"]);
+        b["status"]["observedGeneration"] == b["metadata"]["generation"]
+            && budget(&b) == (Some(3), Some(3), Some(3), Some(0))
+    });
+    let out = c.try_kubectl(
+        &[
+            "drain",
+            "n2",
+            "--ignore-daemonsets",
+            "--force",
+            "--timeout=7s",
+        ],
+        None,
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && stderr.contains("Cannot evict pod as it would violate the pod's disruption budget"),
+        "kubectl drain n2: {stderr}"
+    );
+    let pods = c.json(&["-n", "pb", "get", "pods", "-l", "app=web"]);
+    let items = pods["items"].as_array().unwrap();
+    assert!(
+        items.len() == 3
+            && items
+                .iter()
+                .all(|p| p["metadata"]["deletionTimestamp"].is_null()),
+        "{pods}"
+    );
 }
 
 const DAEMON: &str = r#"

@@ -11,11 +11,13 @@
 //! * [`history`]: the ControllerRevisions of StatefulSets (`kubectl rollout history/undo`).
 //! * [`endpointslice`]: Services' EndpointSlices and Endpoints from their pods' readiness.
 //! * [`job`]: a Job runs pods until enough of them succeed.
+//! * [`disruption`]: PodDisruptionBudgets' status, and the budget evictions are held to.
 //! * [`gc`]: ownerReference cascading deletion.
 //! * [`nodelifecycle`]: nodes whose Lease stops being renewed turn NotReady and lose their pods.
 
 pub mod daemonset;
 pub mod deployment;
+pub mod disruption;
 pub mod endpointslice;
 pub mod gc;
 pub mod history;
@@ -290,6 +292,7 @@ pub async fn run(client: Client, options: Options) {
         daemonset::run(ctx.clone()),
         statefulset::run(ctx.clone()),
         job::run(ctx.clone()),
+        disruption::run(ctx.clone()),
         endpointslice::run(ctx.clone()),
         gc::run(ctx.clone()),
         nodelifecycle::run(ctx.clone()),
