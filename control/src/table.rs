@@ -139,6 +139,13 @@ fn columns(kind: &str) -> Vec<(&'static str, u8)> {
             ("Images", 1),
             ("Selector", 1),
         ],
+        "PodDisruptionBudget" => vec![
+            ("Name", 0),
+            ("Min Available", 0),
+            ("Max Unavailable", 0),
+            ("Allowed Disruptions", 0),
+            ("Age", 0),
+        ],
         "Job" => vec![
             ("Name", 0),
             ("Status", 0),
@@ -412,6 +419,25 @@ fn cells(kind: &str, o: &Value) -> Vec<Value> {
                     o.pointer("/allowVolumeExpansion")
                         .and_then(Value::as_bool)
                         .unwrap_or(false)
+                ),
+                age,
+            ]
+        }
+        "PodDisruptionBudget" => {
+            // kubectl's columns: an int-or-string as written, N/A when not set.
+            let bound = |p: &str| match o.pointer(p) {
+                Some(Value::Number(n)) => json!(n.to_string()),
+                Some(Value::String(v)) => json!(v),
+                _ => json!("N/A"),
+            };
+            vec![
+                json!(s(o, "/metadata/name")),
+                bound("/spec/minAvailable"),
+                bound("/spec/maxUnavailable"),
+                json!(
+                    o.pointer("/status/disruptionsAllowed")
+                        .and_then(Value::as_i64)
+                        .unwrap_or(0)
                 ),
                 age,
             ]
