@@ -11,8 +11,8 @@
 //! refused with `429` while the budget allows no disruption (kubectl drain retries it every
 //! 5 s), and otherwise spends one, recording the pod in `disruptedPods` so that the controller
 //! does not count it healthy again before its deletion shows. A pod that is not ready may go
-//! while the budget is met (`unhealthyPodEvictionPolicy: IfHealthyBudget`, the default) and
-//! spends nothing.
+//! while the budget is met (`unhealthyPodEvictionPolicy: IfHealthyBudget`, the default), or
+//! always (`AlwaysAllow`), and spends nothing.
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
@@ -269,7 +269,7 @@ pub fn budget_selects(budget: &Value, pod: &Value) -> bool {
 pub fn take(budget: &mut Value, pod: &Value, now: &str) -> Result<(), ApiError> {
     let name = budget["metadata"]["name"].as_str().unwrap_or("").to_owned();
     let generation = budget["metadata"]["generation"].as_i64().unwrap_or(1);
-    let status = &mut budget["status"];
+    let status = &budget["status"];
     if status["observedGeneration"].as_i64().unwrap_or(0) < generation {
         return Err(ApiError::DisruptionBudget(format!(
             "The disruption budget {name} is still being processed by the server."
@@ -277,7 +277,9 @@ pub fn take(budget: &mut Value, pod: &Value, now: &str) -> Result<(), ApiError> 
     }
     let healthy = status["currentHealthy"].as_i64().unwrap_or(0);
     let desired = status["desiredHealthy"].as_i64().unwrap_or(0);
-    if !ready(pod.pointer("/status/conditions")) && healthy >= desired {
+    let always = budget.pointer("/spec/unhealthyPodEvictionPolicy") == Some(&json!("AlwaysAllow"));
+    let status = &mut budget["status"];
+    if !ready(pod.pointer("/status/conditions")) && (always || healthy >= desired) {
         return Ok(());
     }
     let allowed = status["disruptionsAllowed"].as_i64().unwrap_or(0);
@@ -348,6 +350,12 @@ mod tests {
         // A pod that is not ready goes while the budget is met, spending nothing.
         take(&mut b, &pod("c", false), "t").unwrap();
         assert_eq!(b["status"]["disruptionsAllowed"], 0);
+        // Below its budget, a not-ready pod is held too, unless the policy always allows it.
+        b["status"]["currentHealthy"] = json!(1);
+        assert_eq!(take(&mut b, &pod("c", false), "t").unwrap_err().code(), 429);
+        b["spec"]["unhealthyPodEvictionPolicy"] = json!("AlwaysAllow");
+        take(&mut b, &pod("c", false), "t").unwrap();
+        assert_eq!(take(&mut b, &pod("a", true), "t").unwrap_err().code(), 429);
         // A budget the controller has not seen since its change refuses.
         b["metadata"]["generation"] = json!(2);
         let refused = take(&mut b, &pod("a", true), "t").unwrap_err();
