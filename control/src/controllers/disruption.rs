@@ -23,7 +23,8 @@ use k8s_openapi::{
         policy::v1::PodDisruptionBudget,
     },
     apimachinery::pkg::{
-        apis::meta::v1::LabelSelector as ApiLabelSelector, util::intstr::IntOrString,
+        apis::meta::v1::{LabelSelector as ApiLabelSelector, Time},
+        util::intstr::IntOrString,
     },
 };
 use kube::{
@@ -34,7 +35,10 @@ use kube::{
 use serde_json::{Value, json};
 
 use super::{
-    Ctx, Error, controller_of, drive, patch_status_if_changed, replicaset::is_ready, retry,
+    Ctx, Error, age_secs, controller_of, drive, patch_status_if_changed,
+    replicaset::{is_active, is_ready},
+    retry,
+    rolling::resolve,
 };
 use crate::{selector::LabelSelector, status::ApiError};
 
@@ -78,22 +82,9 @@ fn selects(budget: &PodDisruptionBudget, pod: &Pod) -> bool {
     selector_of(budget).matches_labels(pod.metadata.labels.as_ref())
 }
 
-fn ready(conditions: Option<&Value>) -> bool {
-    conditions.and_then(Value::as_array).is_some_and(|cs| {
-        cs.iter()
-            .any(|c| c["type"] == "Ready" && c["status"] == "True")
-    })
-}
-
 /// An `IntOrString` of a budget against `of`: an integer, or a percentage rounded up.
 fn scaled(v: &IntOrString, of: i32) -> i32 {
-    match v {
-        IntOrString::Int(n) => *n,
-        IntOrString::String(s) => {
-            let pct: i64 = s.trim_end_matches('%').parse().unwrap_or(0);
-            i32::try_from((pct * i64::from(of) + 99) / 100).unwrap_or(i32::MAX)
-        }
-    }
+    resolve(Some(v), "0%", of, true).unwrap_or(0)
 }
 
 /// `(expectedPods, desiredHealthy)` of a budget, given the selected pods and the scale of
@@ -170,45 +161,32 @@ async fn reconcile(budget: Arc<PodDisruptionBudget>, ctx: Arc<Ctx>) -> Result<Ac
         .await?
         .items;
     let selector = selector_of(&budget);
-    let selected: Vec<&Pod> = pods
+    // The selected pods that count: not ended, not being deleted.
+    let live: Vec<&Pod> = pods
         .iter()
-        .filter(|p| selector.matches_labels(p.metadata.labels.as_ref()))
-        .filter(|p| {
-            let phase = p.status.as_ref().and_then(|s| s.phase.as_deref());
-            !matches!(phase, Some("Succeeded" | "Failed"))
-        })
+        .filter(|p| selector.matches_labels(p.metadata.labels.as_ref()) && is_active(p))
         .collect();
     let status = serde_json::to_value(&budget.status).unwrap_or_default();
     // Evictions the server granted whose deletion has not shown yet, for a while.
     let mut disrupted = serde_json::Map::new();
     let mut recheck = None;
     for (name, at) in status["disruptedPods"].as_object().into_iter().flatten() {
-        let Some(pod) = selected.iter().find(|p| p.name_any() == *name) else {
+        if !live.iter().any(|p| p.name_any() == *name) {
             continue;
-        };
+        }
         let age = at
             .as_str()
-            .and_then(|t| t.parse::<k8s_openapi::jiff::Timestamp>().ok())
-            .map_or(i64::MAX, |t| {
-                k8s_openapi::jiff::Timestamp::now().as_second() - t.as_second()
-            });
-        if pod.metadata.deletion_timestamp.is_none() && age < DELETION_TIMEOUT_SECS {
+            .and_then(|t| t.parse().ok())
+            .map_or(i64::MAX, |t| age_secs(Some(&Time(t))));
+        if age < DELETION_TIMEOUT_SECS {
             disrupted.insert(name.clone(), at.clone());
             recheck = Some(DELETION_TIMEOUT_SECS - age);
         }
     }
-    let healthy = selected
+    let healthy = live
         .iter()
-        .filter(|p| {
-            p.metadata.deletion_timestamp.is_none() && !disrupted.contains_key(&p.name_any())
-        })
-        .filter(|p| is_ready(p))
+        .filter(|p| !disrupted.contains_key(&p.name_any()) && is_ready(p))
         .count() as i32;
-    let live: Vec<&Pod> = selected
-        .iter()
-        .copied()
-        .filter(|p| p.metadata.deletion_timestamp.is_none())
-        .collect();
     let scale = scale_of(&ctx, &ns, &live).await?;
     let (expected, desired) = desired(&budget, live.len() as i32, scale);
     let allowed = (healthy - desired).max(0);
@@ -220,19 +198,15 @@ async fn reconcile(budget: Arc<PodDisruptionBudget>, ctx: Arc<Ctx>) -> Result<Ac
     };
     let mut conditions: Vec<Value> = status["conditions"].as_array().cloned().unwrap_or_default();
     let now = json!(k8s_openapi::jiff::Timestamp::now().to_string());
+    let fresh = json!({"type": "DisruptionAllowed", "status": cond, "reason": reason, "message": "",
+                       "lastTransitionTime": now, "observedGeneration": generation});
     match conditions
         .iter_mut()
         .find(|c| c["type"] == "DisruptionAllowed")
     {
         Some(c) if c["status"] == cond && c["reason"] == reason => {}
-        Some(c) => {
-            *c = json!({"type": "DisruptionAllowed", "status": cond, "reason": reason, "message": "",
-                        "lastTransitionTime": now, "observedGeneration": generation});
-        }
-        None => conditions.push(
-            json!({"type": "DisruptionAllowed", "status": cond, "reason": reason, "message": "",
-                   "lastTransitionTime": now, "observedGeneration": generation}),
-        ),
+        Some(c) => *c = fresh,
+        None => conditions.push(fresh),
     }
     patch_status_if_changed(
         &ctx.client,
@@ -279,7 +253,8 @@ pub fn take(budget: &mut Value, pod: &Value, now: &str) -> Result<(), ApiError> 
     let desired = status["desiredHealthy"].as_i64().unwrap_or(0);
     let always = budget.pointer("/spec/unhealthyPodEvictionPolicy") == Some(&json!("AlwaysAllow"));
     let status = &mut budget["status"];
-    if !ready(pod.pointer("/status/conditions")) && (always || healthy >= desired) {
+    let ready = serde_json::from_value::<Pod>(pod.clone()).is_ok_and(|p| is_ready(&p));
+    if !ready && (always || healthy >= desired) {
         return Ok(());
     }
     let allowed = status["disruptionsAllowed"].as_i64().unwrap_or(0);
