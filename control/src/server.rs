@@ -1018,24 +1018,7 @@ fn serve(
                 .map(|o| serde_json::to_vec(o).unwrap_or_default())
                 .unwrap_or_default();
             let options = DeleteOptions::parse(&options, &HashMap::new())?;
-            store.spend_disruption(&ns, &name)?;
-            // As kube-apiserver marks a running pod it evicts, for a Job's podFailurePolicy
-            // (`onPodConditions: DisruptionTarget`) and for `kubectl describe`.
-            store.modify(r, &ns, &name, |pod| {
-                let phase = pod.pointer("/status/phase").and_then(Value::as_str);
-                if !matches!(phase, Some("Succeeded" | "Failed"))
-                    && pod.pointer("/metadata/deletionTimestamp").is_none()
-                {
-                    crate::store::set_condition(
-                        pod,
-                        "DisruptionTarget",
-                        "True",
-                        Some("EvictionByEvictionAPI"),
-                        Some("Eviction API: evicting"),
-                    );
-                }
-                Ok(())
-            })?;
+            store.admit_eviction(&ns, &name)?;
             store.delete(r, &ns, &name, &options)?;
             Ok(Reply::Json(StatusCode::CREATED, success("pods", &name)))
         }

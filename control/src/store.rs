@@ -1468,11 +1468,12 @@ impl Store {
         self.commit(&mut inner, key, next, Some(stored))
     }
 
-    /// The PodDisruptionBudget check of `pods/eviction`: a running pod that one budget selects
-    /// spends one of its disruptions, atomically with other evictions
-    /// ([`crate::controllers::disruption::take`]); more than one budget is refused, as by
-    /// kube-apiserver. Pods that ended or are being deleted are not held back.
-    pub fn spend_disruption(&self, namespace: &str, pod_name: &str) -> Result<(), ApiError> {
+    /// What `pods/eviction` does before the deletion, as kube-apiserver: a running pod that one
+    /// budget selects spends one of its disruptions, atomically with other evictions
+    /// ([`crate::controllers::disruption::take`]; more than one budget is refused), and then
+    /// gets the `DisruptionTarget` condition, for a Job's podFailurePolicy and for
+    /// `kubectl describe`. Pods that ended or are being deleted are neither held back nor marked.
+    pub fn admit_eviction(&self, namespace: &str, pod_name: &str) -> Result<(), ApiError> {
         use crate::controllers::disruption;
         let pods = resources::find("", "v1", "pods").expect("served");
         let budgets = resources::find("policy", "v1", "poddisruptionbudgets").expect("served");
@@ -1485,18 +1486,30 @@ impl Store {
             disruption::budget_selects(b, &pod)
         });
         match selecting.as_slice() {
-            [] => Ok(()),
+            [] => {}
             [budget] => {
                 let name = budget["metadata"]["name"].as_str().unwrap_or("");
                 let at = now();
-                self.modify(budgets, namespace, name, |b| disruption::take(b, &pod, &at))
-                    .map(|_| ())
+                self.modify(budgets, namespace, name, |b| disruption::take(b, &pod, &at))?;
             }
-            _ => Err(ApiError::Internal(
-                "This pod has more than one PodDisruptionBudget, which the eviction subresource does not support."
-                    .into(),
-            )),
+            _ => {
+                return Err(ApiError::Internal(
+                    "This pod has more than one PodDisruptionBudget, which the eviction subresource does not support."
+                        .into(),
+                ));
+            }
         }
+        self.modify(pods, namespace, pod_name, |pod| {
+            set_condition(
+                pod,
+                "DisruptionTarget",
+                "True",
+                Some("EvictionByEvictionAPI"),
+                Some("Eviction API: evicting"),
+            );
+            Ok(())
+        })
+        .map(|_| ())
     }
 
     /// `pods/binding`: assigns a pending pod to a node, as the scheduler does.
